@@ -1,0 +1,1 @@
+"""PatchCore anomaly detection for industrial inspection images."""

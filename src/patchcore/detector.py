@@ -1,0 +1,635 @@
+"""The PatchCore detector: a scikit-learn style estimator over a frozen CNN and a memory bank.
+
+Scores are distances to normal patches: **higher means more anomalous** (the opposite sign of
+scikit-learn's ``score_samples``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from . import sampling
+from .anomaly_map import gaussian_blur
+from .backbones import FeatureExtractor, get_spec
+from .embedding import embed, flatten_patches
+from .images import ImageInput, ImageReadError, as_tensor, output_size, resize
+from .search import NearestNeighborIndex
+
+FORMAT_NAME = "patchcore"
+FORMAT_VERSION = 1
+
+
+class NotFittedError(RuntimeError):
+    """A method that needs a fitted (or calibrated) detector was called too early."""
+
+
+class ModelFileError(ValueError):
+    """A saved model file that cannot be used; the message names the file and the problem."""
+
+
+class Classification(NamedTuple):
+    """Output of :meth:`PatchCore.classify`.
+
+    labels: (N,) bool, True = anomalous. scores: (N,) float. maps: N float32 arrays HxW at each
+    input's own size.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    maps: list[np.ndarray]
+
+
+@dataclass
+class _Batch:
+    indices: list[int]
+    pixels: torch.Tensor  # (B, 3, H, W) in [0, 1], resized
+    sizes: list[tuple[int, int]]  # each input's own (H, W)
+
+
+def _as_list(images: Any) -> list[Any]:
+    if hasattr(images, "images") and not isinstance(images, (np.ndarray, torch.Tensor)):
+        images = images.images  # an ImageDataset
+    if isinstance(images, (str, os.PathLike)) or (
+        isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
+    ):
+        return [images]
+    if isinstance(images, (np.ndarray, torch.Tensor)):  # a stacked batch (N, ...)
+        return list(images)
+    return list(images)
+
+
+def _name(image: Any, index: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"image #{index}"
+
+
+class PatchCore:
+    """PatchCore anomaly detector (Roth et al., 2022).
+
+    Args:
+        backbone: feature extractor name (see :data:`patchcore.backbones.BACKBONES`).
+        layers: tapped layers, shallow to deep; ``None`` = the backbone's default pair.
+        weights: ``"imagenet"``, a local weights file, or ``None`` (random; tests only).
+        image_size: resize every image to this (int = square, or (H, W)); ``None`` keeps size.
+        scale: resize by this factor instead (MATLAB's reference uses 0.4).
+        coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1].
+        sampling: ``"greedy"`` (k-center coreset) or ``"random"``.
+        projection_dim: random projection size used by greedy selection.
+        num_neighbors: neighbours for the paper's image-score reweighting; 1 disables it.
+        embed_dim: optional smaller patch dimension (channel averaging).
+        kernel_size: local neighbourhood averaged into each patch feature.
+        sigma: Gaussian blur of anomaly maps, in processed-image pixels.
+        batch_size: images per forward pass.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        seed: makes fitting reproducible bit for bit.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "efficientnet-lite0",
+        layers: Sequence[str] | None = None,
+        weights: str | os.PathLike | None = "imagenet",
+        image_size: int | tuple[int, int] | None = None,
+        scale: float | None = None,
+        coreset_ratio: float = 0.1,
+        sampling: str = "greedy",
+        projection_dim: int | None = 128,
+        num_neighbors: int = 9,
+        embed_dim: int | None = None,
+        kernel_size: int = 3,
+        sigma: float = 4.0,
+        batch_size: int = 8,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.image_size = image_size
+        self.scale = scale
+        self.coreset_ratio = coreset_ratio
+        self.sampling = sampling
+        self.projection_dim = projection_dim
+        self.num_neighbors = num_neighbors
+        self.embed_dim = embed_dim
+        self.kernel_size = kernel_size
+        self.sigma = sigma
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+
+    # ------------------------------------------------------------------ parameters
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments, as given."""
+        return {
+            k: getattr(self, k)
+            for k in (
+                "backbone", "layers", "weights", "image_size", "scale", "coreset_ratio",
+                "sampling", "projection_dim", "num_neighbors", "embed_dim", "kernel_size",
+                "sigma", "batch_size", "device", "seed", "progress",
+            )
+        }
+
+    def _validate(self) -> None:
+        get_spec(self.backbone)
+        if not (isinstance(self.coreset_ratio, (int, float)) and 0 < self.coreset_ratio <= 1):
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
+        if self.sampling not in ("greedy", "random"):
+            raise ValueError(f"sampling must be 'greedy' or 'random', got {self.sampling!r}")
+        if self.image_size is not None and self.scale is not None:
+            raise ValueError("give image_size or scale, not both")
+        if self.scale is not None and not (0 < self.scale <= 4):
+            raise ValueError(f"scale must be in (0, 4], got {self.scale!r}")
+        if self.image_size is not None:
+            sizes = (
+                (self.image_size,) if isinstance(self.image_size, int) else tuple(self.image_size)
+            )
+            if len(sizes) not in (1, 2) or any(int(s) < 32 for s in sizes):
+                raise ValueError(
+                    f"image_size must be an int or (H, W), each >= 32, got {self.image_size!r}"
+                )
+        if int(self.num_neighbors) < 1:
+            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors!r}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma!r}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {self.kernel_size!r}")
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, images: Any, y: Any = None, *, on_error: str = "raise") -> PatchCore:
+        """Build the memory bank from normal images.
+
+        Args:
+            images: paths, PIL images, arrays, tensors, or an ``ImageDataset``.
+            y: ignored (scikit-learn convention).
+            on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
+                leaves it out and lists it in ``skipped_``.
+
+        Returns:
+            self
+        """
+        self._validate()
+        _check_on_error(on_error)
+        items = _as_list(images)
+        if not items:
+            raise ValueError("fit needs at least one image, got none")
+        self.device_ = self._device()
+        self.extractor_ = FeatureExtractor(self.backbone, self.layers, self.weights).to(
+            self.device_
+        )
+        self.layers_ = tuple(self.extractor_.layers)
+        t0 = time.perf_counter()
+        chunks: list[torch.Tensor] = []
+        skipped: list[tuple[str, str]] = []
+        for batch in self._batches(items, on_error, skipped, desc="fit: features"):
+            emb = self._embed(batch.pixels)
+            chunks.append(flatten_patches(emb).float().cpu())
+        if not chunks:
+            raise ValueError(
+                f"no readable training images: all {len(items)} failed, e.g. "
+                f"{skipped[0][0]}: {skipped[0][1]}"
+            )
+        features = torch.cat(chunks)
+        del chunks
+        t1 = time.perf_counter()
+        n = sampling.coreset_size(features.shape[0], self.coreset_ratio)
+        if self.coreset_ratio >= 1:
+            idx = torch.arange(features.shape[0])
+        elif self.sampling == "greedy":
+            idx = sampling.greedy_coreset(
+                features, n, projection_dim=self.projection_dim, seed=self.seed,
+                progress=self.progress,
+            )
+        else:
+            idx = sampling.random_subsample(features.shape[0], n, seed=self.seed)
+        self.memory_bank_ = features[idx].contiguous()
+        self.n_train_patches_ = int(features.shape[0])
+        del features
+        t2 = time.perf_counter()
+        self.n_train_images_ = len(items) - len(skipped)
+        self.skipped_ = skipped
+        self.feature_seconds_ = t1 - t0
+        self.coreset_seconds_ = t2 - t1
+        self.fit_seconds_ = t2 - t0
+        self.threshold_: float | None = None
+        self.threshold_method_: str | None = None
+        self.metadata_: dict[str, Any] = {}
+        self._index = NearestNeighborIndex(self.memory_bank_.to(self.device_))
+        if skipped:
+            warnings.warn(
+                f"fit skipped {len(skipped)} unreadable image(s): "
+                + "; ".join(f"{n}: {r}" for n, r in skipped[:5])
+                + (" ..." if len(skipped) > 5 else ""),
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_fitted(self, what: str = "this method") -> None:
+        if not hasattr(self, "memory_bank_"):
+            raise NotFittedError(
+                f"this PatchCore is not fitted yet; call fit(normal_images) or "
+                f"PatchCore.load(path) before {what}"
+            )
+
+    def _target_size(self, h: int, w: int) -> tuple[int, int]:
+        return output_size(h, w, self.image_size, self.scale)
+
+    def _load_one(self, image: ImageInput, index: int) -> torch.Tensor:
+        try:
+            return as_tensor(image)
+        except ImageReadError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ImageReadError(_name(image, index), str(exc)) from None
+
+    def _batches(
+        self,
+        items: list[Any],
+        on_error: str,
+        skipped: list[tuple[str, str]],
+        desc: str,
+    ) -> Iterator[_Batch]:
+        """Decode (in a thread pool), resize and group images into same-size batches."""
+        bs = int(self.batch_size)
+
+        def load(i: int) -> tuple[int, torch.Tensor | ImageReadError]:
+            try:
+                return i, self._load_one(items[i], i)
+            except ImageReadError as exc:
+                return i, exc
+
+        bar = _progress(len(items), desc, self.progress)
+        pending: list[tuple[int, torch.Tensor, tuple[int, int]]] = []
+        try:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for i, result in _bounded_map(pool, load, range(len(items)), 4 * bs):
+                    bar.update(1)
+                    if isinstance(result, ImageReadError):
+                        if on_error == "raise":
+                            raise result
+                        skipped.append((result.path, result.problem))
+                        continue
+                    size = (int(result.shape[1]), int(result.shape[2]))
+                    t = resize(result, self._target_size(*size))
+                    if pending and (
+                        pending[0][1].shape != t.shape or len(pending) >= bs
+                    ):
+                        yield _make_batch(pending)
+                        pending = []
+                    pending.append((i, t, size))
+                if pending:
+                    yield _make_batch(pending)
+        finally:
+            bar.close()
+
+    @torch.inference_mode()
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D, h, w) patch embedding."""
+        x = pixels.to(self.device_, non_blocking=True)
+        mean = torch.tensor(self.extractor_.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.extractor_.std, device=x.device).view(1, 3, 1, 1)
+        feats = self.extractor_((x - mean) / std)
+        return embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: _Batch, want_maps: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        emb = self._embed(batch.pixels)
+        b, _, h, w = emb.shape
+        patches = flatten_patches(emb).float()
+        k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
+        dist, nn_idx = self._index.search(patches, k=1)
+        patch_scores = dist[:, 0].view(b, h * w)
+        image_scores, arg = patch_scores.max(dim=1)
+        if k > 1:
+            image_scores = self._reweight(patches.view(b, h * w, -1), arg, nn_idx.view(b, h * w),
+                                          image_scores, k)
+        maps: list[np.ndarray] = []
+        if want_maps:
+            grid = patch_scores.view(b, 1, h, w)
+            H, W = batch.pixels.shape[-2:]
+            up = torch.nn.functional.interpolate(grid, size=(H, W), mode="bilinear",
+                                                 align_corners=False)
+            up = gaussian_blur(up, self.sigma)
+            for j, size in enumerate(batch.sizes):
+                m = up[j : j + 1]
+                if tuple(size) != (H, W):
+                    m = torch.nn.functional.interpolate(m, size=size, mode="bilinear",
+                                                        align_corners=False)
+                maps.append(m[0, 0].cpu().numpy().astype(np.float32, copy=False))
+        return image_scores.double().cpu().numpy(), maps
+
+    def _reweight(
+        self,
+        patches: torch.Tensor,
+        arg: torch.Tensor,
+        nn_idx: torch.Tensor,
+        scores: torch.Tensor,
+        k: int,
+    ) -> torch.Tensor:
+        """The paper's eq. 7: damp the max-patch score where its neighbourhood is dense."""
+        rows = torch.arange(patches.shape[0], device=patches.device)
+        worst = patches[rows, arg]  # (B, D) most anomalous patch per image
+        nearest = self.memory_bank_.to(worst.device)[nn_idx[rows, arg]]  # (B, D)
+        _, support = self._index.search(nearest, k=k)  # (B, k) neighbours of m*
+        bank = self.memory_bank_.to(worst.device)
+        d = torch.linalg.vector_norm(worst[:, None, :] - bank[support], dim=-1)  # (B, k)
+        weights = 1.0 - torch.softmax(d, dim=1)[:, 0]
+        return weights * scores
+
+    def _run(
+        self, images: Any, want_maps: bool, on_error: str, desc: str
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        self._check_fitted(desc)
+        _check_on_error(on_error)
+        items = _as_list(images)
+        scores = np.full(len(items), np.nan)
+        maps: list[np.ndarray | None] = [None] * len(items)
+        skipped: list[tuple[str, str]] = []
+        for batch in self._batches(items, on_error, skipped, desc=desc):
+            s, m = self._score_batch(batch, want_maps)
+            scores[batch.indices] = s
+            for j, i in enumerate(batch.indices):
+                if want_maps:
+                    maps[i] = m[j]
+        self.last_skipped_ = skipped
+        if skipped:
+            warnings.warn(
+                f"{len(skipped)} unreadable image(s) scored as NaN: "
+                + "; ".join(f"{n}: {r}" for n, r in skipped[:5])
+                + (" ..." if len(skipped) > 5 else ""),
+                UserWarning,
+                stacklevel=3,
+            )
+        return scores, maps
+
+    # ------------------------------------------------------------------ inference
+
+    def score_samples(self, images: Any, *, on_error: str = "raise") -> np.ndarray:
+        """Image anomaly scores, higher = more anomalous.
+
+        Returns:
+            (N,) float64; NaN for images skipped with ``on_error="skip"``.
+        """
+        return self._run(images, False, on_error, "score_samples")[0]
+
+    def anomaly_map(self, image: ImageInput) -> np.ndarray:
+        """Per-pixel anomaly map of one image, float32 HxW at the image's own size."""
+        _, maps = self._run([image], True, "raise", "anomaly_map")
+        assert maps[0] is not None
+        return maps[0]
+
+    def anomaly_maps(self, images: Any, *, on_error: str = "raise") -> list[np.ndarray | None]:
+        """Anomaly maps of several images (None for skipped ones)."""
+        return self._run(images, True, on_error, "anomaly_maps")[1]
+
+    def _check_threshold(self, what: str) -> float:
+        self._check_fitted(what)
+        if getattr(self, "threshold_", None) is None:
+            raise NotFittedError(
+                f"no threshold set; call calibrate(images, labels) or set_threshold(value) "
+                f"before {what}"
+            )
+        return float(self.threshold_)  # type: ignore[arg-type]
+
+    def predict(self, images: Any, *, on_error: str = "raise") -> np.ndarray:
+        """Verdicts, True = anomalous (score >= ``threshold_``). (N,) bool."""
+        t = self._check_threshold("predict")
+        return self.score_samples(images, on_error=on_error) >= t
+
+    def classify(self, images: Any, *, on_error: str = "raise") -> Classification:
+        """Verdicts, scores and anomaly maps in one pass."""
+        t = self._check_threshold("classify")
+        scores, maps = self._run(images, True, on_error, "classify")
+        return Classification(scores >= t, scores, maps)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ threshold
+
+    def set_threshold(self, value: float, method: str = "manual") -> PatchCore:
+        """Set ``threshold_`` by hand."""
+        self._check_fitted("set_threshold")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"threshold must be a finite number, got {value!r}")
+        self.threshold_ = float(value)
+        self.threshold_method_ = method
+        return self
+
+    def calibrate(
+        self,
+        images: Any,
+        labels: Iterable[int | bool],
+        *,
+        method: str = "max_f1",
+        max_fpr: float | None = None,
+        max_fnr: float | None = None,
+        scores: np.ndarray | None = None,
+    ) -> PatchCore:
+        """Choose ``threshold_`` on labelled images (1/True = anomalous).
+
+        ``scores`` may be given to reuse already computed scores of ``images``.
+        """
+        from .metrics import anomaly_threshold
+
+        self._check_fitted("calibrate")
+        y = np.asarray(list(labels)).astype(int)
+        s = self.score_samples(images) if scores is None else np.asarray(scores, dtype=float)
+        if len(s) != len(y):
+            raise ValueError(f"{len(s)} images but {len(y)} labels")
+        ok = np.isfinite(s)
+        self.threshold_ = float(
+            anomaly_threshold(y[ok], s[ok], method=method, max_fpr=max_fpr, max_fnr=max_fnr)
+        )
+        self.threshold_method_ = method
+        return self
+
+    # ------------------------------------------------------------------ persistence
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able configuration written into saved files."""
+        self._check_fitted("config")
+        p = self.get_params()
+        p["layers"] = list(self.layers_)
+        p["weights"] = (
+            None if self.weights is None
+            else self.weights if isinstance(self.weights, str) and self.weights == "imagenet"
+            else str(self.weights)
+        )
+        if isinstance(p["image_size"], tuple):
+            p["image_size"] = list(p["image_size"])
+        p["mean"] = list(self.extractor_.mean)
+        p["std"] = list(self.extractor_.std)
+        p["device"] = self.device if self.device != "cuda" else "auto"
+        return p
+
+    def card(self) -> dict[str, Any]:
+        """Human-readable facts about the fitted model (for reports and the service)."""
+        self._check_fitted("card")
+        return {
+            "backbone": self.backbone,
+            "layers": list(self.layers_),
+            "image_size": self.image_size,
+            "scale": self.scale,
+            "coreset_ratio": self.coreset_ratio,
+            "sampling": self.sampling,
+            "num_neighbors": self.num_neighbors,
+            "training_images": self.n_train_images_,
+            "bank_size": int(self.memory_bank_.shape[0]),
+            "feature_dim": int(self.memory_bank_.shape[1]),
+            "threshold": self.threshold_,
+            "threshold_method": self.threshold_method_,
+            "fit_seconds": round(float(self.fit_seconds_), 3),
+            "format_version": FORMAT_VERSION,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one file: tensors plus a versioned config (``torch.load(weights_only=True)``)."""
+        self._check_fitted("save")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "config": self.config(),
+            "memory_bank": self.memory_bank_.cpu(),
+            "backbone_state": {k: v.cpu() for k, v in self.extractor_.state_dict().items()},
+            "state": {
+                "threshold": self.threshold_,
+                "threshold_method": self.threshold_method_,
+                "n_train_images": self.n_train_images_,
+                "n_train_patches": self.n_train_patches_,
+                "feature_seconds": self.feature_seconds_,
+                "coreset_seconds": self.coreset_seconds_,
+                "fit_seconds": self.fit_seconds_,
+                "metadata": self.metadata_,
+            },
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> PatchCore:
+        """Load a detector written by :meth:`save` (safe: no pickled code is executed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: no such model file")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelFileError(
+                f"{path}: not a readable patchcore model file (damaged or another format: "
+                f"{type(exc).__name__})"
+            ) from None
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+            raise ModelFileError(f"{path}: not a patchcore model file")
+        version = payload.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ModelFileError(
+                f"{path}: written by a newer patchcore (model format {version}); this version "
+                f"reads format {FORMAT_VERSION} and older: upgrade patchcore"
+            )
+        try:
+            cfg = dict(payload["config"])
+            state = payload["state"]
+            bank = payload["memory_bank"]
+            backbone_state = payload["backbone_state"]
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"{path}: incomplete model file (missing {exc})") from None
+        for k in ("mean", "std"):
+            cfg.pop(k, None)
+        if isinstance(cfg.get("image_size"), list):
+            cfg["image_size"] = tuple(cfg["image_size"])
+        if device is not None:
+            cfg["device"] = device
+        det = cls(**cfg)
+        det.device_ = det._device()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # weights come from the file, not from weights=None
+            ext = FeatureExtractor(det.backbone, cfg["layers"], weights=None)
+        try:
+            ext.load_state_dict(backbone_state)
+        except RuntimeError as exc:
+            raise ModelFileError(f"{path}: backbone tensors do not fit ({exc})") from None
+        det.extractor_ = ext.to(det.device_)
+        det.layers_ = tuple(ext.layers)
+        det.memory_bank_ = bank.float().contiguous()
+        det.threshold_ = state["threshold"]
+        det.threshold_method_ = state["threshold_method"]
+        det.n_train_images_ = state["n_train_images"]
+        det.n_train_patches_ = state["n_train_patches"]
+        det.feature_seconds_ = state["feature_seconds"]
+        det.coreset_seconds_ = state["coreset_seconds"]
+        det.fit_seconds_ = state["fit_seconds"]
+        det.metadata_ = dict(state.get("metadata") or {})
+        det.skipped_ = []
+        det._index = NearestNeighborIndex(det.memory_bank_.to(det.device_))
+        return det
+
+    def __repr__(self) -> str:
+        fitted = (
+            f", fitted: bank {tuple(self.memory_bank_.shape)}"
+            if hasattr(self, "memory_bank_") else ", not fitted"
+        )
+        return (
+            f"PatchCore(backbone={self.backbone!r}, image_size={self.image_size!r}, "
+            f"scale={self.scale!r}, coreset_ratio={self.coreset_ratio!r}{fitted})"
+        )
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def _make_batch(pending: list[tuple[int, torch.Tensor, tuple[int, int]]]) -> _Batch:
+    return _Batch(
+        indices=[p[0] for p in pending],
+        pixels=torch.stack([p[1] for p in pending]),
+        sizes=[p[2] for p in pending],
+    )
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, iterable, lookahead: int):  # noqa: ANN001
+    """Like ``pool.map`` but keeps at most ``lookahead`` results in flight (bounded memory)."""
+    from collections import deque
+
+    queue: deque = deque()
+    it = iter(iterable)
+    for x in it:
+        queue.append(pool.submit(fn, x))
+        if len(queue) >= lookahead:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
+
+
+def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)

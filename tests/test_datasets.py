@@ -28,7 +28,7 @@ from patchcore.datasets import (
 )
 from patchcore.images import ImageReadError
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared real data not available")
 
 

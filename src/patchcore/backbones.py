@@ -59,15 +59,25 @@ _LITE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
 BACKBONES: dict[str, BackboneSpec] = {
     **{
         n: BackboneSpec(
-            n, "resnet", _RESNET_LAYERS, _RESNET_STRIDES, ("layer2", "layer3"),
-            IMAGENET_MEAN, IMAGENET_STD,
+            n,
+            "resnet",
+            _RESNET_LAYERS,
+            _RESNET_STRIDES,
+            ("layer2", "layer3"),
+            IMAGENET_MEAN,
+            IMAGENET_STD,
         )
         for n in ("resnet18", "resnet50", "wide_resnet50_2")
     },
     **{
         n: BackboneSpec(
-            n, "efficientnet-lite", _LITE_LAYERS, _LITE_STRIDES, ("stage3", "stage5"),
-            LITE_MEAN, LITE_STD,
+            n,
+            "efficientnet-lite",
+            _LITE_LAYERS,
+            _LITE_STRIDES,
+            ("stage3", "stage5"),
+            LITE_MEAN,
+            LITE_STD,
         )
         for n in OFFLINE_BACKBONES
     },

@@ -139,9 +139,22 @@ class PatchCore:
         return {
             k: getattr(self, k)
             for k in (
-                "backbone", "layers", "weights", "image_size", "scale", "coreset_ratio",
-                "sampling", "projection_dim", "num_neighbors", "embed_dim", "kernel_size",
-                "sigma", "batch_size", "device", "seed", "progress",
+                "backbone",
+                "layers",
+                "weights",
+                "image_size",
+                "scale",
+                "coreset_ratio",
+                "sampling",
+                "projection_dim",
+                "num_neighbors",
+                "embed_dim",
+                "kernel_size",
+                "sigma",
+                "batch_size",
+                "device",
+                "seed",
+                "progress",
             )
         }
 
@@ -220,7 +233,10 @@ class PatchCore:
             idx = torch.arange(features.shape[0])
         elif self.sampling == "greedy":
             idx = sampling.greedy_coreset(
-                features, n, projection_dim=self.projection_dim, seed=self.seed,
+                features,
+                n,
+                projection_dim=self.projection_dim,
+                seed=self.seed,
                 progress=self.progress,
             )
         else:
@@ -297,9 +313,7 @@ class PatchCore:
                         continue
                     size = (int(result.shape[1]), int(result.shape[2]))
                     t = resize(result, self._target_size(*size))
-                    if pending and (
-                        pending[0][1].shape != t.shape or len(pending) >= bs
-                    ):
+                    if pending and (pending[0][1].shape != t.shape or len(pending) >= bs):
                         yield _make_batch(pending)
                         pending = []
                     pending.append((i, t, size))
@@ -327,20 +341,23 @@ class PatchCore:
         patch_scores = dist[:, 0].view(b, h * w)
         image_scores, arg = patch_scores.max(dim=1)
         if k > 1:
-            image_scores = self._reweight(patches.view(b, h * w, -1), arg, nn_idx.view(b, h * w),
-                                          image_scores, k)
+            image_scores = self._reweight(
+                patches.view(b, h * w, -1), arg, nn_idx.view(b, h * w), image_scores, k
+            )
         maps: list[np.ndarray] = []
         if want_maps:
             grid = patch_scores.view(b, 1, h, w)
             H, W = batch.pixels.shape[-2:]
-            up = torch.nn.functional.interpolate(grid, size=(H, W), mode="bilinear",
-                                                 align_corners=False)
+            up = torch.nn.functional.interpolate(
+                grid, size=(H, W), mode="bilinear", align_corners=False
+            )
             up = gaussian_blur(up, self.sigma)
             for j, size in enumerate(batch.sizes):
                 m = up[j : j + 1]
                 if tuple(size) != (H, W):
-                    m = torch.nn.functional.interpolate(m, size=size, mode="bilinear",
-                                                        align_corners=False)
+                    m = torch.nn.functional.interpolate(
+                        m, size=size, mode="bilinear", align_corners=False
+                    )
                 maps.append(m[0, 0].cpu().numpy().astype(np.float32, copy=False))
         return image_scores.double().cpu().numpy(), maps
 
@@ -475,8 +492,10 @@ class PatchCore:
         p = self.get_params()
         p["layers"] = list(self.layers_)
         p["weights"] = (
-            None if self.weights is None
-            else self.weights if isinstance(self.weights, str) and self.weights == "imagenet"
+            None
+            if self.weights is None
+            else self.weights
+            if isinstance(self.weights, str) and self.weights == "imagenet"
             else str(self.weights)
         )
         if isinstance(p["image_size"], tuple):
@@ -594,7 +613,8 @@ class PatchCore:
     def __repr__(self) -> str:
         fitted = (
             f", fitted: bank {tuple(self.memory_bank_.shape)}"
-            if hasattr(self, "memory_bank_") else ", not fitted"
+            if hasattr(self, "memory_bank_")
+            else ", not fitted"
         )
         return (
             f"PatchCore(backbone={self.backbone!r}, image_size={self.image_size!r}, "

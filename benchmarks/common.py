@@ -1,0 +1,79 @@
+"""Shared helpers for the benchmark scripts: data subsets, evaluation, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from patchcore.datasets import (
+    ImageDataset,
+    load_folder,
+    load_mask,
+    sample_fraction,
+    split_each_label,
+)
+from patchcore.metrics import anomaly_threshold, aupro, auroc, evaluate, pixel_auroc
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SETS = ("deeppcb", "magnetic_tile", "casting")
+
+
+def subsets(name: str, n_train: int | None, n_test: int | None, seed: int = 0):
+    """(train, test) of a real set; seeded stratified subsets when counts are given."""
+    train = load_folder(DATA / name, "train")
+    test = load_folder(DATA / name, "test")
+    if n_train is not None and n_train < len(train):
+        train = sample_fraction(train, n_train / len(train), seed=seed)
+    if n_test is not None and n_test < len(test):
+        test, _ = split_each_label(test, n_test / len(test), seed=seed)
+    return train, test
+
+
+def image_metrics(test: ImageDataset, scores: np.ndarray) -> dict[str, float]:
+    y = test.labels
+    t = anomaly_threshold(y, scores, "max_f1")
+    ev = evaluate(scores >= t, y)
+    return {"image_auroc": auroc(y, scores), "f1_max": ev["F1Score"]}
+
+
+def pixel_metrics(test: ImageDataset, maps: list[np.ndarray]) -> dict[str, float]:
+    """Pixel AUROC and AUPRO over images with a known mask (normals: empty masks)."""
+    masks, kept = [], []
+    for s, m in zip(test, maps, strict=True):
+        mask = load_mask(s, m.shape)
+        if mask is not None:
+            masks.append(mask)
+            kept.append(m)
+    if not any(m.any() for m in masks):
+        return {}
+    return {
+        "pixel_auroc": pixel_auroc(masks, kept, num_thresholds=2000),
+        "aupro": aupro(masks, kept, num_thresholds=2000),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} CPU, "
+        f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
+    )

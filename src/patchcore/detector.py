@@ -215,18 +215,17 @@ class PatchCore:
         )
         self.layers_ = tuple(self.extractor_.layers)
         t0 = time.perf_counter()
-        chunks: list[torch.Tensor] = []
         skipped: list[tuple[str, str]] = []
+        store = _FeatureStore(len(items))
         for batch in self._batches(items, on_error, skipped, desc="fit: features"):
-            emb = self._embed(batch.pixels)
-            chunks.append(flatten_patches(emb).float().cpu())
-        if not chunks:
+            store.add(flatten_patches(self._embed(batch.pixels)).float().cpu(), len(batch.indices))
+        if store.rows == 0:
             raise ValueError(
                 f"no readable training images: all {len(items)} failed, e.g. "
                 f"{skipped[0][0]}: {skipped[0][1]}"
             )
-        features = torch.cat(chunks)
-        del chunks
+        features = store.result()
+        del store
         t1 = time.perf_counter()
         n = sampling.coreset_size(features.shape[0], self.coreset_ratio)
         if self.coreset_ratio >= 1:
@@ -620,6 +619,40 @@ class PatchCore:
             f"PatchCore(backbone={self.backbone!r}, image_size={self.image_size!r}, "
             f"scale={self.scale!r}, coreset_ratio={self.coreset_ratio!r}{fitted})"
         )
+
+
+class _FeatureStore:
+    """Collects patch features without a second full copy at the end.
+
+    While every image yields the same number of patches (fixed ``image_size``), rows go into one
+    buffer preallocated for all images; otherwise chunks are kept and concatenated once.
+    """
+
+    def __init__(self, n_images: int) -> None:
+        self.n_images = n_images
+        self.buffer: torch.Tensor | None = None
+        self.per_image: int | None = None
+        self.chunks: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, rows: torch.Tensor, n_images: int) -> None:
+        per_image = rows.shape[0] // n_images
+        if self.buffer is None and not self.chunks:
+            self.per_image = per_image
+            self.buffer = torch.empty(self.n_images * per_image, rows.shape[1], dtype=rows.dtype)
+        if self.buffer is not None and per_image != self.per_image:  # sizes vary: fall back
+            self.chunks = [self.buffer[: self.rows]]
+            self.buffer = None
+        if self.buffer is not None:
+            self.buffer[self.rows : self.rows + rows.shape[0]] = rows
+        else:
+            self.chunks.append(rows)
+        self.rows += rows.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.buffer is not None:
+            return self.buffer[: self.rows]
+        return torch.cat(self.chunks)
 
 
 def _check_on_error(on_error: str) -> None:

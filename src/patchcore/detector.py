@@ -414,6 +414,16 @@ class PatchCore:
         """
         return self._run(images, False, on_error, "score_samples")[0]
 
+    def score_with_maps(
+        self, images: Any, *, on_error: str = "raise"
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Image scores and anomaly maps in one pass (no threshold needed).
+
+        Returns:
+            scores (N,) float64 (NaN for skipped images) and N float32 maps HxW (None if skipped).
+        """
+        return self._run(images, True, on_error, "score_with_maps")
+
     def anomaly_map(self, image: ImageInput) -> np.ndarray:
         """Per-pixel anomaly map of one image, float32 HxW at the image's own size."""
         _, maps = self._run([image], True, "raise", "anomaly_map")

@@ -383,16 +383,10 @@ def _scores_and_maps(
     det: PatchCore, images: list[Any]
 ) -> tuple[np.ndarray, list[np.ndarray | None], list[tuple[str, str]]]:
     """Scores and anomaly maps of ``images`` in one pass (unreadable: NaN / None)."""
-    saved = (det.threshold_, det.threshold_method_)
-    if det.threshold_ is None:  # classify needs a threshold; the verdicts are not used here
-        det.threshold_, det.threshold_method_ = 0.0, "provisional"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            out = det.classify(images, on_error="skip")
-    finally:
-        det.threshold_, det.threshold_method_ = saved
-    return np.asarray(out.scores, dtype=float), list(out.maps), list(det.last_skipped_)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # skipped images are returned instead
+        scores, maps = det.score_with_maps(images, on_error="skip")
+    return np.asarray(scores, dtype=float), list(maps), list(det.last_skipped_)
 
 
 def _scores(det: PatchCore, images: list[Any]) -> tuple[np.ndarray, list[tuple[str, str]]]:

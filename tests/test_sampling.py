@@ -1,0 +1,249 @@
+"""Coreset sampling: equality with a naive greedy k-center, determinism, properties, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchcore.sampling import (
+    coreset_size,
+    coverage_radius,
+    greedy_coreset,
+    random_projection,
+    random_subsample,
+)
+
+
+def naive_greedy(z: torch.Tensor, n: int, start: int) -> list[int]:
+    """Textbook greedy k-center in float64 by direct differences, lowest index on ties."""
+    z = z.double()
+    selected = [start]
+    dist = (z - z[start]).norm(dim=1)
+    for _ in range(n - 1):
+        nxt = int(dist.argmax())
+        selected.append(nxt)
+        dist = torch.minimum(dist, (z - z[nxt]).norm(dim=1))
+    return selected
+
+
+def reference(features: torch.Tensor, n: int, projection_dim: int | None, seed: int) -> list[int]:
+    """What greedy_coreset promises: seeded projection, then a seeded start, then naive greedy."""
+    gen = torch.Generator().manual_seed(seed)
+    z = features if projection_dim is None else random_projection(features, projection_dim, gen)
+    start = int(torch.randint(features.shape[0], (1,), generator=gen))
+    return naive_greedy(z, n, start)
+
+
+def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def manifold(num: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Points near a curved 3-d manifold in ``dim`` dimensions (what the pruning exploits)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.rand(num, 3, generator=gen, dtype=torch.float64) * 6
+    freq = torch.randn(3, dim, generator=gen, dtype=torch.float64)
+    noise = 0.01 * torch.randn(num, dim, generator=gen, dtype=torch.float64)
+    return torch.sin(t @ freq) + noise
+
+
+# ---------------------------------------------------------------- equality with the reference
+
+
+@pytest.mark.parametrize(
+    ("num", "dim", "n", "projection_dim"),
+    [
+        (1, 3, 1, None),
+        (2, 3, 2, None),
+        (40, 5, 17, None),
+        (300, 8, 300, None),  # everything, down to the last point
+        (500, 40, 60, 16),  # with random projection
+        (2500, 20, 250, None),  # several tree nodes: the pruned search and its fast argmax
+    ],
+)
+def test_equals_naive_greedy_float64(num, dim, n, projection_dim):
+    x = randn(num, dim, seed=num)
+    got = greedy_coreset(x, n, projection_dim=projection_dim, seed=3)
+    assert got.tolist() == reference(x, n, projection_dim, seed=3)
+
+
+def test_equals_naive_greedy_on_low_dimensional_structure():
+    x = manifold(4000, 24)
+    got = greedy_coreset(x, 400, projection_dim=None, seed=1)
+    assert got.tolist() == reference(x, 400, None, seed=1)
+
+
+def test_equals_naive_greedy_float32_well_separated():
+    # 48 tight clusters far apart: every greedy step is decided by a wide margin, so float32
+    # rounding cannot change the selection. One centre per cluster first, then the second round.
+    gen = torch.Generator().manual_seed(5)
+    centres = 20.0 * torch.randn(48, 12, generator=gen)
+    x = centres.repeat_interleave(25, 0) + 0.2 * torch.randn(48 * 25, 12, generator=gen)
+    got = greedy_coreset(x, 60, projection_dim=None, seed=0)
+    assert got.tolist() == reference(x.double(), 60, None, seed=0)
+    assert len(set((got[:48] // 25).tolist())) == 48
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num=st.integers(1, 80),
+    dim=st.integers(1, 6),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_equals_naive_greedy(num, dim, frac, seed):
+    n = max(1, round(frac * num))
+    x = randn(num, dim, seed=seed)
+    got = greedy_coreset(x, n, projection_dim=None, seed=seed)
+    assert got.tolist() == reference(x, n, None, seed=seed)
+
+
+# ---------------------------------------------------------------- properties
+
+
+def test_size_uniqueness_bounds_dtype():
+    x = randn(700, 10, dtype=torch.float32)
+    idx = greedy_coreset(x, 123)
+    assert idx.shape == (123,) and idx.dtype == torch.long
+    assert len(set(idx.tolist())) == 123
+    assert int(idx.min()) >= 0 and int(idx.max()) < 700
+
+
+def test_same_seed_same_result_bit_for_bit():
+    x = manifold(3000, 32).float()
+    a = greedy_coreset(x, 300, projection_dim=16, seed=7)
+    b = greedy_coreset(x.clone(), 300, projection_dim=16, seed=7)
+    assert torch.equal(a, b)
+
+
+def test_different_seed_different_start():
+    x = randn(1000, 6)
+    starts = {int(greedy_coreset(x, 2, seed=s)[0]) for s in range(5)}
+    assert len(starts) > 1
+
+
+def test_first_centre_is_seeded_not_global_rng():
+    x = randn(1000, 6)
+    torch.manual_seed(123)
+    a = greedy_coreset(x, 5, seed=2)
+    torch.manual_seed(456)
+    b = greedy_coreset(x, 5, seed=2)
+    assert torch.equal(a, b)
+
+
+def test_greedy_covers_better_than_random():
+    x = manifold(2000, 16)
+    greedy = greedy_coreset(x, 100, projection_dim=None)
+    rand = random_subsample(2000, 100, seed=0)
+    assert coverage_radius(x, greedy) < 0.8 * coverage_radius(x, rand)
+
+
+def test_duplicates_are_covered_exactly():
+    distinct = randn(30, 5, seed=4)
+    x = torch.cat([distinct, distinct, distinct[:10]])[torch.randperm(70)]
+    idx = greedy_coreset(x, 30, projection_dim=None)
+    assert len(set(idx.tolist())) == 30
+    assert coverage_radius(x, idx) < 1e-6
+
+
+def test_half_precision_and_progress_accepted():
+    x = randn(300, 8, dtype=torch.float16)
+    idx = greedy_coreset(x, 30, projection_dim=None, progress=True)
+    assert idx.tolist() == reference(x.float(), 30, None, seed=0)
+
+
+def test_projection_seeded_shape_and_identity():
+    x = randn(10, 20)
+    a = random_projection(x, 5, torch.Generator().manual_seed(1))
+    b = random_projection(x, 5, torch.Generator().manual_seed(1))
+    c = random_projection(x, 5, torch.Generator().manual_seed(2))
+    assert a.shape == (10, 5) and torch.equal(a, b) and not torch.equal(a, c)
+    assert random_projection(x, 20, torch.Generator()) is x
+    assert random_projection(x, 64, torch.Generator()) is x
+
+
+def test_projection_roughly_preserves_distances():
+    x = randn(50, 400)
+    z = random_projection(x, 200, torch.Generator().manual_seed(0))
+    ratio = torch.pdist(z) / torch.pdist(x)
+    assert float(ratio.min()) > 0.75 and float(ratio.max()) < 1.25
+
+
+# ---------------------------------------------------------------- random_subsample, sizes
+
+
+@settings(max_examples=30, deadline=None)
+@given(num=st.integers(1, 500), frac=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_random_subsample_properties(num, frac, seed):
+    n = max(1, round(frac * num))
+    idx = random_subsample(num, n, seed=seed)
+    assert idx.shape == (n,) and idx.dtype == torch.long
+    assert len(set(idx.tolist())) == n
+    assert int(idx.min()) >= 0 and int(idx.max()) < num
+    assert torch.equal(idx, random_subsample(num, n, seed=seed))
+
+
+def test_random_subsample_seed_changes_result():
+    assert not torch.equal(random_subsample(1000, 50, seed=0), random_subsample(1000, 50, seed=1))
+
+
+@pytest.mark.parametrize(
+    ("num", "ratio", "expected"),
+    [(1000, 0.1, 100), (1000, 1.0, 1000), (10, 0.01, 1), (7, 0.5, 4), (204800, 0.1, 20480)],
+)
+def test_coreset_size(num, ratio, expected):
+    assert coreset_size(num, ratio) == expected
+
+
+# ---------------------------------------------------------------- coverage_radius
+
+
+def test_coverage_radius_matches_brute_force():
+    x = randn(333, 7)
+    sel = torch.tensor([0, 5, 17, 200])
+    brute = float(torch.cdist(x, x[sel]).min(1).values.max())
+    assert math.isclose(coverage_radius(x, sel, chunk_size=50), brute, rel_tol=1e-9)
+    assert coverage_radius(x, torch.arange(333)) < 1e-6
+
+
+def test_coverage_radius_float32_close():
+    x = randn(200, 5, dtype=torch.float32)
+    sel = torch.arange(0, 200, 9)
+    brute = float(torch.cdist(x.double(), x[sel].double()).min(1).values.max())
+    assert math.isclose(coverage_radius(x, sel), brute, rel_tol=1e-4)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan")])
+def test_coreset_size_rejects_bad_ratio(ratio):
+    with pytest.raises(ValueError, match=rf"coreset ratio must be in \(0, 1\], got {ratio}"):
+        coreset_size(100, ratio)
+
+
+def test_greedy_errors():
+    x = randn(20, 3)
+    with pytest.raises(ValueError, match=r"n must be in \[1, N=20\].*got 21"):
+        greedy_coreset(x, 21)
+    with pytest.raises(ValueError, match=r"got 0"):
+        greedy_coreset(x, 0)
+    with pytest.raises(ValueError, match="2-D"):
+        greedy_coreset(x[0], 1)
+    with pytest.raises(ValueError, match="float"):
+        greedy_coreset(torch.ones(4, 2, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="finite"):
+        greedy_coreset(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), 1)
+    with pytest.raises(ValueError, match=r"projection dim must be >= 1, got 0"):
+        greedy_coreset(x, 3, projection_dim=0)
+
+
+def test_random_subsample_and_coverage_errors():
+    with pytest.raises(ValueError, match=r"n must be in \[1, num_features=5\], got 6"):
+        random_subsample(5, 6)
+    with pytest.raises(ValueError, match="at least one"):
+        coverage_radius(randn(5, 2), torch.tensor([], dtype=torch.long))

@@ -1,0 +1,126 @@
+"""Exact nearest-neighbour search: equality with brute force, chunking, dtypes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchcore.search import NearestNeighborIndex, nearest_neighbors
+
+
+def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
+    d = torch.cdist(queries.double(), bank.double())
+    dist, idx = d.sort(dim=1)
+    return dist[:, :k], idx[:, :k]
+
+
+@pytest.fixture
+def data():
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    queries = torch.randn(57, 12, generator=gen, dtype=torch.float64)
+    return queries, bank
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_equals_brute_force(data, k):
+    queries, bank = data
+    dist, idx = NearestNeighborIndex(bank).search(queries, k=k)
+    ref_dist, ref_idx = brute_force(queries, bank, k)
+    assert dist.shape == (57, k) and idx.shape == (57, k)
+    assert idx.dtype == torch.long and dist.dtype == torch.float64
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-10, atol=1e-10)
+    assert torch.all(dist[:, 1:] >= dist[:, :-1])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_float32_equals_brute_force(data, k):
+    queries, bank = data
+    dist, idx = NearestNeighborIndex(bank.float()).search(queries.float(), k=k)
+    ref_dist, ref_idx = brute_force(queries, bank, k)
+    assert dist.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 56, 57, 58])
+@pytest.mark.parametrize("k", [1, 3])
+def test_chunk_boundaries(data, block_rows, k):
+    queries, bank = data
+    index = NearestNeighborIndex(bank, max_block_bytes=block_rows * bank.shape[0] * 8)
+    assert index.chunk_size() == block_rows
+    dist, idx = index.search(queries, k=k)
+    ref_dist, ref_idx = NearestNeighborIndex(bank).search(queries, k=k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist, rtol=0, atol=1e-12)
+
+
+def test_chunk_size_respects_budget():
+    bank = torch.zeros(1000, 4)
+    index = NearestNeighborIndex(bank, max_block_bytes=10_000)
+    assert index.chunk_size() == 2  # 2 * 1000 * 4 bytes <= 10_000 < 3 * 4000
+    assert NearestNeighborIndex(bank, max_block_bytes=1).chunk_size() == 1
+
+
+def test_float16_bank_computed_in_float32(data):
+    queries, bank = data
+    bank16 = bank.half()
+    index = NearestNeighborIndex(bank16)
+    assert index.bank.dtype == torch.float16 and index.dtype == torch.float32
+    dist, idx = index.search(queries.half(), k=3)
+    ref_dist, ref_idx = brute_force(queries.half().float(), bank16.float(), 3)
+    assert dist.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-4, atol=1e-4)
+
+
+def test_k1_tie_goes_to_lowest_index():
+    # Small integers: every product and sum is exact in float32, so the tie is exact.
+    bank = torch.tensor([[3.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 5.0]])
+    queries = torch.tensor([[1.0, 1.0], [2.0, 2.0], [1.0, 0.0]])
+    dist, idx = NearestNeighborIndex(bank).search(queries, k=1)
+    assert idx[:, 0].tolist() == [1, 1, 1]
+    torch.testing.assert_close(dist[:, 0], torch.tensor([0.0, 2**0.5, 1.0]))
+
+
+def test_self_search_distance_zero_not_negative():
+    gen = torch.Generator().manual_seed(1)
+    bank = 100.0 + torch.randn(64, 8, generator=gen)  # large norms: cancellation in the expansion
+    dist, idx = NearestNeighborIndex(bank).search(bank, k=1)
+    assert torch.equal(idx[:, 0], torch.arange(64))
+    assert torch.all(dist >= 0)
+    assert torch.all(dist < 0.01)
+    assert torch.all(torch.isfinite(dist))
+
+
+def test_nearest_neighbors_wrapper(data):
+    queries, bank = data
+    d1, i1 = nearest_neighbors(queries, bank, k=2)
+    d2, i2 = NearestNeighborIndex(bank).search(queries, k=2)
+    assert torch.equal(i1, i2) and torch.equal(d1, d2)
+
+
+def test_k_equal_to_bank_size(data):
+    queries, bank = data
+    dist, idx = NearestNeighborIndex(bank[:5]).search(queries, k=5)
+    assert torch.equal(idx.sort(1).values, torch.arange(5).expand(57, 5))
+
+
+def test_errors(data):
+    queries, bank = data
+    index = NearestNeighborIndex(bank)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 300\].*got 301"):
+        index.search(queries, k=301)
+    with pytest.raises(ValueError, match=r"got 0"):
+        index.search(queries, k=0)
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 12\).*\(57, 5\)"):
+        index.search(queries[:, :5])
+    with pytest.raises(ValueError, match="2-D"):
+        NearestNeighborIndex(bank[0])
+    with pytest.raises(ValueError, match="empty"):
+        NearestNeighborIndex(bank[:0])
+    with pytest.raises(ValueError, match="float"):
+        NearestNeighborIndex(torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_block_bytes"):
+        NearestNeighborIndex(bank, max_block_bytes=0)

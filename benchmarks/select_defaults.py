@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
+from pathlib import Path
 
 from common import ROOT, SETS, image_metrics, machine, pixel_metrics, subsets
 
@@ -41,7 +43,15 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=40, help="training images per set")
     ap.add_argument("--test", type=int, default=80, help="test images per set (stratified)")
     ap.add_argument("--base", default="{}", help="JSON of settings shared by the whole grid")
+    ap.add_argument(
+        "--table",
+        action="store_true",
+        help="only render benchmarks/out/defaults.jsonl into benchmarks/RESULTS.md",
+    )
     args = ap.parse_args()
+    if args.table:
+        write_table(ROOT / "benchmarks" / "out" / "defaults.jsonl")
+        return
     out = ROOT / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     base = json.loads(args.base)
@@ -73,6 +83,43 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             with open(out / "defaults.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def write_table(jsonl: Path) -> None:
+    """Render the measured grid rows as a markdown section of RESULTS.md."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    keys = ("image_size", "layers", "backbone", "coreset_ratio", "num_neighbors", "sampling")
+    lines = [
+        "## Choosing the defaults (`benchmarks/select_defaults.py`)",
+        "",
+        f"{machine()}; machine shared with other jobs (load average about 6 on 2 cores), so the "
+        "seconds are inflated and only comparable within a row group. efficientnet-lite0, "
+        "seeded subsets: 40 training images, 60-80 stratified test images per set; "
+        "`image_size` None = native resolution. `sampling=random` rows use a random bank "
+        "instead of the greedy coreset to keep the grid affordable.",
+        "",
+        "| grid | set | setting | bank | image AUROC | F1 | pixel AUROC | AUPRO | ms/image |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        setting = ", ".join(
+            f"{k}={'+'.join(r[k]) if isinstance(r[k], list) else r[k]}" for k in keys if k in r
+        )
+        ms = r.get("ms_per_image", r.get("ms_per_image_x2", 0) / 2)
+        pix = " | ".join(f"{r[k]:.3f}" if k in r else "—" for k in ("pixel_auroc", "aupro"))
+        lines.append(
+            f"| {r['grid']} | {r['set']} | {setting} | {r['bank']} | {r['image_auroc']:.3f} | "
+            f"{r['f1_max']:.3f} | {pix} | {ms:.0f} |"
+        )
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    start, end = "<!-- defaults:start -->", "<!-- defaults:end -->"
+    block = start + "\n" + "\n".join(lines) + "\n" + end
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results.write_text(text)
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def fit(
     scale: Annotated[
         float | None,
         typer.Option(
-            help="Resize images by this factor (default 0.4, the reference's).",
+            help="Resize images by this factor (the reference uses 0.4). Default: native size.",
             show_default=False,
             min=0.01,
             max=4.0,
@@ -324,7 +324,12 @@ def fit(
             progress=not quiet,
         )
     size = s.card.get("image_size")
-    shape = f"resized to {size} x {size}" if size else f"scaled by {s.card.get('scale'):g}"
+    if size:
+        shape = f"resized to {size} x {size}"
+    elif s.card.get("scale"):
+        shape = f"scaled by {s.card['scale']:g}"
+    else:
+        shape = "at native resolution"
     typer.echo(f"Fitted {s.card['backbone']} ({', '.join(s.card['layers'])}) on {s.data}")
     typer.echo(
         f"  training images: {s.training_images} of {s.available_images} "

@@ -86,7 +86,6 @@ DISPLAY_TOP = 0.7
 PIXEL_METRIC_SIDE = 320
 #: Height of the panels of a gallery tile, in pixels.
 TILE_HEIGHT = 240
-DEFAULT_SCALE = 0.4
 ELPV = "elpv"
 
 ProgressFn = Callable[[int], None]
@@ -292,14 +291,13 @@ def fit_detector(
 ) -> PatchCore:
     """Fit a detector on the (normal) images of ``train``; unreadable images are skipped.
 
-    With neither ``image_size`` nor ``scale``, images are scaled by 0.4 (the reference's
-    ``imresize(..., 0.4)``). The training names and data spec go to ``metadata_``.
+    With neither ``image_size`` nor ``scale``, images keep their native resolution (measured
+    best across the real sets, see benchmarks/RESULTS.md); ``scale=0.4`` is the reference's
+    ``imresize(..., 0.4)``. The training names and data spec go to ``metadata_``.
 
     Raises:
         WorkflowError: bad parameters or no readable image.
     """
-    if image_size is None and scale is None:
-        scale = DEFAULT_SCALE
     det = PatchCore(
         backbone=backbone,
         layers=list(layers) if layers else None,
@@ -1218,7 +1216,7 @@ def run_demo(
         train,
         backbone=backbone,
         image_size=image_size,
-        scale=None if image_size else DEFAULT_SCALE,
+        scale=None,
         coreset_ratio=coreset_ratio,
         seed=seed,
         device=device,

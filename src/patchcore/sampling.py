@@ -119,7 +119,7 @@ def greedy_coreset(
     x = features.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    if not bool(torch.isfinite(x).all()):
+    if not math.isfinite(float(x.sum())):  # a single NaN or inf spoils the sum
         raise ValueError("features contain NaN or infinite values; clean them before sampling")
     gen = torch.Generator(device=x.device).manual_seed(seed)
     if projection_dim is not None:
@@ -182,6 +182,7 @@ def coverage_radius(
 # computed exact distance, had it been computed, would not have been smaller than u2.
 # --------------------------------------------------------------------------------------------
 
+_NAIVE_MAX_BYTES = 16 << 20  # below this (N x d) size the plain loop wins: the rows stay in cache
 _LEAF_SIZE = 16  # target rows per leaf
 _BRANCHING = (8, 8)  # children per node below the top level, top to bottom (last: leaves)
 _ROW_DIMS = 32  # principal coordinates in the row bound and the boxes below the top level
@@ -201,25 +202,24 @@ def _kd_order(points: torch.Tensor, levels: int) -> torch.Tensor:
         (len(points),) permutation.
     """
     total, dim = points.shape
+    flat = points.reshape(-1)
     order = torch.arange(total, device=points.device)
     for level in range(levels):
         groups = 2**level
-        y = _rows(points, order).view(groups, total // groups, dim)
-        step = max(1, y.shape[1] // 256)
-        axis = y[:, ::step].var(1).argmax(1)
-        key = y.gather(2, axis.view(groups, 1, 1).expand(groups, y.shape[1], 1)).squeeze(2)
-        order = order.view(groups, -1).gather(1, key.argsort(dim=1, stable=True)).reshape(-1)
+        nodes = order.view(groups, -1)
+        step = max(1, nodes.shape[1] // 256)
+        sample = _rows(points, nodes[:, ::step].reshape(-1)).view(groups, -1, dim)
+        axis = sample.var(1).argmax(1)
+        key = flat.index_select(0, order * dim + axis.repeat_interleave(nodes.shape[1]))
+        key = key.view(groups, -1)
+        order = nodes.gather(1, key.argsort(dim=1, stable=True)).reshape(-1)
     return order
 
 
 def _augmented(z: torch.Tensor, p: int) -> torch.Tensor:
-    """(N, p + 1): the first ``p`` coordinates and the norm of the others (computed in float64)."""
-    rest = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    if p < z.shape[1]:
-        step = 1 << 16
-        for lo in range(0, z.shape[0], step):
-            rest[lo : lo + step] = z[lo : lo + step, p:].double().norm(dim=1).to(z.dtype)
-    return torch.cat([z[:, :p], rest.unsqueeze(1)], dim=1)
+    """(N, p + 1): the first ``p`` coordinates and the norm of the others."""
+    rest = torch.linalg.vector_norm(z[:, p:], dim=1, keepdim=True)
+    return torch.cat([z[:, :p], rest], dim=1)
 
 
 def _child_boxes(aug: torch.Tensor, parents: int, children: int) -> torch.Tensor:
@@ -239,6 +239,44 @@ def _tree_shape(num: int) -> tuple[int, list[int]]:
     return 2**levels, branching
 
 
+class _OneThread:
+    """Run a block on one torch thread (restored afterwards).
+
+    The greedy loops are long chains of small operations: a second thread only adds
+    synchronisation, which is ruinous when the cores are shared with other work.
+    """
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.threads)
+
+
+def _greedy_naive(z: torch.Tensor, n: int, start: int, *, progress: bool = False) -> torch.Tensor:
+    """The plain loop (one full matrix-vector product per step), same semantics as the tree."""
+    z = z - z.mean(0)
+    sq = (z * z).sum(1)
+    u2 = torch.full_like(sq, math.inf)
+    d2 = torch.empty_like(sq)
+    pos = start
+    picked = [pos]
+    bar = tqdm(total=n, desc="coreset", unit="pt", disable=not progress, mininterval=0.5)
+    with _OneThread():
+        for k in range(1, n):
+            torch.addmv(sq, z, z[pos], alpha=-2.0, out=d2)
+            torch.minimum(u2, d2.add_(float(sq[pos])).clamp_(min=0.0), out=u2)
+            u2[pos] = 0.0
+            pos = int(u2.argmax())
+            picked.append(pos)
+            if progress and k % 256 == 0:
+                bar.update(256)
+    bar.update(n - bar.n)
+    bar.close()
+    return torch.tensor(picked, device=z.device)
+
+
 def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = False) -> torch.Tensor:
     """Greedy k-center on rows of ``z`` (N, d) from row ``start``; see :func:`greedy_coreset`.
 
@@ -248,12 +286,16 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
     row on ties).
     """
     num, d = z.shape
+    if num * d * z.element_size() <= _NAIVE_MAX_BYTES:
+        return _greedy_naive(z, n, start, progress=progress)
     dtype, device = z.dtype, z.device
     eps = torch.finfo(dtype).eps
 
-    # Centre and rotate onto principal axes: distances unchanged, leading coordinates informative.
+    # Centre and rotate onto principal axes (estimated on a subsample: any orthonormal basis keeps
+    # the result exact, a good one only makes the leading coordinates informative).
     z = z - z.mean(0)
-    _, vecs = torch.linalg.eigh((z.T @ z).double())
+    sample = z[:: max(1, num // 32768)].double()
+    _, vecs = torch.linalg.eigh(sample.T @ sample)
     z = z @ vecs.flip(1).to(dtype)
 
     q = min(_ROW_DIMS, d) + 1  # augmented width of rows and of boxes below the top level
@@ -306,11 +348,7 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
     pos = int(position[start])
     picked = [pos]
     bar = tqdm(total=n, desc="coreset", unit="pt", disable=not progress, mininterval=0.5)
-    # The loop is a long chain of small operations: extra threads only add synchronisation
-    # (ruinous when the cores are shared with other work), so it runs on one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _OneThread():
         for k in range(1, n):
             c = zf[pos]
             a_c = aug[pos]
@@ -370,8 +408,6 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
             picked.append(pos)
             if progress and k % 256 == 0:
                 bar.update(256)
-    finally:
-        torch.set_num_threads(threads)
     bar.update(n - bar.n)
     bar.close()
     return order_flat[torch.tensor(picked, device=device)]

@@ -105,6 +105,9 @@ def greedy_coreset(
         seed: seeds the projection and the first centre.
         progress: show a tqdm progress bar.
 
+    Runs on one torch thread (restored afterwards): the search is a long chain of small steps
+    that a second thread only slows down, badly so on a busy machine.
+
     Returns:
         (n,) int64 indices into ``features``, in selection order (the first one is the seeded
         random start, each next one the feature farthest from all previous ones).
@@ -122,10 +125,11 @@ def greedy_coreset(
     if not math.isfinite(float(x.sum())):  # a single NaN or inf spoils the sum
         raise ValueError("features contain NaN or infinite values; clean them before sampling")
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    if projection_dim is not None:
-        x = random_projection(x, projection_dim, gen)
-    start = int(torch.randint(num, (1,), generator=gen, device=gen.device).item())
-    return _greedy_kcenter(x, n, start, progress=progress)
+    with _OneThread():
+        if projection_dim is not None:
+            x = random_projection(x, projection_dim, gen)
+        start = int(torch.randint(num, (1,), generator=gen, device=gen.device).item())
+        return _greedy_kcenter(x, n, start, progress=progress)
 
 
 def coverage_radius(
@@ -240,10 +244,11 @@ def _tree_shape(num: int) -> tuple[int, list[int]]:
 
 
 class _OneThread:
-    """Run a block on one torch thread (restored afterwards).
+    """Run a block on one torch thread (the previous count is restored afterwards).
 
-    The greedy loops are long chains of small operations: a second thread only adds
-    synchronisation, which is ruinous when the cores are shared with other work.
+    The greedy search is a long chain of small operations: a second thread only adds
+    synchronisation, which is ruinous when the cores are shared with other work (on the 2-core
+    development machine a second thread made the plain loop 10-20 times slower).
     """
 
     def __enter__(self) -> None:
@@ -263,15 +268,14 @@ def _greedy_naive(z: torch.Tensor, n: int, start: int, *, progress: bool = False
     pos = start
     picked = [pos]
     bar = tqdm(total=n, desc="coreset", unit="pt", disable=not progress, mininterval=0.5)
-    with _OneThread():
-        for k in range(1, n):
-            torch.addmv(sq, z, z[pos], alpha=-2.0, out=d2)
-            torch.minimum(u2, d2.add_(float(sq[pos])).clamp_(min=0.0), out=u2)
-            u2[pos] = 0.0
-            pos = int(u2.argmax())
-            picked.append(pos)
-            if progress and k % 256 == 0:
-                bar.update(256)
+    for k in range(1, n):
+        torch.addmv(sq, z, z[pos], alpha=-2.0, out=d2)
+        torch.minimum(u2, d2.add_(float(sq[pos])).clamp_(min=0.0), out=u2)
+        u2[pos] = 0.0
+        pos = int(u2.argmax())
+        picked.append(pos)
+        if progress and k % 256 == 0:
+            bar.update(256)
     bar.update(n - bar.n)
     bar.close()
     return torch.tensor(picked, device=z.device)
@@ -348,66 +352,65 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
     pos = int(position[start])
     picked = [pos]
     bar = tqdm(total=n, desc="coreset", unit="pt", disable=not progress, mininterval=0.5)
-    with _OneThread():
-        for k in range(1, n):
-            c = zf[pos]
-            a_c = aug[pos]
-            a_top = aug_top[pos]
-            csq = float(xsq[pos])
-            u2[pos] = 0.0
-            # Descend into the nodes whose box comes closer to the centre than their largest u2.
-            gap = torch.clamp(a_top, top_lo, top_hi).sub_(a_top)
-            visited = [(gap.mul_(gap).sum(1) < maxima[0] + tol2).nonzero().squeeze(1)]
-            dense = visited[0].numel() * 10 > counts[0] * 9  # nothing to prune: one full pass
-            for lev, b in enumerate([] if dense else branching):
-                ids = visited[-1]
-                box = _rows(boxes[lev], ids).view(-1, 2, b, q)
-                gap = torch.clamp(a_c, box[:, 0], box[:, 1]).sub_(a_c)
-                limit = _rows(maxima[lev + 1].view(counts[lev], b), ids).add_(tol2)
-                near = gap.mul_(gap).sum(2) < limit
-                visited.append(_rows(child_ids[lev], ids).masked_select(near))
-            leaves = visited[-1]
-            if dense or leaves.numel() * 2 > nleaves:
-                d2 = torch.addmv(xsq, zf, c, alpha=-2.0).add_(csq).clamp_(min=0.0)
-                torch.minimum(u2, d2, out=u2)
-                maxima = all_maxima()
-            else:
-                # Rows of those leaves: cheap bound first, exact distance where it is below u2.
-                ub = _rows(u2_rows, leaves)  # (L, S)
-                xs = _rows(xsq_rows, leaves)
-                lb = torch.matmul(_rows(aug_rows, leaves).view(-1, size, q), a_c)
-                keep = torch.add(xs, lb, alpha=-2.0).sub_(ub) < tol2 - csq
-                rows = _rows(row_ids, leaves).masked_select(keep)
-                d2 = torch.addmv(xs.masked_select(keep), _rows(zf, rows), c, alpha=-2.0)
-                d2 = torch.minimum(ub.masked_select(keep), d2.add_(csq).clamp_(min=0.0))
-                ub.masked_scatter_(keep, d2)
-                u2_rows.index_copy_(0, leaves, ub)
-                maxima[depth].index_copy_(0, leaves, ub.amax(1))
-                for lev in reversed(range(depth)):
-                    ids = visited[lev]
-                    sub = _rows(maxima[lev + 1].view(counts[lev], branching[lev]), ids)
-                    maxima[lev].index_copy_(0, ids, sub.amax(1))
-            # Next centre: descend along the maxima while they are unique.
-            pos = -1
-            if fast_argmax:
-                vals, top = torch.topk(maxima[0], 2)
+    for k in range(1, n):
+        c = zf[pos]
+        a_c = aug[pos]
+        a_top = aug_top[pos]
+        csq = float(xsq[pos])
+        u2[pos] = 0.0
+        # Descend into the nodes whose box comes closer to the centre than their largest u2.
+        gap = torch.clamp(a_top, top_lo, top_hi).sub_(a_top)
+        visited = [(gap.mul_(gap).sum(1) < maxima[0] + tol2).nonzero().squeeze(1)]
+        dense = visited[0].numel() * 10 > counts[0] * 9  # nothing to prune: one full pass
+        for lev, b in enumerate([] if dense else branching):
+            ids = visited[-1]
+            box = _rows(boxes[lev], ids).view(-1, 2, b, q)
+            gap = torch.clamp(a_c, box[:, 0], box[:, 1]).sub_(a_c)
+            limit = _rows(maxima[lev + 1].view(counts[lev], b), ids).add_(tol2)
+            near = gap.mul_(gap).sum(2) < limit
+            visited.append(_rows(child_ids[lev], ids).masked_select(near))
+        leaves = visited[-1]
+        if dense or leaves.numel() * 2 > nleaves:
+            d2 = torch.addmv(xsq, zf, c, alpha=-2.0).add_(csq).clamp_(min=0.0)
+            torch.minimum(u2, d2, out=u2)
+            maxima = all_maxima()
+        else:
+            # Rows of those leaves: cheap bound first, exact distance where it is below u2.
+            ub = _rows(u2_rows, leaves)  # (L, S)
+            xs = _rows(xsq_rows, leaves)
+            lb = torch.matmul(_rows(aug_rows, leaves).view(-1, size, q), a_c)
+            keep = torch.add(xs, lb, alpha=-2.0).sub_(ub) < tol2 - csq
+            rows = _rows(row_ids, leaves).masked_select(keep)
+            d2 = torch.addmv(xs.masked_select(keep), _rows(zf, rows), c, alpha=-2.0)
+            d2 = torch.minimum(ub.masked_select(keep), d2.add_(csq).clamp_(min=0.0))
+            ub.masked_scatter_(keep, d2)
+            u2_rows.index_copy_(0, leaves, ub)
+            maxima[depth].index_copy_(0, leaves, ub.amax(1))
+            for lev in reversed(range(depth)):
+                ids = visited[lev]
+                sub = _rows(maxima[lev + 1].view(counts[lev], branching[lev]), ids)
+                maxima[lev].index_copy_(0, ids, sub.amax(1))
+        # Next centre: descend along the maxima while they are unique.
+        pos = -1
+        if fast_argmax:
+            vals, top = torch.topk(maxima[0], 2)
+            v = vals.tolist()
+            node = int(top[0])
+            for lev, b in enumerate(branching):
+                if v[0] <= v[1]:
+                    break
+                vals, top = torch.topk(maxima[lev + 1][node * b : (node + 1) * b], 2)
                 v = vals.tolist()
-                node = int(top[0])
-                for lev, b in enumerate(branching):
-                    if v[0] <= v[1]:
-                        break
-                    vals, top = torch.topk(maxima[lev + 1][node * b : (node + 1) * b], 2)
-                    v = vals.tolist()
-                    node = node * b + int(top[0])
-                else:
-                    if v[0] > v[1]:
-                        pos = node * size + int(u2_rows[node].argmax())
-            if pos < 0:  # a tie (or a tiny tree): lowest id among all maxima, as the naive loop
-                tied = (u2 == u2.max()).nonzero().squeeze(1)
-                pos = int(tied[order_flat[tied].argmin()])
-            picked.append(pos)
-            if progress and k % 256 == 0:
-                bar.update(256)
+                node = node * b + int(top[0])
+            else:
+                if v[0] > v[1]:
+                    pos = node * size + int(u2_rows[node].argmax())
+        if pos < 0:  # a tie (or a tiny tree): lowest id among all maxima, as the naive loop
+            tied = (u2 == u2.max()).nonzero().squeeze(1)
+            pos = int(tied[order_flat[tied].argmin()])
+        picked.append(pos)
+        if progress and k % 256 == 0:
+            bar.update(256)
     bar.update(n - bar.n)
     bar.close()
     return order_flat[torch.tensor(picked, device=device)]

@@ -82,10 +82,18 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--params", default="{}", help="JSON of PatchCore settings, per set or shared")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument(
+        "--table-only",
+        action="store_true",
+        help="write RESULTS.md from the saved benchmarks/out/evaluate_<set>.json of --sets",
+    )
     args = ap.parse_args()
     params = json.loads(args.params)
     rows = []
-    for name in args.sets:
+    if args.table_only:
+        out = ROOT / "benchmarks" / "out"
+        rows = [json.loads((out / f"evaluate_{n}.json").read_text()) for n in args.sets]
+    for name in [] if args.table_only else args.sets:
         p = params.get(name, params) if isinstance(params.get(name), dict) else params
         p = {k: v for k, v in p.items() if k not in SETS}
         row = run(name, args.train, args.test, p)

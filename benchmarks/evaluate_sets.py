@@ -105,7 +105,9 @@ def main() -> None:
         "## Accuracy of the defaults on the real sets (`benchmarks/evaluate_sets.py`)\n\n"
         f"Machine: {machine()}. Fit on train/good, score test/ (all images unless a count is "
         "given); F1 is at the max-F1 threshold chosen on the same scores (an upper bound, not a "
-        "held-out figure); pixel metrics over images with masks, 2,000 thresholds."
+        "held-out figure); pixel metrics over images with masks, 2,000 thresholds. Training images "
+        "are seeded random subsets of train/good. Seconds were measured while other jobs shared "
+        "the 2 cores (load average 5-7): they are inflated, not a speed claim."
     )
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     block = f"{START}\n{table(rows, header)}\n{END}"

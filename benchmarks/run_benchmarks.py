@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -112,6 +113,11 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     x_train, x_test = stack(train, args.image_size), stack(test, args.image_size)
     spec = get_spec(args.backbone)
+    grid = backbone_flops(args.backbone, None, (args.image_size, args.image_size))[1]
+    n_patches = len(train) * grid[0] * grid[1]
+    mmap_threshold = (
+        auto_mmap_threshold(n_patches) if args.mmap_threshold is None else args.mmap_threshold
+    )
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     # Run 0 scores every test image (accuracy); later runs, timing only, the first
@@ -155,7 +161,7 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "std": list(spec.std),
         "repeats": 1,
         "num_threads": args.threads or None,
-        "malloc_mmap_threshold": args.mmap_threshold,
+        "malloc_mmap_threshold": mmap_threshold or None,
     }
     (work / "peer_spec.json").write_text(json.dumps(peer_spec))
     return {
@@ -167,18 +173,33 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "test_counts": test.counts(),
         "layers": layers,
         "native_size": native_size(train),
+        "mmap_threshold": mmap_threshold,
     }
 
 
 # ------------------------------------------------------------------------------ children
 
 
-def _env(args: argparse.Namespace) -> dict[str, str]:
+def auto_mmap_threshold(n_patches: int, eps: float = 0.9) -> int:
+    """The largest fixed glibc mmap threshold that keeps anomalib's coreset temporaries mmapped.
+
+    ``KCenterGreedy`` allocates an (N, k) float32 temporary per selected point, k being the
+    Johnson-Lindenstrauss dimension ``4 ln N / (eps^2/2 - eps^3/3)`` of its
+    ``SparseRandomProjection(eps=0.9)``. Served from the heap, these grow it without bound (see
+    ``peer_anomalib.py``); at or above the fixed threshold they are mmapped and returned. Half
+    their size, within [128 KiB, 32 MiB], guards the peer while leaving the smaller allocations
+    of both systems on the heap, as glibc's default dynamic threshold would after warm-up.
+    """
+    k = int(4 * math.log(max(2, n_patches)) / (eps**2 / 2 - eps**3 / 3))
+    return int(min(32 * 2**20, max(128 * 1024, n_patches * k * 4 // 2)))
+
+
+def _env(args: argparse.Namespace, mmap_threshold: int | None) -> dict[str, str]:
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    if args.mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(int(args.mmap_threshold))
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
     return env
 
 
@@ -198,12 +219,13 @@ def _call(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]
     return wall, cpu
 
 
-def run_ours(work: Path, r: int, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def run_ours(
+    work: Path, r: int, args: argparse.Namespace, log: Path, env: dict[str, str]
+) -> dict[str, Any]:
     """One fit child and one score child of ours; the first run also saves the maps."""
     runner = [sys.executable, str(BENCH / "ours_runner.py")]
     model = work / f"ours_model_r{r}.pt"
     fit_json, score_json = work / f"ours_fit_r{r}.json", work / f"ours_score_r{r}.json"
-    env = _env(args)
     _, cpu_fit = _call(
         [
             *runner,
@@ -236,7 +258,9 @@ def run_ours(work: Path, r: int, args: argparse.Namespace, log: Path) -> dict[st
     return out
 
 
-def run_ann(work: Path, kind: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def run_ann(
+    work: Path, kind: str, args: argparse.Namespace, log: Path, env: dict[str, str]
+) -> dict[str, Any]:
     """Score the first run's model with a faiss index in place of exact search."""
     out_json = work / f"ours_{kind}.json"
     cmd = [
@@ -253,11 +277,13 @@ def run_ann(work: Path, kind: str, args: argparse.Namespace, log: Path) -> dict[
         "--maps",
         str(work / f"ours_{kind}_maps.npy"),
     ]
-    _call(cmd, _env(args), log)
+    _call(cmd, env, log)
     return json.loads(out_json.read_text())
 
 
-def run_peer(work: Path, r: int, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def run_peer(
+    work: Path, r: int, args: argparse.Namespace, log: Path, env: dict[str, str]
+) -> dict[str, Any]:
     """One ``peer_anomalib.py run`` (its own fit and score children)."""
     out_json = work / f"peer_r{r}.json"
     cmd = [
@@ -272,7 +298,7 @@ def run_peer(work: Path, r: int, args: argparse.Namespace, log: Path) -> dict[st
     ]
     if r == 0:
         cmd += ["--maps-out", str(work / "peer_maps.npz")]
-    _, cpu = _call(cmd, _env(args), log)
+    _, cpu = _call(cmd, env, log)
     out = json.loads(out_json.read_text())
     out["cpu_s"] = {"fit+score": cpu}
     return out
@@ -337,10 +363,11 @@ def accuracy(test: ImageDataset, scores: list[float], maps: np.ndarray) -> dict[
 
 def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str, Any]:
     """Everything for one set; returns its results dict."""
-    work = OUT / name
+    work = args.out / name
     log = work / "children.log"
     t_set = time.perf_counter()
     info = prepare(name, args, work)
+    env = _env(args, info["mmap_threshold"])
     log.write_text("")
     rates = matmul_gflops()
     test = info.pop("test")
@@ -353,9 +380,9 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
                 continue
             print(f"  [{name}] run {r + 1}/{args.runs}: {who}", flush=True)
             if who == "ours":
-                ours_runs.append(run_ours(work, r, args, log))
+                ours_runs.append(run_ours(work, r, args, log, env))
             else:
-                peer_runs.append(run_peer(work, r, args, log))
+                peer_runs.append(run_peer(work, r, args, log, env))
     rates += matmul_gflops()
     res: dict[str, Any] = {"set": name, **info, "matmul_gflops_samples": rates}
     res["raw"] = {"ours": ours_runs, "peer": peer_runs}
@@ -376,7 +403,7 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
     if args.ann != "none":
         print(f"  [{name}] ANN ({args.ann})", flush=True)
         try:
-            ann = run_ann(work, args.ann, args, log)
+            ann = run_ann(work, args.ann, args, log, env)
             res["ann"] = {
                 "kind": args.ann,
                 "build_s": ann["ann_build_s"],
@@ -446,7 +473,7 @@ def memory_check(args: argparse.Namespace) -> dict[str, Any]:
     n = args.memory_check
     x = unique[torch.arange(n) % len(normals)].contiguous()
     del unique
-    work = OUT / f"memory_{name}"
+    work = args.out / f"memory_{name}"
     work.mkdir(parents=True, exist_ok=True)
     torch.save({"train": x, "test": x[:1].clone()}, work / "inputs.pt")
     del x
@@ -472,7 +499,8 @@ def memory_check(args: argparse.Namespace) -> dict[str, Any]:
         str(work / "fit.json"),
         "--no-coverage",
     ]
-    wall, _ = _call(cmd, _env(args), work / "children.log")
+    # glibc's default allocator settings: what a user's fit gets (no peer to guard here)
+    wall, _ = _call(cmd, _env(args, None), work / "children.log")
     fit = json.loads((work / "fit.json").read_text())
     (work / "model.pt").unlink(missing_ok=True)
     (work / "inputs.pt").unlink(missing_ok=True)
@@ -816,8 +844,12 @@ def render(doc: dict[str, Any]) -> str:
         f"{a['image_size']}, coreset ratio {a['coreset_ratio']}, {a['neighbors']} neighbours "
         f"for the image score, batch size {a['batch_size']}, seed {a['seed']}, torch threads "
         f"{m['torch_threads']} in every child (--threads), "
-        f"MALLOC_MMAP_THRESHOLD_={a['mmap_threshold']} for every child "
-        "(the peer's author's guard against glibc heap growth in anomalib's coreset). Inputs: "
+        "MALLOC_MMAP_THRESHOLD_ "
+        + ", ".join(f"{r['set']} {r['mmap_threshold']}" for r in results)
+        + " bytes for every child of both systems (the peer's author's guard against glibc "
+        "heap growth in anomalib's coreset, set per set to half of anomalib's per-step coreset "
+        "temporary so that those are mmapped while smaller allocations stay on the heap, as "
+        "with glibc's default dynamic threshold). Inputs: "
         "each set's images decoded and resized once by our code and saved as tensors; both "
         "systems get those same tensors (ours in [0, 1] and normalised inside, the peer's "
         "normalised with the same mean/std). "
@@ -960,8 +992,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--mmap-threshold",
         type=int,
-        default=131072,
-        help="MALLOC_MMAP_THRESHOLD_ for every child (both systems)",
+        default=None,
+        help="MALLOC_MMAP_THRESHOLD_ (bytes) for every child of both systems; default: per set, "
+        "half of anomalib's coreset temporary (see auto_mmap_threshold); 0: not set",
     )
     ap.add_argument(
         "--ours-params",
@@ -978,6 +1011,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "reference resolution (native x 0.4), add the measured fit memory to results.json",
     )
     ap.add_argument("--memory-set", default="casting", choices=ALL_SETS[:3])
+    ap.add_argument("--out", type=Path, default=OUT, help="work folder and results.json")
     ap.add_argument("--no-peer", action="store_true", help="run ours only")
     ap.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     ap.add_argument(
@@ -990,7 +1024,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    results_json = OUT / "results.json"
+    results_json = args.out / "results.json"
     if args.render:
         write_results_md(render(json.loads(results_json.read_text())))
         print(f"rewrote the bench section of {RESULTS_MD}")
@@ -1017,7 +1051,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ann != "none" and _maybe_version("faiss-cpu") is None:
         print("faiss-cpu is not installed: no approximate-search row (pip install faiss-cpu)")
         args.ann = "none"
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)  # the matmul rate of the lower bound, like the children
     command = "python benchmarks/run_benchmarks.py " + shlex.join(

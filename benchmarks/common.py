@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import time
 from pathlib import Path
@@ -77,3 +78,16 @@ def machine() -> str:
         f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} CPU, "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}"
     )
+
+
+def write_results_section(name: str, body: str) -> None:
+    """Replace (or append) the ``<!-- name:start -->`` ... ``<!-- name:end -->`` section."""
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results.write_text(text)

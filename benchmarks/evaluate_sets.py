@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 
-from common import ROOT, SETS, image_metrics, machine, peak_rss_mb, pixel_metrics, subsets
+from common import (
+    ROOT,
+    SETS,
+    image_metrics,
+    machine,
+    peak_rss_mb,
+    pixel_metrics,
+    subsets,
+    write_results_section,
+)
 
 from patchcore import PatchCore
-
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 
 def run(name: str, n_train: int | None, n_test: int | None, params: dict) -> dict:
@@ -109,13 +114,7 @@ def main() -> None:
         "are seeded random subsets of train/good. Seconds were measured while other jobs shared "
         "the 2 cores (load average 5-7): they are inflated, not a speed claim."
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{START}\n{table(rows, header)}\n{END}"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    write_results_section("accuracy", table(rows, header))
 
 
 if __name__ == "__main__":

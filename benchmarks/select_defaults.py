@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
-from common import ROOT, SETS, image_metrics, machine, pixel_metrics, subsets
+from common import (
+    ROOT,
+    SETS,
+    image_metrics,
+    machine,
+    pixel_metrics,
+    subsets,
+    write_results_section,
+)
 
 from patchcore import PatchCore
 
@@ -111,15 +118,7 @@ def write_table(jsonl: Path) -> None:
             f"| {r['grid']} | {r['set']} | {setting} | {r['bank']} | {r['image_auroc']:.3f} | "
             f"{r['f1_max']:.3f} | {pix} | {ms:.0f} |"
         )
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    start, end = "<!-- defaults:start -->", "<!-- defaults:end -->"
-    block = start + "\n" + "\n".join(lines) + "\n" + end
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    results.write_text(text)
+    write_results_section("defaults", "\n".join(lines))
 
 
 if __name__ == "__main__":

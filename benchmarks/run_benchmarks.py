@@ -920,8 +920,7 @@ def render(doc: dict[str, Any]) -> str:
         " overestimate, since at these small sizes fixed costs such as the backbone's"
         " activations dominate the ratio).",
     ]
-    mc = doc.get("memory_check")
-    if mc:
+    for mc in doc.get("memory_checks", {}).values():
         ratio, peak_gib = mc["phase_over_features"], mc["fit"]["peak_rss_mb"] / 1024
         out += [
             "",
@@ -1038,9 +1037,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         doc = json.loads(results_json.read_text())
         print(f"memory check: {args.memory_check} {args.memory_set} images", flush=True)
-        doc["memory_check"] = memory_check(args)
+        mc = memory_check(args)
+        checks = doc.setdefault("memory_checks", {})
+        checks[f"{mc['set']}/{mc['images']}"] = mc
         results_json.write_text(json.dumps(doc, indent=1, default=str))
-        print("\n".join(memory_check_text(doc["memory_check"])))
+        print("\n".join(memory_check_text(mc)))
         if not args.no_write:
             write_results_md(render(doc))
         return

@@ -23,6 +23,8 @@ from typing import Annotated, Any
 
 import typer
 
+from .report import MATLAB_METRICS
+
 app = typer.Typer(
     name="patchcore",
     help=(
@@ -36,16 +38,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-METRIC_COLUMNS = (
-    "GlobalAccuracy",
-    "MeanAccuracy",
-    "Precision",
-    "Recall",
-    "Specificity",
-    "F1Score",
-    "FalsePositiveRate",
-    "FalseNegativeRate",
-)
+METRIC_COLUMNS = MATLAB_METRICS  # the reference's metrics table, one definition in report.py
 
 
 class Method(str, Enum):

@@ -64,9 +64,7 @@ def _as_list(images: Any) -> list[Any]:
         isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
     ):
         return [images]
-    if isinstance(images, (np.ndarray, torch.Tensor)):  # a stacked batch (N, ...)
-        return list(images)
-    return list(images)
+    return list(images)  # a sequence, or a stacked (N, ...) batch
 
 
 def _name(image: Any, index: int) -> str:
@@ -500,13 +498,7 @@ class PatchCore:
         self._check_fitted("config")
         p = self.get_params()
         p["layers"] = list(self.layers_)
-        p["weights"] = (
-            None
-            if self.weights is None
-            else self.weights
-            if isinstance(self.weights, str) and self.weights == "imagenet"
-            else str(self.weights)
-        )
+        p["weights"] = None if self.weights is None else str(self.weights)
         if isinstance(p["image_size"], tuple):
             p["image_size"] = list(p["image_size"])
         p["mean"] = list(self.extractor_.mean)

@@ -35,6 +35,8 @@ Usage::
     num_threads               torch.set_num_threads, default: leave torch's default
     device                    "cpu" (default) or "cuda"
     repeats                   timed scoring runs, median taken (default 3)
+    latency_images            batch-1 latency timed on the first K test images only (default
+                              null: all); the batched pass always scores every test image
     malloc_mmap_threshold     bytes; sets MALLOC_MMAP_THRESHOLD_ for the fit/score children
                               (default null: inherit the caller's environment). See below.
     max_memory_gb             address-space cap per child (RLIMIT_AS above its size after
@@ -108,6 +110,7 @@ DEFAULTS: dict[str, Any] = {
     "num_threads": None,
     "device": "cpu",
     "repeats": 3,
+    "latency_images": None,
     "malloc_mmap_threshold": None,
     "max_memory_gb": None,
 }
@@ -526,9 +529,11 @@ def phase_score(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         model(test[:bs].to(device))
         _sync(device)
         single = []
-        single_scores = torch.empty(n)
+        k_lat = spec["latency_images"]
+        n_single = n if k_lat is None else max(1, min(n, k_lat))
+        single_scores = torch.empty(n_single)
         for _ in range(repeats):
-            for i in range(n):
+            for i in range(n_single):
                 t0 = time.perf_counter()
                 out = model(test[i : i + 1].to(device))
                 _sync(device)
@@ -544,7 +549,10 @@ def phase_score(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     return {
         "n_test": int(n),
         "image_scores": scores.tolist(),
-        "max_abs_score_diff_batch1_vs_batched": float((scores - single_scores).abs().max()),
+        "n_latency": int(n_single),
+        "max_abs_score_diff_batch1_vs_batched": float(
+            (scores[:n_single] - single_scores).abs().max()
+        ),
         "score": {
             "batch_size": bs,
             "repeats": repeats,

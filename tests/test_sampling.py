@@ -293,3 +293,78 @@ def test_loops_leave_thread_count_alone():
         with forced(path):
             greedy_coreset(randn(200, 4), 20)
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------- memory-lean path, dtypes, policy
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tree_equals_naive_loop_in_both_storage_dtypes(dtype):
+    # The tree reads the stored rows in place (no working copy) and converts the gathered ones
+    # per step: the selection is the naive loop's on the stored values, whatever their dtype.
+    gen = torch.Generator().manual_seed(11)
+    centres = 8.0 * torch.randn(64, 20, generator=gen)
+    x = (centres.repeat_interleave(50, 0) + torch.randn(64 * 50, 20, generator=gen)).to(dtype)
+    with forced("tree"):
+        got = greedy_coreset(x, 300, seed=2)
+    assert got.tolist() == reference(x.double(), 300, None, seed=2)
+    with forced("naive"):
+        assert greedy_coreset(x, 300, seed=2).tolist() == got.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_input_is_left_untouched(dtype):
+    x = manifold(3000, 24).to(dtype)
+    before = x.clone()
+    with forced("tree"):
+        greedy_coreset(x, 100)
+        greedy_coreset(x, 100, projection_dim=8)
+    assert torch.equal(x, before) and x.dtype == dtype
+
+
+def test_default_selects_on_the_features_themselves():
+    # projection_dim=None is the default: no projection (best coverage on 152-d features).
+    x = randn(2500, 20, seed=8)
+    with forced("tree"):
+        assert greedy_coreset(x, 200, seed=4).tolist() == reference(x, 200, None, seed=4)
+    projected = greedy_coreset(x, 200, projection_dim=8, seed=4)
+    assert projected.tolist() == reference(x, 200, 8, seed=4)
+    assert projected.tolist() != reference(x, 200, None, seed=4)
+
+
+def test_random_projection_of_half_features_is_float32_and_blockwise():
+    x = randn(1000, 40, seed=3, dtype=torch.float16)
+    old = sampling._CHUNK_BYTES
+    sampling._CHUNK_BYTES = 8 * 40 * 64  # 64 rows per block
+    try:
+        z = random_projection(x, 16, torch.Generator().manual_seed(5))
+    finally:
+        sampling._CHUNK_BYTES = old
+    whole = random_projection(x.float(), 16, torch.Generator().manual_seed(5))
+    assert z.dtype == torch.float32 and torch.allclose(z, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_nan_and_large_values():
+    x = randn(100, 4, dtype=torch.float16)
+    x[7, 2] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        greedy_coreset(x, 3)
+    # values near float16's maximum do not overflow the float64 finiteness check
+    big = torch.full((5000, 4), 60000.0, dtype=torch.float16)
+    big[::2] = -60000.0
+    assert greedy_coreset(big, 2).tolist()[1] in range(5000)
+    assert coverage_radius(big, torch.tensor([0, 1])) == 0.0
+
+
+def test_tree_streams_in_small_blocks():
+    # Block size does not change the result (mean, rotation and dense passes are streamed).
+    x = manifold(4000, 24).float()
+    with forced("tree"):
+        a = greedy_coreset(x, 300, seed=1)
+        old = sampling._CHUNK_BYTES
+        sampling._CHUNK_BYTES = 8 * 24 * 300  # 300 rows per block
+        try:
+            b = greedy_coreset(x, 300, seed=1)
+        finally:
+            sampling._CHUNK_BYTES = old
+    assert torch.equal(a, b)

@@ -2,8 +2,9 @@
 
 The coreset is the greedy k-center (farthest-point) selection of Sener & Savarese used by
 PatchCore: start from one seeded random feature, then repeatedly add the feature farthest from
-everything selected so far. Distances are Euclidean, measured after a seeded Gaussian random
-projection (as in PatchCore) and ties go to the lowest feature index.
+everything selected so far. Distances are Euclidean, measured on the features themselves by
+default (an optional seeded Gaussian random projection, as in the PatchCore paper, is available
+for very wide features), and ties go to the lowest feature index.
 
 Exact but fast: the naive loop costs one full ``N x d`` pass per selected feature (``N n d`` in all;
 minutes for a 200-image bank on two cores). :func:`greedy_coreset` returns the same selection while
@@ -16,6 +17,10 @@ rows. A new centre descends only into boxes closer to it than that largest dista
 each row of the surviving leaves cheaply and computes exact distances only where the bound does
 not rule an update out. Skipped rows provably keep their nearest centre (bounds carry an explicit
 rounding margin), so the result is the naive loop's, index for index.
+
+Memory-lean: the features are never copied whole. The rotation is streamed block by block into
+the per-row augmented vectors (33 numbers) kept in tree order; exact distances gather the few
+rows they need from the caller's tensor (float16 storage included) and convert them per step.
 """
 
 from __future__ import annotations
@@ -61,18 +66,27 @@ def random_projection(features: torch.Tensor, dim: int, generator: torch.Generat
             so the matrix does not depend on the features' dtype).
 
     Returns:
-        (N, dim) = ``features @ P`` with ``P`` (D, dim) standard normal / sqrt(dim).
+        (N, dim) = ``features @ P`` with ``P`` (D, dim) standard normal / sqrt(dim), in float64
+        for float64 features and float32 otherwise (half-precision features are converted
+        block by block, never as a whole).
     """
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
     if dim < 1:
         raise ValueError(f"projection dim must be >= 1, got {dim!r}")
-    d_in = features.shape[1]
+    num, d_in = features.shape
     if dim >= d_in:
         return features
+    work = _work_dtype(features.dtype)
     p = torch.randn(d_in, dim, generator=generator, device=generator.device, dtype=torch.float32)
-    p = p.to(device=features.device, dtype=features.dtype) / math.sqrt(dim)
-    return features @ p
+    p = p.to(device=features.device, dtype=work) / math.sqrt(dim)
+    if features.dtype == work:
+        return features @ p
+    out = torch.empty(num, dim, dtype=work, device=features.device)
+    step = max(1, _CHUNK_BYTES // (8 * d_in))
+    for lo in range(0, num, step):
+        out[lo : lo + step] = features[lo : lo + step].to(work) @ p
+    return out
 
 
 def random_subsample(num_features: int, n: int, *, seed: int = 0) -> torch.Tensor:
@@ -91,22 +105,31 @@ def greedy_coreset(
     features: torch.Tensor,
     n: int,
     *,
-    projection_dim: int | None = 128,
+    projection_dim: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:
     """Exact greedy k-center coreset (farthest-point selection), seeded.
 
     Args:
-        features: (N, D) float tensor (float16/bfloat16 are computed in float32).
+        features: (N, D) float tensor. float16/bfloat16 features are read in place and
+            converted to float32 a block of rows at a time (no full-size copy); float64 is
+            computed in float64.
         n: number of features to select, 1 <= n <= N.
-        projection_dim: random-projection dimension used for the distances (None: no
-            projection; no projection either when >= D).
+        projection_dim: random-projection dimension used for the distances. ``None`` (the
+            default): no projection, the greedy runs on the features themselves, which gives
+            the best coverage; no projection either when >= D. Measured on EfficientNet-Lite0
+            features (D = 152, benchmarks/RESULTS.md): projecting to 128 made the coverage
+            radius 2-10 % worse at no speed gain. A projection only pays for very wide features
+            (e.g. 1536-d wide_resnet50_2 layer2+3), where it cuts the time of every exact
+            distance; it also costs an (N, projection_dim) float32 copy.
         seed: seeds the projection and the first centre.
         progress: show a tqdm progress bar.
 
     Runs on one torch thread (restored afterwards): the search is a long chain of small steps
-    that a second thread only slows down, badly so on a busy machine.
+    that a second thread only slows down, badly so on a busy machine. Memory besides
+    ``features`` (and the projected copy, if any): about 148 bytes per row (see
+    :func:`_greedy_kcenter`), e.g. a quarter of the float32 features at D = 152.
 
     Returns:
         (n,) int64 indices into ``features``, in selection order (the first one is the seeded
@@ -120,10 +143,7 @@ def greedy_coreset(
     if not features.is_floating_point():
         raise ValueError(f"features must be a float tensor, got {features.dtype}")
     x = features.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    if not math.isfinite(float(x.sum())):  # a single NaN or inf spoils the sum
-        raise ValueError("features contain NaN or infinite values; clean them before sampling")
+    _check_finite(x)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     with _OneThread():
         if projection_dim is not None:
@@ -132,13 +152,21 @@ def greedy_coreset(
         return _greedy_kcenter(x, n, start, progress=progress)
 
 
+def _check_finite(x: torch.Tensor) -> None:
+    """ValueError if ``x`` holds a NaN or an infinity (checked block by block, in float64)."""
+    step = max(1, _CHUNK_BYTES // (8 * max(1, x.shape[1])))
+    for lo in range(0, x.shape[0], step):
+        if not math.isfinite(float(x[lo : lo + step].sum(dtype=torch.float64))):
+            raise ValueError("features contain NaN or infinite values; clean them before sampling")
+
+
 def coverage_radius(
     features: torch.Tensor, selected: torch.Tensor, *, chunk_size: int = 4096
 ) -> float:
     """Largest distance from any feature to its nearest selected feature.
 
     Args:
-        features: (N, D).
+        features: (N, D); half precision is converted a block at a time.
         selected: (n,) indices into ``features``.
         chunk_size: features handled per distance block.
 
@@ -150,13 +178,12 @@ def coverage_radius(
     if selected.numel() == 0:
         raise ValueError("selected must hold at least one index")
     x = features.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    centres = x[selected.to(x.device).long()]
+    work = _work_dtype(x.dtype)
+    centres = x[selected.to(x.device).long()].to(work)
     csq = (centres * centres).sum(1)
     worst = 0.0
     for lo in range(0, x.shape[0], chunk_size):
-        q = x[lo : lo + chunk_size]
+        q = x[lo : lo + chunk_size].to(work)
         d2 = torch.addmm(csq.unsqueeze(0), q, centres.T, alpha=-2.0)
         d2 += (q * q).sum(1, keepdim=True)
         worst = max(worst, float(d2.amin(1).max().clamp(min=0.0)))
@@ -167,7 +194,9 @@ def coverage_radius(
 # Pruned greedy k-center.
 #
 # Layout: the (centred, projected) features are rotated onto their principal axes, which changes
-# no distance. A balanced kd-tree on the leading `p` coordinates cuts them into leaves of about
+# no distance. Only the augmented vectors below are stored (rotated in float64, rounded to the
+# working dtype); exact distances use the unrotated centred rows gathered from the input.
+# A balanced kd-tree on the leading `p` coordinates cuts them into leaves of about
 # `_LEAF_SIZE` rows; leaves are grouped under `len(_BRANCHING)` levels of nodes. Every row also
 # gets the augmented vector a = (first p coordinates, norm of the remaining ones); |a - a_c| is a
 # lower bound on the distance to c (reverse triangle inequality on the remaining subspace) that
@@ -183,7 +212,9 @@ def coverage_radius(
 # Rounding: every squared distance or bound is computed with an absolute error below
 # `tol = (4 d + 16) eps max|x|^2` (norm expansion of a length-d dot product, box gaps of at most
 # p + 1 coordinates); a row is skipped only when its bound exceeds its u2 by 2 tol, so the
-# computed exact distance, had it been computed, would not have been smaller than u2.
+# computed exact distance, had it been computed, would not have been smaller than u2. The stored
+# augmented vectors are off by at most `rot = eps + d^1.5 eps64` of their norm, which moves a
+# bound by less than 9 rot max|x|^2; that is added to the margin.
 # --------------------------------------------------------------------------------------------
 
 _NAIVE_MAX_BYTES = 16 << 20  # below this (N x d) size the plain loop wins: the rows stay in cache
@@ -191,39 +222,42 @@ _LEAF_SIZE = 16  # target rows per leaf
 _BRANCHING = (8, 8)  # children per node below the top level, top to bottom (last: leaves)
 _ROW_DIMS = 32  # principal coordinates in the row bound and the boxes below the top level
 _TOP_DIMS = 16  # principal coordinates in the top-level boxes
+_CHUNK_BYTES = 8 << 20  # float64 bytes per streamed block of rows (no full-size temporaries)
 
 # Row gathers go through the embedding kernel (a plain row gather).
 _rows = torch.embedding
 
 
-def _kd_order(points: torch.Tensor, levels: int) -> torch.Tensor:
-    """Balanced kd-tree order: ``2**levels`` equal runs of rows that are compact boxes.
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for features stored as ``dtype``: float64 stays, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
+
+def _kd_order(points: torch.Tensor, total: int, levels: int) -> torch.Tensor:
+    """Balanced kd-tree order: ``2**levels`` equal runs of ids that are compact boxes.
+
+    Ids run over ``range(total)`` (``total >= len(points)``, divisible by ``2**levels``); id
+    ``j`` stands for row ``j % len(points)`` (ids past the end pad the tree with repeated rows).
     Each node is split at the median of its highest-variance coordinate (variance estimated on
-    at most 256 rows of the node). ``len(points)`` must be divisible by ``2**levels``.
+    at most 256 rows of the node).
 
     Returns:
-        (len(points),) permutation.
+        (total,) permutation of ``range(total)``.
     """
-    total, dim = points.shape
+    num, dim = points.shape
     flat = points.reshape(-1)
     order = torch.arange(total, device=points.device)
     for level in range(levels):
         groups = 2**level
         nodes = order.view(groups, -1)
         step = max(1, nodes.shape[1] // 256)
-        sample = _rows(points, nodes[:, ::step].reshape(-1)).view(groups, -1, dim)
+        sample = _rows(points, nodes[:, ::step].reshape(-1) % num).view(groups, -1, dim)
         axis = sample.var(1).argmax(1)
-        key = flat.index_select(0, order * dim + axis.repeat_interleave(nodes.shape[1]))
-        key = key.view(groups, -1)
+        at = (order % num).mul_(dim).add_(axis.repeat_interleave(nodes.shape[1]))
+        key = flat.index_select(0, at).view(groups, -1)
+        del at
         order = nodes.gather(1, key.argsort(dim=1, stable=True)).reshape(-1)
     return order
-
-
-def _augmented(z: torch.Tensor, p: int) -> torch.Tensor:
-    """(N, p + 1): the first ``p`` coordinates and the norm of the others."""
-    rest = torch.linalg.vector_norm(z[:, p:], dim=1, keepdim=True)
-    return torch.cat([z[:, :p], rest], dim=1)
 
 
 def _child_boxes(aug: torch.Tensor, parents: int, children: int) -> torch.Tensor:
@@ -261,6 +295,7 @@ class _OneThread:
 
 def _greedy_naive(z: torch.Tensor, n: int, start: int, *, progress: bool = False) -> torch.Tensor:
     """The plain loop (one full matrix-vector product per step), same semantics as the tree."""
+    z = z.to(_work_dtype(z.dtype))
     z = z - z.mean(0)
     sq = (z * z).sum(1)
     u2 = torch.full_like(sq, math.inf)
@@ -281,28 +316,49 @@ def _greedy_naive(z: torch.Tensor, n: int, start: int, *, progress: bool = False
     return torch.tensor(picked, device=z.device)
 
 
-def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = False) -> torch.Tensor:
-    """Greedy k-center on rows of ``z`` (N, d) from row ``start``; see :func:`greedy_coreset`.
+def _greedy_kcenter(x: torch.Tensor, n: int, start: int, *, progress: bool = False) -> torch.Tensor:
+    """Greedy k-center on rows of ``x`` (N, d) from row ``start``; see :func:`greedy_coreset`.
 
-    Semantics (the naive loop this reproduces): ``u2[i]`` is the smallest computed squared
-    distance ``|x_i|^2 - 2 x_i.c + |c|^2`` (clamped at 0) from row i to a selected centre,
-    selected rows have ``u2 = 0``, and the next centre is the first argmax of ``u2`` (lowest
-    row on ties).
+    Semantics (the naive loop this reproduces): with ``v_i`` row i converted to the working
+    dtype (float64 for float64 input, else float32) minus the mean row, ``u2[i]`` is the
+    smallest computed squared distance ``|v_i|^2 - 2 v_i.v_c + |v_c|^2`` (clamped at 0) from
+    row i to a selected centre, selected rows have ``u2 = 0``, and the next centre is the first
+    argmax of ``u2`` (lowest row on ties).
+
+    Memory: besides ``x`` itself (read in place, any float dtype, never copied whole), the
+    search keeps per row its augmented vector (33 working-dtype numbers), squared norm, ``u2``
+    and kd-tree position: 148 bytes per row in float32, a quarter of a float32 152-d feature
+    row. Exact distances gather the few rows they need from ``x`` and convert them per step.
     """
-    num, d = z.shape
-    if num * d * z.element_size() <= _NAIVE_MAX_BYTES:
-        return _greedy_naive(z, n, start, progress=progress)
-    dtype, device = z.dtype, z.device
-    eps = torch.finfo(dtype).eps
+    num, d = x.shape
+    work = _work_dtype(x.dtype)
+    if num * d * torch.finfo(work).bits // 8 <= _NAIVE_MAX_BYTES:
+        return _greedy_naive(x, n, start, progress=progress)
+    device = x.device
+    eps = torch.finfo(work).eps
+    chunk = max(256, _CHUNK_BYTES // (8 * d))  # rows per streamed block
 
-    # Centre and rotate onto principal axes (estimated on a subsample: any orthonormal basis keeps
-    # the result exact, a good one only makes the leading coordinates informative).
-    z = z - z.mean(0)
-    sample = z[:: max(1, num // 32768)].double()
-    _, vecs = torch.linalg.eigh(sample.T @ sample)
-    z = z @ vecs.flip(1).to(dtype)
+    # Mean and principal axes (estimated on a subsample: any orthonormal basis keeps the result
+    # exact, a good one only makes the leading coordinates informative), streamed in float64.
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    for lo in range(0, num, chunk):
+        total += x[lo : lo + chunk].sum(0, dtype=torch.float64)
+    mean = (total / num).to(work)
+    mean64 = mean.double()
+    step = max(1, num // 32768)
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for lo in range(0, num, chunk * step):
+        sample = x[lo : lo + chunk * step : step].to(work).double() - mean64
+        gram.addmm_(sample.T, sample)
+    vecs = torch.linalg.eigh(gram)[1].flip(1)  # (d, d) float64, leading axes first
 
-    q = min(_ROW_DIMS, d) + 1  # augmented width of rows and of boxes below the top level
+    def centred(ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of ``x`` as centred working-dtype rows (a fresh tensor)."""
+        return _rows(x, ids).to(work).sub_(mean)
+
+    p = min(_ROW_DIMS, d)
+    q = p + 1  # augmented width of rows and of boxes below the top level
+    t = min(_TOP_DIMS, d)  # principal coordinates in the top-level boxes
     nleaves, branching = _tree_shape(num)
     depth = len(branching)
     size = -(-num // nleaves)
@@ -310,19 +366,46 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
     counts = [nleaves // math.prod(branching)]  # counts[lev]: nodes at level lev (0 = top)
     for b in branching:
         counts.append(counts[-1] * b)
-    # Padding rows copy real rows (so they do not distort the boxes) and are never selected:
+
+    # kd order from the leading principal coordinates (float32: the order is only a heuristic).
+    # Padding rows repeat real rows (so they do not distort the boxes) and are never selected:
     # their u2 is -inf. Their ids are >= num. Within a leaf rows are in ascending id order.
-    ids = torch.arange(padded, device=device) % num
-    order = _kd_order(_rows(z[:, : q - 1].contiguous(), ids), int(math.log2(nleaves)))
-    order = order.view(nleaves, size).sort(dim=1).values
-    order_flat = order.reshape(-1)
-    zf = _rows(z, order_flat % num)  # (P, d)
-    del z, ids
-    xsq = (zf * zf).sum(1)
-    aug = _augmented(zf, q - 1)  # (P, q)
-    aug_top = _augmented(zf, min(_TOP_DIMS, d))
-    runs = aug_top.view(counts[0], -1, aug_top.shape[1])
-    top_lo, top_hi = runs.amin(1), runs.amax(1)
+    lead = torch.empty(num, p, dtype=torch.float32, device=device)
+    rot_lead = vecs[:, :p].to(work)
+    for lo in range(0, num, chunk):
+        lead[lo : lo + chunk] = (x[lo : lo + chunk].to(work) - mean) @ rot_lead
+    order = _kd_order(lead, padded, int(math.log2(nleaves)))
+    del lead
+    order = order.view(nleaves, size).sort(dim=1).values.reshape(-1)
+    pad = order >= num
+    pos = int((order == start).nonzero()[0, 0])
+    src = order.remainder_(num)  # (P,) row of x at each tree position
+    del order
+
+    # Augmented vectors a = (first p principal coordinates, norm of the others) and squared
+    # norms, in tree order, rotated in float64 block by block from x.
+    aug = torch.empty(padded, q, dtype=work, device=device)
+    xsq = torch.empty(padded, dtype=work, device=device)
+    for lo in range(0, padded, chunk):
+        v = centred(src[lo : lo + chunk]).double()
+        y = v @ vecs
+        aug[lo : lo + chunk, :p] = y[:, :p]
+        aug[lo : lo + chunk, p] = torch.linalg.vector_norm(y[:, p:], dim=1)
+        xsq[lo : lo + chunk] = v.mul_(v).sum(1)
+        del v, y
+
+    def top_aug(a: torch.Tensor) -> torch.Tensor:
+        """Top-level augmented vectors: first t coordinates, norm of the rest of ``a``."""
+        rest = torch.linalg.vector_norm(a[..., t:], dim=-1, keepdim=True)
+        return torch.cat([a[..., :t], rest], dim=-1)
+
+    run = padded // counts[0]
+    top_lo = torch.empty(counts[0], t + 1, dtype=work, device=device)
+    top_hi = torch.empty_like(top_lo)
+    per = max(1, chunk // run)
+    for g in range(0, counts[0], per):
+        runs = top_aug(aug[g * run : (g + per) * run]).view(-1, run, t + 1)
+        top_lo[g : g + per], top_hi[g : g + per] = runs.amin(1), runs.amax(1)
     del runs
     boxes = [_child_boxes(aug, counts[lev], b) for lev, b in enumerate(branching)]
     child_ids = [
@@ -331,11 +414,15 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
     ]
     aug_rows = aug.view(nleaves, size * q)
     xsq_rows = xsq.view(nleaves, size)
-    row_ids = torch.arange(padded, device=device).view(nleaves, size)
-    tol2 = 2.0 * (4 * d + 16) * eps * float(xsq.max())
+    in_leaf = torch.arange(size, device=device)
+    # Rounding margin: norm expansion and box gaps (see the notes above), plus the error of the
+    # stored augmented vectors (rounded to the working dtype from a float64 rotation).
+    rot_err = eps + d * math.sqrt(d) * torch.finfo(torch.float64).eps
+    tol2 = (2.0 * (4 * d + 16) * eps + 10.0 * rot_err) * float(xsq.max())
 
-    u2 = torch.full((padded,), math.inf, dtype=dtype, device=device)
-    u2.masked_fill_(order_flat >= num, -math.inf)
+    u2 = torch.full((padded,), math.inf, dtype=work, device=device)
+    u2.masked_fill_(pad, -math.inf)
+    del pad
     u2_rows = u2.view(nleaves, size)
 
     def all_maxima() -> list[torch.Tensor]:
@@ -345,17 +432,14 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
         return out
 
     maxima = all_maxima()  # maxima[lev]: largest u2 under each node of level lev
-    position = torch.empty(padded, dtype=torch.long, device=device)
-    position[order_flat] = torch.arange(padded, device=device)
     fast_argmax = counts[0] >= 2 and all(b >= 2 for b in branching)
 
-    pos = int(position[start])
     picked = [pos]
     bar = tqdm(total=n, desc="coreset", unit="pt", disable=not progress, mininterval=0.5)
     for k in range(1, n):
-        c = zf[pos]
+        c = centred(src[pos : pos + 1])[0]
         a_c = aug[pos]
-        a_top = aug_top[pos]
+        a_top = top_aug(a_c)
         csq = float(xsq[pos])
         u2[pos] = 0.0
         # Descend into the nodes whose box comes closer to the centre than their largest u2.
@@ -371,8 +455,10 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
             visited.append(_rows(child_ids[lev], ids).masked_select(near))
         leaves = visited[-1]
         if dense or leaves.numel() * 2 > nleaves:
-            d2 = torch.addmv(xsq, zf, c, alpha=-2.0).add_(csq).clamp_(min=0.0)
-            torch.minimum(u2, d2, out=u2)
+            for lo in range(0, padded, chunk):
+                d2 = torch.addmv(xsq[lo : lo + chunk], centred(src[lo : lo + chunk]), c, alpha=-2.0)
+                part = u2[lo : lo + chunk]
+                torch.minimum(part, d2.add_(csq).clamp_(min=0.0), out=part)
             maxima = all_maxima()
         else:
             # Rows of those leaves: cheap bound first, exact distance where it is below u2.
@@ -380,8 +466,8 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
             xs = _rows(xsq_rows, leaves)
             lb = torch.matmul(_rows(aug_rows, leaves).view(-1, size, q), a_c)
             keep = torch.add(xs, lb, alpha=-2.0).sub_(ub) < tol2 - csq
-            rows = _rows(row_ids, leaves).masked_select(keep)
-            d2 = torch.addmv(xs.masked_select(keep), _rows(zf, rows), c, alpha=-2.0)
+            rows = (leaves.unsqueeze(1) * size + in_leaf).masked_select(keep)
+            d2 = torch.addmv(xs.masked_select(keep), centred(src[rows]), c, alpha=-2.0)
             d2 = torch.minimum(ub.masked_select(keep), d2.add_(csq).clamp_(min=0.0))
             ub.masked_scatter_(keep, d2)
             u2_rows.index_copy_(0, leaves, ub)
@@ -406,11 +492,11 @@ def _greedy_kcenter(z: torch.Tensor, n: int, start: int, *, progress: bool = Fal
                 if v[0] > v[1]:
                     pos = node * size + int(u2_rows[node].argmax())
         if pos < 0:  # a tie (or a tiny tree): lowest id among all maxima, as the naive loop
-            tied = (u2 == u2.max()).nonzero().squeeze(1)
-            pos = int(tied[order_flat[tied].argmin()])
+            tied = (u2 == u2.max()).nonzero().squeeze(1)  # real rows only (padding is -inf)
+            pos = int(tied[src[tied].argmin()])
         picked.append(pos)
         if progress and k % 256 == 0:
             bar.update(256)
     bar.update(n - bar.n)
     bar.close()
-    return order_flat[torch.tensor(picked, device=device)]
+    return src[torch.tensor(picked, device=device)]

@@ -104,3 +104,126 @@ def test_embedding_shapes_and_local_average() -> None:
 
 def test_registry_lists_the_documented_backbones() -> None:
     assert {"resnet18", "resnet50", "wide_resnet50_2", "efficientnet-lite0"} <= set(BACKBONES)
+
+
+# ----------------------------------------------------------------- fused inference plan
+
+
+def _assert_features_close(got: dict, ref: dict) -> None:
+    assert list(got) == list(ref)
+    for k in ref:
+        assert got[k].dtype == torch.float32 and got[k].shape == ref[k].shape
+        assert got[k].is_contiguous()
+        scale = float(ref[k].abs().max())
+        assert float((got[k] - ref[k]).abs().max()) <= 1e-4 * scale, k
+
+
+def _randomise_batchnorm(fe: FeatureExtractor, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics, loaded like a saved model's (which resets the plan)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = fe.state_dict()
+    for k, v in sd.items():
+        if k.endswith(("running_var", "weight")) and v.ndim == 1:
+            sd[k] = 0.5 + torch.rand(v.shape, generator=gen)
+        elif k.endswith(("running_mean", "bias")) and v.ndim == 1:
+            sd[k] = 0.2 * torch.randn(v.shape, generator=gen)
+    fe.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("mkldnn", [None, False])
+@pytest.mark.parametrize("shape", [(1, 97, 131), (3, 97, 131), (1, 96, 128), (3, 96, 128)])
+def test_fused_lite_equals_unfused_modules(shape: tuple[int, int, int], mkldnn) -> None:
+    """BatchNorm folding, fused ReLU6/residuals and TF 'same' padding without F.pad (odd and
+    even sizes: the stride-2 convolutions pad asymmetrically on even sizes) change nothing."""
+    fe = FeatureExtractor("efficientnet-lite0", ["stage2", "stage3", "stage5"])
+    if mkldnn is not None:
+        fe._get_plan(torch.device("cpu"), mkldnn=mkldnn)
+    x = torch.randn(shape[0], 3, *shape[1:], generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        _assert_features_close(fe(x), fe.reference_forward(x))
+    assert fe._plan is not None and (mkldnn is None or fe._plan.mkldnn == mkldnn)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("mkldnn", [None, False])
+def test_fused_resnet_equals_unfused_modules(name: str, mkldnn) -> None:
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        fe = FeatureExtractor(name, ["layer1", "layer2", "layer3"], weights=None)
+    _randomise_batchnorm(fe)
+    if mkldnn is not None:
+        fe._get_plan(torch.device("cpu"), mkldnn=mkldnn)
+    for b, h, w in [(1, 97, 131), (3, 64, 96)]:
+        x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(b))
+        with torch.inference_mode():
+            _assert_features_close(fe(x), fe.reference_forward(x))
+
+
+def test_fused_plan_keeps_the_standard_state_and_follows_loaded_weights() -> None:
+    with pytest.warns(UserWarning):
+        fe = FeatureExtractor("resnet18", ["layer1", "layer2"], weights=None)
+    before = {k: v.clone() for k, v in fe.state_dict().items()}
+    x = torch.rand(2, 3, 64, 64)
+    first = fe(x)
+    after = fe.state_dict()
+    assert list(after) == list(before)  # BatchNorm not folded into the stored weights
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    _randomise_batchnorm(fe, seed=3)  # load_state_dict: the plan follows the new weights
+    second = fe(x)
+    assert not torch.allclose(first["layer2"], second["layer2"])
+    _assert_features_close(second, fe.reference_forward(x))
+    # a fresh extractor loading the state gives the same features
+    with pytest.warns(UserWarning):
+        other = FeatureExtractor("resnet18", ["layer1", "layer2"], weights=None)
+    other.load_state_dict(fe.state_dict())
+    torch.testing.assert_close(other(x), second, rtol=0, atol=0)
+    fe.to("cpu")
+    assert fe._plan is None  # rebuilt after .to()
+    _assert_features_close(fe(x), second)
+
+
+def test_batches_are_split_like_single_images() -> None:
+    fe = FeatureExtractor()
+    x = torch.randn(7, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # > 1 chunk
+    with torch.inference_mode():
+        whole = fe(x)
+        one = fe(x[5:6])
+    for k in whole:
+        torch.testing.assert_close(whole[k][5:6], one[k], rtol=1e-5, atol=1e-5)
+
+
+def test_input_requiring_grad_runs_the_modules() -> None:
+    with pytest.warns(UserWarning):
+        fe = FeatureExtractor("resnet18", ["layer1"], weights=None)
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    fe(x)["layer1"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bfloat16_option_returns_float32_features_close_to_float32() -> None:
+    fe = FeatureExtractor("efficientnet-lite0")
+    fe16 = FeatureExtractor("efficientnet-lite0", dtype=torch.bfloat16)
+    assert fe16.state_dict()["stages.stem.conv.weight"].dtype == torch.float32
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, got = fe(x), fe16(x)
+    for k in ref:
+        assert got[k].dtype == torch.float32
+        assert float((got[k] - ref[k]).abs().max()) <= 0.15 * float(ref[k].abs().max())
+    with pytest.raises(ValueError, match="dtype"):
+        FeatureExtractor("efficientnet-lite0", dtype=torch.int8)
+
+
+def test_extractor_copies_pickles_and_rejects_bad_input_after_running() -> None:
+    import copy
+    import pickle
+
+    fe = FeatureExtractor("efficientnet-lite0", ["stage2"])
+    x = torch.rand(2, 3, 64, 64)
+    ref = fe(x)["stage2"]
+    for other in (copy.deepcopy(fe), pickle.loads(pickle.dumps(fe))):
+        torch.testing.assert_close(other(x)["stage2"], ref, rtol=0, atol=0)
+    plan = fe._plan
+    with pytest.raises(RuntimeError):
+        fe(torch.rand(1, 4, 64, 64))  # wrong channels: an error, and the fast plan stays
+    assert fe._plan is plan
+    assert fe(torch.rand(0, 3, 64, 64))["stage2"].shape == (0, 24, 16, 16)

@@ -368,3 +368,16 @@ def test_tree_streams_in_small_blocks():
         finally:
             sampling._CHUNK_BYTES = old
     assert torch.equal(a, b)
+
+
+def test_leaves_bounded_in_blocks_give_the_same_selection():
+    x = manifold(4000, 24)
+    with forced("tree"):
+        a = greedy_coreset(x, 400, seed=1)
+        old = sampling._LEAF_BLOCK
+        sampling._LEAF_BLOCK = 3
+        try:
+            b = greedy_coreset(x, 400, seed=1)
+        finally:
+            sampling._LEAF_BLOCK = old
+    assert torch.equal(a, b) and a.tolist() == reference(x, 400, None, seed=1)

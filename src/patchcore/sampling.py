@@ -222,7 +222,8 @@ _LEAF_SIZE = 16  # target rows per leaf
 _BRANCHING = (8, 8)  # children per node below the top level, top to bottom (last: leaves)
 _ROW_DIMS = 32  # principal coordinates in the row bound and the boxes below the top level
 _TOP_DIMS = 16  # principal coordinates in the top-level boxes
-_CHUNK_BYTES = 8 << 20  # float64 bytes per streamed block of rows (no full-size temporaries)
+_LEAF_BLOCK = 512  # leaves bounded per block within a step (bounds the gathered rows)
+_CHUNK_BYTES = 2 << 20  # float64 bytes per streamed block of rows (no full-size temporaries)
 
 # Row gathers go through the embedding kernel (a plain row gather).
 _rows = torch.embedding
@@ -233,27 +234,36 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kd_order(points: torch.Tensor, total: int, levels: int) -> torch.Tensor:
+def _kd_order(table: torch.Tensor, num: int, dim: int, total: int, levels: int) -> torch.Tensor:
     """Balanced kd-tree order: ``2**levels`` equal runs of ids that are compact boxes.
 
-    Ids run over ``range(total)`` (``total >= len(points)``, divisible by ``2**levels``); id
-    ``j`` stands for row ``j % len(points)`` (ids past the end pad the tree with repeated rows).
-    Each node is split at the median of its highest-variance coordinate (variance estimated on
-    at most 256 rows of the node).
+    The points are ``table[:num, :dim]`` (``table`` contiguous, 2-D). Ids run over
+    ``range(total)`` (``total >= num``, divisible by ``2**levels``); id ``j`` stands for point
+    ``j % num`` (ids past the end pad the tree with repeated points). Each node is split at the
+    median of its highest-variance coordinate (variance estimated on at most 256 points of the
+    node, a bounded block of nodes at a time).
 
     Returns:
         (total,) permutation of ``range(total)``.
     """
-    num, dim = points.shape
-    flat = points.reshape(-1)
-    order = torch.arange(total, device=points.device)
+    width = table.shape[1]
+    flat = table.reshape(-1)
+    order = torch.arange(total, device=table.device)
     for level in range(levels):
         groups = 2**level
         nodes = order.view(groups, -1)
         step = max(1, nodes.shape[1] // 256)
-        sample = _rows(points, nodes[:, ::step].reshape(-1) % num).view(groups, -1, dim)
-        axis = sample.var(1).argmax(1)
-        at = (order % num).mul_(dim).add_(axis.repeat_interleave(nodes.shape[1]))
+        block = max(1, 16384 // -(-nodes.shape[1] // step))  # nodes per variance block
+        axis = torch.cat(
+            [
+                _rows(table, nodes[g : g + block, ::step].reshape(-1) % num)[:, :dim]
+                .view(min(block, groups - g), -1, dim)
+                .var(1)
+                .argmax(1)
+                for g in range(0, groups, block)
+            ]
+        )
+        at = (order % num).mul_(width).add_(axis.repeat_interleave(nodes.shape[1]))
         key = flat.index_select(0, at).view(groups, -1)
         del at
         order = nodes.gather(1, key.argsort(dim=1, stable=True)).reshape(-1)
@@ -367,15 +377,17 @@ def _greedy_kcenter(x: torch.Tensor, n: int, start: int, *, progress: bool = Fal
     for b in branching:
         counts.append(counts[-1] * b)
 
-    # kd order from the leading principal coordinates (float32: the order is only a heuristic).
+    # kd order from the leading principal coordinates (any order keeps the result exact).
     # Padding rows repeat real rows (so they do not distort the boxes) and are never selected:
     # their u2 is -inf. Their ids are >= num. Within a leaf rows are in ascending id order.
-    lead = torch.empty(num, p, dtype=torch.float32, device=device)
+    # The leading coordinates are written into the buffer of the augmented vectors, which
+    # the rotation pass below overwrites: no separate full-size allocation (and no large free
+    # that would raise glibc's mmap threshold and leave the heap fragmented).
+    aug = torch.empty(padded, q, dtype=work, device=device)
     rot_lead = vecs[:, :p].to(work)
     for lo in range(0, num, chunk):
-        lead[lo : lo + chunk] = (x[lo : lo + chunk].to(work) - mean) @ rot_lead
-    order = _kd_order(lead, padded, int(math.log2(nleaves)))
-    del lead
+        aug[lo : min(lo + chunk, num), :p] = (x[lo : lo + chunk].to(work) - mean) @ rot_lead
+    order = _kd_order(aug, num, p, padded, int(math.log2(nleaves)))
     order = order.view(nleaves, size).sort(dim=1).values.reshape(-1)
     pad = order >= num
     pos = int((order == start).nonzero()[0, 0])
@@ -384,7 +396,6 @@ def _greedy_kcenter(x: torch.Tensor, n: int, start: int, *, progress: bool = Fal
 
     # Augmented vectors a = (first p principal coordinates, norm of the others) and squared
     # norms, in tree order, rotated in float64 block by block from x.
-    aug = torch.empty(padded, q, dtype=work, device=device)
     xsq = torch.empty(padded, dtype=work, device=device)
     for lo in range(0, padded, chunk):
         v = centred(src[lo : lo + chunk]).double()
@@ -461,17 +472,20 @@ def _greedy_kcenter(x: torch.Tensor, n: int, start: int, *, progress: bool = Fal
                 torch.minimum(part, d2.add_(csq).clamp_(min=0.0), out=part)
             maxima = all_maxima()
         else:
-            # Rows of those leaves: cheap bound first, exact distance where it is below u2.
-            ub = _rows(u2_rows, leaves)  # (L, S)
-            xs = _rows(xsq_rows, leaves)
-            lb = torch.matmul(_rows(aug_rows, leaves).view(-1, size, q), a_c)
-            keep = torch.add(xs, lb, alpha=-2.0).sub_(ub) < tol2 - csq
-            rows = (leaves.unsqueeze(1) * size + in_leaf).masked_select(keep)
-            d2 = torch.addmv(xs.masked_select(keep), centred(src[rows]), c, alpha=-2.0)
-            d2 = torch.minimum(ub.masked_select(keep), d2.add_(csq).clamp_(min=0.0))
-            ub.masked_scatter_(keep, d2)
-            u2_rows.index_copy_(0, leaves, ub)
-            maxima[depth].index_copy_(0, leaves, ub.amax(1))
+            # Rows of those leaves: cheap bound first, exact distance where it is below u2
+            # (a bounded block of leaves at a time: early steps visit many).
+            for b0 in range(0, leaves.numel(), _LEAF_BLOCK):
+                blk = leaves[b0 : b0 + _LEAF_BLOCK]
+                ub = _rows(u2_rows, blk)  # (L, S)
+                xs = _rows(xsq_rows, blk)
+                lb = torch.matmul(_rows(aug_rows, blk).view(-1, size, q), a_c)
+                keep = torch.add(xs, lb, alpha=-2.0).sub_(ub) < tol2 - csq
+                rows = (blk.unsqueeze(1) * size + in_leaf).masked_select(keep)
+                d2 = torch.addmv(xs.masked_select(keep), centred(src[rows]), c, alpha=-2.0)
+                d2 = torch.minimum(ub.masked_select(keep), d2.add_(csq).clamp_(min=0.0))
+                ub.masked_scatter_(keep, d2)
+                u2_rows.index_copy_(0, blk, ub)
+                maxima[depth].index_copy_(0, blk, ub.amax(1))
             for lev in reversed(range(depth)):
                 ids = visited[lev]
                 sub = _rows(maxima[lev + 1].view(counts[lev], branching[lev]), ids)

@@ -3,30 +3,51 @@
     python benchmarks/bench_coreset.py                           # synthetic, 20k/100k/204.8k rows
     python benchmarks/bench_coreset.py --images /work/shared/data/casting/train/good
     python benchmarks/bench_coreset.py --features bank.pt --sizes 51200
+    python benchmarks/bench_coreset.py --images DIR --sizes 15680 --anomalib   # vs the peer
 
 The naive loop (one full N x d matrix-vector product, minimum and argmax per selected feature)
 is timed for ``--naive-iters`` steps and extrapolated to n = ratio * N steps; its per-step cost
 does not change along the run. Its selections are compared with the first ones of
 ``greedy_coreset`` (they must agree; in float32 a genuine near-tie may legitimately flip).
 Times are wall clock and process CPU time (the CPU time is the fairer number on a shared
-machine). ``--images`` extracts EfficientNet-Lite0 stage3+stage5 patch features (D = 152, 32 x 32
-patches per 256 px image) with the package's own extractor and caches them under
-benchmarks/out/.
+machine). ``--anomalib`` also times anomalib's ``KCenterGreedy`` (benchmarks/.peer-venv, one
+torch thread, in a subprocess) on the same features and compares the coverage radii (largest
+distance from any feature to its nearest selected one, unprojected). ``--images`` extracts
+EfficientNet-Lite0 stage3+stage5 patch features (D = 152, 32 x 32 patches per 256 px image) with
+the package's own extractor and caches them under benchmarks/out/. ``--dtype float16`` hands
+the features to ``greedy_coreset`` in float16, as ``PatchCore`` stores them by default.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from patchcore.sampling import coreset_size, greedy_coreset, random_projection
+from patchcore.sampling import coreset_size, coverage_radius, greedy_coreset, random_projection
 from patchcore.search import NearestNeighborIndex
 
 OUT = Path(__file__).resolve().parent / "out"
+PEER_PYTHON = Path(__file__).resolve().parent / ".peer-venv" / "bin" / "python"
+PEER_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from anomalib.models.components.sampling import KCenterGreedy
+feats = torch.load(sys.argv[1])
+torch.manual_seed(int(sys.argv[3]))
+sampler = KCenterGreedy(embedding=feats, sampling_ratio=float(sys.argv[2]))
+wall, cpu = time.perf_counter(), time.process_time()
+idx = sampler.select_coreset_idxs()
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+torch.save(torch.tensor(idx), sys.argv[4])
+print(wall, cpu, sampler.features.shape[1])
+"""
 
 
 def synthetic_features(num: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -87,16 +108,47 @@ def naive_greedy(z: torch.Tensor, start: int, steps: int) -> tuple[list[int], fl
     return picked, (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
+def bench_anomalib(feats: torch.Tensor, ratio: float, seed: int, ours: torch.Tensor) -> None:
+    """anomalib's KCenterGreedy on the same features: time and coverage radius vs ours."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "feats.pt", Path(tmp) / "idx.pt"
+        torch.save(feats.float().contiguous(), src)
+        out = subprocess.run(
+            [str(PEER_PYTHON), "-c", PEER_SCRIPT, str(src), str(ratio), str(seed), str(dst)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        wall, cpu, dim = out.stdout.split()[-3:]
+        peer = torch.load(dst)
+    r_ours, r_peer = coverage_radius(feats, ours), coverage_radius(feats, peer)
+    print(
+        f"  anomalib KCenterGreedy (projected to {dim} dims): {float(wall):6.1f}s wall"
+        f" {float(cpu):6.1f}s cpu, n={len(peer)}  | coverage radius ours {r_ours:.3f}"
+        f" anomalib {r_peer:.3f} (ours/anomalib {r_ours / r_peer:.3f})",
+        flush=True,
+    )
+
+
 def bench_coreset(
-    feats: torch.Tensor, ratio: float, naive_iters: int, seed: int, naive_threads: int
+    feats: torch.Tensor,
+    ratio: float,
+    naive_iters: int,
+    seed: int,
+    naive_threads: int,
+    projection_dim: int | None = None,
+    anomalib: bool = False,
 ) -> None:
     num = feats.shape[0]
     n = coreset_size(num, ratio)
     wall, cpu = time.perf_counter(), time.process_time()
-    ours = greedy_coreset(feats, n, projection_dim=128, seed=seed)
+    ours = greedy_coreset(feats, n, projection_dim=projection_dim, seed=seed)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     gen = torch.Generator().manual_seed(seed)
-    z = random_projection(feats.float(), 128, gen)
+    z = feats.float()
+    if projection_dim is not None:
+        z = random_projection(z, projection_dim, gen)
     start = int(torch.randint(num, (1,), generator=gen))
     steps = min(n, naive_iters)
     threads = torch.get_num_threads()
@@ -114,6 +166,8 @@ def bench_coreset(
         f" wall {step_cpu * n / cpu:5.1f}x cpu  | first {same}/{steps} selections identical",
         flush=True,
     )
+    if anomalib:
+        bench_anomalib(feats, ratio, seed, ours)
 
 
 def bench_search(queries: int, bank: int, dim: int, repeats: int = 5) -> None:
@@ -145,6 +199,16 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--naive-iters", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--projection-dim",
+        type=lambda v: None if v.lower() == "none" else int(v),
+        default=None,
+        help="greedy_coreset's projection_dim (default none, its default)",
+    )
+    parser.add_argument("--anomalib", action="store_true", help="also time anomalib's sampler")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float16"], default="float32", help="feature storage"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (search)")
     parser.add_argument(
         "--naive-threads",
@@ -170,7 +234,13 @@ def main() -> None:
     print(f"features: {tuple(pool.shape)} {pool.dtype}")
     for num in args.sizes:
         bench_coreset(
-            pool[:num].contiguous(), args.ratio, args.naive_iters, args.seed, args.naive_threads
+            pool[:num].contiguous().to(getattr(torch, args.dtype)),
+            args.ratio,
+            args.naive_iters,
+            args.seed,
+            args.naive_threads,
+            args.projection_dim,
+            args.anomalib,
         )
     if not args.no_search:
         bench_search(1024, 20480, 152)

@@ -151,6 +151,8 @@ def test_calibrate_then_predict_and_classify(fitted: PatchCore, toy_images) -> N
         ({"backbone": "vgg16"}, "unknown backbone 'vgg16'"),
         ({"num_neighbors": 0}, "num_neighbors must be >= 1, got 0"),
         ({"image_size": 8}, "image_size must be"),
+        ({"feature_dtype": "bfloat16"}, "feature_dtype must be 'float16' or 'float32'"),
+        ({"projection_dim": 0}, "projection_dim must be >= 1 or None, got 0"),
     ],
 )
 def test_fit_validates_arguments(kw, match, toy_images) -> None:
@@ -176,3 +178,93 @@ def test_one_corrupt_file_is_named_or_skipped(tmp_path: Path, toy_images) -> Non
     with pytest.warns(UserWarning, match="1 unreadable"):
         s = det.score_samples(paths, on_error="skip")
     assert np.isnan(s[1]) and np.isfinite(s[[0, 2, 3]]).all()
+
+
+# ---------------------------------------------------------------- fit memory: feature storage
+
+
+def test_defaults_store_float16_and_select_without_projection() -> None:
+    det = PatchCore()
+    assert det.feature_dtype == "float16" and det.projection_dim is None
+
+
+def test_feature_store_keeps_the_requested_dtype_and_widens_on_overflow() -> None:
+    from patchcore.detector import _FeatureStore
+
+    store = _FeatureStore(3, torch.float16)
+    a = torch.randn(8, 5)
+    store.add(a, 2)
+    assert store.buffer is not None and store.buffer.dtype == torch.float16
+    assert not store.overflow
+    big = torch.full((4, 5), 70000.0)  # beyond float16's 65504
+    store.add(big, 1)
+    out = store.result()
+    assert store.overflow and out.dtype == torch.float32 and out.shape == (12, 5)
+    assert torch.equal(out[:8], a.half().float()) and torch.equal(out[8:], big)
+    store32 = _FeatureStore(1, torch.float32)
+    store32.add(big, 1)
+    assert store32.result().dtype == torch.float32 and not store32.overflow
+
+
+def test_feature_store_float16_with_varying_sizes() -> None:
+    from patchcore.detector import _FeatureStore
+
+    store = _FeatureStore(3, torch.float16)
+    store.add(torch.ones(4, 2), 1)
+    store.add(torch.ones(6, 2), 1)  # another image size: falls back to chunks
+    store.add(torch.full((2, 2), 1e5), 1)  # and overflows
+    out = store.result()
+    assert out.dtype == torch.float32 and out.shape == (12, 2) and store.overflow
+
+
+@pytest.mark.parametrize("feature_dtype", ["float16", "float32"])
+def test_bank_is_float32_rows_of_the_stored_features(feature_dtype, toy_images) -> None:
+    train, good, bad = toy_images
+    det = small(feature_dtype=feature_dtype).fit(train)
+    bank = det.memory_bank_
+    assert bank.dtype == torch.float32
+    if feature_dtype == "float16":
+        assert torch.equal(bank.half().float(), bank)  # rows come from the float16 store
+    s = det.score_samples(good + bad)
+    assert s[4:].min() > s[:4].max()
+
+
+def test_float16_storage_scores_close_to_float32(toy_images) -> None:
+    train, good, bad = toy_images
+    s16 = small(feature_dtype="float16").fit(train).score_samples(good + bad)
+    s32 = small(feature_dtype="float32").fit(train).score_samples(good + bad)
+    np.testing.assert_allclose(s16, s32, rtol=0.05)
+
+
+def test_overflowing_features_fall_back_to_float32_with_a_warning(toy_images, monkeypatch) -> None:
+    train, _, _ = toy_images
+    det = small()
+    real = PatchCore._embed
+
+    def huge(self, pixels):  # noqa: ANN001, ANN202
+        return real(self, pixels) * 1e5
+
+    monkeypatch.setattr(PatchCore, "_embed", huge)
+    with pytest.warns(UserWarning, match="exceed float16's range"):
+        det.fit(train[:2])
+    assert torch.isfinite(det.memory_bank_).all() and det.memory_bank_.abs().max() > 65504
+
+
+def test_feature_dtype_round_trips_and_older_files_read_as_float32(
+    toy_images, tmp_path: Path
+) -> None:
+    train, good, _ = toy_images
+    det = small(feature_dtype="float32").fit(train[:2])
+    path = det.save(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION
+    assert "feature_dtype" not in raw["config"] and raw["state"]["feature_dtype"] == "float32"
+    assert PatchCore.load(path).feature_dtype == "float32"
+    assert PatchCore.load(small().fit(train[:2]).save(tmp_path / "h.pt")).feature_dtype == (
+        "float16"
+    )
+    del raw["state"]["feature_dtype"]  # a file written before feature_dtype existed
+    torch.save(raw, tmp_path / "old.pt")
+    old = PatchCore.load(tmp_path / "old.pt")
+    assert old.feature_dtype == "float32"
+    np.testing.assert_array_equal(old.score_samples(good), det.score_samples(good))

@@ -6,7 +6,7 @@ queries extended to ``[q, 1]``, so a block of queries costs one plain matrix pro
 ``|b|^2 - 2 q.b`` (faster on CPU than ``torch.cdist``, which also materialises the same ``Q x M``
 block, and than ``addmm``, which first copies the broadcast ``|b|^2`` into the block). ``|q|^2`` is
 constant along a row, so it is added after the reduction. Queries are processed in chunks so that
-the distance block stays under a memory budget: on CPU a small one (4 MiB), as blocks that fit the
+the distance block stays under a memory budget: on CPU a small one (8 MiB), as blocks that fit the
 caches are faster, on GPUs a large one.
 """
 
@@ -17,7 +17,7 @@ import torch
 __all__ = ["NearestNeighborIndex", "nearest_neighbors"]
 
 DEFAULT_MAX_BLOCK_BYTES = 256 * 2**20  # budget of one distance block on GPUs
-CPU_MAX_BLOCK_BYTES = 4 * 2**20  # on CPU: cache-sized blocks are faster (and need no fresh pages)
+CPU_MAX_BLOCK_BYTES = 8 * 2**20  # on CPU: cache-sized blocks are faster (and need no fresh pages)
 MIN_CPU_BLOCK_ROWS = 64  # ... but with a big bank at least this many queries per block
 
 
@@ -104,6 +104,7 @@ class NearestNeighborIndex:
         dist = torch.empty(num, k, dtype=self.dtype, device=device)
         index = torch.empty(num, k, dtype=torch.long, device=device)
         step = self.chunk_size()
+        step = -(-num // -(-num // step)) if num else 1  # equal blocks, no small last one
         block = torch.empty(min(step, num), m, dtype=self.dtype, device=device)
         bank_t = self._bank_ext.T
         for lo in range(0, num, step):

@@ -289,12 +289,20 @@ def test_fit_folder_without_images(tmp_path: Path) -> None:
         ["--train-fraction", "0"],
         ["--coreset-ratio", "1.5"],
         ["--sampling", "magic"],
+        ["--backbone-dtype", "int8"],
     ],
 )
 def test_fit_bad_options_are_usage_errors(tiny: Path, tmp_path: Path, args: list[str]) -> None:
     r = run("fit", tiny, "--out", tmp_path / "m.pt", *args)
     assert r.exit_code == 2
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_fit_backbone_dtype_reaches_the_model(tiny: Path, tmp_path: Path) -> None:
+    model = tmp_path / "bf16.pt"
+    r = run("fit", tiny, "--out", model, "--image-size", SIZE, "--backbone-dtype", "bfloat16", "-q")
+    assert r.exit_code == 0, r.output
+    assert PatchCore.load(model).backbone_dtype == "bfloat16"
 
 
 def test_unknown_backbone(tiny: Path, tmp_path: Path) -> None:

@@ -268,3 +268,28 @@ def test_feature_dtype_round_trips_and_older_files_read_as_float32(
     old = PatchCore.load(tmp_path / "old.pt")
     assert old.feature_dtype == "float32"
     np.testing.assert_array_equal(old.score_samples(good), det.score_samples(good))
+
+
+def test_bfloat16_backbone_is_opt_in_saved_and_close(
+    fitted: PatchCore, toy_images, tmp_path: Path
+) -> None:
+    train, good, bad = toy_images
+    assert fitted.backbone_dtype == "float32"
+    assert "backbone_dtype" not in fitted.config()  # default: older readers can load the file
+    det = small(backbone_dtype="bfloat16").fit(train)
+    assert det.extractor_.dtype == torch.bfloat16 and det.memory_bank_.dtype == torch.float32
+    s16, s32 = det.score_samples(good + bad), fitted.score_samples(good + bad)
+    assert not np.array_equal(s16, s32)  # really a different precision...
+    np.testing.assert_allclose(s16, s32, rtol=0.15)  # ...but close
+    assert s16[len(good) :].min() > s16[: len(good)].max()  # same verdicts on the toy set
+    path = det.save(tmp_path / "bf16.pt")
+    assert torch.load(path, weights_only=True)["config"]["backbone_dtype"] == "bfloat16"
+    loaded = PatchCore.load(path)
+    assert loaded.backbone_dtype == "bfloat16" and loaded.extractor_.dtype == torch.bfloat16
+    np.testing.assert_array_equal(loaded.score_samples(good + bad), s16)
+
+
+def test_backbone_dtype_is_validated(toy_images, tmp_path: Path) -> None:
+    train, _, _ = toy_images
+    with pytest.raises(ValueError, match="backbone_dtype must be .* got 'int8'"):
+        small(backbone_dtype="int8").fit(train)

@@ -52,6 +52,12 @@ class Sampling(str, Enum):
     random = "random"
 
 
+class BackboneDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class Format(str, Enum):
     table = "table"
     json = "json"
@@ -293,6 +299,13 @@ def fit(
     ] = 0.1,
     sampling: Annotated[Sampling, typer.Option(help="Memory bank subsampling.")] = Sampling.greedy,
     seed: Annotated[int, typer.Option(help="Seeds the training subset and the coreset.")] = 0,
+    backbone_dtype: Annotated[
+        BackboneDtype,
+        typer.Option(
+            help="Backbone precision; bfloat16 is faster on CPUs with AMX, features differ a "
+            "few percent (opt-in, see benchmarks/RESULTS.md)."
+        ),
+    ] = BackboneDtype.float32,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -315,6 +328,7 @@ def fit(
             sampling=sampling.value,
             device=device,
             progress=not quiet,
+            backbone_dtype=backbone_dtype.value,
         )
     size = s.card.get("image_size")
     if size:

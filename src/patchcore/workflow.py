@@ -288,6 +288,7 @@ def fit_detector(
     device: str = "auto",
     progress: bool = True,
     data_spec: str = "",
+    backbone_dtype: str = "float32",
 ) -> PatchCore:
     """Fit a detector on the (normal) images of ``train``; unreadable images are skipped.
 
@@ -308,6 +309,7 @@ def fit_detector(
         seed=seed,
         device=device,
         progress=progress,
+        backbone_dtype=backbone_dtype,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # skipped images are returned instead

@@ -159,6 +159,7 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         **json.loads(args.ours_params),
     }
     (work / "config.json").write_text(json.dumps(config))
+    (work / "config_bf16.json").write_text(json.dumps({**config, "backbone_dtype": "bfloat16"}))
     peer_spec = {
         "train_paths": [],
         "test_paths": [],
@@ -240,16 +241,24 @@ def _call(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]
 
 
 def run_ours(
-    work: Path, r: int, args: argparse.Namespace, log: Path, env: dict[str, str]
+    work: Path,
+    r: int,
+    args: argparse.Namespace,
+    log: Path,
+    env: dict[str, str],
+    tag: str = "ours",
 ) -> dict[str, Any]:
-    """One fit child and one score child of ours on run ``r``'s inputs (maps saved per run)."""
+    """One fit child and one score child of ours on run ``r``'s inputs (maps saved per run).
+
+    ``tag`` names the configuration: ``ours`` (config.json) or ``ours_bf16``
+    (config_bf16.json: the opt-in bfloat16 backbone).
+    """
     runner = [sys.executable, str(BENCH / "ours_runner.py")]
-    model = work / f"ours_model_r{r}.pt"
-    fit_json, score_json = work / f"ours_fit_r{r}.json", work / f"ours_score_r{r}.json"
+    config = work / ("config.json" if tag == "ours" else f"config{tag[4:]}.json")
+    model = work / f"{tag}_model_r{r}.pt"
+    fit_json, score_json = work / f"{tag}_fit_r{r}.json", work / f"{tag}_score_r{r}.json"
     inputs = str(work / f"inputs_r{r}.pt")
-    _, cpu_fit = _call(
-        [*runner, "fit", inputs, str(work / "config.json"), str(model), str(fit_json)], env, log
-    )
+    _, cpu_fit = _call([*runner, "fit", inputs, str(config), str(model), str(fit_json)], env, log)
     score_cmd = [
         *runner,
         "score",
@@ -261,13 +270,13 @@ def run_ours(
         "--latency-images",
         str(args.latency_images),
         "--maps",
-        str(work / f"ours_maps_r{r}.npy"),
+        str(work / f"{tag}_maps_r{r}.npy"),
     ]
     _, cpu_score = _call(score_cmd, env, log)
     out = json.loads(fit_json.read_text())
     out.update(json.loads(score_json.read_text()))
     out["cpu_s"] = {"fit": cpu_fit, "score": cpu_score}
-    if r > 0:
+    if r > 0 or tag != "ours":
         model.unlink(missing_ok=True)
     return out
 
@@ -386,7 +395,7 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
     rates = matmul_gflops()
     test = info.pop("test")
     train = info.pop("train")
-    ours_runs, peer_runs = [], []
+    ours_runs, peer_runs, bf16_runs = [], [], []
     for r in range(args.runs):
         order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
         for who in order:
@@ -395,6 +404,9 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
             print(f"  [{name}] run {r + 1}/{args.runs}: {who}", flush=True)
             if who == "ours":
                 ours_runs.append(run_ours(work, r, args, log, env))
+                if args.bf16:
+                    print(f"  [{name}] run {r + 1}/{args.runs}: ours, bfloat16", flush=True)
+                    bf16_runs.append(run_ours(work, r, args, log, env, tag="ours_bf16"))
             else:
                 peer_runs.append(run_peer(work, r, args, log, env))
     rates += matmul_gflops()
@@ -405,6 +417,12 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
         accuracy(test, run["image_scores"], np.load(work / f"ours_maps_r{r}.npy"))
         for r, run in enumerate(ours_runs)
     ]
+    if bf16_runs:
+        res["ours_bf16"] = timing_summary(bf16_runs)
+        res["ours_bf16"]["accuracy_runs"] = [
+            accuracy(test, run["image_scores"], np.load(work / f"ours_bf16_maps_r{r}.npy"))
+            for r, run in enumerate(bf16_runs)
+        ]
     if peer_runs:
         res["peer"] = timing_summary(peer_runs)
         res["peer"]["accuracy_runs"] = [
@@ -416,7 +434,7 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
             k: peer_runs[0].get(k)
             for k in ("anomalib_version", "torch_version", "timm_version", "timm_model")
         }
-    for who in ("ours", "peer"):
+    for who in ("ours", "ours_bf16", "peer"):
         if who in res:  # mean over the training draws, metric by metric
             per_run = res[who]["accuracy_runs"]
             res[who]["accuracy"] = {k: float(np.mean([a[k] for a in per_run])) for k in per_run[0]}
@@ -433,7 +451,7 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
         }
         res["paired"]["coverage_ratio"] = _med(res["paired"]["coverage_ratio_per_draw"])
     for r in range(args.runs):
-        for f in (f"ours_maps_r{r}.npy", f"peer_maps_r{r}.npz"):
+        for f in (f"ours_maps_r{r}.npy", f"ours_bf16_maps_r{r}.npy", f"peer_maps_r{r}.npz"):
             (work / f).unlink(missing_ok=True)
     if args.ann != "none":
         print(f"  [{name}] ANN ({args.ann})", flush=True)
@@ -464,7 +482,7 @@ def run_set(name: str, args: argparse.Namespace, flops_cache: dict) -> dict[str,
     rate = float(np.median(rates))
     q = grid[0] * grid[1]
     res["bound"] = {"grid": list(grid), "queries": q, "dim": dim}
-    for who in ("ours", "peer"):
+    for who in ("ours", "ours_bf16", "peer"):
         if who in res:
             b = bound_ms(flop, q, res[who]["bank"], dim, rate)
             res[who]["bound"] = b
@@ -811,6 +829,45 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
             r["ours"]["batch1_over_bound"] <= 2, f"{r['ours']['batch1_over_bound']:.2f}x"
         ),
     )
+    if any("ours_bf16" in r for r in results):
+
+        def bf_cell(fn):
+            def cell(r):
+                if "ours_bf16" not in r:
+                    return "not run"
+                return fn(r["ours_bf16"], r.get("peer"), r)
+
+            return cell
+
+        row(
+            "opt-in bfloat16 backbone: image AUROC within 0.005 of anomalib",
+            bf_cell(
+                lambda b, p, r: (
+                    "no peer"
+                    if p is None
+                    else verdict(
+                        b["accuracy"]["image_auroc"] - p["accuracy"]["image_auroc"] >= -0.005,
+                        f"{b['accuracy']['image_auroc'] - p['accuracy']['image_auroc']:+.4f}",
+                    )
+                )
+            ),
+        )
+        for mode, key in (("batch 1", "ms_batch1"), ("batched", "ms_batched")):
+            row(
+                f"opt-in bfloat16 backbone: scoring >= 2x faster, {mode}",
+                bf_cell(
+                    lambda b, p, r, key=key: (
+                        "no peer"
+                        if p is None
+                        else verdict(p[key] >= 2 * b[key], f"{p[key] / b[key]:.2f}x")
+                    )
+                ),
+            )
+        for mode, key in (("batch 1", "batch1_over_bound"), ("batched", "batched_over_bound")):
+            row(
+                f"opt-in bfloat16 backbone: {mode} within 2x of the (float32) lower bound",
+                bf_cell(lambda b, p, r, key=key: verdict(b[key] <= 2, f"{b[key]:.2f}x")),
+            )
     row(
         "fit memory / training feature bytes at this subset's size (information: fixed costs "
         "dominate small fits; the 1,000-image fits below are the target's measure)",
@@ -952,6 +1009,35 @@ def render(doc: dict[str, Any]) -> str:
                 + ".",
                 "",
             ]
+        bf = r.get("ours_bf16")
+        if bf:
+            o, pe = r["ours"], r.get("peer")
+            vs_peer = (
+                f" (anomalib / ours {pe['ms_batch1'] / bf['ms_batch1']:.2f}x and "
+                f"{pe['ms_batched'] / bf['ms_batched']:.2f}x)"
+                if pe
+                else ""
+            )
+            acc = bf["accuracy"]
+            out += [
+                "Opt-in bfloat16 backbone (ours with `backbone_dtype='bfloat16'`, same draws, "
+                f"{len(bf['accuracy_runs'])} runs): image AUROC {acc['image_auroc']:.4f} "
+                f"({acc['image_auroc'] - o['accuracy']['image_auroc']:+.4f} vs float32 ours"
+                + (
+                    f", {acc['image_auroc'] - pe['accuracy']['image_auroc']:+.4f} vs anomalib"
+                    if pe
+                    else ""
+                )
+                + f"), F1 {acc['f1_max']:.4f}"
+                + (f", pixel AUROC {acc['pixel_auroc']:.4f}" if "pixel_auroc" in acc else "")
+                + (f", AUPRO {acc['aupro']:.4f}" if "aupro" in acc else "")
+                + f"; {bf['ms_batch1']:.1f} ms/image batch 1 and {bf['ms_batched']:.1f} batched"
+                + vs_peer
+                + f"; {bf['batch1_over_bound']:.2f}x and {bf['batched_over_bound']:.2f}x the "
+                "float32 lower bound; coverage radius "
+                f"{bf['coverage_radius']:.3f}.",
+                "",
+            ]
         ann = r.get("ann")
         if ann and "error" not in ann:
             oa, aa = ann.get("exact_accuracy_run0", r["ours"]["accuracy"]), ann["accuracy"]
@@ -1091,6 +1177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "reference resolution (native x 0.4), add the measured fit memory to results.json",
     )
     ap.add_argument("--memory-set", default="casting", choices=ALL_SETS[:3])
+    ap.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="skip the opt-in bfloat16-backbone rows (ours with backbone_dtype='bfloat16')",
+    )
     ap.add_argument("--out", type=Path, default=OUT, help="work folder and results.json")
     ap.add_argument("--no-peer", action="store_true", help="run ours only")
     ap.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")

@@ -37,8 +37,8 @@ Usage::
     repeats                   timed scoring runs, median taken (default 3)
     latency_images            batch-1 latency timed on the first K test images only (default
                               null: all); the batched pass always scores every test image
-    malloc_mmap_threshold     bytes; sets MALLOC_MMAP_THRESHOLD_ for the fit/score children
-                              (default null: inherit the caller's environment). See below.
+    malloc_mmap_threshold     bytes; sets MALLOC_MMAP_THRESHOLD_ for the fit child (the
+                              coreset's guard; scoring runs with glibc's defaults). See below.
     max_memory_gb             address-space cap per child (RLIMIT_AS above its size after
                               imports; CPU only), default 0.6 x MemAvailable: a run that would
                               exhaust the shared machine fails with an error instead
@@ -658,12 +658,14 @@ def run(
             spec["max_memory_gb"] = round(0.6 * _mem_available_bytes() / 2**30, 2)
         (work / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "TQDM_DISABLE": "1"}  # anomalib's coreset progress bar
-        if spec["malloc_mmap_threshold"] is not None:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(int(spec["malloc_mmap_threshold"]))
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        fit_env = dict(env)
+        if spec["malloc_mmap_threshold"] is not None:  # the coreset's guard: fit child only
+            fit_env["MALLOC_MMAP_THRESHOLD_"] = str(int(spec["malloc_mmap_threshold"]))
         result: dict[str, Any] = {}
         for phase in ("fit", "score"):
             cmd = [sys.executable, os.path.abspath(__file__), "_child", phase, str(work)]
-            subprocess.run(cmd, check=True, env=env)
+            subprocess.run(cmd, check=True, env=fit_env if phase == "fit" else env)
             child = json.loads((work / f"{phase}.json").read_text())
             if "error" in child:
                 result[f"{phase}_error"] = child

@@ -76,3 +76,28 @@ def test_list_images_sorted_and_filtered(tmp_path: Path) -> None:
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
     with pytest.raises(FileNotFoundError, match="no such folder"):
         list_images(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("stack", "fix"),
+    [
+        (np.zeros((10, 64, 64), np.uint8), "(N, H, W, 1) array"),
+        (torch.zeros(10, 64, 64), "(N, 1, H, W) tensor"),
+    ],
+)
+def test_a_stack_of_greyscale_images_is_named_in_the_error(stack, fix: str) -> None:
+    with pytest.raises(ImageReadError, match="stack of 10 greyscale images") as err:
+        as_tensor(stack)
+    assert fix in str(err.value)
+
+
+def test_greyscale_stacks_in_the_suggested_layouts_score(toy_images) -> None:
+    from patchcore import PatchCore
+
+    train, _, _ = toy_images
+    det = PatchCore(image_size=64, coreset_ratio=0.5, progress=False).fit(train[:2])
+    grey = np.stack([np.asarray(as_tensor(t)[0] * 255, dtype=np.uint8) for t in train[:3]])
+    s_arr = det.score_samples(grey[..., None])  # (N, H, W, 1)
+    s_ten = det.score_samples(torch.from_numpy(grey)[:, None].float() / 255)  # (N, 1, H, W)
+    assert s_arr.shape == s_ten.shape == (3,)
+    np.testing.assert_allclose(s_arr, s_ten, rtol=1e-4)

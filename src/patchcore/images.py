@@ -99,6 +99,7 @@ def as_tensor(image: ImageInput) -> torch.Tensor:
             f"unsupported image type {type(image).__name__}; give a path, PIL image, "
             "numpy array or torch tensor"
         )
+    shape = tuple(image.shape)  # as given, for messages
     if t.ndim == 2:
         t = t.unsqueeze(0)
     if t.ndim != 3:
@@ -111,7 +112,17 @@ def as_tensor(image: ImageInput) -> torch.Tensor:
     elif c == 2:  # grey + alpha
         t = t[:1].expand(3, -1, -1)
     elif c != 3:
-        raise ImageReadError(name, f"{c} channels; expected 1, 3 or 4")
+        hint = (
+            ""
+            if min(t.shape) <= 4
+            else f"; if this is a stack of {shape[0]} greyscale images, pass a list of them or "
+            + (
+                "an (N, 1, H, W) tensor"
+                if isinstance(image, torch.Tensor)
+                else "an (N, H, W, 1) array"
+            )
+        )
+        raise ImageReadError(name, f"{c} channels; expected 1, 3 or 4{hint}")
     if t.shape[1] < 8 or t.shape[2] < 8:
         raise ImageReadError(name, f"image of {t.shape[1]}x{t.shape[2]} pixels is too small")
     return t.contiguous()

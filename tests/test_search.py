@@ -124,3 +124,14 @@ def test_errors(data):
         NearestNeighborIndex(torch.ones(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="max_block_bytes"):
         NearestNeighborIndex(bank, max_block_bytes=0)
+
+
+def test_min_distances_equal_search_k1() -> None:
+    gen = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(700, 24, generator=gen), torch.randn(300, 24, generator=gen)
+    index = NearestNeighborIndex(bank, max_block_bytes=40 * 700 * 4)  # several blocks
+    dist = index.min_distances(queries)
+    assert dist.shape == (300,)
+    torch.testing.assert_close(dist, index.search(queries, k=1)[0][:, 0], rtol=0, atol=0)
+    naive = torch.cdist(queries.double(), bank.double()).amin(1).float()
+    torch.testing.assert_close(dist, naive, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import sampling
-from .anomaly_map import gaussian_blur
+from .anomaly_map import upsample_blur
 from .backbones import FeatureExtractor, get_spec
 from .embedding import embed, flatten_patches
 from .images import ImageInput, ImageReadError, as_tensor, output_size, resize
@@ -385,21 +385,19 @@ class PatchCore:
         b, _, h, w = emb.shape
         patches = flatten_patches(emb).float()
         k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
-        dist, nn_idx = self._index.search(patches, k=1)
-        patch_scores = dist[:, 0].view(b, h * w)
+        if hasattr(self._index, "min_distances"):  # distances only: the indices are not needed
+            dist = self._index.min_distances(patches)
+        else:  # an index with only search(), e.g. an approximate one
+            dist = self._index.search(patches, k=1)[0][:, 0]
+        patch_scores = dist.view(b, h * w)
         image_scores, arg = patch_scores.max(dim=1)
         if k > 1:
-            image_scores = self._reweight(
-                patches.view(b, h * w, -1), arg, nn_idx.view(b, h * w), image_scores, k
-            )
+            image_scores = self._reweight(patches.view(b, h * w, -1), arg, image_scores, k)
         maps: list[np.ndarray] = []
         if want_maps:
             grid = patch_scores.view(b, 1, h, w)
             H, W = batch.pixels.shape[-2:]
-            up = torch.nn.functional.interpolate(
-                grid, size=(H, W), mode="bilinear", align_corners=False
-            )
-            up = gaussian_blur(up, self.sigma)
+            up = upsample_blur(grid, (H, W), self.sigma)
             for j, size in enumerate(batch.sizes):
                 m = up[j : j + 1]
                 if tuple(size) != (H, W):
@@ -413,16 +411,15 @@ class PatchCore:
         self,
         patches: torch.Tensor,
         arg: torch.Tensor,
-        nn_idx: torch.Tensor,
         scores: torch.Tensor,
         k: int,
     ) -> torch.Tensor:
         """The paper's eq. 7: damp the max-patch score where its neighbourhood is dense."""
         rows = torch.arange(patches.shape[0], device=patches.device)
         worst = patches[rows, arg]  # (B, D) most anomalous patch per image
-        nearest = self.memory_bank_.to(worst.device)[nn_idx[rows, arg]]  # (B, D)
-        _, support = self._index.search(nearest, k=k)  # (B, k) neighbours of m*
         bank = self.memory_bank_.to(worst.device)
+        nearest = bank[self._index.search(worst, k=1)[1][:, 0]]  # (B, D) m*, its nearest row
+        _, support = self._index.search(nearest, k=k)  # (B, k) neighbours of m*
         d = torch.linalg.vector_norm(worst[:, None, :] - bank[support], dim=-1)  # (B, k)
         weights = 1.0 - torch.softmax(d, dim=1)[:, 0]
         return weights * scores

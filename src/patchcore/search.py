@@ -75,6 +75,17 @@ class NearestNeighborIndex:
             rows = max(rows, MIN_CPU_BLOCK_ROWS)
         return rows
 
+    def min_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Distance from each query to its nearest bank row, without the index (faster).
+
+        Args:
+            queries: (Q, D).
+
+        Returns:
+            (Q,) Euclidean distances in ``self.dtype``; equal to ``search(queries, 1)[0][:, 0]``.
+        """
+        return self._scan(queries, 0)[0][:, 0]
+
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest bank rows of each query.
 
@@ -86,13 +97,20 @@ class NearestNeighborIndex:
             distances (Q, k) Euclidean, ascending, in ``self.dtype``; indices (Q, k) int64 into
             the bank. For k == 1 ties go to the lowest bank index.
         """
+        if not (1 <= k <= len(self)):
+            raise ValueError(f"k must be in [1, {len(self)}] (bank size), got {k!r}")
+        dist, index = self._scan(queries, k)
+        assert index is not None
+        return dist, index
+
+    def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blockwise scan; ``k == 0``: nearest distance only (a plain row minimum, ~3x faster
+        than the minimum with its index)."""
         m, d = len(self), self._bank_ext.shape[1] - 1
         if queries.ndim != 2 or queries.shape[1] != d:
             raise ValueError(
                 f"queries must be (Q, {d}) to match the bank, got {tuple(queries.shape)}"
             )
-        if not (1 <= k <= m):
-            raise ValueError(f"k must be in [1, {m}] (bank size), got {k!r}")
         device = self._bank_ext.device
         num = queries.shape[0]
         # [q - mean, 1]
@@ -101,8 +119,8 @@ class NearestNeighborIndex:
             queries.detach().to(device=device, dtype=self.dtype), self._mean, out=q_ext[:, :d]
         )
         q_ext[:, d] = 1.0
-        dist = torch.empty(num, k, dtype=self.dtype, device=device)
-        index = torch.empty(num, k, dtype=torch.long, device=device)
+        dist = torch.empty(num, max(k, 1), dtype=self.dtype, device=device)
+        index = torch.empty(num, k, dtype=torch.long, device=device) if k else None
         step = self.chunk_size()
         step = -(-num // -(-num // step)) if num else 1  # equal blocks, no small last one
         block = torch.empty(min(step, num), m, dtype=self.dtype, device=device)
@@ -112,14 +130,18 @@ class NearestNeighborIndex:
             # |b|^2 - 2 q.b per block; |q|^2 is constant along a row, so it is added after the
             # reduction (one pass over the block fewer).
             part = torch.mm(q, bank_t, out=block[: q.shape[0]])
-            if k == 1:
+            idx = None
+            if k == 0:
+                vals = part.amin(1, keepdim=True)
+            elif k == 1:
                 vals, idx = part.min(1, keepdim=True)
             else:
                 vals, idx = torch.topk(part, k, dim=1, largest=False, sorted=True)
             qc = q[:, :d]
             vals += (qc * qc).sum(1, keepdim=True)
             dist[lo : lo + step] = vals.clamp_(min=0.0).sqrt_()
-            index[lo : lo + step] = idx
+            if index is not None:
+                index[lo : lo + step] = idx
         return dist, index
 
 

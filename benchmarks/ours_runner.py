@@ -139,7 +139,7 @@ def phase_fit(inputs: str, config: dict, model_path: str, coverage: bool = True)
 
 
 class FaissIndex:
-    """Approximate nearest-neighbour index with ``NearestNeighborIndex.search``'s interface.
+    """Approximate nearest-neighbour index: ``NearestNeighborIndex``'s search and min_distances.
 
     Args:
         bank: (M, D) float tensor.
@@ -179,6 +179,10 @@ class FaissIndex:
         d2, idx = self.index.search(q, k)
         dist = torch.from_numpy(d2).clamp_(min=0.0).sqrt_()
         return dist, torch.from_numpy(idx).long()
+
+    def min_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """(Q, D) -> (Q,) distance to the nearest indexed row (``NearestNeighborIndex``'s API)."""
+        return self.search(queries, k=1)[0][:, 0]
 
 
 def phase_score(

@@ -385,11 +385,8 @@ class PatchCore:
         b, _, h, w = emb.shape
         patches = flatten_patches(emb).float()
         k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
-        if hasattr(self._index, "min_distances"):  # distances only: the indices are not needed
-            dist = self._index.min_distances(patches)
-        else:  # an index with only search(), e.g. an approximate one
-            dist = self._index.search(patches, k=1)[0][:, 0]
-        patch_scores = dist.view(b, h * w)
+        # distances only: the nearest index is looked up for each image's worst patch alone
+        patch_scores = self._index.min_distances(patches).view(b, h * w)
         image_scores, arg = patch_scores.max(dim=1)
         if k > 1:
             image_scores = self._reweight(patches.view(b, h * w, -1), arg, image_scores, k)

@@ -226,6 +226,14 @@ def _print_evaluation(payload: dict[str, Any]) -> None:
             typer.echo(f"  {item['path']}: {item['problem']}", err=True)
 
 
+def _echo_skipped(skipped: list[tuple[str, str]]) -> None:
+    """The first ten unreadable images of a fit or calibration, on stderr."""
+    if skipped:
+        typer.echo(f"  skipped {len(skipped)} unreadable image(s):", err=True)
+        for path, problem in skipped[:10]:
+            typer.echo(f"    {path}: {problem}", err=True)
+
+
 # ------------------------------------------------------------------------------ commands
 
 
@@ -350,10 +358,7 @@ def fit(
         f"  time:            {s.seconds:.1f} s (features {s.feature_seconds:.1f} s, "
         f"coreset {s.coreset_seconds:.1f} s)"
     )
-    if s.skipped:
-        typer.echo(f"  skipped {len(s.skipped)} unreadable image(s):", err=True)
-        for path, problem in s.skipped[:10]:
-            typer.echo(f"    {path}: {problem}", err=True)
+    _echo_skipped(s.skipped)
     typer.echo(f"Model written to {s.model_path}")
     labelled = data.lower().startswith("elpv") or (Path(data) / "test").is_dir()
     typer.echo(f"Next: patchcore calibrate {s.model_path} {data if labelled else 'DATA'}")
@@ -424,10 +429,7 @@ def calibrate(
         f"(min, 0.7 x max over the calibration maps)"
     )
     typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
-    if s.skipped:
-        typer.echo(f"  skipped {len(s.skipped)} unreadable image(s):", err=True)
-        for path, problem in s.skipped[:10]:
-            typer.echo(f"    {path}: {problem}", err=True)
+    _echo_skipped(s.skipped)
     typer.echo(f"Model updated: {s.model_path}")
     typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 

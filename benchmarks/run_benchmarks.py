@@ -778,105 +778,66 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     def verdict(ok: bool | None, text: str) -> str:
         return text if ok is None else f"{'met' if ok else 'MISSED'}: {text}"
 
-    def peer_cell(fn):
+    def cell_of(who: str, fn, needs_peer: bool = True):
+        """A cell from ``fn(ours_or_variant, peer, result)``; the reason when it cannot be."""
+
         def cell(r):
-            return "no peer" if "peer" not in r else fn(r["ours"], r["peer"], r)
+            if who not in r:
+                return "not run"
+            if needs_peer and "peer" not in r:
+                return "no peer"
+            return fn(r[who], r.get("peer"), r)
 
         return cell
 
-    row(
-        "image AUROC within 0.005 of anomalib (mean over draws, ours - theirs >= -0.005)",
-        peer_cell(
-            lambda o, p, r: verdict(
-                o["accuracy"]["image_auroc"] - p["accuracy"]["image_auroc"] >= -0.005,
-                f"{o['accuracy']['image_auroc'] - p['accuracy']['image_auroc']:+.4f}",
-            )
-        ),
-    )
-    row(
-        "coreset >= 5x faster",
-        peer_cell(
-            lambda o, p, r: verdict(
-                p["coreset_s"] >= 5 * o["coreset_s"], f"{p['coreset_s'] / o['coreset_s']:.2f}x"
-            )
-        ),
-    )
-    row(
-        "coverage radius <= anomalib's (median of per-draw ratios)",
-        peer_cell(
-            lambda o, p, r: verdict(
-                _cov_ratio(r) <= 1.0,
-                f"{_cov_ratio(r):.3f}x (worst draw {max(_cov_draws(r)):.3f}x)",
-            )
-        ),
-    )
-    row(
-        "scoring >= 2x faster, batch 1",
-        peer_cell(
-            lambda o, p, r: verdict(
-                p["ms_batch1"] >= 2 * o["ms_batch1"], f"{p['ms_batch1'] / o['ms_batch1']:.2f}x"
-            )
-        ),
-    )
-    row(
-        "scoring >= 2x faster, batched",
-        peer_cell(
-            lambda o, p, r: verdict(
-                p["ms_batched"] >= 2 * o["ms_batched"], f"{p['ms_batched'] / o['ms_batched']:.2f}x"
-            )
-        ),
-    )
-    row(
-        "batched scoring within 2x of the lower bound",
-        lambda r: verdict(
-            r["ours"]["batched_over_bound"] <= 2, f"{r['ours']['batched_over_bound']:.2f}x"
-        ),
-    )
-    row(
-        "batch-1 scoring within 2x of the lower bound",
-        lambda r: verdict(
-            r["ours"]["batch1_over_bound"] <= 2, f"{r['ours']['batch1_over_bound']:.2f}x"
-        ),
-    )
-    if any("ours_bf16" in r for r in results):
+    def auroc_row(who: str, label: str) -> None:
+        def fn(o, p, r):
+            diff = o["accuracy"]["image_auroc"] - p["accuracy"]["image_auroc"]
+            return verdict(diff >= -0.005, f"{diff:+.4f}")
 
-        def bf_cell(fn):
-            def cell(r):
-                if "ours_bf16" not in r:
-                    return "not run"
-                return fn(r["ours_bf16"], r.get("peer"), r)
+        row(label, cell_of(who, fn))
 
-            return cell
-
-        row(
-            "opt-in bfloat16 backbone: image AUROC within 0.005 of anomalib",
-            bf_cell(
-                lambda b, p, r: (
-                    "no peer"
-                    if p is None
-                    else verdict(
-                        b["accuracy"]["image_auroc"] - p["accuracy"]["image_auroc"] >= -0.005,
-                        f"{b['accuracy']['image_auroc'] - p['accuracy']['image_auroc']:+.4f}",
-                    )
-                )
-            ),
-        )
+    def speed_rows(who: str, prefix: str, bound: str) -> None:
         for mode, key in (("batch 1", "ms_batch1"), ("batched", "ms_batched")):
             row(
-                f"opt-in bfloat16 backbone: scoring >= 2x faster, {mode}",
-                bf_cell(
-                    lambda b, p, r, key=key: (
-                        "no peer"
-                        if p is None
-                        else verdict(p[key] >= 2 * b[key], f"{p[key] / b[key]:.2f}x")
-                    )
+                f"{prefix}scoring >= 2x faster, {mode}",
+                cell_of(
+                    who, lambda o, p, r, k=key: verdict(p[k] >= 2 * o[k], f"{p[k] / o[k]:.2f}x")
                 ),
             )
         for mode, key in (("batch 1", "batch1_over_bound"), ("batched", "batched_over_bound")):
             row(
-                f"opt-in bfloat16 backbone: {mode} within 2x of the (float32) lower bound",
-                bf_cell(lambda b, p, r, key=key: verdict(b[key] <= 2, f"{b[key]:.2f}x")),
+                f"{prefix}{mode} scoring within 2x of the {bound}lower bound",
+                cell_of(who, lambda o, p, r, k=key: verdict(o[k] <= 2, f"{o[k]:.2f}x"), False),
             )
+
+    auroc_row(
+        "ours", "image AUROC within 0.005 of anomalib (mean over draws, ours - theirs >= -0.005)"
+    )
+    row(
+        "coreset >= 5x faster",
+        cell_of(
+            "ours",
+            lambda o, p, r: verdict(
+                p["coreset_s"] >= 5 * o["coreset_s"], f"{p['coreset_s'] / o['coreset_s']:.2f}x"
+            ),
+        ),
+    )
+    row(
+        "coverage radius <= anomalib's (median of per-draw ratios)",
+        cell_of(
+            "ours",
+            lambda o, p, r: verdict(
+                _cov_ratio(r) <= 1.0,
+                f"{_cov_ratio(r):.3f}x (worst draw {max(_cov_draws(r)):.3f}x)",
+            ),
+        ),
+    )
+    speed_rows("ours", "", "")
+    if any("ours_bf16" in r for r in results):
+        prefix = "opt-in bfloat16 backbone: "
+        auroc_row("ours_bf16", f"{prefix}image AUROC within 0.005 of anomalib")
+        speed_rows("ours_bf16", prefix, "(float32) ")
     row(
         "fit memory / training feature bytes at this subset's size (information: fixed costs "
         "dominate small fits; the 1,000-image fits below are the target's measure)",

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ._util import check_fraction, fmt, one_line
 from .report import MATLAB_METRICS
 
 app = typer.Typer(
@@ -77,10 +78,6 @@ def _debug() -> bool:
     return os.environ.get("PATCHCORE_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn expected failures into one stderr line and an exit code (2 input, 1 runtime)."""
@@ -104,13 +101,13 @@ def _errors() -> Iterator[None]:
     except bad_input as exc:
         if _debug():
             raise
-        typer.echo(f"patchcore: error: {_one_line(str(exc))}", err=True)
+        typer.echo(f"patchcore: error: {one_line(exc)}", err=True)
         raise typer.Exit(2) from None
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
         if _debug():
             raise
         typer.echo(
-            f"patchcore: failed: {type(exc).__name__}: {_one_line(str(exc))} "
+            f"patchcore: failed: {type(exc).__name__}: {one_line(exc)} "
             "(set PATCHCORE_DEBUG=1 for the traceback)",
             err=True,
         )
@@ -145,11 +142,10 @@ def _fraction(name: str, *, allow_one: bool = True) -> Callable[[float | None], 
     def check(value: float | None) -> float | None:
         if value is None:
             return value
-        ok = 0.0 < value <= 1.0 if allow_one else 0.0 < value < 1.0
-        if not ok:
-            bound = "(0, 1]" if allow_one else "(0, 1)"
-            raise typer.BadParameter(f"{name} must be in {bound}, got {value:g}")
-        return value
+        try:
+            return check_fraction(name, value, allow_one=allow_one)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
 
     return check
 
@@ -160,19 +156,11 @@ def _rate(value: float | None) -> float | None:
     return value
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _metrics_table(m: dict[str, Any]) -> str:
     """The reference's one-row DataSetMetrics table, as aligned plain text."""
     widths = [max(len(c), 6) for c in METRIC_COLUMNS]
     head = "  ".join(c.rjust(w) for c, w in zip(METRIC_COLUMNS, widths, strict=True))
-    row = "  ".join(_fmt(m.get(c)).rjust(w) for c, w in zip(METRIC_COLUMNS, widths, strict=True))
+    row = "  ".join(fmt(m.get(c)).rjust(w) for c, w in zip(METRIC_COLUMNS, widths, strict=True))
     return f"{head}\n{row}"
 
 
@@ -212,10 +200,10 @@ def _print_evaluation(payload: dict[str, Any]) -> None:
         for name, value, n in rows:
             typer.echo(f"  {name:<{w}}  {value:.4f}  ({n} images)")
     typer.echo("")
-    typer.echo(f"Image AUROC: {_fmt(m.get('AUROC'))}")
+    typer.echo(f"Image AUROC: {fmt(m.get('AUROC'))}")
     if m.get("PixelAUROC") is not None:
         typer.echo(
-            f"Pixel AUROC: {_fmt(m['PixelAUROC'])}   AUPRO (FPR <= 0.3): {_fmt(m.get('AUPRO'))}"
+            f"Pixel AUROC: {fmt(m['PixelAUROC'])}   AUPRO (FPR <= 0.3): {fmt(m.get('AUPRO'))}"
             f"   ({m.get('PixelMetricImages')} images with masks)"
         )
     typer.echo(f"Scoring time: {payload['ms_per_image']:.1f} ms per image")
@@ -740,7 +728,7 @@ def info(model: ModelArg) -> None:
         card = workflow.model_card(det, None)
     w = max(len(k) for k in card)
     for k, v in card.items():
-        typer.echo(f"{k:<{w}}  {_fmt(v, 6)}")
+        typer.echo(f"{k:<{w}}  {fmt(v, 6)}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

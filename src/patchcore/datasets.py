@@ -33,6 +33,7 @@ from typing import Literal, overload
 import numpy as np
 from PIL import Image
 
+from patchcore._util import check_fraction, check_on_error, resize_mask
 from patchcore.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
 
 __all__ = [
@@ -256,10 +257,8 @@ def load_mask(sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarra
         raise ImageReadError(sample.name, f"mask of shape {m.shape}; expected HxW")
     top = float(m.max(initial=0))
     out = m > top / 2 if top > 0 else np.zeros(m.shape, dtype=bool)
-    if shape is not None and tuple(out.shape) != tuple(shape):
-        h, w = shape
-        im = Image.fromarray(out.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
-        out = np.asarray(im) > 127
+    if shape is not None:
+        out = resize_mask(out, (int(shape[0]), int(shape[1])))
     return out
 
 
@@ -315,7 +314,7 @@ def load_folder(
         ValueError: no images found; loose images next to label folders; ``split=None`` on a
             folder holding ``train`` / ``test``.
     """
-    _check_on_error(on_error)
+    check_on_error(on_error, allow_none=True)
     root = Path(root)
     _require_dir(root)
     base = root if split is None else root / split
@@ -437,7 +436,7 @@ def load_visa(
         The samples, named by their path relative to ``root`` (raw) or ``root/<object>``
         (converted).
     """
-    _check_on_error(on_error)
+    check_on_error(on_error, allow_none=True)
     root = Path(root)
     _require_dir(root)
     obj = root / object_name
@@ -641,7 +640,7 @@ def split_each_label(
     Returns:
         (first, second); ``second`` is empty when ``fraction`` is 1.
     """
-    _check_fraction(fraction)
+    check_fraction("fraction", fraction)
     rng = np.random.default_rng(seed)
     types = np.asarray(ds.defect_types, dtype=object)
     take = np.zeros(len(ds), dtype=bool)
@@ -657,7 +656,7 @@ def sample_fraction(ds: ImageDataset, fraction: float, *, seed: int = 0) -> Imag
 
     Not stratified: meant for e.g. a fraction of the (all normal) training images.
     """
-    _check_fraction(fraction)
+    check_fraction("fraction", fraction)
     if len(ds) == 0:
         raise ValueError("cannot sample from an empty data set")
     k = max(1, int(np.floor(fraction * len(ds) + 0.5)))
@@ -674,7 +673,7 @@ def normal_train_split(
         train: a seeded ``train_fraction`` of the normal samples (at least one);
         test: the other normal samples followed by all anomalous samples.
     """
-    _check_fraction(train_fraction)
+    check_fraction("fraction", train_fraction)
     normals = ds.subset(ds.labels == NORMAL)
     if len(normals) == 0:
         raise ValueError(f"{ds!r} has no normal samples to train on")
@@ -732,16 +731,6 @@ def check_readable(
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _check_fraction(fraction: float) -> None:
-    if not isinstance(fraction, (int, float, np.floating)) or not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-
-
-def _check_on_error(on_error: object) -> None:
-    if on_error not in (None, "raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
 def _require_dir(path: Path, what: str = "folder") -> None:

@@ -21,6 +21,8 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from ._util import resize_map, resize_mask
+
 __all__ = [
     "anomaly_map_overlay",
     "confusion_matrix_plot",
@@ -65,26 +67,6 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] in (3, 4):
         return np.ascontiguousarray(image[:, :, :3])
     raise ValueError(f"image must have shape (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
-
-
-def _resize_float(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a float map ``(h, w)`` to ``(height, width)``."""
-    if array.shape == (height, width):
-        return array
-    resized = Image.fromarray(array.astype(np.float32), mode="F").resize(
-        (width, height), Image.Resampling.BILINEAR
-    )
-    return np.asarray(resized, dtype=np.float32)
-
-
-def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of a bool mask ``(h, w)`` to ``(height, width)``."""
-    if mask.shape == (height, width):
-        return mask
-    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
-        (width, height), Image.Resampling.NEAREST
-    )
-    return np.asarray(resized) > 127
 
 
 def _normalise(anomaly_map: np.ndarray, display_range: tuple[float, float] | None) -> np.ndarray:
@@ -168,7 +150,7 @@ def anomaly_map_overlay(
         amap = amap[0]
     if amap.ndim != 2:
         raise ValueError(f"anomaly_map must have shape (H, W), got {amap.shape}")
-    amap = _resize_float(amap.astype(np.float32, copy=False), height, width)
+    amap = resize_map(amap.astype(np.float32, copy=False), (height, width))
     index = np.round(_normalise(amap, display_range) * 255.0).astype(np.uint8)
     colours = _colormap_lut(cmap)[index]
     blend = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours.astype(np.float32)
@@ -179,7 +161,7 @@ def anomaly_map_overlay(
             mask_arr = mask_arr[..., 0]
         if mask_arr.ndim != 2:
             raise ValueError(f"mask must have shape (H, W), got {np.asarray(mask).shape}")
-        outline = mask_outline(_resize_mask(mask_arr > 0, height, width), outline_width)
+        outline = mask_outline(resize_mask(mask_arr > 0, (height, width)), outline_width)
         out[outline] = np.asarray(outline_color, dtype=np.uint8)
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import math
 import numbers
 import re
@@ -25,6 +24,8 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+
+from ._util import fmt, package_version
 
 __all__ = ["MATLAB_METRICS", "write_report"]
 
@@ -191,28 +192,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    """Format a value for display (floats to ``digits`` decimals, NaN as n/a)."""
-    if value is None:
-        return "\u2014"
-    if isinstance(value, bool | np.bool_):
-        return "yes" if value else "no"
-    if isinstance(value, numbers.Integral):
-        return f"{int(value):,}"
-    if isinstance(value, numbers.Real):
-        number = float(value)
-        if math.isnan(number):
-            return "n/a"
-        if math.isinf(number) or abs(number) >= 1e5 or (number != 0 and abs(number) < 1e-3):
-            return f"{number:.4g}"
-        return f"{number:.{digits}f}"
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, Mapping | list | tuple):
-        try:
-            return json.dumps(value, default=str)
-        except (TypeError, ValueError):
-            return str(value)
-    return str(value)
+    """Format a value for display (see :func:`patchcore._util.fmt`); None as an em dash."""
+    return fmt(value, digits, missing="\u2014")
 
 
 def _fmt_plain(value: Any) -> str:
@@ -531,15 +512,6 @@ def _model_card_section(model_card: Mapping[str, Any]) -> str:
     return _section("Model card", f'<table class="kv">{rows}</table>', "model")
 
 
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("patchcore")
-    except Exception:  # metadata is missing when running from a plain checkout
-        return "dev"
-
-
 def write_report(
     out_dir: str | Path,
     *,
@@ -657,7 +629,7 @@ def write_report(
         notes_section = _section("Notes", f'<ul class="notes">{items}</ul>', "notes")
 
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    version = _package_version()
+    version = package_version()
     body = "".join(
         [
             _summary(known, threshold, target_map),

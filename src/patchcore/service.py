@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from ._util import one_line, package_version
 from .detector import PatchCore
 from .images import ImageReadError, pil_to_array
 
@@ -158,15 +159,12 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
     except Image.DecompressionBombError as exc:
         raise InputError(413, f"{name}: image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(400, f"{name}: damaged or truncated image ({_one_line(exc)})") from None
+        raise InputError(
+            400, f"{name}: damaged or truncated image ({one_line(exc, 200)})"
+        ) from None
     if min(array.shape[:2]) < 8:
         raise InputError(400, f"{name}: {width}x{height} image is too small (at least 8x8)")
     return array
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------- API models
@@ -375,7 +373,7 @@ class _Service:
             )
             self.ready = True
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and logged once
-            self.load_error = f"{type(exc).__name__}: {_one_line(exc)}"
+            self.load_error = f"{type(exc).__name__}: {one_line(exc, 200)}"
             logger.error("model could not be loaded: %s", self.load_error)
 
     # -- helpers
@@ -514,7 +512,7 @@ async def _uploads(request: Request, body: bytes, max_files: int) -> list[tuple[
         form = await parsed.form(max_files=max_files, max_fields=max_files + 16)
     except MultiPartException as exc:
         # starlette's message for too many files mentions the limit; keep it on one line.
-        raise _Reject(400, f"malformed multipart body: {_one_line(exc)}") from None
+        raise _Reject(400, f"malformed multipart body: {one_line(exc, 200)}") from None
     try:
         out = []
         for key, value in form.multi_items():
@@ -593,7 +591,7 @@ def create_app(
 
     app = FastAPI(
         title="patchcore inspection service",
-        version=_version(),
+        version=package_version(),
         description="PatchCore anomaly detection for images from the line. Scores: higher = "
         "more anomalous; verdict `fail` when score >= threshold. The page is at `/`.",
         lifespan=lifespan,
@@ -733,7 +731,7 @@ def create_app(
             except Exception as exc:  # noqa: BLE001
                 logger.exception("scoring failed")
                 raise HTTPException(
-                    500, f"internal error while scoring: {_one_line(exc)}"
+                    500, f"internal error while scoring: {one_line(exc, 200)}"
                 ) from None
             if isinstance(result, InputError):
                 raise _Reject(result.status, result.detail)
@@ -815,7 +813,7 @@ def create_app(
             except Exception as exc:  # noqa: BLE001
                 logger.exception("scoring failed")
                 raise HTTPException(
-                    500, f"internal error while scoring: {_one_line(exc)}"
+                    500, f"internal error while scoring: {one_line(exc, 200)}"
                 ) from None
             total = (time.perf_counter() - t0) * 1000.0
             items = []
@@ -870,7 +868,7 @@ def create_app(
         card["threshold"] = svc.threshold
         card["display_range"] = list(svc.display_range())
         card["model_file"] = svc.model_path.name if svc.model_path is not None else None
-        card["patchcore_version"] = _version()
+        card["patchcore_version"] = package_version()
         card["limits"] = asdict(lim)
         card["token_required"] = svc.token is not None
         return card
@@ -900,15 +898,6 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("patchcore")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def serve(

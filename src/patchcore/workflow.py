@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from . import datasets, metrics, plots, report
+from ._util import check_fraction, package_version, resize_map
 from .datasets import ImageDataset, Sample
 from .detector import PatchCore
 from .images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
@@ -245,15 +245,6 @@ def require_threshold(det: PatchCore, model_path: str | os.PathLike | None) -> f
     return float(det.threshold_)
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("patchcore")
-    except Exception:  # noqa: BLE001 - plain checkout without metadata
-        return "dev"
-
-
 # ------------------------------------------------------------------------------ fit
 
 
@@ -320,7 +311,7 @@ def fit_detector(
     skipped = {path for path, _ in det.skipped_}
     used = [s.name for s in train if _sample_path(s) not in skipped]
     det.metadata_ = {
-        "patchcore_version": _version(),
+        "patchcore_version": package_version(),
         "fit_data": data_spec,
         "train_names": used,
     }
@@ -349,7 +340,7 @@ def fit_model(
         seed: seeds the training subset and the coreset.
         **params: detector settings for :func:`fit_detector`.
     """
-    _check_fraction("train fraction", train_fraction)
+    check_fraction("train fraction", train_fraction, error=WorkflowError)
     source = resolve_data(data)
     available = available_train_images(source)
     train = datasets.sample_fraction(available, train_fraction, seed=seed)
@@ -467,11 +458,12 @@ def calibrate_detector(
         )
     if max_fpr is not None and not 0.0 <= max_fpr <= 1.0:
         raise WorkflowError(f"max FPR must be in [0, 1], got {max_fpr!r}")
-    if not 0.0 < calibration_fraction < 1.0:
-        raise WorkflowError(
-            f"calibration fraction must be in (0, 1) (the rest is held out), got "
-            f"{calibration_fraction!r}"
-        )
+    check_fraction(
+        "calibration fraction (the rest is held out)",
+        calibration_fraction,
+        allow_one=False,
+        error=WorkflowError,
+    )
     counts = pool.counts()
     if int(pool.labels.sum()) == 0 or int((pool.labels == 0).sum()) == 0:
         raise WorkflowError(
@@ -651,15 +643,6 @@ def _small_shape(h: int, w: int, side: int = PIXEL_METRIC_SIDE) -> tuple[int, in
     return (max(1, round(h * f)), max(1, round(w * f)))
 
 
-def _resize_map(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if m.shape == shape:
-        return m
-    im = Image.fromarray(m.astype(np.float32), mode="F").resize(
-        (shape[1], shape[0]), Image.Resampling.BILINEAR
-    )
-    return np.asarray(im, dtype=np.float32)
-
-
 def _read(sample: Sample) -> np.ndarray:
     return read_image(sample.image) if isinstance(sample.image, Path) else sample.image
 
@@ -720,7 +703,7 @@ def evaluate_detector(
             for j, m in enumerate(maps):
                 i = sl.start + j
                 if m is not None and (with_mask[i] or not test[i].is_anomalous):
-                    small_maps[i] = _resize_map(m, _small_shape(*m.shape))
+                    small_maps[i] = resize_map(m, _small_shape(*m.shape))
         else:
             s, sk = _scores(det, images[sl])
         scores[sl] = s
@@ -873,7 +856,7 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
     if ms_per_image is not None:
         out["scoring time"] = f"{ms_per_image:.1f} ms per image (with anomaly map)"
     out["seed"] = det.seed
-    out["patchcore version"] = md.get("patchcore_version", _version())
+    out["patchcore version"] = md.get("patchcore_version", package_version())
     return out
 
 
@@ -1202,7 +1185,7 @@ def run_demo(
         limit: use at most this many normal and this many defective cells (quick runs).
         stage: called with a stage name and its number of images before each stage.
     """
-    _check_fraction("train fraction", train_fraction)
+    check_fraction("train fraction", train_fraction, error=WorkflowError)
     if limit is not None and limit < 4:
         raise WorkflowError(f"limit must be at least 4 images per label, got {limit}")
     out = Path(out_dir)
@@ -1263,11 +1246,3 @@ def run_demo(
     timings["total"] = time.perf_counter() - t0
     fit = _fit_summary(det, model_path, source.spec, len(normals))
     return DemoResult(str(out), str(model_path), fit, cal, evaluation, timings)
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _check_fraction(what: str, value: float) -> None:
-    if not 0.0 < float(value) <= 1.0:
-        raise WorkflowError(f"{what} must be in (0, 1], got {value!r}")

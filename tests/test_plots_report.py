@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -239,33 +240,35 @@ def _report_inputs(out: Path) -> dict:
     plots.per_type_recall_plot({"crack": 0.8}, out / "recall.png")
     tile = np.zeros((8, 8, 3), np.uint8)
     galleries = {}
-    for i, group in enumerate(("true_positives", "tn", "false_positives", "FN")):
+    for i, group in enumerate(
+        ("true_positives", "true_negatives", "false_positives", "false_negatives")
+    ):
         name = f"tiles/t #{i}.png"  # a space and a '#': must be URL-quoted
         plots.save_png(tile, out / name)
         galleries[group] = [{"image_path": name, "caption": f"img{i}", "score": 0.7}]
-    galleries["FN"].append(
+    galleries["false_negatives"].append(
         {"image_path": "tiles/t #0.png", "caption": "<script>alert('x')</script>", "score": 0.1}
     )
     return {
         "title": "Tiles <b>report</b>",
         "model_card": {"backbone": "wide_resnet50_2", "bank": {"size": 1000}, "layers": ["l2"]},
         "metrics": {
-            "accuracy": 0.8125,
+            "GlobalAccuracy": 0.8125,
             "MeanAccuracy": 0.8,
             "Precision": 0.888,
             "Recall": 0.8,
             "Specificity": 0.833,
-            "f1": 0.842,
+            "F1Score": 0.842,
             "FalsePositiveRate": 0.167,
             "FalseNegativeRate": 0.2,
             "AUROC": 0.9,
-            "threshold": 0.5,
+            "Threshold": 0.5,
             "n_images": 16,
         },
         "figures": figures,
         "galleries": galleries,
         "per_type_recall": {"crack": {"recall": 0.8, "n": 10}, "hole & <gap>": 1.0},
-        "pixel_metrics": {"pixel AUROC": 0.97, "AUPRO": 0.91},
+        "pixel_metrics": {"PixelAUROC": 0.97, "AUPRO": 0.91},
         "notes": ["first note", "a < b"],
     }
 
@@ -279,7 +282,7 @@ def test_report_has_every_section(tmp_path: Path) -> None:
         assert any(h.startswith(section) for h in headings), section
     columns = re.findall(r'<th class="num">(\w+)</th>', text)
     assert columns[:8] == list(report.MATLAB_METRICS)
-    assert ">0.8125<" in text  # 'accuracy' alias lands in GlobalAccuracy
+    assert ">0.8125<" in text
     assert "0.842" in text and "AUROC" in text
 
 
@@ -323,7 +326,7 @@ def test_report_minimal_and_targets(tmp_path: Path) -> None:
         metrics={"Recall": 0.8, "FalsePositiveRate": 0.05, "ConfusionMatrix": [[19, 1], [2, 8]]},
         figures={},
         galleries={},
-        targets={"recall": 0.9, "fpr": 0.1},
+        targets={"Recall": 0.9, "FalsePositiveRate": 0.1},
     )
     text = path.read_text(encoding="utf-8")
     assert "FAIL: 1 of 2 targets missed" in text
@@ -340,3 +343,29 @@ def test_report_minimal_and_targets(tmp_path: Path) -> None:
             galleries={},
             targets={"speed": 1.0},
         )
+    with pytest.raises(ValueError, match="unknown target metric 'fpr'"):  # no aliases
+        report.write_report(
+            tmp_path,
+            title="t",
+            model_card={},
+            metrics={},
+            figures={},
+            galleries={},
+            targets={"fpr": 0.1},
+        )
+
+
+def test_report_takes_a_metrics_object_and_no_aliases(tmp_path: Path) -> None:
+    from patchcore.metrics import Metrics, evaluate
+
+    m = Metrics.from_dict(evaluate([1, 0, 1, 0], [1, 0, 0, 0]))
+    m = dataclasses.replace(m, auroc=0.75, threshold=0.5, pixel_auroc=0.93, aupro=0.81)
+    text = report.write_report(
+        tmp_path, title="t", model_card={}, metrics=m, figures={}, galleries={}
+    ).read_text(encoding="utf-8")
+    assert ">0.7500<" in text and ">0.930<" in text and ">0.810<" in text
+    assert "PixelAUROC" in text and "AUPRO" in text and "NumSamples" not in text
+    text = report.write_report(
+        tmp_path, title="t", model_card={}, metrics={"accuracy": 0.5}, figures={}, galleries={}
+    ).read_text(encoding="utf-8")
+    assert "Other metrics" in text and "accuracy" in text  # not taken for GlobalAccuracy

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from ._util import check_fraction, fmt, one_line
-from .report import MATLAB_METRICS
+from .metrics import MATLAB_METRICS
 
 app = typer.Typer(
     name="patchcore",
@@ -39,7 +39,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-METRIC_COLUMNS = MATLAB_METRICS  # the reference's metrics table, one definition in report.py
+METRIC_COLUMNS = MATLAB_METRICS  # the reference's metrics table, one definition in metrics.py
 
 
 class Method(str, Enum):
@@ -405,8 +405,8 @@ def calibrate(
     typer.echo(f"Threshold {s.threshold:.6g} ({s.method}{bound}) chosen on {s.data}")
     typer.echo(
         f"  calibration images: {s.calibration_images} ({s.calibration_normal} normal, "
-        f"{s.calibration_anomalous} anomalous): F1 {cm['F1Score']:.4f}, recall "
-        f"{cm['Recall']:.4f}, FPR {cm['FalsePositiveRate']:.4f}"
+        f"{s.calibration_anomalous} anomalous): F1 {cm.f1_score:.4f}, recall "
+        f"{cm.recall:.4f}, FPR {cm.false_positive_rate:.4f}"
     )
     typer.echo(
         f"  held out for evaluate: {s.test_images} ({s.test_normal} normal, "

@@ -14,11 +14,16 @@ Conventions used everywhere in this module:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "MATLAB_METRICS",
     "THRESHOLD_METHODS",
+    "Metrics",
     "anomaly_threshold",
     "aupro",
     "auroc",
@@ -32,6 +37,18 @@ __all__ = [
 ]
 
 THRESHOLD_METHODS = ("max_f1", "youden", "nearest_zero_one")
+
+#: Column order of MATLAB's ``DataSetMetrics`` table (keys of :meth:`Metrics.as_dict`).
+MATLAB_METRICS: tuple[str, ...] = (
+    "GlobalAccuracy",
+    "MeanAccuracy",
+    "Precision",
+    "Recall",
+    "Specificity",
+    "F1Score",
+    "FalsePositiveRate",
+    "FalseNegativeRate",
+)
 
 # 8-connectivity for ground-truth regions, as in the MVTec AD evaluation code.
 _REGION_STRUCTURE = np.ones((3, 3), dtype=int)
@@ -439,6 +456,84 @@ def evaluate(predicted, truth, defect_types=None) -> dict:
         result["DefectTypeCounts"] = counts
         result["DefectTypeRecall"] = recalls
     return result
+
+
+def _key(name: str) -> Any:
+    """Field metadata: the key of a field whose name does not spell it in CamelCase."""
+    return field(default=None, metadata={"key": name})
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What one evaluation measured: one attribute per metric, one key per attribute.
+
+    :meth:`as_dict` gives the keys of ``metrics.json``: the attribute name in CamelCase
+    (``global_accuracy`` -> ``GlobalAccuracy``, as MATLAB's ``DataSetMetrics``), except
+    ``auroc`` -> ``AUROC``, ``pixel_auroc`` -> ``PixelAUROC`` and ``aupro`` -> ``AUPRO``
+    (area under the per-region overlap curve up to a false positive rate of 0.3). Optional
+    metrics left at None are omitted from the dict, except ``auroc``, ``threshold`` and
+    ``threshold_method``.
+    """
+
+    num_samples: int
+    num_anomalous: int
+    num_normal: int
+    true_positives: int
+    false_positives: int
+    true_negatives: int
+    false_negatives: int
+    global_accuracy: float
+    mean_accuracy: float
+    precision: float
+    recall: float
+    specificity: float
+    f1_score: float
+    false_positive_rate: float
+    false_negative_rate: float
+    confusion_matrix: list[list[int]]
+    defect_type_counts: dict[str, int] | None = None
+    defect_type_recall: dict[str, float] | None = None
+    auroc: float | None = _key("AUROC")
+    threshold: float | None = None
+    threshold_method: str | None = None
+    pixel_auroc: float | None = _key("PixelAUROC")
+    aupro: float | None = _key("AUPRO")
+    pixel_metric_images: int | None = None
+
+    @staticmethod
+    def key(attribute: str) -> str:
+        """The ``metrics.json`` key of an attribute (``"f1_score"`` -> ``"F1Score"``)."""
+        return _KEYS[attribute]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The metrics by their ``metrics.json`` keys (JSON-serialisable values)."""
+        always = ("auroc", "threshold", "threshold_method")
+        return {
+            _KEYS[f.name]: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) is not None or f.name in always
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Metrics:
+        """The inverse of :meth:`as_dict` (e.g. of :func:`evaluate`'s result).
+
+        Raises:
+            ValueError: a key that names no metric.
+        """
+        attribute = {k: a for a, k in _KEYS.items()}
+        unknown = sorted(set(values) - set(attribute))
+        if unknown:
+            raise ValueError(
+                f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(attribute)}"
+            )
+        return cls(**{attribute[k]: v for k, v in values.items()})
+
+
+_KEYS: dict[str, str] = {
+    f.name: f.metadata.get("key") or "".join(p.capitalize() for p in f.name.split("_"))
+    for f in fields(Metrics)
+}
 
 
 # --------------------------------------------------------------------------------------------

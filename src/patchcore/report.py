@@ -7,8 +7,8 @@ and opened from disk. All text coming from the caller is HTML-escaped.
 
 Metric names follow MATLAB's ``evaluateAnomalyDetection`` ``DataSetMetrics`` table
 (``GlobalAccuracy``, ``MeanAccuracy``, ``Precision``, ``Recall``, ``Specificity``,
-``F1Score``, ``FalsePositiveRate``, ``FalseNegativeRate``); common snake_case spellings
-(``accuracy``, ``balanced_accuracy``, ``f1``, ``fpr``...) are recognised too.
+``F1Score``, ``FalsePositiveRate``, ``FalseNegativeRate``), spelled as the keys of
+``metrics.json`` (:meth:`patchcore.metrics.Metrics.as_dict`); there are no aliases.
 """
 
 from __future__ import annotations
@@ -26,43 +26,14 @@ from urllib.parse import quote
 import numpy as np
 
 from ._util import fmt, package_version
+from .metrics import MATLAB_METRICS, Metrics
 
 __all__ = ["MATLAB_METRICS", "write_report"]
 
-#: Column order of MATLAB's DataSetMetrics table.
-MATLAB_METRICS: tuple[str, ...] = (
-    "GlobalAccuracy",
-    "MeanAccuracy",
-    "Precision",
-    "Recall",
-    "Specificity",
-    "F1Score",
-    "FalsePositiveRate",
-    "FalseNegativeRate",
-)
-
-# Canonical name -> accepted spellings (compared after lower-casing and dropping non-alphanumerics).
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "GlobalAccuracy": ("globalaccuracy", "accuracy", "acc"),
-    "MeanAccuracy": ("meanaccuracy", "balancedaccuracy"),
-    "Precision": ("precision", "ppv"),
-    "Recall": ("recall", "sensitivity", "tpr", "truepositiverate"),
-    "Specificity": ("specificity", "tnr", "truenegativerate"),
-    "F1Score": ("f1score", "f1"),
-    "FalsePositiveRate": ("falsepositiverate", "fpr"),
-    "FalseNegativeRate": ("falsenegativerate", "fnr"),
-    "AUROC": ("auroc", "auc", "rocauc", "imageauroc", "aucroc"),
-    "Threshold": ("threshold",),
-    "ConfusionMatrix": ("confusionmatrix", "cm"),
-}
+_KNOWN_METRICS = (*MATLAB_METRICS, "AUROC", "Threshold", "ConfusionMatrix")
+_TARGET_METRICS = (*MATLAB_METRICS, "AUROC")
 _LOWER_IS_BETTER = {"FalsePositiveRate", "FalseNegativeRate"}
-
-_FIGURE_ALIASES: dict[str, tuple[str, ...]] = {
-    "confusion_matrix": ("confusionmatrix", "cm"),
-    "score_histogram": ("scorehistogram", "histogram", "scores", "scoredistribution"),
-    "roc": ("roc", "roccurve"),
-    "per_type_recall": ("pertyperecall", "recallpertype", "typerecall"),
-}
+_FIGURES = ("confusion_matrix", "score_histogram", "roc", "per_type_recall")
 
 # Gallery key -> (heading, explanation, the prediction was correct).
 _GALLERIES: dict[str, tuple[str, str, bool]] = {
@@ -71,13 +42,6 @@ _GALLERIES: dict[str, tuple[str, str, bool]] = {
     "false_positives": ("False positives", "normal images flagged as anomalous", False),
     "false_negatives": ("False negatives", "anomalous images the detector missed", False),
 }
-_GALLERY_ALIASES: dict[str, tuple[str, ...]] = {
-    "true_positives": ("tp", "truepositive", "truepositives"),
-    "true_negatives": ("tn", "truenegative", "truenegatives"),
-    "false_positives": ("fp", "falsepositive", "falsepositives"),
-    "false_negatives": ("fn", "falsenegative", "falsenegatives"),
-}
-
 _CSS = """
 :root {
   --ink: #1d2330; --muted: #5f6b7a; --line: #dde2e8; --bg: #f3f5f8; --card: #ffffff;
@@ -157,28 +121,16 @@ footer { color: var(--muted); font-size: 12px; padding: 8px 0 28px; }
 """
 
 
-def _key(name: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", str(name).lower())
+def _split_metrics(metrics: Metrics | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics the report lays out, other entries)``; names are the keys of ``metrics.json``.
 
-
-def _canonical(name: str, aliases: Mapping[str, tuple[str, ...]]) -> str | None:
-    key = _key(name)
-    for canonical, spellings in aliases.items():
-        if key in spellings:
-            return canonical
-    return None
-
-
-def _canonical_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split metrics into ``(known by canonical name, others by original name)``."""
-    known: dict[str, Any] = {}
-    others: dict[str, Any] = {}
-    for name, value in metrics.items():
-        canonical = _canonical(name, _ALIASES)
-        if canonical is None or canonical in known:
-            others[str(name)] = value
-        else:
-            known[canonical] = value
+    A :class:`~patchcore.metrics.Metrics` object contributes only what the report lays out.
+    """
+    if isinstance(metrics, Metrics):
+        values = metrics.as_dict()
+        return {k: values[k] for k in _KNOWN_METRICS if k in values}, {}
+    known = {str(k): v for k, v in metrics.items() if k in _KNOWN_METRICS}
+    others = {str(k): v for k, v in metrics.items() if k not in _KNOWN_METRICS}
     return known, others
 
 
@@ -431,19 +383,15 @@ def _gallery_section(
 ) -> str:
     if not galleries:
         return ""
-    ordered: list[tuple[str, str, str, bool | None, Sequence[Mapping[str, Any]]]] = []
-    known = {}
+    ordered: list[tuple[str, str, str, bool | None, Sequence[Mapping[str, Any]]]] = [
+        (key, heading, explanation, correct, galleries[key])
+        for key, (heading, explanation, correct) in _GALLERIES.items()
+        if key in galleries
+    ]
     for name, items in galleries.items():
-        canonical = _canonical(name, _GALLERY_ALIASES)
-        if canonical is not None and canonical not in known:
-            known[canonical] = (name, items)
-    for canonical, (heading, explanation, correct) in _GALLERIES.items():
-        if canonical in known:
-            ordered.append((canonical, heading, explanation, correct, known[canonical][1]))
-    used = {v[0] for v in known.values()}
-    for name, items in galleries.items():
-        if name not in used:
-            ordered.append((_key(name) or "gallery", str(name), "", None, items))
+        if name not in _GALLERIES:
+            anchor = re.sub(r"[^0-9a-z]", "", str(name).lower()) or "gallery"
+            ordered.append((anchor, str(name), "", None, items))
     has_threshold = _is_number(threshold) and not math.isnan(float(threshold))
     blocks = []
     for anchor, heading, explanation, correct, items in ordered:
@@ -517,7 +465,7 @@ def write_report(
     *,
     title: str,
     model_card: Mapping[str, Any],
-    metrics: Mapping[str, Any],
+    metrics: Metrics | Mapping[str, Any],
     figures: Mapping[str, str | Path],
     galleries: Mapping[str, Sequence[Mapping[str, Any]]],
     per_type_recall: Mapping[str, Any] | None = None,
@@ -532,20 +480,21 @@ def write_report(
         title: report title.
         model_card: model description (backbone, layers, coreset size, training images...);
             nested mappings are flattened to dotted keys.
-        metrics: image-level metrics, MATLAB names (``GlobalAccuracy``, ``F1Score``...) or
-            common aliases, plus ``AUROC`` and ``threshold``; an optional
-            ``ConfusionMatrix`` ``[[TN, FP], [FN, TP]]`` is shown as a table when there is no
-            confusion-matrix figure. Other entries are listed under "Other metrics".
+        metrics: a :class:`~patchcore.metrics.Metrics` (its pixel metrics fill the pixel
+            section unless ``pixel_metrics`` is given), or a mapping with the keys of
+            ``metrics.json``: :data:`MATLAB_METRICS`, ``AUROC``, ``Threshold`` and an optional
+            ``ConfusionMatrix`` ``[[TN, FP], [FN, TP]]`` (shown as a table when there is no
+            confusion-matrix figure); other entries are listed under "Other metrics".
         figures: name -> PNG path (absolute, or relative to ``out_dir``). Recognised names:
             ``confusion_matrix``, ``score_histogram``, ``roc``, ``per_type_recall``; others
             go to an "Other figures" section.
         galleries: group -> list of ``{"image_path", "caption", "score"}``; groups
             ``true_positives``, ``true_negatives``, ``false_positives``,
-            ``false_negatives`` (or ``tp``...) get their own headings, in that order.
+            ``false_negatives`` get their own headings, in that order; others follow.
         per_type_recall: defect type -> recall, or -> ``{"recall", "n"}``.
-        pixel_metrics: e.g. ``{"pixel AUROC": 0.97, "AUPRO (FPR <= 0.3)": 0.91}``.
+        pixel_metrics: label -> value, e.g. ``{"PixelAUROC": 0.97, "AUPRO": 0.91}``.
         notes: free-text remarks shown at the end.
-        targets: optional metric name -> required value (e.g. ``{"Recall": 0.95}``); drives
+        targets: optional metric key -> required value (e.g. ``{"Recall": 0.95}``); drives
             the pass / fail colours and the summary verdict. FalsePositiveRate and
             FalseNegativeRate pass when at or below their target, the others at or above.
 
@@ -558,27 +507,18 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    known, others = _canonical_metrics(metrics)
-    target_map: dict[str, float] = {}
-    for name, value in (targets or {}).items():
-        canonical = _canonical(name, _ALIASES)
-        if canonical is None:
+    known, others = _split_metrics(metrics)
+    if pixel_metrics is None and isinstance(metrics, Metrics) and metrics.pixel_auroc is not None:
+        pixel_metrics = {"PixelAUROC": metrics.pixel_auroc, "AUPRO": metrics.aupro}
+    for name in targets or {}:
+        if name not in _TARGET_METRICS:
             raise ValueError(
-                f"unknown target metric {name!r}; use one of {', '.join(MATLAB_METRICS)}, AUROC"
+                f"unknown target metric {name!r}; use one of {', '.join(_TARGET_METRICS)}"
             )
-        target_map[canonical] = float(value)
-    threshold = known.get("Threshold")
-    if threshold is None:
-        threshold = next((v for k, v in model_card.items() if _key(k) == "threshold"), None)
-
-    named: dict[str, str | Path] = {}
-    other_figures: dict[str, str | Path] = {}
-    for name, path in figures.items():
-        canonical = _canonical(name, _FIGURE_ALIASES)
-        if canonical is None or canonical in named:
-            other_figures[str(name)] = path
-        else:
-            named[canonical] = path
+    target_map = {str(k): float(v) for k, v in (targets or {}).items()}
+    threshold = known.get("Threshold", model_card.get("threshold"))
+    named = {k: v for k, v in figures.items() if k in _FIGURES}
+    other_figures = {str(k): v for k, v in figures.items() if k not in _FIGURES}
 
     confusion = ""
     if "confusion_matrix" in named:

@@ -38,7 +38,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -411,7 +411,7 @@ class CalibrationSummary:
     test_normal: int
     test_anomalous: int
     display_range: tuple[float, float]
-    calibration_metrics: dict[str, Any]
+    calibration_metrics: metrics.Metrics
     seconds: float
     ms_per_image: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -522,7 +522,7 @@ def calibrate_detector(
         calibration_skipped=[name for name, _ in skipped],
         ms_per_image=1000.0 * seconds / max(1, len(calib)),
     )
-    cal_metrics = metrics.evaluate(scores[ok] >= threshold, y[ok])
+    cal_metrics = metrics.Metrics.from_dict(metrics.evaluate(scores[ok] >= threshold, y[ok]))
     summary = CalibrationSummary(
         model_path="",
         data=data_spec,
@@ -717,30 +717,30 @@ def evaluate_detector(
     truth = test.labels
     pred = scores >= threshold
     types = np.asarray(test.defect_types, dtype=object)
-    result: dict[str, Any] = metrics.evaluate(pred[ok], truth[ok], types[ok].tolist())
+    measured = metrics.Metrics.from_dict(metrics.evaluate(pred[ok], truth[ok], types[ok].tolist()))
     both = 0 < int(truth[ok].sum()) < int(ok.sum())
-    result["AUROC"] = metrics.auroc(truth[ok], scores[ok]) if both else None
-    result["Threshold"] = threshold
-    result["ThresholdMethod"] = det.threshold_method_
-    pixel: dict[str, float] | None = None
+    measured = replace(
+        measured,
+        auroc=metrics.auroc(truth[ok], scores[ok]) if both else None,
+        threshold=threshold,
+        threshold_method=det.threshold_method_,
+    )
     if small_maps:
         idx = sorted(small_maps)
         masks = [datasets.load_mask(test[i], small_maps[i].shape) for i in idx]
         pairs = [(m, small_maps[i]) for m, i in zip(masks, idx, strict=True) if m is not None]
+        pm = [p[0] for p in pairs]
+        mp = [p[1] for p in pairs]
         try:
-            pm = [p[0] for p in pairs]
-            mp = [p[1] for p in pairs]
-            pixel = {
-                "Pixel AUROC": metrics.pixel_auroc(pm, mp),
-                "AUPRO (FPR <= 0.3)": metrics.aupro(pm, mp, 0.3),
-            }
+            measured = replace(
+                measured,
+                pixel_auroc=metrics.pixel_auroc(pm, mp),
+                aupro=metrics.aupro(pm, mp, 0.3),
+                pixel_metric_images=len(pairs),
+            )
         except ValueError as exc:
-            pixel = None
             notes = [*notes, f"pixel metrics not computed: {exc}"]
-        if pixel is not None:
-            result["PixelAUROC"] = pixel["Pixel AUROC"]
-            result["AUPRO"] = pixel["AUPRO (FPR <= 0.3)"]
-            result["PixelMetricImages"] = len(pairs)
+    result = measured.as_dict()
     n = int(ok.sum())
     ms = 1000.0 * seconds / max(1, len(test))
     scored = [nm for nm, good in zip(test.names, ok, strict=True) if good]
@@ -770,8 +770,7 @@ def evaluate_detector(
                 out,
                 scores,
                 pred,
-                result,
-                pixel,
+                measured,
                 threshold,
                 gallery_size,
                 title,
@@ -884,8 +883,7 @@ def _write_report(
     out: Path,
     scores: np.ndarray,
     pred: np.ndarray,
-    result: dict[str, Any],
-    pixel: dict[str, float] | None,
+    measured: metrics.Metrics,
     threshold: float,
     gallery_size: int,
     title: str,
@@ -904,15 +902,16 @@ def _write_report(
         figdir / "score_histogram.png",
         title="Anomaly scores of the held-out test images",
     )
-    if result.get("AUROC") is not None:
+    if measured.auroc is not None:
         fpr, tpr, _ = metrics.roc_curve(truth[ok], scores[ok])
-        op = (result["FalsePositiveRate"], result["Recall"])
-        figures["roc"] = plots.roc_plot(fpr, tpr, result["AUROC"], figdir / "roc.png", op)
+        op = (measured.false_positive_rate, measured.recall)
+        figures["roc"] = plots.roc_plot(fpr, tpr, measured.auroc, figdir / "roc.png", op)
     figures["confusion_matrix"] = plots.confusion_matrix_plot(
-        result["ConfusionMatrix"], figdir / "confusion_matrix.png"
+        measured.confusion_matrix, figdir / "confusion_matrix.png"
     )
-    recall = {t: r for t, r in result.get("DefectTypeRecall", {}).items() if t != datasets.GOOD}
-    counts = result.get("DefectTypeCounts", {})
+    all_recall = measured.defect_type_recall or {}
+    recall = {t: r for t, r in all_recall.items() if t != datasets.GOOD}
+    counts = measured.defect_type_counts or {}
     if recall:
         figures["per_type_recall"] = plots.per_type_recall_plot(
             recall, figdir / "per_type_recall.png", counts=counts
@@ -920,7 +919,6 @@ def _write_report(
     per_type = {t: {"recall": r, "n": counts.get(t)} for t, r in recall.items()}
     display = det.metadata_.get("display_range")
     galleries = _galleries(det, test, out, scores, pred, threshold, display, gallery_size)
-    table_metrics = {k: result[k] for k in (*report.MATLAB_METRICS, "AUROC", "Threshold")}
     n_normal = int((truth[ok] == 0).sum())
     all_notes = [
         f"Evaluated on {int(ok.sum())} held-out test images ({n_normal} normal, "
@@ -937,10 +935,11 @@ def _write_report(
             else " (not stored: each image uses its own range)."
         ),
     ]
-    if pixel is not None:
+    if measured.pixel_auroc is not None:
         all_notes.append(
             f"Pixel metrics use maps and masks resized to at most {PIXEL_METRIC_SIDE} px on "
-            f"the longer side ({result.get('PixelMetricImages')} images with known masks)."
+            f"the longer side ({measured.pixel_metric_images} images with known masks); "
+            "AUPRO up to a false positive rate of 0.3."
         )
     if skipped:
         all_notes.append(
@@ -952,11 +951,10 @@ def _write_report(
         out,
         title=title,
         model_card=model_card(det, ms),
-        metrics=table_metrics,
+        metrics=measured,
         figures=figures,
         galleries=galleries,
         per_type_recall=per_type or None,
-        pixel_metrics=pixel,
         notes=all_notes,
     )
 

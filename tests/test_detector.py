@@ -293,3 +293,73 @@ def test_backbone_dtype_is_validated(toy_images, tmp_path: Path) -> None:
     train, _, _ = toy_images
     with pytest.raises(ValueError, match="backbone_dtype must be .* got 'int8'"):
         small(backbone_dtype="int8").fit(train)
+
+
+# ---------------------------------------------------------------- score() / iter_score()
+
+
+def test_score_returns_scores_maps_and_skipped_records(fitted: PatchCore, toy_images) -> None:
+    from patchcore.detector import ScoreResult
+    from patchcore.inputs import Skipped
+
+    _, good, bad = toy_images
+    broken = np.zeros((3, 3), np.uint8)  # too small to be read
+    images = [good[0], broken, bad[0]]
+    r = fitted.score(images, on_error="skip")
+    assert isinstance(r, ScoreResult) and r.maps is None
+    assert r.scores.dtype == np.float64 and r.scores.shape == (3,) and np.isnan(r.scores[1])
+    assert r.skipped == [Skipped(1, "image #1", r.skipped[0].reason)]
+    assert "too small" in r.skipped[0].reason
+    np.testing.assert_array_equal(r.scores[[0, 2]], fitted.score_samples([good[0], bad[0]]))
+    with pytest.raises(ImageReadError, match="too small"):
+        fitted.score(images)
+
+
+def test_score_does_not_warn_but_the_older_methods_do(fitted: PatchCore, toy_images) -> None:
+    import warnings
+
+    images = [toy_images[1][0], np.zeros((3, 3), np.uint8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted.score(images, on_error="skip")
+    with pytest.warns(UserWarning, match=r"1 unreadable image\(s\) scored as NaN: image #1"):
+        fitted.score_samples(images, on_error="skip")
+
+
+def test_map_sizes_processed_native_and_given(fitted: PatchCore) -> None:
+    rng = np.random.default_rng(2)
+    imgs = [rng.integers(0, 255, (h, w), dtype=np.uint8) for h, w in [(50, 70), (200, 120)]]
+    native = fitted.score(imgs, maps="native").maps
+    assert [m.shape for m in native] == [(50, 70), (200, 120)]
+    processed = fitted.score(imgs, maps="processed").maps
+    assert [m.shape for m in processed] == [(96, 96), (96, 96)]
+    given = fitted.score(imgs, maps=(30, 40)).maps
+    assert [m.shape for m in given] == [(30, 40), (30, 40)]
+    assert all(m.dtype == np.float32 for m in native + processed + given)
+    # "native" is what anomaly_maps always gave
+    for a, b in zip(native, fitted.anomaly_maps(imgs), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"maps must be None, 'processed', 'native' or \(h"):
+        fitted.score(imgs, maps="full")
+
+
+def test_iter_score_streams_in_input_order_with_errors(fitted: PatchCore, toy_images) -> None:
+    _, good, bad = toy_images
+    broken = np.zeros((3, 3), np.uint8)
+    odd = np.asarray(good[1][:64, :80])  # another input size (resized to 96 x 96)
+    images = [broken, good[0], odd, broken, bad[0], bad[1], broken]
+    det = small(batch_size=2).fit(toy_images[0])
+    stream = det.iter_score(images, maps="processed", on_error="skip")
+    results = list(stream)
+    assert [r.index for r in results] == list(range(len(images)))
+    assert [r.error is not None for r in results] == [True, False, False, True, False, False, True]
+    assert all(np.isnan(r.score) and r.map is None for r in results if r.error)
+    assert all(r.map.shape == (96, 96) for r in results if not r.error)
+    whole = det.score(images, maps="processed", on_error="skip")
+    np.testing.assert_array_equal([r.score for r in results], whole.scores)
+    assert [s.index for s in whole.skipped] == [0, 3, 6]
+
+
+def test_iter_score_checks_before_iterating(toy_images) -> None:
+    with pytest.raises(NotFittedError, match="before iter_score"):
+        small().iter_score(toy_images[1])

@@ -11,7 +11,6 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,7 +22,8 @@ from . import sampling
 from .anomaly_map import upsample_blur
 from .backbones import FeatureExtractor, get_spec
 from .embedding import embed, flatten_patches
-from .images import ImageInput, ImageReadError, as_tensor, output_size, resize
+from .images import ImageInput, output_size
+from .inputs import Batch, Skipped, as_list, check_on_error, iter_batches
 from .search import NearestNeighborIndex
 
 FORMAT_NAME = "patchcore"
@@ -50,25 +50,37 @@ class Classification(NamedTuple):
     maps: list[np.ndarray]
 
 
+MapSize = str | tuple[int, int] | None
+"""``None``, ``"processed"``, ``"native"`` or ``(H, W)``: see :meth:`PatchCore.iter_score`."""
+
+
+class ImageResult(NamedTuple):
+    """One input's outcome, yielded by :meth:`PatchCore.iter_score` in input order.
+
+    index: position in the input. name: its path, or ``"image #<index>"``. score: higher = more
+    anomalous, NaN when skipped. map: float32 HxW or None. error: None, or why it was skipped.
+    """
+
+    index: int
+    name: str
+    score: float
+    map: np.ndarray | None
+    error: str | None
+
+
 @dataclass
-class _Batch:
-    indices: list[int]
-    pixels: torch.Tensor  # (B, 3, H, W) in [0, 1], resized
-    sizes: list[tuple[int, int]]  # each input's own (H, W)
+class ScoreResult:
+    """What :meth:`PatchCore.score` did.
 
+    Attributes:
+        scores: (N,) float64, higher = more anomalous; NaN for skipped inputs.
+        maps: N float32 HxW arrays (None for skipped inputs), or None when no maps were asked.
+        skipped: the unreadable inputs, as (index, name, reason) records.
+    """
 
-def _as_list(images: Any) -> list[Any]:
-    if hasattr(images, "images") and not isinstance(images, (np.ndarray, torch.Tensor)):
-        images = images.images  # an ImageDataset
-    if isinstance(images, (str, os.PathLike)) or (
-        isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
-    ):
-        return [images]
-    return list(images)  # a sequence, or a stacked (N, ...) batch
-
-
-def _name(image: Any, index: int) -> str:
-    return str(image) if isinstance(image, (str, os.PathLike)) else f"image #{index}"
+    scores: np.ndarray
+    maps: list[np.ndarray | None] | None
+    skipped: list[Skipped]
 
 
 class PatchCore:
@@ -223,21 +235,25 @@ class PatchCore:
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, images: Any, y: Any = None, *, on_error: str = "raise") -> PatchCore:
+    def fit(
+        self, images: Any, y: Any = None, *, on_error: str = "raise", progress: bool | None = None
+    ) -> PatchCore:
         """Build the memory bank from normal images.
 
         Args:
             images: paths, PIL images, arrays, tensors, or an ``ImageDataset``.
             y: ignored (scikit-learn convention).
             on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
-                leaves it out and lists it in ``skipped_``.
+                leaves it out and lists it in ``skipped_`` (with a warning).
+            progress: show progress bars for this call; ``None`` = the ``progress`` parameter.
 
         Returns:
             self
         """
         self._validate()
-        _check_on_error(on_error)
-        items = _as_list(images)
+        check_on_error(on_error)
+        progress = self.progress if progress is None else bool(progress)
+        items = as_list(images)
         if not items:
             raise ValueError("fit needs at least one image, got none")
         self.device_ = self._device()
@@ -246,10 +262,13 @@ class PatchCore:
         ).to(self.device_)
         self.layers_ = tuple(self.extractor_.layers)
         t0 = time.perf_counter()
-        skipped: list[tuple[str, str]] = []
+        skipped: list[Skipped] = []
         store = _FeatureStore(len(items), _FEATURE_DTYPES[self.feature_dtype])
-        for batch in self._batches(items, on_error, skipped, desc="fit: features"):
-            store.add(flatten_patches(self._embed(batch.pixels)).float().cpu(), len(batch.indices))
+        for batch in self._batches(items, on_error, progress, "fit: features"):
+            skipped += batch.skipped
+            if batch.pixels is not None:
+                rows = flatten_patches(self._embed(batch.pixels)).float().cpu()
+                store.add(rows, len(batch.indices))
         if store.overflow:
             warnings.warn(
                 "training features exceed float16's range (|x| > 65504): stored in float32 "
@@ -260,30 +279,18 @@ class PatchCore:
         if store.rows == 0:
             raise ValueError(
                 f"no readable training images: all {len(items)} failed, e.g. "
-                f"{skipped[0][0]}: {skipped[0][1]}"
+                f"{skipped[0].name}: {skipped[0].reason}"
             )
         features = store.result()
         del store
         t1 = time.perf_counter()
-        n = sampling.coreset_size(features.shape[0], self.coreset_ratio)
-        if self.coreset_ratio >= 1:
-            idx = torch.arange(features.shape[0])
-        elif self.sampling == "greedy":
-            idx = sampling.greedy_coreset(
-                features,
-                n,
-                projection_dim=self.projection_dim,
-                seed=self.seed,
-                progress=self.progress,
-            )
-        else:
-            idx = sampling.random_subsample(features.shape[0], n, seed=self.seed)
+        idx = self._select_bank(features, progress)
         self.memory_bank_ = features[idx].float().contiguous()
         self.n_train_patches_ = int(features.shape[0])
         del features
         t2 = time.perf_counter()
         self.n_train_images_ = len(items) - len(skipped)
-        self.skipped_ = skipped
+        self.skipped_ = [(s.name, s.reason) for s in skipped]
         self.feature_seconds_ = t1 - t0
         self.coreset_seconds_ = t2 - t1
         self.fit_seconds_ = t2 - t0
@@ -291,15 +298,19 @@ class PatchCore:
         self.threshold_method_: str | None = None
         self.metadata_: dict[str, Any] = {}
         self._index = NearestNeighborIndex(self.memory_bank_.to(self.device_))
-        if skipped:
-            warnings.warn(
-                f"fit skipped {len(skipped)} unreadable image(s): "
-                + "; ".join(f"{n}: {r}" for n, r in skipped[:5])
-                + (" ..." if len(skipped) > 5 else ""),
-                UserWarning,
-                stacklevel=2,
-            )
+        _warn_skipped("fit skipped {n} unreadable image(s)", skipped)
         return self
+
+    def _select_bank(self, features: torch.Tensor, progress: bool) -> torch.Tensor:
+        """Indices of the training patches kept in the memory bank (the coreset step)."""
+        n = sampling.coreset_size(features.shape[0], self.coreset_ratio)
+        if self.coreset_ratio >= 1:
+            return torch.arange(features.shape[0])
+        if self.sampling == "greedy":
+            return sampling.greedy_coreset(
+                features, n, projection_dim=self.projection_dim, seed=self.seed, progress=progress
+            )
+        return sampling.random_subsample(features.shape[0], n, seed=self.seed)
 
     # ------------------------------------------------------------------ internals
 
@@ -310,65 +321,15 @@ class PatchCore:
                 f"PatchCore.load(path) before {what}"
             )
 
-    def _target_size(self, h: int, w: int) -> tuple[int, int]:
-        return output_size(h, w, self.image_size, self.scale)
-
-    def _load_one(self, image: ImageInput, index: int) -> torch.Tensor:
-        try:
-            return as_tensor(image)
-        except ImageReadError:
-            raise
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ImageReadError(_name(image, index), str(exc)) from None
-
-    def _batches(
-        self,
-        items: list[Any],
-        on_error: str,
-        skipped: list[tuple[str, str]],
-        desc: str,
-    ) -> Iterator[_Batch]:
-        """Decode (in a thread pool), resize and group images into same-size batches."""
-        bs = int(self.batch_size)
-
-        def load(i: int) -> tuple[int, tuple[torch.Tensor, tuple[int, int]] | ImageReadError]:
-            # Resized in the worker: only processed-size images wait in the queue (decoded
-            # full-size float32 images in flight were most of fit's peak memory at small sizes).
-            try:
-                t = self._load_one(items[i], i)
-            except ImageReadError as exc:
-                return i, exc
-            size = (int(t.shape[1]), int(t.shape[2]))
-            return i, (resize(t, self._target_size(*size)), size)
-
-        bar = _progress(len(items), desc, self.progress)
-        pending: list[tuple[int, torch.Tensor, tuple[int, int]]] = []
-        # Files are decoded in two threads; in-memory images (and a single image) inline: the
-        # hand-off to a worker thread cost ~2 ms per image at batch 1, more than the work.
-        threaded = len(items) > 1 and any(isinstance(it, (str, os.PathLike)) for it in items)
-        try:
-            with ThreadPoolExecutor(max_workers=2 if threaded else 1) as pool:
-                results = (
-                    _bounded_map(pool, load, range(len(items)), 4 * bs)
-                    if threaded
-                    else map(load, range(len(items)))
-                )
-                for i, result in results:
-                    bar.update(1)
-                    if isinstance(result, ImageReadError):
-                        if on_error == "raise":
-                            raise result
-                        skipped.append((result.path, result.problem))
-                        continue
-                    t, size = result
-                    if pending and (pending[0][1].shape != t.shape or len(pending) >= bs):
-                        yield _make_batch(pending)
-                        pending = []
-                    pending.append((i, t, size))
-                if pending:
-                    yield _make_batch(pending)
-        finally:
-            bar.close()
+    def _batches(self, items: list[Any], on_error: str, progress: bool, desc: str):  # noqa: ANN202
+        return iter_batches(
+            items,
+            batch_size=int(self.batch_size),
+            target_size=lambda h, w: output_size(h, w, self.image_size, self.scale),
+            on_error=on_error,
+            progress=progress,
+            desc=desc,
+        )
 
     @torch.inference_mode()
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -380,7 +341,9 @@ class PatchCore:
         return embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
 
     @torch.inference_mode()
-    def _score_batch(self, batch: _Batch, want_maps: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _score_batch(self, batch: Batch, maps: MapSize) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Image scores (B,) float64 and, unless ``maps`` is None, B float32 maps."""
+        assert batch.pixels is not None
         emb = self._embed(batch.pixels)
         b, _, h, w = emb.shape
         patches = flatten_patches(emb).float()
@@ -390,19 +353,19 @@ class PatchCore:
         image_scores, arg = patch_scores.max(dim=1)
         if k > 1:
             image_scores = self._reweight(patches.view(b, h * w, -1), arg, image_scores, k)
-        maps: list[np.ndarray] = []
-        if want_maps:
-            grid = patch_scores.view(b, 1, h, w)
+        out: list[np.ndarray] = []
+        if maps is not None:
             H, W = batch.pixels.shape[-2:]
-            up = upsample_blur(grid, (H, W), self.sigma)
+            up = upsample_blur(patch_scores.view(b, 1, h, w), (H, W), self.sigma)
             for j, size in enumerate(batch.sizes):
                 m = up[j : j + 1]
-                if tuple(size) != (H, W):
+                want = (H, W) if maps == "processed" else size if maps == "native" else maps
+                if tuple(want) != (H, W):
                     m = torch.nn.functional.interpolate(
-                        m, size=size, mode="bilinear", align_corners=False
+                        m, size=tuple(want), mode="bilinear", align_corners=False
                     )
-                maps.append(m[0, 0].cpu().numpy().astype(np.float32, copy=False))
-        return image_scores.double().cpu().numpy(), maps
+                out.append(m[0, 0].cpu().numpy().astype(np.float32, copy=False))
+        return image_scores.double().cpu().numpy(), out
 
     def _reweight(
         self,
@@ -421,61 +384,121 @@ class PatchCore:
         weights = 1.0 - torch.softmax(d, dim=1)[:, 0]
         return weights * scores
 
-    def _run(
-        self, images: Any, want_maps: bool, on_error: str, desc: str
-    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        self._check_fitted(desc)
-        _check_on_error(on_error)
-        items = _as_list(images)
-        scores = np.full(len(items), np.nan)
-        maps: list[np.ndarray | None] = [None] * len(items)
-        skipped: list[tuple[str, str]] = []
-        for batch in self._batches(items, on_error, skipped, desc=desc):
-            s, m = self._score_batch(batch, want_maps)
-            scores[batch.indices] = s
-            for j, i in enumerate(batch.indices):
-                if want_maps:
-                    maps[i] = m[j]
-        self.last_skipped_ = skipped
-        if skipped:
-            warnings.warn(
-                f"{len(skipped)} unreadable image(s) scored as NaN: "
-                + "; ".join(f"{n}: {r}" for n, r in skipped[:5])
-                + (" ..." if len(skipped) > 5 else ""),
-                UserWarning,
-                stacklevel=3,
-            )
-        return scores, maps
-
     # ------------------------------------------------------------------ inference
 
-    def score_samples(self, images: Any, *, on_error: str = "raise") -> np.ndarray:
+    def iter_score(
+        self,
+        images: Any,
+        *,
+        maps: MapSize = None,
+        on_error: str = "raise",
+        progress: bool | None = None,
+    ) -> Iterator[ImageResult]:
+        """Score images one by one as they are processed, in input order (a stream).
+
+        Images are still decoded and run in batches of ``batch_size``; each batch's results are
+        yielded as soon as it is done, so a caller can show progress or write rows as they come.
+
+        Args:
+            images: paths, PIL images, arrays, tensors, or an ``ImageDataset``.
+            maps: ``None`` (no maps), ``"processed"`` (at the resized size the detector sees),
+                ``"native"`` (each input's own size) or ``(H, W)`` (a given display size).
+            on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
+                yields it with ``score`` NaN, ``map`` None and ``error`` set.
+            progress: show a progress bar for this call; ``None`` = the ``progress`` parameter.
+
+        Yields:
+            :class:`ImageResult` per input: index, name, score (higher = more anomalous), map
+            (float32 HxW or None) and error (None, or why the input was skipped).
+        """
+        self._check_fitted("iter_score")
+        check_on_error(on_error)
+        maps = _check_maps(maps)
+        items = as_list(images)
+        progress = self.progress if progress is None else bool(progress)
+        return self._stream(items, maps, on_error, progress)
+
+    def _stream(
+        self, items: list[Any], maps: MapSize, on_error: str, progress: bool
+    ) -> Iterator[ImageResult]:
+        for batch in self._batches(items, on_error, progress, "score"):
+            results = [
+                ImageResult(s.index, s.name, math.nan, None, s.reason) for s in batch.skipped
+            ]
+            if batch.pixels is not None:
+                scores, out = self._score_batch(batch, maps)
+                for j, i in enumerate(batch.indices):
+                    m = out[j] if maps is not None else None
+                    results.append(ImageResult(i, batch.names[j], float(scores[j]), m, None))
+            yield from sorted(results, key=lambda r: r.index)
+
+    def score(
+        self,
+        images: Any,
+        *,
+        maps: MapSize = None,
+        on_error: str = "raise",
+        progress: bool | None = None,
+    ) -> ScoreResult:
+        """Scores, optional anomaly maps and the skipped inputs of ``images`` in one pass.
+
+        Arguments as in :meth:`iter_score`; nothing is warned: unreadable inputs skipped with
+        ``on_error="skip"`` are returned in ``skipped``.
+
+        Returns:
+            :class:`ScoreResult`: ``scores`` (N,) float64, higher = more anomalous, NaN where
+            skipped; ``maps`` N float32 arrays (None where skipped), or None when ``maps`` is
+            None; ``skipped`` the (index, name, reason) records.
+        """
+        stream = self.iter_score(images, maps=maps, on_error=on_error, progress=progress)
+        results = list(stream)
+        return ScoreResult(
+            scores=np.array([r.score for r in results], dtype=np.float64),
+            maps=None if maps is None else [r.map for r in results],
+            skipped=[Skipped(r.index, r.name, r.error) for r in results if r.error is not None],
+        )
+
+    def _scored(
+        self, images: Any, maps: MapSize, on_error: str, progress: bool | None
+    ) -> ScoreResult:
+        """:meth:`score`, warning about skipped inputs (the older methods' behaviour)."""
+        result = self.score(images, maps=maps, on_error=on_error, progress=progress)
+        _warn_skipped("{n} unreadable image(s) scored as NaN", result.skipped, stacklevel=4)
+        return result
+
+    def score_samples(
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
+    ) -> np.ndarray:
         """Image anomaly scores, higher = more anomalous.
 
         Returns:
-            (N,) float64; NaN for images skipped with ``on_error="skip"``.
+            (N,) float64; NaN for images skipped with ``on_error="skip"`` (with a warning).
         """
-        return self._run(images, False, on_error, "score_samples")[0]
+        return self._scored(images, None, on_error, progress).scores
 
     def score_with_maps(
-        self, images: Any, *, on_error: str = "raise"
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
     ) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """Image scores and anomaly maps in one pass (no threshold needed).
 
         Returns:
-            scores (N,) float64 (NaN for skipped images) and N float32 maps HxW (None if skipped).
+            scores (N,) float64 (NaN for skipped images) and N float32 maps HxW at each input's
+            own size (None if skipped).
         """
-        return self._run(images, True, on_error, "score_with_maps")
+        r = self._scored(images, "native", on_error, progress)
+        return r.scores, r.maps  # type: ignore[return-value]
 
-    def anomaly_map(self, image: ImageInput) -> np.ndarray:
+    def anomaly_map(self, image: ImageInput, *, progress: bool | None = None) -> np.ndarray:
         """Per-pixel anomaly map of one image, float32 HxW at the image's own size."""
-        _, maps = self._run([image], True, "raise", "anomaly_map")
-        assert maps[0] is not None
-        return maps[0]
+        m = self.score([image], maps="native", progress=progress).maps[0]  # type: ignore[index]
+        assert m is not None
+        return m
 
-    def anomaly_maps(self, images: Any, *, on_error: str = "raise") -> list[np.ndarray | None]:
-        """Anomaly maps of several images (None for skipped ones)."""
-        return self._run(images, True, on_error, "anomaly_maps")[1]
+    def anomaly_maps(
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
+    ) -> list[np.ndarray | None]:
+        """Anomaly maps of several images at their own sizes (None for skipped ones)."""
+        return self._scored(images, "native", on_error, progress).maps  # type: ignore[return-value]
 
     def _check_threshold(self, what: str) -> float:
         self._check_fitted(what)
@@ -486,16 +509,20 @@ class PatchCore:
             )
         return float(self.threshold_)  # type: ignore[arg-type]
 
-    def predict(self, images: Any, *, on_error: str = "raise") -> np.ndarray:
+    def predict(
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
+    ) -> np.ndarray:
         """Verdicts, True = anomalous (score >= ``threshold_``). (N,) bool."""
         t = self._check_threshold("predict")
-        return self.score_samples(images, on_error=on_error) >= t
+        return self._scored(images, None, on_error, progress).scores >= t
 
-    def classify(self, images: Any, *, on_error: str = "raise") -> Classification:
-        """Verdicts, scores and anomaly maps in one pass."""
+    def classify(
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
+    ) -> Classification:
+        """Verdicts, scores and anomaly maps (at each input's own size) in one pass."""
         t = self._check_threshold("classify")
-        scores, maps = self._run(images, True, on_error, "classify")
-        return Classification(scores >= t, scores, maps)  # type: ignore[arg-type]
+        r = self._scored(images, "native", on_error, progress)
+        return Classification(r.scores >= t, r.scores, r.maps)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ threshold
 
@@ -742,34 +769,28 @@ class _FeatureStore:
         return torch.cat(self.chunks)
 
 
-def _check_on_error(on_error: str) -> None:
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-
-
-def _make_batch(pending: list[tuple[int, torch.Tensor, tuple[int, int]]]) -> _Batch:
-    return _Batch(
-        indices=[p[0] for p in pending],
-        pixels=torch.stack([p[1] for p in pending]),
-        sizes=[p[2] for p in pending],
+def _check_maps(maps: MapSize) -> MapSize:
+    if maps is None or maps in ("processed", "native"):
+        return maps
+    if (
+        isinstance(maps, (tuple, list))
+        and len(maps) == 2
+        and all(isinstance(v, (int, np.integer)) and v >= 1 for v in maps)
+    ):
+        return (int(maps[0]), int(maps[1]))
+    raise ValueError(
+        f"maps must be None, 'processed', 'native' or (height, width) in pixels, got {maps!r}"
     )
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn, iterable, lookahead: int):  # noqa: ANN001
-    """Like ``pool.map`` but keeps at most ``lookahead`` results in flight (bounded memory)."""
-    from collections import deque
-
-    queue: deque = deque()
-    it = iter(iterable)
-    for x in it:
-        queue.append(pool.submit(fn, x))
-        if len(queue) >= lookahead:
-            yield queue.popleft().result()
-    while queue:
-        yield queue.popleft().result()
-
-
-def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+def _warn_skipped(message: str, skipped: list[Skipped], stacklevel: int = 3) -> None:
+    """The one warning about unreadable inputs; ``message`` has an ``{n}`` field."""
+    if skipped:
+        warnings.warn(
+            message.format(n=len(skipped))
+            + ": "
+            + "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
+            + (" ..." if len(skipped) > 5 else ""),
+            UserWarning,
+            stacklevel=stacklevel,
+        )

@@ -374,17 +374,13 @@ def _scores_and_maps(
     det: PatchCore, images: list[Any]
 ) -> tuple[np.ndarray, list[np.ndarray | None], list[tuple[str, str]]]:
     """Scores and anomaly maps of ``images`` in one pass (unreadable: NaN / None)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # skipped images are returned instead
-        scores, maps = det.score_with_maps(images, on_error="skip")
-    return np.asarray(scores, dtype=float), list(maps), list(det.last_skipped_)
+    r = det.score(images, maps="native", on_error="skip")
+    return r.scores, list(r.maps or []), [(s.name, s.reason) for s in r.skipped]
 
 
 def _scores(det: PatchCore, images: list[Any]) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        s = det.score_samples(images, on_error="skip")
-    return np.asarray(s, dtype=float), list(det.last_skipped_)
+    r = det.score(images, on_error="skip")
+    return r.scores, [(s.name, s.reason) for s in r.skipped]
 
 
 def _chunks(n: int, size: int = CHUNK) -> Iterator[slice]:

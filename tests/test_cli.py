@@ -153,7 +153,14 @@ def test_evaluate_never_feeds_a_calibration_image_to_the_detector(
     calibrated: Path, tiny: Path, tmp_path: Path, monkeypatch
 ) -> None:
     seen: list[str] = []
-    for name in ("score_samples", "score_with_maps", "classify", "anomaly_maps"):
+    for name in (
+        "iter_score",
+        "score",
+        "score_samples",
+        "score_with_maps",
+        "classify",
+        "anomaly_maps",
+    ):
         original = getattr(PatchCore, name)
 
         def spy(self, images, *a, _original=original, **kw):

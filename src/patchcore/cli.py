@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -79,6 +80,21 @@ def _debug() -> bool:
 
 
 @contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show library warnings (e.g. the detector's skipped images) as one stderr line each."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        typer.echo(f"patchcore: warning: {one_line(message)}", err=True)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+@contextmanager
 def _errors() -> Iterator[None]:
     """Turn expected failures into one stderr line and an exit code (2 input, 1 runtime)."""
     from .detector import ModelFileError, NotFittedError
@@ -95,7 +111,8 @@ def _errors() -> Iterator[None]:
         ValueError,
     )
     try:
-        yield
+        with _warnings_as_lines():
+            yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except bad_input as exc:
@@ -215,7 +232,8 @@ def _print_evaluation(payload: dict[str, Any]) -> None:
 
 
 def _echo_skipped(skipped: list[tuple[str, str]]) -> None:
-    """The first ten unreadable images of a fit or calibration, on stderr."""
+    """The first ten unreadable images of a calibration, on stderr (fit's come as the
+    detector's warning)."""
     if skipped:
         typer.echo(f"  skipped {len(skipped)} unreadable image(s):", err=True)
         for path, problem in skipped[:10]:
@@ -346,7 +364,6 @@ def fit(
         f"  time:            {s.seconds:.1f} s (features {s.feature_seconds:.1f} s, "
         f"coreset {s.coreset_seconds:.1f} s)"
     )
-    _echo_skipped(s.skipped)
     typer.echo(f"Model written to {s.model_path}")
     labelled = data.lower().startswith("elpv") or (Path(data) / "test").is_dir()
     typer.echo(f"Next: patchcore calibrate {s.model_path} {data if labelled else 'DATA'}")

@@ -1,0 +1,86 @@
+"""The reference workflow as library calls: fit, calibrate, evaluate, predict, demo.
+
+These are the steps MATLAB's "Localize Industrial Defects Using PatchCore Anomaly Detector"
+example walks through, one function each, so that the command line (:mod:`patchcore.cli`) only
+parses arguments, calls one of them and prints what it returns. One module per stage:
+
+- :mod:`.data`: data specs (:func:`resolve_data`), the images they hold and the splits.
+- :mod:`.model`: loading a model file, the threshold check, the model card.
+- :mod:`.fit`: :func:`fit_model` fits a :class:`~patchcore.detector.PatchCore` on (a seeded
+  fraction of) the normal training images and saves it.
+- :mod:`.calibrate`: :func:`calibrate_model` splits the labelled test images per label into a
+  calibration half and a held-out half, chooses the threshold on the calibration half and
+  remembers the split and a common heatmap display range in the model file.
+- :mod:`.evaluate`: :func:`evaluate_model` scores exactly the held-out half (never a
+  calibration image), computes the metrics and writes ``metrics.json``;
+  :mod:`.reporting` writes the HTML report.
+- :mod:`.predict`: :func:`predict_images` streams verdicts, scores and heatmap overlays.
+- :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
+
+Every stage makes one call into the detector (``fit``, or one ``iter_score`` stream that also
+drives the caller's progress callback) and asks for anomaly maps at the size it needs.
+
+Data are named by a *data spec*: a folder (``DATA/train/good``, ``DATA/test/<label>``,
+``DATA/ground_truth/<label>``, or just a folder of normal images for fitting) or
+``elpv[:mono|poly|all]`` for the ELPV solar cells. What a model was fitted and calibrated on is
+stored in ``PatchCore.metadata_`` (see :mod:`.model`).
+"""
+
+from __future__ import annotations
+
+from .calibrate import CalibrationSummary, calibrate_detector, calibrate_model
+from .data import (
+    ELPV,
+    DataSource,
+    ProgressFn,
+    WorkflowError,
+    available_train_images,
+    expand_inputs,
+    labelled_images,
+    resolve_data,
+)
+from .demo import DemoResult, run_demo
+from .evaluate import (
+    GALLERY_SIZE,
+    PIXEL_METRIC_SIDE,
+    Evaluation,
+    evaluate_detector,
+    evaluate_model,
+    held_out_images,
+)
+from .fit import FitSummary, fit_detector, fit_model
+from .model import DISPLAY_TOP, load_model, model_card, require_threshold
+from .predict import Prediction, predict_images
+from .reporting import TILE_HEIGHT
+
+__all__ = [
+    "DISPLAY_TOP",
+    "ELPV",
+    "GALLERY_SIZE",
+    "PIXEL_METRIC_SIDE",
+    "TILE_HEIGHT",
+    "CalibrationSummary",
+    "DataSource",
+    "DemoResult",
+    "Evaluation",
+    "FitSummary",
+    "Prediction",
+    "ProgressFn",
+    "WorkflowError",
+    "available_train_images",
+    "calibrate_detector",
+    "calibrate_model",
+    "evaluate_detector",
+    "evaluate_model",
+    "expand_inputs",
+    "fit_detector",
+    "fit_model",
+    "held_out_images",
+    "labelled_images",
+    "load_model",
+    "model_card",
+    "predict_images",
+    "require_threshold",
+    "resolve_data",
+    "run_demo",
+]

@@ -1,0 +1,213 @@
+"""Calibrate: split labelled images per label, choose the threshold on the calibration part.
+
+The split (names), the data spec and the heatmap display range are stored in the model's
+``metadata_`` so that ``evaluate`` scores exactly the held-out part.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import metrics
+from .._util import check_fraction
+from ..datasets import ImageDataset
+from ..detector import PatchCore
+from .data import (
+    ProgressFn,
+    WorkflowError,
+    labelled_images,
+    resolve_data,
+    split_for_calibration,
+    without_training_images,
+)
+from .model import DISPLAY_TOP, load_model
+
+
+@dataclass
+class CalibrationSummary:
+    """What :func:`calibrate_model` did."""
+
+    model_path: str
+    data: str
+    threshold: float
+    method: str
+    max_fpr: float | None
+    calibration_images: int
+    calibration_normal: int
+    calibration_anomalous: int
+    test_images: int
+    test_normal: int
+    test_anomalous: int
+    display_range: tuple[float, float]
+    calibration_metrics: metrics.Metrics
+    seconds: float
+    ms_per_image: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _check_settings(method: str, max_fpr: float | None, fraction: float) -> None:
+    if method not in metrics.THRESHOLD_METHODS:
+        raise WorkflowError(
+            f"unknown threshold method {method!r}; "
+            f"use one of {', '.join(metrics.THRESHOLD_METHODS)}"
+        )
+    if max_fpr is not None and not 0.0 <= max_fpr <= 1.0:
+        raise WorkflowError(f"max FPR must be in [0, 1], got {max_fpr!r}")
+    check_fraction(
+        "calibration fraction (the rest is held out)",
+        fraction,
+        allow_one=False,
+        error=WorkflowError,
+    )
+
+
+def _score_for_calibration(
+    det: PatchCore, calib: ImageDataset, progress: ProgressFn | None
+) -> tuple[np.ndarray, tuple[float, float], list[tuple[str, str]]]:
+    """Scores, the (min, max) over the anomaly maps and the skipped images, in one pass.
+
+    Maps are asked at the processed size: only their extremes are kept.
+    """
+    scores = np.full(len(calib), np.nan)
+    lo, hi = math.inf, -math.inf
+    skipped: list[tuple[str, str]] = []
+    for r in det.iter_score(calib.images, maps="processed", on_error="skip", progress=False):
+        scores[r.index] = r.score
+        if r.map is not None:
+            lo, hi = min(lo, float(r.map.min())), max(hi, float(r.map.max()))
+        if r.error is not None:
+            skipped.append((r.name, r.error))
+        if progress:
+            progress(1)
+    return scores, (lo, hi), skipped
+
+
+def calibrate_detector(
+    det: PatchCore,
+    pool: ImageDataset,
+    *,
+    method: str = "max_f1",
+    max_fpr: float | None = None,
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
+    data_spec: str = "",
+    progress: ProgressFn | None = None,
+    total: ProgressFn | None = None,
+) -> tuple[CalibrationSummary, ImageDataset, ImageDataset]:
+    """Split ``pool`` per label, choose the threshold on the calibration part.
+
+    Sets ``det.threshold_`` and stores the split (names), the data spec and the heatmap display
+    range (``[min, 0.7 * max]`` over the calibration maps) in ``det.metadata_``.
+
+    Args:
+        det: a fitted detector.
+        pool: labelled images, none of them used for fitting.
+        method: threshold method (see :data:`patchcore.metrics.THRESHOLD_METHODS`).
+        max_fpr: optional bound on the calibration false positive rate.
+        calibration_fraction: share of each label used for calibration, in (0, 1).
+        seed: seeds the split.
+        data_spec: stored as ``calibration_data``.
+        progress: called with the number of images just scored.
+        total: called once, after the checks, with the number of images to score.
+
+    Returns:
+        (summary, calibration part, held-out test part).
+
+    Raises:
+        WorkflowError: a split without both labels, an empty held-out part, a bad method.
+    """
+    _check_settings(method, max_fpr, calibration_fraction)
+    calib, test = split_for_calibration(pool, calibration_fraction, seed, data_spec)
+    if total:
+        total(len(calib))
+    t0 = time.perf_counter()
+    scores, (lo, hi), skipped = _score_for_calibration(det, calib, progress)
+    seconds = time.perf_counter() - t0
+    ok = np.isfinite(scores)
+    y = calib.labels
+    if len(set(y[ok].tolist())) < 2:
+        raise WorkflowError(
+            f"calibration needs readable normal and anomalous images; {len(skipped)} of "
+            f"{len(calib)} could not be read"
+        )
+    try:
+        det.calibrate(calib.images, y, method=method, max_fpr=max_fpr, scores=scores)
+    except ValueError as exc:
+        raise WorkflowError(f"cannot choose a threshold: {exc}") from None
+    threshold = float(det.threshold_)  # type: ignore[arg-type]
+    top = DISPLAY_TOP * hi
+    display = (float(lo), float(top if top > lo else hi))
+    ms = 1000.0 * seconds / max(1, len(calib))
+    det.metadata_ = dict(det.metadata_)
+    det.metadata_.update(
+        calibration_data=data_spec,
+        calibration_names=list(calib.names),
+        test_names=list(test.names),
+        calibration_fraction=float(calibration_fraction),
+        calibration_seed=int(seed),
+        calibration_method=method,
+        calibration_max_fpr=None if max_fpr is None else float(max_fpr),
+        display_range=list(display),
+        calibration_skipped=[name for name, _ in skipped],
+        ms_per_image=ms,
+    )
+    summary = CalibrationSummary(
+        model_path="",
+        data=data_spec,
+        threshold=threshold,
+        method=method,
+        max_fpr=max_fpr,
+        calibration_images=len(calib),
+        calibration_normal=int((calib.labels == 0).sum()),
+        calibration_anomalous=int(calib.labels.sum()),
+        test_images=len(test),
+        test_normal=int((test.labels == 0).sum()),
+        test_anomalous=int(test.labels.sum()),
+        display_range=display,
+        calibration_metrics=metrics.Metrics.from_dict(
+            metrics.evaluate(scores[ok] >= threshold, y[ok])
+        ),
+        seconds=seconds,
+        ms_per_image=ms,
+        skipped=skipped,
+    )
+    return summary, calib, test
+
+
+def calibrate_model(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    method: str = "max_f1",
+    max_fpr: float | None = None,
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    total: ProgressFn | None = None,
+) -> CalibrationSummary:
+    """Calibrate the threshold of a model file on ``data``'s labelled test images, in place.
+
+    ``total`` is called once with the number of images about to be scored.
+    """
+    det = load_model(model, device=device)
+    source = resolve_data(data)
+    pool = without_training_images(det, source, labelled_images(source))
+    summary, _, _ = calibrate_detector(
+        det,
+        pool,
+        method=method,
+        max_fpr=max_fpr,
+        calibration_fraction=calibration_fraction,
+        seed=seed,
+        data_spec=source.spec,
+        progress=progress,
+        total=total,
+    )
+    summary.model_path = str(det.save(model))
+    return summary

@@ -1,0 +1,132 @@
+"""Fit: a detector on (a seeded fraction of) the normal training images, saved to a file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import datasets
+from .._util import check_fraction, package_version
+from ..datasets import ImageDataset
+from ..detector import PatchCore
+from ..inputs import input_name
+from .data import WorkflowError, available_train_images, resolve_data
+
+
+@dataclass
+class FitSummary:
+    """What :func:`fit_model` did."""
+
+    model_path: str
+    data: str
+    available_images: int
+    training_images: int
+    bank_size: int
+    feature_dim: int
+    train_patches: int
+    seconds: float
+    feature_seconds: float
+    coreset_seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_detector(
+    train: ImageDataset,
+    *,
+    backbone: str = "efficientnet-lite0",
+    layers: Sequence[str] | None = None,
+    image_size: int | None = None,
+    scale: float | None = None,
+    coreset_ratio: float = 0.1,
+    sampling: str = "greedy",
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    data_spec: str = "",
+    backbone_dtype: str = "float32",
+) -> PatchCore:
+    """Fit a detector on the (normal) images of ``train``; unreadable images are skipped.
+
+    With neither ``image_size`` nor ``scale``, images keep their native resolution (measured
+    best across the real sets, see benchmarks/RESULTS.md); ``scale=0.4`` is the reference's
+    ``imresize(..., 0.4)``. The training names and data spec go to ``metadata_``. Skipped
+    images are listed in ``skipped_`` (the detector also warns about them).
+
+    Args:
+        progress: show the detector's progress bars while fitting.
+
+    Raises:
+        WorkflowError: bad parameters or no readable image.
+    """
+    det = PatchCore(
+        backbone=backbone,
+        layers=list(layers) if layers else None,
+        image_size=image_size,
+        scale=scale,
+        coreset_ratio=coreset_ratio,
+        sampling=sampling,
+        seed=seed,
+        device=device,
+        backbone_dtype=backbone_dtype,
+    )
+    try:
+        det.fit(train, on_error="skip", progress=progress)
+    except ValueError as exc:  # no readable image, unknown layer...
+        raise WorkflowError(str(exc)) from None
+    skipped = {name for name, _ in det.skipped_}
+    used = [s.name for i, s in enumerate(train) if input_name(s.image, i) not in skipped]
+    det.metadata_ = {
+        "patchcore_version": package_version(),
+        "fit_data": data_spec,
+        "train_names": used,
+    }
+    return det
+
+
+def fit_model(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    train_fraction: float = 0.2,
+    seed: int = 0,
+    **params: Any,
+) -> FitSummary:
+    """Fit on ``data``'s normal training images and save the model to ``out``.
+
+    Args:
+        data: a data spec (see :func:`~patchcore.workflow.resolve_data`).
+        out: model file to write.
+        train_fraction: seeded share of the training images used, in (0, 1].
+        seed: seeds the training subset and the coreset.
+        **params: detector settings for :func:`fit_detector`.
+    """
+    check_fraction("train fraction", train_fraction, error=WorkflowError)
+    source = resolve_data(data)
+    available = available_train_images(source)
+    train = datasets.sample_fraction(available, train_fraction, seed=seed)
+    det = fit_detector(train, seed=seed, data_spec=source.spec, **params)
+    det.metadata_.update(train_fraction=float(train_fraction), train_seed=int(seed))
+    path = det.save(out)
+    return fit_summary(det, path, source.spec, len(available))
+
+
+def fit_summary(det: PatchCore, path: Path | None, spec: str, available: int) -> FitSummary:
+    """A :class:`FitSummary` of a fitted detector."""
+    return FitSummary(
+        model_path=str(path) if path is not None else "",
+        data=spec,
+        available_images=available,
+        training_images=int(det.n_train_images_),
+        bank_size=int(det.memory_bank_.shape[0]),
+        feature_dim=int(det.memory_bank_.shape[1]),
+        train_patches=int(det.n_train_patches_),
+        seconds=float(det.fit_seconds_),
+        feature_seconds=float(det.feature_seconds_),
+        coreset_seconds=float(det.coreset_seconds_),
+        skipped=list(det.skipped_),
+        card=det.card(),
+    )

@@ -1,0 +1,176 @@
+"""The evaluation report: figures, galleries and notes around :func:`patchcore.report.write_report`.
+
+The galleries use the anomaly maps kept by the scoring pass (no second detector pass); only
+the few images shown are decoded again, here, for their tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import datasets, metrics, plots, report
+from ..datasets import Sample
+from ..detector import PatchCore
+from ..images import ImageReadError, read_image
+from .evaluate import PIXEL_METRIC_SIDE, ScoredSet
+from .model import calibration_text, display_range, model_card
+
+#: Height of the panels of a gallery tile, in pixels.
+TILE_HEIGHT = 240
+
+
+def write_evaluation_report(
+    det: PatchCore,
+    scored: ScoredSet,
+    measured: metrics.Metrics,
+    out: Path,
+    title: str,
+    gallery_size: int,
+    notes: Sequence[str],
+) -> Path:
+    """Write ``out/report.html`` with its figures and gallery tiles; returns its path."""
+    ok = np.isfinite(scored.scores)
+    truth = scored.data.labels
+    recall = {t: r for t, r in (measured.defect_type_recall or {}).items() if t != datasets.GOOD}
+    counts = measured.defect_type_counts or {}
+    return report.write_report(
+        out,
+        title=title,
+        model_card=model_card(det, scored.ms_per_image),
+        metrics=measured,
+        figures=_figures(scored, measured, out / "figures", recall),
+        galleries=_galleries(det, scored, out / "gallery", gallery_size),
+        per_type_recall={t: {"recall": r, "n": counts.get(t)} for t, r in recall.items()} or None,
+        notes=[*_notes(det, scored, measured, ok, truth, gallery_size), *notes],
+    )
+
+
+def _figures(
+    scored: ScoredSet, measured: metrics.Metrics, figdir: Path, recall: dict[str, float]
+) -> dict[str, Path]:
+    scores, truth = scored.scores, scored.data.labels
+    ok = np.isfinite(scores)
+    threshold = float(measured.threshold)  # type: ignore[arg-type]
+    figures = {
+        "score_histogram": plots.score_histogram(
+            scores[ok],
+            truth[ok],
+            threshold,
+            figdir / "score_histogram.png",
+            title="Anomaly scores of the held-out test images",
+        )
+    }
+    if measured.auroc is not None:
+        fpr, tpr, _ = metrics.roc_curve(truth[ok], scores[ok])
+        op = (measured.false_positive_rate, measured.recall)
+        figures["roc"] = plots.roc_plot(fpr, tpr, measured.auroc, figdir / "roc.png", op)
+    figures["confusion_matrix"] = plots.confusion_matrix_plot(
+        measured.confusion_matrix, figdir / "confusion_matrix.png"
+    )
+    if recall:
+        figures["per_type_recall"] = plots.per_type_recall_plot(
+            recall, figdir / "per_type_recall.png", counts=measured.defect_type_counts or {}
+        )
+    return figures
+
+
+def _notes(
+    det: PatchCore,
+    scored: ScoredSet,
+    measured: metrics.Metrics,
+    ok: np.ndarray,
+    truth: np.ndarray,
+    gallery_size: int,
+) -> list[str]:
+    display = display_range(det)
+    n_normal = int((truth[ok] == 0).sum())
+    notes = [
+        f"Evaluated on {int(ok.sum())} held-out test images ({n_normal} normal, "
+        f"{int(ok.sum()) - n_normal} anomalous) that were not used to choose the threshold "
+        f"({calibration_text(det.metadata_)}).",
+        "Galleries, up to "
+        f"{gallery_size} each: true positives and false positives by highest score first, "
+        "true negatives and false negatives by lowest score first.",
+        "Heatmaps share one colour scale: [min, 0.7 x max] of the anomaly maps of the "
+        "calibration images"
+        + (
+            f" = [{display[0]:.4g}, {display[1]:.4g}]."
+            if display
+            else " (not stored: each image uses its own range)."
+        ),
+    ]
+    if measured.pixel_auroc is not None:
+        notes.append(
+            f"Pixel metrics use maps and masks resized to at most {PIXEL_METRIC_SIDE} px on "
+            f"the longer side ({measured.pixel_metric_images} images with known masks); "
+            "AUPRO up to a false positive rate of 0.3."
+        )
+    if scored.skipped:
+        notes.append(
+            f"{len(scored.skipped)} unreadable test image(s) left out: "
+            + "; ".join(f"{p}: {r}" for p, r in scored.skipped[:10])
+        )
+    return notes
+
+
+def gallery_order(
+    scores: np.ndarray, truth: np.ndarray, pred: np.ndarray, k: int
+) -> dict[str, list[int]]:
+    """Indices of up to ``k`` images per outcome, most telling first.
+
+    True positives: highest scores first (clearest detections); true negatives: lowest first
+    (clearest passes); false positives: highest first (most confidently wrong alarms); false
+    negatives: lowest first (most thoroughly missed defects).
+    """
+    out = {}
+    for key, t, p, descending in (
+        ("true_positives", 1, True, True),
+        ("true_negatives", 0, False, False),
+        ("false_positives", 0, True, True),
+        ("false_negatives", 1, False, False),
+    ):
+        idx = np.flatnonzero((truth == t) & (pred == p) & np.isfinite(scores))
+        order = np.argsort(-scores[idx] if descending else scores[idx], kind="stable")
+        out[key] = idx[order][:k].tolist()
+    return out
+
+
+def _galleries(
+    det: PatchCore, scored: ScoredSet, gdir: Path, k: int
+) -> dict[str, list[dict[str, Any]]]:
+    test, scores = scored.data, scored.scores
+    threshold = float(det.threshold_)  # type: ignore[arg-type]
+    order = gallery_order(scores, test.labels, scores >= threshold, k)
+    rng = display_range(det)
+    galleries: dict[str, list[dict[str, Any]]] = {}
+    for key, idx in order.items():
+        items = []
+        for rank, i in enumerate(idx):
+            s, m = test[i], scored.maps.get(i)
+            if m is None:
+                continue
+            try:
+                image = _pixels(s)
+                mask = datasets.load_mask(s) if s.mask is not None else None
+            except ImageReadError:
+                continue
+            tile = plots.gallery_tile(
+                image, m, rng, float(scores[i]), threshold, s.name, mask,
+                height=TILE_HEIGHT, annotate=False,
+            )  # fmt: skip
+            path = plots.save_png(tile, gdir / f"{key}_{rank + 1:02d}.png")
+            kind = s.defect_type if s.is_anomalous else "normal"
+            items.append(
+                {"image_path": path, "caption": f"{s.name} ({kind})", "score": float(scores[i])}
+            )
+        galleries[key] = items
+    return galleries
+
+
+def _pixels(sample: Sample) -> np.ndarray:
+    """A sample's pixels for its tile (decoded here, once, for the few images shown)."""
+    return read_image(sample.image) if isinstance(sample.image, Path) else sample.image

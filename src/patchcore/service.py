@@ -20,7 +20,10 @@ request can name a file. Every request first takes a slot of a bounded admission
 queue answers 503 with ``Retry-After`` at once. Decoding and scoring run in a thread pool of
 ``workers`` threads (torch releases the GIL), off the event loop, so health checks stay fast.
 Every rejected input gets a 4xx with a one-line ``detail`` and is logged once, at WARNING.
-The service holds no algorithm: it decodes, calls :meth:`PatchCore.classify`, and presents.
+The service holds no algorithm: it decodes (:mod:`patchcore.decode`), calls
+:meth:`PatchCore.score`, and presents. The routes live on two ``APIRouter``s (``/v1/*`` behind
+the token, and the public ones); the shared state, a ``_Service``, reaches them as a FastAPI
+dependency (:func:`get_service`).
 """
 
 from __future__ import annotations
@@ -39,29 +42,29 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from ._util import one_line, package_version
+from .decode import IMAGE_FORMATS as IMAGE_FORMATS  # re-exported (was defined here)
+from .decode import ImageTooLargeError, decode_bytes
 from .detector import PatchCore
-from .images import ImageReadError, pil_to_array
+from .images import ImageReadError, output_size
 
 logger = logging.getLogger("patchcore.service")
 
 STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_ENV = "PATCHCORE_TOKEN"
-#: Formats PIL may decode here; everything else (EPS, PDF, ...) is refused unread.
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
 #: Default overlay colour scale, as multiples of the threshold: blurred maps peak a little below
 #: the image score, so the threshold sits at 2/3 of the scale (orange) and red is beyond it.
@@ -128,41 +131,27 @@ class InputError(Exception):
 def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
     """Decode uploaded bytes like :func:`patchcore.images.read_image` does a file, safely.
 
-    The size is read from the header and checked against ``max_pixels`` before any pixel is
-    decoded; only :data:`IMAGE_FORMATS` are tried; truncated data is an error.
+    See :func:`patchcore.decode.decode_bytes`: the size is checked against ``max_pixels`` from
+    the header before any pixel is decoded; only :data:`IMAGE_FORMATS` are tried; truncated
+    data is an error.
 
     Returns:
         uint8 array HxW (greyscale) or HxWx3 (colour).
 
     Raises:
-        InputError: 400 (empty, not an image, damaged or truncated) or 413 (too many pixels).
+        InputError: 400 (empty, not an image, damaged, truncated or smaller than 8x8) or 413
+            (too many pixels).
     """
     if not data:
         raise InputError(400, f"{name}: empty body; send the bytes of one image")
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise InputError(
-                    413,
-                    f"{name}: {width}x{height} image has {width * height:,} pixels, over the "
-                    f"limit of {max_pixels:,} (max_pixels)",
-                )
-            im.load()
-            array = pil_to_array(im)
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError(
-            400, f"{name}: not an image (accepted formats: {', '.join(IMAGE_FORMATS)})"
-        ) from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(413, f"{name}: image too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(
-            400, f"{name}: damaged or truncated image ({one_line(exc, 200)})"
-        ) from None
-    if min(array.shape[:2]) < 8:
+        array = decode_bytes(data, name=name, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise InputError(413, str(exc)) from None
+    except ImageReadError as exc:
+        raise InputError(400, str(exc)) from None
+    height, width = array.shape[:2]
+    if min(height, width) < 8:
         raise InputError(400, f"{name}: {width}x{height} image is too small (at least 8x8)")
     return array
 
@@ -332,7 +321,6 @@ class _Service:
     def _check_detector(self, det: PatchCore) -> None:
         if not hasattr(det, "memory_bank_"):
             raise ValueError("the detector is not fitted; fit or load one before serving it")
-        det.progress = False  # no progress bars in a server log
         if self.threshold_override is not None:
             det.set_threshold(self.threshold_override, method="manual (service)")
         if getattr(det, "threshold_", None) is None:
@@ -362,8 +350,8 @@ class _Service:
                 self.detector = det
             det = self.detector
             t0 = time.perf_counter()
-            h, w = _processing_size(det)
-            det.classify([np.full((h, w, 3), 128, np.uint8)])
+            h, w = output_size(256, 256, det.image_size, None)  # the model's size, or 256
+            det.score([np.full((h, w, 3), 128, np.uint8)], maps="native", progress=False)
             logger.info(
                 "model ready: %s, bank %d, threshold %.6g (warm-up %.2f s)",
                 det.backbone,
@@ -396,6 +384,61 @@ class _Service:
             reason = self.load_error or "model is still loading / warming up"
             raise _Reject(503, f"not ready: {reason}", retry_after=self.limits.retry_after_s)
 
+    @contextlib.asynccontextmanager
+    async def admitted(self, gate: _Gate) -> AsyncIterator[float]:
+        """Hold a slot of ``gate`` (503 when full or not ready); yields the admission time."""
+        self.check_ready()
+        if not gate.try_enter():
+            raise _Reject(
+                503,
+                f"busy: {gate.capacity} requests already in flight (workers + queue_length); "
+                "retry later",
+                retry_after=self.limits.retry_after_s,
+            )
+        try:
+            yield time.perf_counter()
+        finally:
+            gate.leave()
+
+    def inspection(
+        self, name: str | None, s: _Scored, total_ms: float, heatmap_url: str | None
+    ) -> Inspection:
+        """The JSON answer for one scored image."""
+        iy, ix = np.unravel_index(int(np.argmax(s.amap)), s.amap.shape)
+        return Inspection(
+            filename=name,
+            width=int(s.image.shape[1]),
+            height=int(s.image.shape[0]),
+            score=s.score,
+            threshold=self.threshold,
+            verdict="fail" if s.anomalous else "pass",
+            anomalous=s.anomalous,
+            map_max=float(s.amap[iy, ix]),
+            map_max_location=Location(x=int(ix), y=int(iy)),
+            heatmap_url=heatmap_url,
+            timing=Timing(
+                queue_ms=round(s.queue_ms, 2),
+                decode_ms=round(s.decode_ms, 2),
+                inference_ms=round(s.inference_ms, 2),
+                total_ms=round(total_ms, 2),
+            ),
+        )
+
+    def remember(self, s: _Scored) -> str | None:
+        """Keep an overlay for ``GET /v1/heatmaps/{id}``; its URL, or None when too big."""
+        key = self.store.put(_Stored(s.image, s.amap, self.display_range()))
+        return None if key is None else f"/v1/heatmaps/{key}"
+
+    async def score_or_500(self, blobs: list[tuple[str, bytes]], t0: float) -> list[Any]:
+        """:meth:`score` in the worker pool; an unexpected failure becomes a logged 500."""
+        try:
+            return await self.run(self.pool, self.score, blobs, t0)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("scoring failed")
+            raise HTTPException(
+                500, f"internal error while scoring: {one_line(exc, 200)}"
+            ) from None
+
     # -- work (runs in the worker threads)
 
     def score(self, blobs: list[tuple[str, bytes]], admitted: float) -> list[_Scored | InputError]:
@@ -421,18 +464,19 @@ class _Service:
             images = [decoded[i] for i in good]
             t = time.perf_counter()
             try:
-                c = det.classify(images)
+                r = det.score(images, maps="native", progress=False)
             except ImageReadError as exc:  # e.g. an array the detector cannot take
                 bad = InputError(400, f"{blobs[good[0]][0]}: {exc.problem}")
                 for i in good:
                     results[i] = bad
             else:
                 per_image = (time.perf_counter() - t) * 1000.0 / len(good)
+                assert r.maps is not None
                 for j, i in enumerate(good):
                     results[i] = _Scored(
-                        score=float(c.scores[j]),
-                        anomalous=bool(c.labels[j]),
-                        amap=c.maps[j],
+                        score=float(r.scores[j]),
+                        anomalous=bool(r.scores[j] >= self.threshold),
+                        amap=r.maps[j],  # type: ignore[arg-type]
                         image=images[j],  # type: ignore[arg-type]
                         decode_ms=decode_ms[i],
                         inference_ms=per_image,
@@ -449,15 +493,6 @@ class _Service:
     async def run(self, pool: ThreadPoolExecutor | None, fn, *args):  # noqa: ANN001, ANN201
         assert pool is not None
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-
-
-def _processing_size(det: PatchCore) -> tuple[int, int]:
-    size = det.image_size
-    if isinstance(size, int):
-        return (size, size)
-    if size is not None:
-        return (int(size[0]), int(size[1]))
-    return (256, 256)
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -542,7 +577,287 @@ def _wrong_type(ctype: str, batch: bool) -> _Reject:
     )
 
 
+# ---------------------------------------------------------------------- routes
+
+
+def get_service(request: Request) -> _Service:
+    """The shared state of the app serving ``request`` (a FastAPI dependency)."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[_Service, Depends(get_service)]
+_bearer = HTTPBearer(auto_error=False, description="the token given to `patchcore serve`")
+
+
+async def require_token(
+    svc: ServiceDep, cred: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
+    """401 unless the request carries the service's bearer token (when one is set)."""
+    if svc.token is None:
+        return
+    given = cred.credentials if cred is not None else ""
+    if not secrets.compare_digest(given.encode(), svc.token.encode()):
+        raise HTTPException(
+            401,
+            "missing or wrong bearer token (send Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+#: ``/v1/*``: behind the token.
+api = APIRouter(dependencies=[Depends(require_token)])
+#: Health, readiness and the page: always open.
+public = APIRouter()
+
+_BINARY = {"type": "string", "format": "binary"}
+_INSPECT_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": _BINARY},
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": _BINARY},
+            "application/octet-stream": {"schema": _BINARY},
+        },
+        "required": True,
+    }
+}
+_BATCH_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": _BINARY}},
+                    "required": ["files"],
+                }
+            }
+        },
+        "required": True,
+    }
+}
+
+
+async def _one_upload(request: Request, multipart: bool, limit: int) -> tuple[str | None, bytes]:
+    body = await _read_body(request, limit)
+    if not multipart:
+        return None, body
+    files = await _uploads(request, body, max_files=1)
+    if not files:
+        raise _Reject(400, "multipart body has no file part; send it as 'file'")
+    return files[0]
+
+
+@api.post(
+    "/v1/inspect",
+    response_model=Inspection,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "JSON, or the PNG overlay"},
+        400: {"description": "empty, not an image, damaged or truncated"},
+        401: {"description": "token required"},
+        413: {"description": "request or image too large"},
+        415: {"description": "unsupported Content-Type"},
+        503: {"description": "busy or not ready; see Retry-After"},
+    },
+    summary="Inspect one image",
+    openapi_extra=_INSPECT_BODY,
+)
+async def inspect(
+    request: Request,
+    svc: ServiceDep,
+    heatmap: Literal["none", "png", "url"] = Query(
+        "none", description="png: answer with the overlay PNG; url: add heatmap_url"
+    ),
+    alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay opacity for heatmap=png"),
+) -> Any:
+    """Score one image: a multipart `file` part, or the raw bytes as the body."""
+    ctype = _content_type(request)
+    multipart = ctype == "multipart/form-data"
+    if not (multipart or ctype == "" or ctype.startswith(RAW_CONTENT_TYPES)):
+        raise _wrong_type(ctype, batch=False)
+    async with svc.admitted(svc.gate) as t0:
+        name, data = await _one_upload(request, multipart, svc.limits.max_request_bytes)
+        [result] = await svc.score_or_500([(name or "body", data)], t0)
+        if isinstance(result, InputError):
+            raise _Reject(result.status, result.detail)
+        svc.inspected += 1
+        if heatmap == "png":
+            item = _Stored(result.image, result.amap, svc.display_range())
+            png = await svc.run(svc.pool, svc.render, item, alpha)
+            total = (time.perf_counter() - t0) * 1000.0
+            return Response(
+                png,
+                media_type="image/png",
+                headers={
+                    "X-Patchcore-Score": repr(result.score),
+                    "X-Patchcore-Threshold": repr(svc.threshold),
+                    "X-Patchcore-Verdict": "fail" if result.anomalous else "pass",
+                    "X-Patchcore-Total-Ms": f"{total:.2f}",
+                },
+            )
+        url = svc.remember(result) if heatmap == "url" else None
+        return svc.inspection(name, result, (time.perf_counter() - t0) * 1000.0, url)
+
+
+@api.post(
+    "/v1/inspect/batch",
+    response_model=BatchInspection,
+    summary="Inspect several images",
+    responses={
+        400: {"description": "no file parts, or malformed multipart"},
+        401: {"description": "token required"},
+        413: {"description": "request too large or too many images"},
+        415: {"description": "not multipart/form-data"},
+        503: {"description": "busy or not ready; see Retry-After"},
+    },
+    openapi_extra=_BATCH_BODY,
+)
+async def inspect_batch(
+    request: Request,
+    svc: ServiceDep,
+    heatmap: Literal["none", "url"] = Query("none", description="url: add heatmap_url"),
+) -> BatchInspection:
+    """Score several images (multipart parts, any field name). An unreadable image gets its
+    own `status` and `error` in its slot; the others are still scored."""
+    ctype = _content_type(request)
+    if ctype != "multipart/form-data":
+        raise _wrong_type(ctype, batch=True)
+    lim = svc.limits
+    async with svc.admitted(svc.gate) as t0:
+        body = await _read_body(request, lim.max_request_bytes)
+        files = await _uploads(request, body, max_files=lim.max_batch_images + 1)
+        if not files:
+            raise _Reject(400, "multipart body has no file parts; send them as 'files'")
+        if len(files) > lim.max_batch_images:
+            raise _Reject(
+                413, f"more than {lim.max_batch_images} images in one batch (max_batch_images)"
+            )
+        results = await svc.score_or_500(files, t0)
+        total = (time.perf_counter() - t0) * 1000.0
+        items = []
+        for i, ((name, _), r) in enumerate(zip(files, results, strict=True)):
+            if isinstance(r, InputError):
+                logger.warning("POST /v1/inspect/batch image %d -> %d: %s", i, r.status, r.detail)
+                items.append(BatchItem(index=i, filename=name, status=r.status, error=r.detail))
+            else:
+                url = svc.remember(r) if heatmap == "url" else None
+                result = svc.inspection(name, r, total, url)
+                items.append(BatchItem(index=i, filename=name, result=result))
+        svc.inspected += sum(1 for it in items if it.result is not None)
+        return BatchInspection(
+            count=len(items),
+            failed=sum(1 for it in items if it.result is not None and it.result.anomalous),
+            errors=sum(1 for it in items if it.error is not None),
+            results=items,
+            total_ms=round(total, 2),
+        )
+
+
+@api.get(
+    "/v1/heatmaps/{key}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or evicted"}},
+    summary="An overlay from a recent inspection",
+)
+async def heatmap_png(
+    key: str,
+    svc: ServiceDep,
+    alpha: float = Query(0.5, ge=0.0, le=1.0, description="1: colour map only; 0: image only"),
+) -> Response:
+    """The overlay PNG of a recent `heatmap=url` inspection (kept in a bounded store)."""
+    item = svc.store.get(key)
+    if item is None:
+        raise _Reject(404, "no such heatmap (unknown id, or evicted from the bounded store)")
+    async with svc.admitted(svc.render_gate):
+        png = await svc.run(svc.render_pool, svc.render, item, alpha)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@api.get("/v1/model", summary="The model card")
+async def model_card(svc: ServiceDep) -> dict[str, Any]:
+    """Backbone, image size, bank size, threshold and method, versions, service limits."""
+    svc.check_ready()
+    det = svc.detector
+    assert det is not None
+    card = det.card()
+    card["threshold"] = svc.threshold
+    card["display_range"] = list(svc.display_range())
+    card["model_file"] = svc.model_path.name if svc.model_path is not None else None
+    card["patchcore_version"] = package_version()
+    card["limits"] = asdict(svc.limits)
+    card["token_required"] = svc.token is not None
+    return card
+
+
+@public.get("/healthz", summary="Liveness")
+async def healthz(svc: ServiceDep) -> dict[str, Any]:
+    """200 while the process answers, whatever the model is doing."""
+    return {"status": "ok", "uptime_s": round(time.time() - svc.started, 1)}
+
+
+@public.get("/readyz", summary="Readiness", responses={503: {"description": "not ready"}})
+async def readyz(svc: ServiceDep) -> JSONResponse:
+    """200 once the model is loaded and warmed up, 503 before (or if loading failed)."""
+    body = {
+        "ready": svc.ready,
+        "in_flight": svc.gate.in_flight,
+        "capacity": svc.gate.capacity,
+        "inspected": svc.inspected,
+    }
+    if svc.ready:
+        return JSONResponse(body)
+    body["reason"] = svc.load_error or "loading"
+    return JSONResponse(body, 503, headers={"Retry-After": str(svc.limits.retry_after_s)})
+
+
+@public.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _log_rejection(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code >= 400:
+        logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, detail)
+    return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+
+
+async def _log_invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "path"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    detail = "invalid request: " + "; ".join(parts)
+    logger.warning("%s %s -> 422: %s", request.method, request.url.path, detail)
+    return JSONResponse({"detail": detail}, 422)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    svc: _Service = app.state.service
+    svc.start()
+    try:
+        yield
+    finally:
+        svc.stop()
+
+
 # ---------------------------------------------------------------------- app
+
+
+def _check_display_range(display_range: tuple[float, float] | None) -> tuple[float, float] | None:
+    if display_range is None:
+        return None
+    lo, hi = (float(v) for v in display_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"display_range must be two finite numbers lo < hi, got {display_range!r}")
+    return (lo, hi)
 
 
 def create_app(
@@ -572,330 +887,19 @@ def create_app(
         The FastAPI app (serve it with uvicorn; its lifespan starts and stops the workers).
     """
     lim = ServiceLimits.from_kwargs(limits)
-    if display_range is not None:
-        lo, hi = (float(v) for v in display_range)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(
-                f"display_range must be two finite numbers lo < hi, got {display_range!r}"
-            )
-        display_range = (lo, hi)
-    svc = _Service(model, lim, token, threshold, display_range)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc.start()
-        try:
-            yield
-        finally:
-            svc.stop()
-
+    svc = _Service(model, lim, token, threshold, _check_display_range(display_range))
     app = FastAPI(
         title="patchcore inspection service",
         version=package_version(),
         description="PatchCore anomaly detection for images from the line. Scores: higher = "
         "more anomalous; verdict `fail` when score >= threshold. The page is at `/`.",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
     app.state.service = svc
-    bearer = HTTPBearer(auto_error=False, description="the token given to `patchcore serve`")
-
-    async def require_token(
-        request: Request, cred: HTTPAuthorizationCredentials | None = Depends(bearer)
-    ) -> None:
-        if svc.token is None:
-            return
-        given = cred.credentials if cred is not None else ""
-        if not secrets.compare_digest(given.encode(), svc.token.encode()):
-            raise HTTPException(
-                401,
-                "missing or wrong bearer token (send Authorization: Bearer <token>)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    @app.exception_handler(HTTPException)
-    async def log_rejection(request: Request, exc: HTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code >= 400:
-            logger.warning(
-                "%s %s -> %d: %s", request.method, request.url.path, exc.status_code, detail
-            )
-        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def log_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "path"))
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        detail = "invalid request: " + "; ".join(parts)
-        logger.warning("%s %s -> 422: %s", request.method, request.url.path, detail)
-        return JSONResponse({"detail": detail}, 422)
-
-    @contextlib.asynccontextmanager
-    async def admitted(gate: _Gate) -> AsyncIterator[float]:
-        svc.check_ready()
-        if not gate.try_enter():
-            raise _Reject(
-                503,
-                f"busy: {gate.capacity} requests already in flight (workers + queue_length); "
-                "retry later",
-                retry_after=lim.retry_after_s,
-            )
-        try:
-            yield time.perf_counter()
-        finally:
-            gate.leave()
-
-    def inspection(
-        name: str | None, s: _Scored, total_ms: float, heatmap_url: str | None
-    ) -> Inspection:
-        iy, ix = np.unravel_index(int(np.argmax(s.amap)), s.amap.shape)
-        return Inspection(
-            filename=name,
-            width=int(s.image.shape[1]),
-            height=int(s.image.shape[0]),
-            score=s.score,
-            threshold=svc.threshold,
-            verdict="fail" if s.anomalous else "pass",
-            anomalous=s.anomalous,
-            map_max=float(s.amap[iy, ix]),
-            map_max_location=Location(x=int(ix), y=int(iy)),
-            heatmap_url=heatmap_url,
-            timing=Timing(
-                queue_ms=round(s.queue_ms, 2),
-                decode_ms=round(s.decode_ms, 2),
-                inference_ms=round(s.inference_ms, 2),
-                total_ms=round(total_ms, 2),
-            ),
-        )
-
-    def remember(s: _Scored) -> str | None:
-        key = svc.store.put(_Stored(s.image, s.amap, svc.display_range()))
-        return None if key is None else f"/v1/heatmaps/{key}"
-
-    api = [Depends(require_token)]
-
-    @app.post(
-        "/v1/inspect",
-        response_model=Inspection,
-        dependencies=api,
-        responses={
-            200: {"content": {"image/png": {}}, "description": "JSON, or the PNG overlay"},
-            400: {"description": "empty, not an image, damaged or truncated"},
-            401: {"description": "token required"},
-            413: {"description": "request or image too large"},
-            415: {"description": "unsupported Content-Type"},
-            503: {"description": "busy or not ready; see Retry-After"},
-        },
-        summary="Inspect one image",
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"file": {"type": "string", "format": "binary"}},
-                            "required": ["file"],
-                        }
-                    },
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                },
-                "required": True,
-            }
-        },
-    )
-    async def inspect(
-        request: Request,
-        heatmap: Literal["none", "png", "url"] = Query(
-            "none", description="png: answer with the overlay PNG; url: add heatmap_url"
-        ),
-        alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay opacity for heatmap=png"),
-    ) -> Any:
-        """Score one image: a multipart `file` part, or the raw bytes as the body."""
-        ctype = _content_type(request)
-        multipart = ctype == "multipart/form-data"
-        if not (multipart or ctype == "" or ctype.startswith(RAW_CONTENT_TYPES)):
-            raise _wrong_type(ctype, batch=False)
-        async with admitted(svc.gate) as t0:
-            body = await _read_body(request, lim.max_request_bytes)
-            if multipart:
-                files = await _uploads(request, body, max_files=1)
-                if not files:
-                    raise _Reject(400, "multipart body has no file part; send it as 'file'")
-                name, data = files[0]
-            else:
-                name, data = None, body
-            try:
-                [result] = await svc.run(svc.pool, svc.score, [(name or "body", data)], t0)
-            except Exception as exc:  # noqa: BLE001
-                logger.exception("scoring failed")
-                raise HTTPException(
-                    500, f"internal error while scoring: {one_line(exc, 200)}"
-                ) from None
-            if isinstance(result, InputError):
-                raise _Reject(result.status, result.detail)
-            svc.inspected += 1
-            if heatmap == "png":
-                png = await svc.run(
-                    svc.pool,
-                    svc.render,
-                    _Stored(result.image, result.amap, svc.display_range()),
-                    alpha,
-                )
-                total = (time.perf_counter() - t0) * 1000.0
-                return Response(
-                    png,
-                    media_type="image/png",
-                    headers={
-                        "X-Patchcore-Score": repr(result.score),
-                        "X-Patchcore-Threshold": repr(svc.threshold),
-                        "X-Patchcore-Verdict": "fail" if result.anomalous else "pass",
-                        "X-Patchcore-Total-Ms": f"{total:.2f}",
-                    },
-                )
-            url = remember(result) if heatmap == "url" else None
-            return inspection(name, result, (time.perf_counter() - t0) * 1000.0, url)
-
-    @app.post(
-        "/v1/inspect/batch",
-        response_model=BatchInspection,
-        dependencies=api,
-        summary="Inspect several images",
-        responses={
-            400: {"description": "no file parts, or malformed multipart"},
-            401: {"description": "token required"},
-            413: {"description": "request too large or too many images"},
-            415: {"description": "not multipart/form-data"},
-            503: {"description": "busy or not ready; see Retry-After"},
-        },
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "files": {
-                                    "type": "array",
-                                    "items": {"type": "string", "format": "binary"},
-                                }
-                            },
-                            "required": ["files"],
-                        }
-                    }
-                },
-                "required": True,
-            }
-        },
-    )
-    async def inspect_batch(
-        request: Request,
-        heatmap: Literal["none", "url"] = Query("none", description="url: add heatmap_url"),
-    ) -> BatchInspection:
-        """Score several images (multipart parts, any field name). An unreadable image gets its
-        own `status` and `error` in its slot; the others are still scored."""
-        ctype = _content_type(request)
-        if ctype != "multipart/form-data":
-            raise _wrong_type(ctype, batch=True)
-        async with admitted(svc.gate) as t0:
-            body = await _read_body(request, lim.max_request_bytes)
-            files = await _uploads(request, body, max_files=lim.max_batch_images + 1)
-            if not files:
-                raise _Reject(400, "multipart body has no file parts; send them as 'files'")
-            if len(files) > lim.max_batch_images:
-                raise _Reject(
-                    413,
-                    f"more than {lim.max_batch_images} images in one batch (max_batch_images)",
-                )
-            try:
-                results = await svc.run(svc.pool, svc.score, files, t0)
-            except Exception as exc:  # noqa: BLE001
-                logger.exception("scoring failed")
-                raise HTTPException(
-                    500, f"internal error while scoring: {one_line(exc, 200)}"
-                ) from None
-            total = (time.perf_counter() - t0) * 1000.0
-            items = []
-            for i, ((name, _), r) in enumerate(zip(files, results, strict=True)):
-                if isinstance(r, InputError):
-                    logger.warning(
-                        "POST /v1/inspect/batch image %d -> %d: %s", i, r.status, r.detail
-                    )
-                    items.append(BatchItem(index=i, filename=name, status=r.status, error=r.detail))
-                else:
-                    url = remember(r) if heatmap == "url" else None
-                    items.append(
-                        BatchItem(index=i, filename=name, result=inspection(name, r, total, url))
-                    )
-            svc.inspected += sum(1 for it in items if it.result is not None)
-            return BatchInspection(
-                count=len(items),
-                failed=sum(1 for it in items if it.result is not None and it.result.anomalous),
-                errors=sum(1 for it in items if it.error is not None),
-                results=items,
-                total_ms=round(total, 2),
-            )
-
-    @app.get(
-        "/v1/heatmaps/{key}",
-        dependencies=api,
-        response_class=Response,
-        responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown or evicted"}},
-        summary="An overlay from a recent inspection",
-    )
-    async def heatmap_png(
-        key: str,
-        alpha: float = Query(0.5, ge=0.0, le=1.0, description="1: colour map only; 0: image only"),
-    ) -> Response:
-        """The overlay PNG of a recent `heatmap=url` inspection (kept in a bounded store)."""
-        item = svc.store.get(key)
-        if item is None:
-            raise _Reject(404, "no such heatmap (unknown id, or evicted from the bounded store)")
-        async with admitted(svc.render_gate):
-            png = await svc.run(svc.render_pool, svc.render, item, alpha)
-        return Response(
-            png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
-        )
-
-    @app.get("/v1/model", dependencies=api, summary="The model card")
-    async def model_card() -> dict[str, Any]:
-        """Backbone, image size, bank size, threshold and method, versions, service limits."""
-        svc.check_ready()
-        det = svc.detector
-        assert det is not None
-        card = det.card()
-        card["threshold"] = svc.threshold
-        card["display_range"] = list(svc.display_range())
-        card["model_file"] = svc.model_path.name if svc.model_path is not None else None
-        card["patchcore_version"] = package_version()
-        card["limits"] = asdict(lim)
-        card["token_required"] = svc.token is not None
-        return card
-
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, Any]:
-        """200 while the process answers, whatever the model is doing."""
-        return {"status": "ok", "uptime_s": round(time.time() - svc.started, 1)}
-
-    @app.get("/readyz", summary="Readiness", responses={503: {"description": "not ready"}})
-    async def readyz() -> JSONResponse:
-        """200 once the model is loaded and warmed up, 503 before (or if loading failed)."""
-        body = {
-            "ready": svc.ready,
-            "in_flight": svc.gate.in_flight,
-            "capacity": svc.gate.capacity,
-            "inspected": svc.inspected,
-        }
-        if svc.ready:
-            return JSONResponse(body)
-        body["reason"] = svc.load_error or "loading"
-        return JSONResponse(body, 503, headers={"Retry-After": str(lim.retry_after_s)})
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
+    app.add_exception_handler(HTTPException, _log_rejection)
+    app.add_exception_handler(RequestValidationError, _log_invalid)
+    app.include_router(api)
+    app.include_router(public)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -929,7 +933,6 @@ def serve(
         token = os.environ.get(TOKEN_ENV) or None
     lim = ServiceLimits.from_kwargs(limits)  # fail on a bad limit before loading anything
     det = PatchCore.load(model_path)
-    det.progress = False
     app = create_app(
         det, token=token, threshold=threshold, display_range=display_range, **asdict(lim)
     )

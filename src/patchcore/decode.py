@@ -1,0 +1,70 @@
+"""Decoding image bytes (uploads) the way :func:`patchcore.images.read_image` decodes a file.
+
+Kept apart from :mod:`patchcore.images` (owned by the core) until it takes a bytes decoder:
+this module only adds what bytes from the network need on top of it: a pixel budget checked
+from the header before any pixel is decoded, and an allow-list of formats.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ._util import one_line
+from .images import ImageReadError, pil_to_array
+
+#: Formats PIL may decode here; everything else (EPS, PDF, ...) is refused unread.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image over the pixel budget (or a decompression bomb); refused before decoding."""
+
+
+def decode_bytes(
+    data: bytes,
+    *,
+    name: str = "image",
+    max_pixels: int | None = None,
+    formats: tuple[str, ...] = IMAGE_FORMATS,
+) -> np.ndarray:
+    """Decode the bytes of one image fully (truncated data is an error).
+
+    Args:
+        data: the encoded image.
+        name: how the image is named in errors.
+        max_pixels: largest width x height accepted, checked from the header.
+        formats: the PIL formats tried.
+
+    Returns:
+        uint8 array HxW (greyscale) or HxWx3 (colour), as :func:`~patchcore.images.read_image`.
+
+    Raises:
+        ImageTooLargeError: over ``max_pixels``, or a decompression bomb.
+        ImageReadError: empty, not an image of ``formats``, damaged or truncated.
+    """
+    if not data:
+        raise ImageReadError(name, "empty data")
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    name,
+                    f"{width}x{height} image has {width * height:,} pixels, over the limit of "
+                    f"{max_pixels:,} (max_pixels)",
+                )
+            im.load()
+            return pil_to_array(im)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            name, f"not an image (accepted formats: {', '.join(formats)})"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(name, f"image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(name, f"damaged or truncated image ({one_line(exc, 200)})") from None

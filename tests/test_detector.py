@@ -189,9 +189,9 @@ def test_defaults_store_float16_and_select_without_projection() -> None:
 
 
 def test_feature_store_keeps_the_requested_dtype_and_widens_on_overflow() -> None:
-    from patchcore.detector import _FeatureStore
+    from patchcore.embedding import FeatureStore
 
-    store = _FeatureStore(3, torch.float16)
+    store = FeatureStore(3, torch.float16)
     a = torch.randn(8, 5)
     store.add(a, 2)
     assert store.buffer is not None and store.buffer.dtype == torch.float16
@@ -201,15 +201,15 @@ def test_feature_store_keeps_the_requested_dtype_and_widens_on_overflow() -> Non
     out = store.result()
     assert store.overflow and out.dtype == torch.float32 and out.shape == (12, 5)
     assert torch.equal(out[:8], a.half().float()) and torch.equal(out[8:], big)
-    store32 = _FeatureStore(1, torch.float32)
+    store32 = FeatureStore(1, torch.float32)
     store32.add(big, 1)
     assert store32.result().dtype == torch.float32 and not store32.overflow
 
 
 def test_feature_store_float16_with_varying_sizes() -> None:
-    from patchcore.detector import _FeatureStore
+    from patchcore.embedding import FeatureStore
 
-    store = _FeatureStore(3, torch.float16)
+    store = FeatureStore(3, torch.float16)
     store.add(torch.ones(4, 2), 1)
     store.add(torch.ones(6, 2), 1)  # another image size: falls back to chunks
     store.add(torch.full((2, 2), 1e5), 1)  # and overflows

@@ -17,9 +17,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PatchCore": "detector",
-    "Classification": "detector",
-    "ModelFileError": "detector",
-    "NotFittedError": "detector",
+    "Classification": "results",
+    "ImageResult": "results",
+    "ScoreResult": "results",
+    "Skipped": "inputs",
+    "FittedState": "state",
+    "ModelFileError": "persistence",
+    "NotFittedError": "state",
     "FeatureExtractor": "backbones",
     "BackboneWeightsError": "backbones",
     "BACKBONES": "backbones",

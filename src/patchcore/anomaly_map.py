@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,3 +97,30 @@ def upsample_blur(grid: torch.Tensor, size: tuple[int, int], sigma: float = 4.0)
     a_h = _axis_operator(h, H, float(sigma), mode).to(grid.device, dtype)
     a_w = _axis_operator(w, W, float(sigma), mode).to(grid.device, dtype)
     return torch.matmul(torch.matmul(a_h, grid.to(dtype)), a_w.T)
+
+
+def maps_at_sizes(
+    grid: torch.Tensor,
+    processed: tuple[int, int],
+    sizes: list[tuple[int, int]],
+    sigma: float = 4.0,
+) -> list[np.ndarray]:
+    """Anomaly maps of a batch, each at its own output size.
+
+    Args:
+        grid: (B, 1, h, w) patch scores.
+        processed: (H, W) the images were processed at: the map is upsampled and blurred there.
+        sizes: B output sizes; a map whose size differs from ``processed`` is then resized
+            bilinearly (an input's own size, or a display size).
+
+    Returns:
+        B float32 arrays, each of its output size.
+    """
+    up = upsample_blur(grid, processed, sigma)
+    out = []
+    for j, size in enumerate(sizes):
+        m = up[j : j + 1]
+        if tuple(size) != tuple(processed):
+            m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+        out.append(m[0, 0].cpu().numpy().astype(np.float32, copy=False))
+    return out

@@ -85,6 +85,16 @@ BACKBONES: dict[str, BackboneSpec] = {
     },
 }
 
+BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The precisions a backbone can run in, by name (``PatchCore(backbone_dtype=...)``)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else the CPU; any other name as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
 
 def get_spec(name: str) -> BackboneSpec:
     """The :class:`BackboneSpec` of a backbone name (ValueError listing the known ones)."""

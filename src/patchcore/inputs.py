@@ -11,6 +11,7 @@ results in input order. Fitting and scoring both read their images through it.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,15 @@ import torch
 from .datasets import ImageDataset
 from .images import ImageInput, ImageReadError, as_tensor, resize
 
-__all__ = ["Batch", "Skipped", "as_list", "check_on_error", "input_name", "iter_batches"]
+__all__ = [
+    "Batch",
+    "Skipped",
+    "as_list",
+    "check_on_error",
+    "input_name",
+    "iter_batches",
+    "warn_skipped",
+]
 
 ON_ERROR = ("raise", "skip")
 DECODE_THREADS = 2  # file decoding workers; more did not help on the 2-4 core machines measured
@@ -184,6 +193,19 @@ def iter_batches(
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def warn_skipped(message: str, skipped: list[Skipped], stacklevel: int = 3) -> None:
+    """The one warning about unreadable inputs; ``message`` has an ``{n}`` field."""
+    if skipped:
+        warnings.warn(
+            message.format(n=len(skipped))
+            + ": "
+            + "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
+            + (" ..." if len(skipped) > 5 else ""),
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202

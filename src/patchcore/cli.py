@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from ._util import check_fraction, fmt, one_line
-from .metrics import MATLAB_METRICS
+from .metrics import MATLAB_METRICS, THRESHOLD_METHODS
 
 app = typer.Typer(
     name="patchcore",
@@ -43,33 +43,16 @@ app = typer.Typer(
 METRIC_COLUMNS = MATLAB_METRICS  # the reference's metrics table, one definition in metrics.py
 
 
-class Method(str, Enum):
-    max_f1 = "max_f1"
-    youden = "youden"
-    nearest_zero_one = "nearest_zero_one"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum whose members are ``values`` (typer shows them as the option's choices)."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-class Sampling(str, Enum):
-    greedy = "greedy"
-    random = "random"
-
-
-class BackboneDtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
-class CellType(str, Enum):
-    mono = "mono"
-    poly = "poly"
-    all = "all"
+Method = _choices("Method", THRESHOLD_METHODS)  # one definition, in metrics.py
+Sampling = _choices("Sampling", ("greedy", "random"))
+BackboneDtype = _choices("BackboneDtype", ("float32", "bfloat16", "float16"))
+Format = _choices("Format", ("table", "json", "csv"))
+CellType = _choices("CellType", ("mono", "poly", "all"))
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -165,6 +148,26 @@ def _fraction(name: str, *, allow_one: bool = True) -> Callable[[float | None], 
             raise typer.BadParameter(str(exc)) from None
 
     return check
+
+
+def _fraction_option(name: str, help: str, *, allow_one: bool = True) -> Any:
+    """A ``typer.Option`` for a share in (0, 1] (or (0, 1)), checked on parsing."""
+    return typer.Option(name, help=help, callback=_fraction(name, allow_one=allow_one))
+
+
+def _with_bar(desc: str, quiet: bool, step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a workflow step that reports ``total`` then ``progress``, with a bar on stderr."""
+    bar = _Bar(desc, quiet)
+    with _errors():
+        try:
+            return step(*args, progress=bar.update, total=bar.total, **kwargs)
+        finally:
+            bar.close()
+
+
+def _device(device: str) -> str | None:
+    """``--device`` for loading a model: ``auto`` = where it was saved for (None)."""
+    return None if device == "auto" else device
 
 
 def _rate(value: float | None) -> float | None:
@@ -298,18 +301,11 @@ def fit(
         typer.Option("--image-size", help="Resize images to N x N instead of --scale.", min=32),
     ] = None,
     train_fraction: Annotated[
-        float,
-        typer.Option(
-            help="Seeded share of the training images used.",
-            callback=_fraction("--train-fraction"),
-        ),
+        float, _fraction_option("--train-fraction", "Seeded share of the training images used.")
     ] = 0.2,
     coreset_ratio: Annotated[
         float,
-        typer.Option(
-            help="Share of training patches kept in the memory bank.",
-            callback=_fraction("--coreset-ratio"),
-        ),
+        _fraction_option("--coreset-ratio", "Share of training patches kept in the memory bank."),
     ] = 0.1,
     sampling: Annotated[Sampling, typer.Option(help="Memory bank subsampling.")] = Sampling.greedy,
     seed: Annotated[int, typer.Option(help="Seeds the training subset and the coreset.")] = 0,
@@ -388,10 +384,11 @@ def calibrate(
     ] = None,
     calibration_fraction: Annotated[
         float,
-        typer.Option(
-            help="Share of each label's test images used to calibrate; the rest is held out "
+        _fraction_option(
+            "--calibration-fraction",
+            "Share of each label's test images used to calibrate; the rest is held out "
             "for `evaluate`.",
-            callback=_fraction("--calibration-fraction", allow_one=False),
+            allow_one=False,
         ),
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seeds the calibration / test split.")] = 0,
@@ -401,22 +398,18 @@ def calibrate(
     """Choose the threshold on half of DATA's test images; store it and the split in MODEL."""
     from . import workflow
 
-    bar = _Bar("calibrate", quiet)
-    with _errors():
-        try:
-            s = workflow.calibrate_model(
-                model,
-                data,
-                method=method.value,
-                max_fpr=max_fpr,
-                calibration_fraction=calibration_fraction,
-                seed=seed,
-                device=None if device == "auto" else device,
-                progress=bar.update,
-                total=bar.total,
-            )
-        finally:
-            bar.close()
+    s = _with_bar(
+        "calibrate",
+        quiet,
+        workflow.calibrate_model,
+        model,
+        data,
+        method=method.value,
+        max_fpr=max_fpr,
+        calibration_fraction=calibration_fraction,
+        seed=seed,
+        device=_device(device),
+    )
     cm = s.calibration_metrics
     bound = f", FPR <= {s.max_fpr:g}" if s.max_fpr is not None else ""
     typer.echo(f"Threshold {s.threshold:.6g} ({s.method}{bound}) chosen on {s.data}")
@@ -462,19 +455,10 @@ def evaluate(
     """Score the held-out test images stored by `calibrate` (never the calibration ones)."""
     from . import workflow
 
-    bar = _Bar("evaluate", quiet)
-    with _errors():
-        try:
-            ev = workflow.evaluate_model(
-                model,
-                data,
-                report_dir=report,
-                device=None if device == "auto" else device,
-                progress=bar.update,
-                total=bar.total,
-            )
-        finally:
-            bar.close()
+    ev = _with_bar(
+        "evaluate", quiet, workflow.evaluate_model, model, data, report_dir=report,
+        device=_device(device),
+    )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(ev.metrics, indent=2))
         return
@@ -525,7 +509,7 @@ def predict(
     from . import workflow
 
     with _errors():
-        det = workflow.load_model(model, device=None if device == "auto" else device)
+        det = workflow.load_model(model, device=_device(device))
         workflow.require_threshold(det, model)
         files = workflow.expand_inputs([str(p) for p in inputs], recursive=recursive)
     bar = _Bar("predict", quiet or len(files) < 2)
@@ -604,9 +588,10 @@ def demo(
     cell_type: Annotated[CellType, typer.Option(help="ELPV cells to use.")] = CellType.mono,
     train_fraction: Annotated[
         float,
-        typer.Option(
-            help="Seeded share of the normal cells fitted on (the rest are test images).",
-            callback=_fraction("--train-fraction", allow_one=False),
+        _fraction_option(
+            "--train-fraction",
+            "Seeded share of the normal cells fitted on (the rest are test images).",
+            allow_one=False,
         ),
     ] = 0.5,
     image_size: Annotated[
@@ -614,9 +599,9 @@ def demo(
     ] = 160,
     coreset_ratio: Annotated[
         float,
-        typer.Option(
-            help="Share of training patches kept in the memory bank (1% keeps it fast).",
-            callback=_fraction("--coreset-ratio"),
+        _fraction_option(
+            "--coreset-ratio",
+            "Share of training patches kept in the memory bank (1% keeps it fast).",
         ),
     ] = 0.01,
     method: Annotated[Method, typer.Option(help="Threshold choice.")] = Method.max_f1,

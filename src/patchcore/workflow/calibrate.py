@@ -10,6 +10,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -183,31 +184,27 @@ def calibrate_model(
     model: str | os.PathLike,
     data: str | os.PathLike,
     *,
-    method: str = "max_f1",
-    max_fpr: float | None = None,
-    calibration_fraction: float = 0.5,
-    seed: int = 0,
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    **settings: Any,
 ) -> CalibrationSummary:
     """Calibrate the threshold of a model file on ``data``'s labelled test images, in place.
 
-    ``total`` is called once with the number of images about to be scored.
+    Args:
+        model: the model file (rewritten with the threshold, split and display range).
+        data: a data spec; images the model was fitted on are left out.
+        device: where to load the model (None: as saved).
+        progress: called with the number of images just scored.
+        total: called once with the number of images about to be scored.
+        **settings: ``method``, ``max_fpr``, ``calibration_fraction``, ``seed``, as in
+            :func:`calibrate_detector`.
     """
     det = load_model(model, device=device)
     source = resolve_data(data)
     pool = without_training_images(det, source, labelled_images(source))
     summary, _, _ = calibrate_detector(
-        det,
-        pool,
-        method=method,
-        max_fpr=max_fpr,
-        calibration_fraction=calibration_fraction,
-        seed=seed,
-        data_spec=source.spec,
-        progress=progress,
-        total=total,
+        det, pool, data_spec=source.spec, progress=progress, total=total, **settings
     )
     summary.model_path = str(det.save(model))
     return summary

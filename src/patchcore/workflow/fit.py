@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,19 +34,7 @@ class FitSummary:
 
 
 def fit_detector(
-    train: ImageDataset,
-    *,
-    backbone: str = "efficientnet-lite0",
-    layers: Sequence[str] | None = None,
-    image_size: int | None = None,
-    scale: float | None = None,
-    coreset_ratio: float = 0.1,
-    sampling: str = "greedy",
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-    data_spec: str = "",
-    backbone_dtype: str = "float32",
+    train: ImageDataset, *, progress: bool = True, data_spec: str = "", **params: Any
 ) -> PatchCore:
     """Fit a detector on the (normal) images of ``train``; unreadable images are skipped.
 
@@ -57,22 +44,20 @@ def fit_detector(
     images are listed in ``skipped_`` (the detector also warns about them).
 
     Args:
+        train: the training images.
         progress: show the detector's progress bars while fitting.
+        data_spec: stored as ``fit_data``.
+        **params: :class:`~patchcore.detector.PatchCore` parameters (``backbone``,
+            ``layers``, ``image_size``, ``scale``, ``coreset_ratio``, ``sampling``, ``seed``,
+            ``device``, ``backbone_dtype``...); the detector's defaults for the others.
 
     Raises:
         WorkflowError: bad parameters or no readable image.
+        TypeError: a name that is not a PatchCore parameter.
     """
-    det = PatchCore(
-        backbone=backbone,
-        layers=list(layers) if layers else None,
-        image_size=image_size,
-        scale=scale,
-        coreset_ratio=coreset_ratio,
-        sampling=sampling,
-        seed=seed,
-        device=device,
-        backbone_dtype=backbone_dtype,
-    )
+    if params.get("layers") is not None:
+        params["layers"] = list(params["layers"]) or None
+    det = PatchCore(**params)
     try:
         det.fit(train, on_error="skip", progress=progress)
     except ValueError as exc:  # no readable image, unknown layer...

@@ -460,6 +460,62 @@ def _model_card_section(model_card: Mapping[str, Any]) -> str:
     return _section("Model card", f'<table class="kv">{rows}</table>', "model")
 
 
+_HISTOGRAM = (
+    "Score histogram",
+    "Score distribution",
+    "scores",
+    "Image scores of normal and anomalous test images; dashed line = threshold.",
+)
+
+
+def _roc_texts(auroc: Any) -> tuple[str, str, str, str | None]:
+    return (
+        "ROC curve",
+        "ROC curve",
+        "roc",
+        f"AUROC = {_fmt(auroc)}" if auroc is not None else None,
+    )
+
+
+def _figure_section(
+    out_dir: Path, path: str | Path | None, alt: str, title: str, anchor: str, sub: str | None
+) -> str:
+    """A section holding one figure; empty without the figure."""
+    if path is None:
+        return ""
+    return _section(title, _figure_html(out_dir, path, alt), anchor, sub)
+
+
+def _confusion_section(out_dir: Path, figure: str | Path | None, known: Mapping[str, Any]) -> str:
+    """The confusion-matrix figure, else a table of ``ConfusionMatrix``, else nothing."""
+    if figure is not None:
+        body = _figure_html(out_dir, figure, "Confusion matrix")
+    elif "ConfusionMatrix" in known:
+        body = _confusion_table(known["ConfusionMatrix"])
+    else:
+        return ""
+    return _section(
+        "Confusion matrix", body, "confusion", "Rows: true class; columns: predicted class."
+    )
+
+
+def _other_figures_section(out_dir: Path, figures: Mapping[str, str | Path]) -> str:
+    if not figures:
+        return ""
+    blocks = "".join(
+        f"<div><h3>{_esc(name)}</h3>{_figure_html(out_dir, path, name)}</div>"
+        for name, path in figures.items()
+    )
+    return _section("Other figures", f'<div class="grid2">{blocks}</div>', "other")
+
+
+def _notes_section(notes: Sequence[str] | None) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li>{_esc(n)}</li>" for n in notes)
+    return _section("Notes", f'<ul class="notes">{items}</ul>', "notes")
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -520,76 +576,37 @@ def write_report(
     named = {k: v for k, v in figures.items() if k in _FIGURES}
     other_figures = {str(k): v for k, v in figures.items() if k not in _FIGURES}
 
-    confusion = ""
-    if "confusion_matrix" in named:
-        confusion = _figure_html(out_dir, named["confusion_matrix"], "Confusion matrix")
-    elif "ConfusionMatrix" in known:
-        confusion = _confusion_table(known["ConfusionMatrix"])
-    confusion_section = (
-        _section(
-            "Confusion matrix",
-            confusion,
-            "confusion",
-            "Rows: true class; columns: predicted class.",
-        )
-        if confusion
-        else ""
-    )
-    histogram_section = (
-        _section(
-            "Score distribution",
-            _figure_html(out_dir, named["score_histogram"], "Score histogram"),
-            "scores",
-            "Image scores of normal and anomalous test images; dashed line = threshold.",
-        )
-        if "score_histogram" in named
-        else ""
-    )
-    auroc = known.get("AUROC")
-    roc_section = (
-        _section(
-            "ROC curve",
-            _figure_html(out_dir, named["roc"], "ROC curve"),
-            "roc",
-            f"AUROC = {_fmt(auroc)}" if auroc is not None else None,
-        )
-        if "roc" in named
-        else ""
-    )
-    other_section = ""
-    if other_figures:
-        blocks = "".join(
-            f"<div><h3>{_esc(name)}</h3>{_figure_html(out_dir, path, name)}</div>"
-            for name, path in other_figures.items()
-        )
-        other_section = _section("Other figures", f'<div class="grid2">{blocks}</div>', "other")
-    notes_section = ""
-    if notes:
-        items = "".join(f"<li>{_esc(n)}</li>" for n in notes)
-        notes_section = _section("Notes", f'<ul class="notes">{items}</ul>', "notes")
-
-    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    version = package_version()
     body = "".join(
         [
             _summary(known, threshold, target_map),
             _metrics_table(known, others, target_map),
-            _grid([confusion_section, histogram_section]),
             _grid(
                 [
-                    roc_section,
+                    _confusion_section(out_dir, named.get("confusion_matrix"), known),
+                    _figure_section(out_dir, named.get("score_histogram"), *_HISTOGRAM),
+                ]
+            ),
+            _grid(
+                [
+                    _figure_section(out_dir, named.get("roc"), *_roc_texts(known.get("AUROC"))),
                     _per_type_section(
                         out_dir, named.get("per_type_recall"), per_type_recall, target_map
                     ),
                 ]
             ),
             _pixel_section(pixel_metrics),
-            other_section,
+            _other_figures_section(out_dir, other_figures),
             _gallery_section(out_dir, galleries, threshold),
             _model_card_section(model_card),
-            notes_section,
+            _notes_section(notes),
         ]
     )
+    return _write_document(out_dir, title, body)
+
+
+def _write_document(out_dir: Path, title: str, body: str) -> Path:
+    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    version = package_version()
     document = f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -177,6 +177,24 @@ def test_evaluate_never_feeds_a_calibration_image_to_the_detector(
     assert seen_names.isdisjoint(md["calibration_names"])
 
 
+def test_evaluate_scores_each_held_out_image_once(
+    calibrated: Path, tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls: list[list[str]] = []
+    original = PatchCore.iter_score
+
+    def spy(self, images, *a, **kw):
+        calls.append([str(i) for i in images])
+        return original(self, images, *a, **kw)
+
+    monkeypatch.setattr(PatchCore, "iter_score", spy)
+    r = run("evaluate", calibrated, tiny, "--report", tmp_path / "r", "-q")
+    assert r.exit_code == 0, r.output
+    assert any((tmp_path / "r" / "gallery").iterdir())  # tiles from the same pass
+    test_names = PatchCore.load(calibrated).metadata_["test_names"]
+    assert len(calls) == 1 and len(calls[0]) == len(set(calls[0])) == len(test_names)
+
+
 def test_report_has_its_sections_and_decodable_pngs(evaluated) -> None:
     _, report = evaluated
     html = (report / "report.html").read_text(encoding="utf-8")

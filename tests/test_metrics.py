@@ -535,3 +535,18 @@ def test_aupro_regions_are_8_connected():
     fpr, pro, _ = metrics.pro_curve([mask], [amap])
     np.testing.assert_allclose(pro, [0, 0.2, 1])  # one region of 5 pixels, 1 found
     np.testing.assert_allclose(fpr, [0, 0, 1])
+
+
+def test_metrics_object_has_one_key_per_metric():
+    d = metrics.evaluate([1, 0, 1, 0], [1, 0, 0, 0], ["crack", "good", "good", "good"])
+    m = metrics.Metrics.from_dict(d)
+    assert m.f1_score == d["F1Score"] and m.false_positive_rate == d["FalsePositiveRate"]
+    assert metrics.Metrics.key("pixel_auroc") == "PixelAUROC"
+    assert metrics.Metrics.key("global_accuracy") == "GlobalAccuracy"
+    out = m.as_dict()
+    assert {k: out[k] for k in d} == d  # evaluate's keys are the Metrics keys
+    assert out["AUROC"] is None and "PixelAUROC" not in out  # optional ones left out
+    assert set(metrics.MATLAB_METRICS) <= set(out)
+    assert metrics.Metrics.from_dict(out) == m
+    with pytest.raises(ValueError, match="unknown metric.*Pixel AUROC"):
+        metrics.Metrics.from_dict({**d, "Pixel AUROC": 0.9})

@@ -314,6 +314,23 @@ def test_multipart_without_a_file(client):
     assert r.status_code == 400 and "no file part" in r.json()["detail"]
 
 
+def test_decode_bytes_errors_are_typed():
+    from patchcore.decode import ImageTooLargeError, decode_bytes
+    from patchcore.images import ImageReadError
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert decode_bytes(buf.getvalue(), name="a.png").shape == (20, 30)
+    with pytest.raises(ImageTooLargeError, match=r"a\.png: 30x20 image has 600 pixels"):
+        decode_bytes(buf.getvalue(), name="a.png", max_pixels=599)
+    with pytest.raises(ImageReadError, match="truncated"):
+        decode_bytes(buf.getvalue()[: len(buf.getvalue()) // 2], name="a.png")
+    with pytest.raises(ImageReadError, match="not an image") as info:
+        decode_bytes(b"%!PS-Adobe-3.0 EPSF-3.0", name="x.eps")
+    assert not isinstance(info.value, ImageTooLargeError)
+
+
 def test_decode_image_matches_read_image(casting):
     path = casting["bad"][0]
     np.testing.assert_array_equal(decode_image(path.read_bytes(), 10**6), read_image(path))

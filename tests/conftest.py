@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+IN_CI = bool(os.environ.get("CI"))
 
 
-def data_set(name: str) -> Path:
-    """Root of a real data set in ../shared/data, or skip when the folder is not there."""
-    root = DATA / name
+def data_set(name: str = "") -> Path:
+    """Root of a real data set in ../shared/data (``""``: the folder itself).
+
+    Missing: the test fails when the environment variable ``CI`` is set (CI must run the
+    real-data tests), and is skipped otherwise (a developer machine without the data).
+    """
+    root = DATA / name if name else DATA
     if not root.is_dir():
+        if IN_CI:
+            pytest.fail(f"real data set {root} missing (CI is set: CI must provide it)")
         pytest.skip(f"real data set {root} not present")
     return root
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """``../shared/data``, see :func:`data_set`."""
+    return data_set()
+
+
+needs_data = pytest.mark.usefixtures("real_data")
 
 
 def textured(rng: np.random.Generator, size: int = 96, defect: bool = False) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_set
 
 CHROMIUM = Path(os.environ.get("PATCHCORE_CHROMIUM", "/usr/bin/chromium"))
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "casting"
@@ -44,8 +45,7 @@ def server(tmp_path_factory):
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does it)")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
-    if not DATA.is_dir():
-        pytest.skip(f"real data set {DATA} not present")
+    data_set("casting")
     import uvicorn
 
     from patchcore.detector import PatchCore

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import data_set
 from PIL import Image
 from typer.testing import CliRunner
 
 from patchcore.cli import METRIC_COLUMNS, app
 from patchcore.detector import FORMAT_NAME, PatchCore
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZE = "96"
 
 pytestmark = pytest.mark.slow
@@ -42,9 +42,7 @@ def _link(src: Path, dst: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """magnetic_tile subset: 6 train, 6 normal + 4 crack + 4 blowhole test images, masks."""
-    src = DATA / "magnetic_tile"
-    if not src.is_dir():
-        pytest.skip(f"real data set {src} not present")
+    src = data_set("magnetic_tile")
     root = tmp_path_factory.mktemp("data") / "tiles"
     for f in sorted((src / "train" / "good").iterdir())[:6]:
         _link(f, root / "train" / "good" / f.name)

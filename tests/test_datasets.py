@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_data
 from PIL import Image
 
 from patchcore.datasets import (
@@ -29,7 +30,6 @@ from patchcore.datasets import (
 from patchcore.images import ImageReadError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared real data not available")
 
 
 def _png(path: Path, value: int = 128, size: tuple[int, int] = (16, 16), mode: str = "L") -> Path:

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,21 @@ def small(**kw) -> PatchCore:
 
 
 @pytest.fixture(scope="module")
-def fitted(toy_images) -> PatchCore:
+def fitted(toy_images):
+    """One fitted detector shared by the module: read it, never change it (see ``fresh``)."""
     train, _, _ = toy_images
-    return small().fit(train)
+    det = small().fit(train)
+    bank = det.memory_bank_.clone()
+    yield det
+    # order-independence guard: no test may have changed the shared detector
+    assert det.threshold_ is None and det.threshold_method_ is None and det.metadata_ == {}
+    assert torch.equal(det.memory_bank_, bank) and det.get_params() == small().get_params()
+
+
+@pytest.fixture
+def det(fitted: PatchCore) -> PatchCore:
+    """A private copy of ``fitted`` for tests that set thresholds, metadata or parameters."""
+    return copy.deepcopy(fitted)
 
 
 def test_defects_score_above_every_normal(fitted: PatchCore, toy_images) -> None:
@@ -85,25 +98,21 @@ def test_plain_max_equals_nearest_distance_of_worst_patch(fitted: PatchCore, toy
     assert rew <= float(want) + 1e-6
 
 
-def test_save_load_round_trip_really_reloads(fitted: PatchCore, toy_images, tmp_path: Path) -> None:
+def test_save_load_round_trip_really_reloads(det: PatchCore, toy_images, tmp_path: Path) -> None:
     _, good, bad = toy_images
-    fitted.set_threshold(1.5, "manual")
-    fitted.metadata_["note"] = "hello"
-    path = fitted.save(tmp_path / "m.pt")
+    det.set_threshold(1.5, "manual")
+    det.metadata_["note"] = "hello"
+    path = det.save(tmp_path / "m.pt")
     raw = torch.load(path, weights_only=True)  # plain tensors and a config, no pickled objects
     assert (
         raw["format_version"] == FORMAT_VERSION
         and raw["config"]["backbone"] == "efficientnet-lite0"
     )
     loaded = PatchCore.load(path)
-    assert (
-        loaded is not fitted and loaded.threshold_ == 1.5 and loaded.metadata_ == {"note": "hello"}
-    )
-    np.testing.assert_array_equal(
-        loaded.score_samples(good + bad), fitted.score_samples(good + bad)
-    )
-    np.testing.assert_array_equal(loaded.anomaly_map(bad[0]), fitted.anomaly_map(bad[0]))
-    assert loaded.card()["bank_size"] == fitted.memory_bank_.shape[0]
+    assert loaded is not det and loaded.threshold_ == 1.5 and loaded.metadata_ == {"note": "hello"}
+    np.testing.assert_array_equal(loaded.score_samples(good + bad), det.score_samples(good + bad))
+    np.testing.assert_array_equal(loaded.anomaly_map(bad[0]), det.anomaly_map(bad[0]))
+    assert loaded.card()["bank_size"] == det.memory_bank_.shape[0]
 
 
 def test_load_rejects_newer_damaged_and_foreign_files(fitted: PatchCore, tmp_path: Path) -> None:
@@ -132,12 +141,12 @@ def test_not_fitted_and_no_threshold_errors_say_what_to_do(toy_images) -> None:
         det.predict(good)
 
 
-def test_calibrate_then_predict_and_classify(fitted: PatchCore, toy_images) -> None:
+def test_calibrate_then_predict_and_classify(det: PatchCore, toy_images) -> None:
     _, good, bad = toy_images
-    fitted.calibrate(good + bad, [0] * 4 + [1] * 4, method="max_f1")
-    assert fitted.threshold_method_ == "max_f1"
-    np.testing.assert_array_equal(fitted.predict(good + bad), [False] * 4 + [True] * 4)
-    out = fitted.classify(bad[:2])
+    det.calibrate(good + bad, [0] * 4 + [1] * 4, method="max_f1")
+    assert det.threshold_method_ == "max_f1"
+    np.testing.assert_array_equal(det.predict(good + bad), [False] * 4 + [True] * 4)
+    out = det.classify(bad[:2])
     assert out.labels.tolist() == [True, True] and len(out.maps) == 2
 
 
@@ -363,3 +372,182 @@ def test_iter_score_streams_in_input_order_with_errors(fitted: PatchCore, toy_im
 def test_iter_score_checks_before_iterating(toy_images) -> None:
     with pytest.raises(NotFittedError, match="before iter_score"):
         small().iter_score(toy_images[1])
+
+
+# ---------------------------------------------------------------- eq. 7 against a naive reference
+
+
+def _naive_eq7_score(det: PatchCore, image: np.ndarray, k: int) -> float:
+    """The paper's eq. 7 written out with brute-force float64 distances (no index, no batching).
+
+    s* = max over test patches of the distance to the nearest bank row; m_test = that patch,
+    m* = its nearest bank row, N_k(m*) = the k bank rows nearest m* (m* included);
+    score = (1 - exp|m_test - m*| / sum over m in N_k(m*) of exp|m_test - m|) * s*.
+    """
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+    emb = det._embed(pixels)[0]  # (D, h, w)
+    patches = emb.flatten(1).T.double()  # (h*w, D)
+    bank = det.memory_bank_.double()
+    dist = torch.cdist(patches, bank)  # (h*w, M)
+    nearest, star = dist.min(1)
+    worst = int(nearest.argmax())
+    s_star = float(nearest[worst])
+    m_star = int(star[worst])
+    support = torch.cdist(bank[m_star][None], bank)[0].argsort()[:k]  # N_k(m*), m* first
+    d = dist[worst, support]
+    assert int(support[0]) == m_star
+    weight = 1.0 - float(torch.exp(d[0]) / torch.exp(d).sum())
+    return weight * s_star
+
+
+@pytest.mark.parametrize("k", [2, 3, 9])
+def test_reweighted_score_equals_a_naive_eq7(toy_images, k: int) -> None:
+    train, good, bad = toy_images
+    det = small(num_neighbors=k, coreset_ratio=0.05).fit(train[:3])  # a tiny bank (22 rows)
+    assert det.memory_bank_.shape[0] == 22
+    got = det.score_samples(good[:2] + bad[:2])
+    want = [_naive_eq7_score(det, img, k) for img in good[:2] + bad[:2]]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    plain = small(num_neighbors=1, coreset_ratio=0.05).fit(train[:3]).score_samples(good[:2])
+    assert (got[:2] < plain).all()  # the weight is < 1: reweighting lowers the max score
+
+
+def test_reweighting_reads_the_bank_the_index_holds(det: PatchCore, toy_images) -> None:
+    """Scoring no longer copies ``memory_bank_`` to the search device per batch."""
+    images = toy_images[1] + toy_images[2]
+    want = det.score_samples(images)
+    assert det._index.bank.data_ptr() == det._bank.data_ptr() and det._bank.device == det.device_
+    det.state_.memory_bank = torch.empty(det.memory_bank_.shape, device="meta")  # unreadable
+    np.testing.assert_array_equal(det.score_samples(images), want)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def test_params_come_from_the_signature() -> None:
+    import inspect
+
+    names = [p for p in inspect.signature(PatchCore).parameters]
+    det = small(seed=3)
+    assert list(det.get_params()) == names
+    assert det.get_params()["seed"] == 3 and det.get_params()["image_size"] == 96
+    assert PatchCore(**det.get_params()).get_params() == det.get_params()  # clone
+    assert det.set_params(seed=5, batch_size=2) is det and det.seed == 5 and det.batch_size == 2
+    with pytest.raises(ValueError, match="invalid parameter 'colour' for PatchCore; valid"):
+        det.set_params(colour="red")
+    assert repr(PatchCore()) == "PatchCore()"
+    assert repr(det) == (
+        "PatchCore(image_size=96, coreset_ratio=0.25, num_neighbors=3, batch_size=2, seed=5, "
+        "progress=False)"
+    )
+
+
+def test_per_call_progress_leaves_the_parameter_alone(toy_images, capsys) -> None:
+    train, good, _ = toy_images
+    det = small(progress=True).fit(train[:2], progress=False)
+    det.score(good, progress=False)
+    det.score_samples(good, progress=False)
+    assert det.progress is True and capsys.readouterr().err == ""
+
+
+def test_fit_and_load_record_fit_time_facts_in_the_state(toy_images, tmp_path: Path) -> None:
+    from patchcore.state import FittedState
+
+    train, _, _ = toy_images
+    det = small(feature_dtype="float32").fit(train[:2])
+    assert isinstance(det.state_, FittedState) and det.feature_dtype_ == "float32"
+    assert det.n_train_images_ == det.state_.n_train_images == 2 and det.skipped_ == []
+    loaded = PatchCore.load(det.save(tmp_path / "m.pt"))
+    # built with the parameters it was fitted with (layers resolved), not patched after
+    assert loaded.get_params() == {**det.get_params(), "layers": ["stage3", "stage5"]}
+    assert loaded.card() == det.card() and loaded.state_.layers == det.state_.layers
+
+
+# ---------------------------------------------------------------- model files
+
+
+def test_a_file_in_the_58cd285_layout_loads(fitted: PatchCore, toy_images, tmp_path: Path) -> None:
+    """The payload exactly as ``PatchCore.save`` wrote it at commit 58cd285, built by hand."""
+    _, good, bad = toy_images
+    old = {
+        "format": "patchcore",
+        "format_version": 1,
+        "config": {
+            "backbone": "efficientnet-lite0",
+            "layers": list(fitted.layers_),
+            "weights": "imagenet",
+            "image_size": 96,
+            "scale": None,
+            "coreset_ratio": 0.25,
+            "sampling": "greedy",
+            "projection_dim": None,
+            "num_neighbors": 3,
+            "embed_dim": None,
+            "kernel_size": 3,
+            "sigma": 4.0,
+            "batch_size": 8,
+            "device": "auto",
+            "seed": 0,
+            "progress": False,
+            "mean": list(fitted.extractor_.mean),
+            "std": list(fitted.extractor_.std),
+        },
+        "memory_bank": fitted.memory_bank_.clone(),
+        "backbone_state": {k: v.clone() for k, v in fitted.extractor_.state_dict().items()},
+        "state": {
+            "threshold": 2.5,
+            "threshold_method": "max_f1",
+            "n_train_images": 6,
+            "n_train_patches": 864,
+            "feature_seconds": 1.0,
+            "coreset_seconds": 2.0,
+            "fit_seconds": 3.0,
+            "feature_dtype": "float16",
+            "metadata": {"fit_data": "toy"},
+        },
+    }
+    torch.save(old, tmp_path / "old.pt")
+    det = PatchCore.load(tmp_path / "old.pt")
+    assert det.threshold_ == 2.5 and det.threshold_method_ == "max_f1"
+    assert det.n_train_images_ == 6 and det.n_train_patches_ == 864 and det.fit_seconds_ == 3.0
+    assert det.metadata_ == {"fit_data": "toy"} and det.feature_dtype_ == "float16"
+    assert det.get_params() == {**fitted.get_params(), "layers": list(fitted.layers_)}
+    np.testing.assert_array_equal(det.score_samples(good + bad), fitted.score_samples(good + bad))
+    # and what we write now has the same layout, key for key
+    new = torch.load(det.save(tmp_path / "new.pt"), weights_only=True)
+    assert list(new) == list(old) and new["config"] == old["config"]
+    assert list(new["state"]) == list(old["state"])
+
+
+def test_save_is_atomic_and_cleans_up_on_interrupt(
+    det: PatchCore, tmp_path: Path, monkeypatch
+) -> None:
+    from patchcore import persistence
+
+    path = det.save(tmp_path / "m.pt")
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def interrupted(obj, f, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(persistence.torch, "save", interrupted)
+    det.set_threshold(9.0)
+    with pytest.raises(KeyboardInterrupt):
+        det.save(path)
+    assert path.read_bytes() == before  # the old file is untouched...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # ...and no temp file is left
+    monkeypatch.setattr(persistence.torch, "save", real_save)
+    assert PatchCore.load(det.save(path)).threshold_ == 9.0
+
+
+def test_missing_real_data_fails_in_ci_and_skips_elsewhere(monkeypatch) -> None:
+    import conftest
+
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="no-such-set missing .CI is set"):
+        conftest.data_set("no-such-set")
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="no-such-set not present"):
+        conftest.data_set("no-such-set")

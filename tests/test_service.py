@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_set
 from PIL import Image
 
 with warnings.catch_warnings():
@@ -38,8 +39,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "casting"
 
 @pytest.fixture(scope="session")
 def casting() -> dict[str, list[Path]]:
-    if not DATA.is_dir():
-        pytest.skip(f"real data set {DATA} not present")
+    data_set("casting")
     return {
         "train": sorted((DATA / "train" / "good").iterdir())[:4],
         "good": sorted((DATA / "test" / "good").iterdir())[:3],

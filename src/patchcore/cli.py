@@ -195,20 +195,19 @@ def _confusion(cm: list[list[int]]) -> str:
     )
 
 
-def _print_evaluation(payload: dict[str, Any]) -> None:
-    m = payload["metrics"]
-    n_anom = m.get("NumAnomalous", 0)
-    n = m.get("NumSamples", 0)
+def _print_evaluation(ev: Any) -> None:
+    """The metrics of a :class:`~patchcore.workflow.Evaluation` as tables on stdout."""
+    m = ev.measured
     typer.echo(
-        f"Held-out test images: {n} ({n - n_anom} normal, {n_anom} anomalous); "
-        f"threshold {payload['threshold']:.6g} ({payload.get('threshold_method')})"
+        f"Held-out test images: {m.num_samples} ({m.num_normal} normal, {m.num_anomalous} "
+        f"anomalous); threshold {m.threshold:.6g} ({m.threshold_method})"
     )
     typer.echo("")
-    typer.echo(_metrics_table(m))
+    typer.echo(_metrics_table(m.as_dict()))
     typer.echo("")
-    typer.echo(_confusion(m["ConfusionMatrix"]))
-    recall = m.get("DefectTypeRecall") or {}
-    counts = m.get("DefectTypeCounts") or {}
+    typer.echo(_confusion(m.confusion_matrix))
+    recall = m.defect_type_recall or {}
+    counts = m.defect_type_counts or {}
     types = [t for t in recall if t != "good"]
     if types:
         typer.echo("")
@@ -220,18 +219,17 @@ def _print_evaluation(payload: dict[str, Any]) -> None:
         for name, value, n in rows:
             typer.echo(f"  {name:<{w}}  {value:.4f}  ({n} images)")
     typer.echo("")
-    typer.echo(f"Image AUROC: {fmt(m.get('AUROC'))}")
-    if m.get("PixelAUROC") is not None:
+    typer.echo(f"Image AUROC: {fmt(m.auroc)}")
+    if m.pixel_auroc is not None:
         typer.echo(
-            f"Pixel AUROC: {fmt(m['PixelAUROC'])}   AUPRO (FPR <= 0.3): {fmt(m.get('AUPRO'))}"
-            f"   ({m.get('PixelMetricImages')} images with masks)"
+            f"Pixel AUROC: {fmt(m.pixel_auroc)}   AUPRO (FPR <= 0.3): {fmt(m.aupro)}"
+            f"   ({m.pixel_metric_images} images with masks)"
         )
-    typer.echo(f"Scoring time: {payload['ms_per_image']:.1f} ms per image")
-    skipped = payload.get("skipped") or []
-    if skipped:
-        typer.echo(f"{len(skipped)} unreadable image(s) left out:", err=True)
-        for item in skipped[:10]:
-            typer.echo(f"  {item['path']}: {item['problem']}", err=True)
+    typer.echo(f"Scoring time: {ev.ms_per_image:.1f} ms per image")
+    if ev.skipped:
+        typer.echo(f"{len(ev.skipped)} unreadable image(s) left out:", err=True)
+        for path, problem in ev.skipped[:10]:
+            typer.echo(f"  {path}: {problem}", err=True)
 
 
 def _echo_skipped(skipped: list[tuple[str, str]]) -> None:
@@ -462,7 +460,7 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(ev.metrics, indent=2))
         return
-    _print_evaluation(ev.metrics)
+    _print_evaluation(ev)
     if ev.report_path:
         typer.echo(f"Metrics: {ev.metrics_path}")
         typer.echo(f"Report:  {ev.report_path}")
@@ -672,7 +670,7 @@ def demo(
         f"({r.evaluation.ms_per_image:.1f} ms per image); total {t['total']:.1f} s"
     )
     typer.echo("")
-    _print_evaluation(r.evaluation.metrics)
+    _print_evaluation(r.evaluation)
     typer.echo(f"Model:   {r.model_path}")
     typer.echo(f"Metrics: {r.evaluation.metrics_path}")
     typer.echo(f"Report:  {Path(r.evaluation.report_path or '').resolve()}")

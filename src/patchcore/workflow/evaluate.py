@@ -34,7 +34,11 @@ PIXEL_METRIC_SIDE = 320
 
 @dataclass
 class Evaluation:
-    """What :func:`evaluate_model` measured; ``metrics`` is what ``metrics.json`` holds."""
+    """What :func:`evaluate_model` measured.
+
+    ``measured`` is the typed metrics; ``metrics`` is what ``metrics.json`` holds (those
+    metrics by their keys, plus the scores, the skipped images and the model card).
+    """
 
     metrics: dict[str, Any]
     scored_names: list[str]
@@ -44,6 +48,7 @@ class Evaluation:
     skipped: list[tuple[str, str]]
     seconds: float
     ms_per_image: float
+    measured: metrics.Metrics
 
 
 @dataclass
@@ -246,6 +251,7 @@ def evaluate_detector(
         skipped=scored.skipped,
         seconds=scored.seconds,
         ms_per_image=scored.ms_per_image,
+        measured=measured,
     )
 
 

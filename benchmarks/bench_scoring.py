@@ -83,7 +83,7 @@ def main() -> None:
             emb = det._embed(pixels[:b])
             queries = flatten_patches(emb).float().contiguous()
         imgs = [str(p) for p in test[:b]] if args.from_disk else decoded[:b]
-        det.batch_size = b
+        det.set_params(batch_size=b)  # a scoring setting: no refit needed
 
         def run_extractor(x=x):
             with torch.inference_mode():

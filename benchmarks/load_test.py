@@ -84,10 +84,9 @@ def build_model(args: argparse.Namespace) -> tuple[Path, list[tuple[str, bytes, 
     print(f"model: {len(train)} images, fit {time.perf_counter() - t0:.1f} s, {det!r}")
     # The reference: the library, one image at a time, on the saved-and-reloaded model.
     lib = PatchCore.load(path)
-    lib.progress = False
     expected = []
     for p in tests:
-        score = float(lib.score_samples([p])[0])
+        score = float(lib.score_samples([p], progress=False)[0])
         expected.append((p.name, p.read_bytes(), score, score >= lib.threshold_))
     return path, expected
 

@@ -201,7 +201,6 @@ def phase_score(
     """
     test = _load_inputs(inputs, "test")
     det = PatchCore.load(model_path)
-    det.progress = False
     ann_build_s = None
     if ann:
         t0 = time.perf_counter()
@@ -210,22 +209,22 @@ def phase_score(
     det.set_threshold(0.0)  # classify() = scores and maps in one pass, like the peer's forward
     with PhasePeak() as mem:
         n = test.shape[0]
-        det.batch_size = batch_size
-        det.classify(test[0])  # warm-up, both shapes
-        det.classify(test[:batch_size])
+        det.set_params(batch_size=batch_size)  # a scoring setting: no refit needed
+        det.classify(test[0], progress=False)  # warm-up, both shapes
+        det.classify(test[:batch_size], progress=False)
         single = []
         n_single = n if latency_images is None else max(1, min(n, latency_images))
         single_scores = np.empty(n_single)
         for _ in range(repeats):
             for i in range(n_single):
                 t0 = time.perf_counter()
-                out = det.classify(test[i])
+                out = det.classify(test[i], progress=False)
                 single.append(time.perf_counter() - t0)
                 single_scores[i] = out.scores[0]
         totals = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            out = det.classify(test)
+            out = det.classify(test, progress=False)
             totals.append(time.perf_counter() - t0)
     if maps_path:
         np.save(maps_path, np.stack(out.maps).astype(np.float16))

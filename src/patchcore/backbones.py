@@ -154,13 +154,17 @@ def _torchvision_resnet(name: str, weights: str | os.PathLike | None) -> nn.Modu
                 f"or pass weights='path/to/{fname}'. Backbones that work offline: "
                 f"{', '.join(OFFLINE_BACKBONES)}."
             ) from None
-    model = builder(weights=None)
-    sd = _load_state_dict_file(weights, name)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
+    return _load_weights(builder(weights=None), weights, name, head="fc.")
+
+
+def _load_weights(model: nn.Module, path: str | os.PathLike, name: str, head: str) -> nn.Module:
+    """Load a weights file into ``model``; every tensor but the classifier ``head`` must fit."""
+    sd = _load_state_dict_file(path, name)
+    missing, _ = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(head)]
     if missing:
         raise BackboneWeightsError(
-            f"{weights}: does not fit {name}: missing {len(missing)} tensors, e.g. {missing[:3]}"
+            f"{path}: does not fit {name}: missing {len(missing)} tensors, e.g. {missing[:3]}"
         )
     return model
 
@@ -198,14 +202,7 @@ def _efficientnet_lite(name: str, weights: str | os.PathLike | None) -> nn.Modul
         path: str | os.PathLike = _lite_weights_file(name)
     else:
         path = weights
-    sd = _load_state_dict_file(path, name)
-    missing, _ = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("_fc.")]
-    if missing:
-        raise BackboneWeightsError(
-            f"{path}: does not fit {name}: missing {len(missing)} tensors, e.g. {missing[:3]}"
-        )
-    return model
+    return _load_weights(model, path, name, head="_fc.")
 
 
 # --------------------------------------------------------------------------- extractor

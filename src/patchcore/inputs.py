@@ -56,8 +56,8 @@ class Batch:
             holds only unreadable inputs.
         sizes: each decoded input's own (H, W).
         names: each decoded input's name (its path, or ``"image #i"``).
-        skipped: unreadable inputs whose positions lie before the last of ``indices`` (and
-            after the previous batch's), so results can be emitted in input order.
+        skipped: the unreadable inputs met while this batch was filled (after the previous
+            batch's images, before the next one's), so results can be emitted in input order.
     """
 
     indices: list[int] = field(default_factory=list)

@@ -173,9 +173,7 @@ def iter_batches(
             if isinstance(result, ImageReadError):
                 if on_error == "raise":
                     raise result
-                path = isinstance(items[i], (str, os.PathLike))
-                name = result.path if path else input_name(items[i], i)
-                batch.skipped.append(Skipped(i, name, result.problem))
+                batch.skipped.append(Skipped(i, input_name(items[i], i), result.problem))
                 continue
             t, size = result
             if pending and (pending[0].shape != t.shape or len(pending) >= bs):

@@ -31,7 +31,11 @@ class ParamsMixin:
         return {name: getattr(self, name) for name in self._param_names()}
 
     def set_params(self, **params: Any) -> Any:
-        """Set constructor arguments by name (a fitted estimator needs ``fit`` again after).
+        """Set constructor arguments by name.
+
+        As in scikit-learn, learned state is not updated: parameters that shape the model take
+        effect at the next ``fit``; scoring settings (PatchCore's ``batch_size``, ``progress``)
+        apply to the next call.
 
         Returns:
             self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchcore.search import NearestNeighborIndex, nearest_neighbors
+from patchcore.search import NearestNeighborIndex, nearest_neighbors, patch_scores
 
 
 def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
@@ -135,3 +135,44 @@ def test_min_distances_equal_search_k1() -> None:
     torch.testing.assert_close(dist, index.search(queries, k=1)[0][:, 0], rtol=0, atol=0)
     naive = torch.cdist(queries.double(), bank.double()).amin(1).float()
     torch.testing.assert_close(dist, naive, rtol=1e-5, atol=1e-5)
+
+
+def _clustered(seed: int, n: int, d: int = 24, offset: float = 5.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, d, generator=gen) * 4 + offset
+    pick = torch.randint(8, (n,), generator=gen)
+    return centres[pick] + torch.randn(n, d, generator=gen) * 0.5
+
+
+def test_bfloat16_error_bound_holds():
+    bank, queries = _clustered(1, 900), _clustered(2, 700)
+    index = NearestNeighborIndex(bank, precision="bfloat16")
+    d2, err = index.min_sq_bounded(queries)
+    exact = brute_force(queries, bank, 1)[0][:, 0] ** 2
+    assert torch.all((d2.double() - exact).abs() <= err.double())
+    assert float(((d2.double() - exact).abs() > 0).float().mean()) > 0.1  # really approximate
+    dist = index.min_distances(queries)
+    assert torch.allclose(dist.double(), exact.sqrt(), rtol=0.2, atol=0.3)
+    # float32 index: the bound is zero and the values exact
+    d2_32, err_32 = NearestNeighborIndex(bank).min_sq_bounded(queries)
+    assert torch.all(err_32 == 0)
+    torch.testing.assert_close(d2_32.double(), exact, rtol=1e-4, atol=1e-3)
+
+
+def test_patch_scores_bfloat16_image_max_is_exact():
+    bank = _clustered(3, 1200)
+    patches = _clustered(4, 6 * 150).view(6, 150, -1)
+    patches[2, 17] += 3.0  # one clear outlier patch
+    ref_scores, ref_max, ref_arg = patch_scores(NearestNeighborIndex(bank), patches)
+    brute = brute_force(patches.reshape(-1, patches.shape[-1]), bank, 1)[0][:, 0].view(6, 150)
+    torch.testing.assert_close(ref_scores.double(), brute, rtol=1e-4, atol=1e-4)
+    scores, image_max, arg = patch_scores(NearestNeighborIndex(bank, precision="bfloat16"), patches)
+    assert torch.equal(arg, ref_arg)
+    torch.testing.assert_close(image_max, ref_max, rtol=1e-5, atol=1e-5)
+    assert int(arg[2]) == 17
+    torch.testing.assert_close(scores, ref_scores, rtol=0.1, atol=0.2)
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        NearestNeighborIndex(torch.randn(4, 3), precision="int8")

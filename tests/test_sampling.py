@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from patchcore import sampling
 from patchcore.sampling import (
+    chunked_greedy_coreset,
     coreset_size,
     coverage_radius,
     greedy_coreset,
@@ -381,3 +382,62 @@ def test_leaves_bounded_in_blocks_give_the_same_selection():
         finally:
             sampling._LEAF_BLOCK = old
     assert torch.equal(a, b) and a.tolist() == reference(x, 400, None, seed=1)
+
+
+# ---------------------------------------------------------------- chunked greedy (the default)
+
+
+def clusters(num: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    """Rows in image-like runs of alike rows around 40 centres, with a heavy-tailed spread."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, dim, generator=gen) * 3
+    run = torch.arange(num) // 97 % 40
+    scale = torch.exp(0.6 * torch.randn(num, 1, generator=gen))
+    return centres[run] + 0.3 * scale * torch.randn(num, dim, generator=gen)
+
+
+def test_chunked_equals_exact_greedy_when_the_union_is_everything():
+    x = clusters(3000)
+    sel = chunked_greedy_coreset(x, 100, oversample=30.0, seed=5)  # 30 * 100 >= 3000
+    assert sel.indices.tolist() == greedy_coreset(x, 100, seed=5).tolist()
+    assert sel.radius == pytest.approx(coverage_radius(x, sel.indices), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_covers_almost_as_well_as_exact(dtype):
+    x = clusters(40000).to(dtype)
+    n = 400
+    exact = coverage_radius(x, greedy_coreset(x, n, seed=0))
+    sel = chunked_greedy_coreset(x, n, chunk_rows=2048, seed=0)
+    assert sel.indices.shape == (n,) and sel.indices.dtype == torch.long
+    assert sel.indices.unique().numel() == n
+    radius = coverage_radius(x, sel.indices)
+    assert radius <= 1.10 * exact  # the issue's bound: within 10 % of the exact greedy
+    assert sel.radius == pytest.approx(radius, rel=1e-4)  # certified by the repair pass
+    random_radius = coverage_radius(x, random_subsample(x.shape[0], n, seed=0))
+    assert radius < 0.8 * random_radius
+
+
+def test_repair_recovers_what_a_starved_union_missed():
+    x = clusters(40000)
+    # oversample=1: the union is only about n rows, so stage 2 alone covers badly
+    starved = chunked_greedy_coreset(x, 400, oversample=1.0, repair_fraction=0.0)
+    repaired = chunked_greedy_coreset(x, 400, oversample=1.0, repair_fraction=0.2)
+    assert coverage_radius(x, repaired.indices) < 0.8 * coverage_radius(x, starved.indices)
+
+
+def test_chunked_is_seeded_and_checks_arguments():
+    x = clusters(9000)
+    a = chunked_greedy_coreset(x, 90, seed=1).indices
+    assert torch.equal(a, chunked_greedy_coreset(x, 90, seed=1).indices)
+    assert not torch.equal(a, chunked_greedy_coreset(x, 90, seed=2).indices)
+    with pytest.raises(ValueError, match="n must be in"):
+        chunked_greedy_coreset(x, 0)
+    with pytest.raises(ValueError, match="repair_fraction"):
+        chunked_greedy_coreset(x, 10, repair_fraction=0.9)
+    with pytest.raises(ValueError, match="oversample"):
+        chunked_greedy_coreset(x, 10, oversample=0.5)
+    bad = x.clone()
+    bad[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        chunked_greedy_coreset(bad, 10)

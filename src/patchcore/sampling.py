@@ -26,11 +26,14 @@ rows they need from the caller's tensor (float16 storage included) and convert t
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 __all__ = [
+    "CoresetSelection",
+    "chunked_greedy_coreset",
     "coreset_size",
     "coverage_radius",
     "greedy_coreset",
@@ -150,6 +153,161 @@ def greedy_coreset(
             x = random_projection(x, projection_dim, gen)
         start = int(torch.randint(num, (1,), generator=gen, device=gen.device).item())
         return _greedy_kcenter(x, n, start, progress=progress)
+
+
+class CoresetSelection(NamedTuple):
+    """Output of :func:`chunked_greedy_coreset`.
+
+    indices: (n,) int64 into the features. radius: the coverage radius the selection reached
+    (largest distance from any feature to its nearest selected one), certified by the repair
+    pass (float32 to rounding; an upper bound in the rare case of too many doubtful rows).
+    """
+
+    indices: torch.Tensor
+    radius: float
+
+
+def chunked_greedy_coreset(
+    features: torch.Tensor,
+    n: int,
+    *,
+    chunk_rows: int = 2048,
+    oversample: float = 10.0,
+    repair_fraction: float = 0.05,
+    seed: int = 0,
+    progress: bool = False,
+) -> CoresetSelection:
+    """Greedy k-center coreset in time about linear in the number of features.
+
+    Three stages (a composable coreset, then a repair of its worst misses):
+
+    1. The rows are cut into consecutive chunks of ``chunk_rows`` (neighbouring rows come from
+       the same image and are alike). Each chunk keeps its greedy k-center selection of
+       ``ceil(oversample * n / N)`` of its rows: a plain in-cache loop per chunk, cost
+       ``N * chunk_rows * oversample * n / N * d`` -- linear in N.
+    2. The exact greedy (:func:`greedy_coreset`'s pruned search) on the union of the chunk
+       selections (about ``oversample * n`` rows) picks ``n - n_repair`` rows,
+       ``n_repair = round(repair_fraction * n)``.
+    3. Repair: the distance of every row to those picks (one blockwise bfloat16 scan, see
+       :mod:`patchcore.search`), then the exact greedy continues among the
+       ``20 * n_repair`` farthest rows for the last ``n_repair`` picks, starting from their
+       distances -- the rows the union missed are exactly the ones a greedy step would take.
+
+    When ``oversample * n >= N`` stage 1 keeps every row and the result is the exact greedy.
+    Measured against the exact greedy on all training images of the shared sets
+    (benchmarks/RESULTS.md): coverage radius within a few percent, image AUROC within 0.005.
+
+    Args:
+        features: (N, D) float tensor (float16 read in place, converted a chunk at a time).
+        n: rows to select, 1 <= n <= N.
+        chunk_rows: rows per stage-1 chunk (2048 x 152 float32 rows stay in a 2 MiB L2 cache).
+        oversample: stage-1 union size over ``n``.
+        repair_fraction: share of ``n`` picked by the repair stage, in [0, 0.5].
+        seed: seeds every chunk's and the union's start.
+        progress: show progress bars.
+
+    Returns:
+        :class:`CoresetSelection` (indices in selection order, reached coverage radius).
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
+    num = features.shape[0]
+    if not (1 <= n <= num):
+        raise ValueError(f"n must be in [1, N={num}] (number of features), got {n!r}")
+    if chunk_rows < 2:
+        raise ValueError(f"chunk_rows must be >= 2, got {chunk_rows!r}")
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1, got {oversample!r}")
+    if not (0 <= repair_fraction <= 0.5):
+        raise ValueError(f"repair_fraction must be in [0, 0.5], got {repair_fraction!r}")
+    x = features.detach()
+    _check_finite(x)
+    gen = torch.Generator().manual_seed(seed)
+    keep = min(1.0, oversample * n / num)
+    with _OneThread():
+        if keep >= 1.0:
+            union = torch.arange(num, device=x.device)
+        else:
+            union = _chunk_selections(x, keep, chunk_rows, gen, progress)
+        n_repair = int(round(repair_fraction * n)) if union.numel() < num else 0
+        n_repair = min(n_repair, num - n)
+        rows = x[union]
+        start = int(torch.randint(rows.shape[0], (1,), generator=gen).item())
+        picked = union[_greedy_kcenter(rows, n - n_repair, start, progress=progress)]
+        del rows
+    return _repair(x, picked, n_repair, progress)  # multithreaded scan
+
+
+def _chunk_selections(
+    x: torch.Tensor, keep: float, chunk_rows: int, gen: torch.Generator, progress: bool
+) -> torch.Tensor:
+    """Stage 1: the greedy selection of ``ceil(keep * rows)`` rows of each chunk, as indices."""
+    num = x.shape[0]
+    out = []
+    bar = tqdm(total=num, desc="coreset: chunks", unit="row", disable=not progress, mininterval=0.5)
+    for lo in range(0, num, chunk_rows):
+        part = x[lo : lo + chunk_rows]
+        m = max(1, math.ceil(part.shape[0] * keep))
+        start = int(torch.randint(part.shape[0], (1,), generator=gen).item())
+        out.append(lo + _greedy_naive(part, m, start))
+        bar.update(part.shape[0])
+    bar.close()
+    return torch.cat(out)
+
+
+def _repair(
+    x: torch.Tensor, picked: torch.Tensor, n_repair: int, progress: bool
+) -> CoresetSelection:
+    """Stage 3 of :func:`chunked_greedy_coreset`: continue the greedy among the farthest rows.
+
+    Every row's squared distance to ``picked`` comes from the bfloat16 scan with its error bound
+    ``err``; the ``20 * n_repair`` rows with the largest upper bound ``d2 + err`` get exact
+    distances and the last ``n_repair`` greedy picks. The reported radius is then certified: the
+    rows left out whose upper bound still exceeds it are re-checked exactly against the final
+    selection (at most ``_RECHECK_ROWS`` of them; beyond that their upper bound is reported).
+    """
+    from .search import NearestNeighborIndex
+
+    num = x.shape[0]
+    if picked.numel() == num:
+        return CoresetSelection(picked, 0.0)
+    index = NearestNeighborIndex(x[picked].float(), precision="bfloat16")
+    upper = torch.empty(num)
+    step = 16384
+    bar = tqdm(total=num, desc="coreset: repair", unit="row", disable=not progress, mininterval=1)
+    for lo in range(0, num, step):
+        d2, err = index.min_sq_bounded(x[lo : lo + step])
+        upper[lo : lo + step] = d2.add_(err)
+        bar.update(min(step, num - lo))
+    bar.close()
+    size = min(num, max(1, 20 * n_repair))
+    rows = torch.topk(upper, size).indices
+    z = x[rows].float()
+    u2 = index.exact_min_distances(z).double().square().float()
+    z = z - z.mean(0)
+    sq = (z * z).sum(1)
+    extra: list[int] = []
+    d2 = torch.empty_like(sq)
+    with _OneThread():
+        for _ in range(n_repair):
+            pos = int(u2.argmax())
+            extra.append(pos)
+            torch.addmv(sq, z, z[pos], alpha=-2.0, out=d2)
+            torch.minimum(u2, d2.add_(float(sq[pos])).clamp_(min=0.0), out=u2)
+            u2[pos] = 0.0
+    indices = torch.cat([picked, rows[torch.tensor(extra, dtype=torch.long)]])
+    radius2 = float(u2.max())
+    upper[rows] = -1.0  # done exactly above
+    doubt = (upper > radius2).nonzero().squeeze(1)
+    if doubt.numel() > _RECHECK_ROWS:
+        return CoresetSelection(indices, math.sqrt(max(radius2, float(upper.max()))))
+    if doubt.numel():
+        final = NearestNeighborIndex(x[indices].float())
+        radius2 = max(radius2, float(final.min_distances(x[doubt]).max()) ** 2)
+    return CoresetSelection(indices, math.sqrt(radius2))
+
+
+_RECHECK_ROWS = 1 << 18  # rows re-checked exactly for the reported radius, at most
 
 
 def _check_finite(x: torch.Tensor) -> None:

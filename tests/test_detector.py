@@ -155,7 +155,10 @@ def test_calibrate_then_predict_and_classify(det: PatchCore, toy_images) -> None
     [
         ({"coreset_ratio": 0}, r"coreset_ratio must be in \(0, 1\], got 0"),
         ({"coreset_ratio": 1.5}, "got 1.5"),
-        ({"sampling": "kmeans"}, "sampling must be 'greedy' or 'random', got 'kmeans'"),
+        (
+            {"sampling": "kmeans"},
+            r"sampling must be one of \('greedy', 'greedy_exact', 'random'\), got 'kmeans'",
+        ),
         ({"scale": 0.4}, "give image_size or scale, not both"),
         ({"backbone": "vgg16"}, "unknown backbone 'vgg16'"),
         ({"num_neighbors": 0}, "num_neighbors must be >= 1, got 0"),

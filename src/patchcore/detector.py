@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import persistence, sampling
+from . import persistence, sampling, search
 from .anomaly_map import maps_at_sizes
 from .backbones import BACKBONE_DTYPES, FeatureExtractor, get_spec, resolve_device
 from .embedding import FEATURE_DTYPES, FeatureStore, embed, flatten_patches
@@ -25,7 +25,7 @@ from .inputs import Batch, Skipped, as_list, check_on_error, iter_batches, warn_
 from .params import ParamsMixin
 from .persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from .results import Classification, ImageResult, MapSize, ScoreResult, check_maps
-from .search import NearestNeighborIndex
+from .search import PRECISIONS, NearestNeighborIndex, resolve_precision
 from .state import FittedAttributes, FittedState, NotFittedError
 from .verdicts import VerdictMixin
 
@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 
+SAMPLINGS = ("greedy", "greedy_exact", "random")
+
+
 class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
     """PatchCore anomaly detector (Roth et al., 2022).
 
@@ -50,12 +53,24 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         weights: ``"imagenet"``, a local weights file, or ``None`` (random; tests only).
         image_size: resize every image to this (int = square, or (H, W)); ``None`` keeps size.
         scale: resize by this factor instead (MATLAB's reference uses 0.4).
-        coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1].
-        sampling: ``"greedy"`` (k-center coreset) or ``"random"``.
-        projection_dim: random projection size used by greedy selection; ``None`` (default)
+        coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]. The
+            default 0.01 with every training image was measured best per millisecond on all
+            shared sets (benchmarks/RESULTS.md, "Defaults on full data").
+        sampling: ``"greedy"`` (default: the k-center coreset in time linear in the number of
+            patches, :func:`patchcore.sampling.chunked_greedy_coreset`), ``"greedy_exact"``
+            (the exact greedy k-center, :func:`patchcore.sampling.greedy_coreset`: same
+            quality, but its time grows with patches x bank rows and depends on the data) or
+            ``"random"``.
+        projection_dim: random projection size used by ``"greedy_exact"``; ``None`` (default)
             selects on the features themselves (a 128-d projection of the 152-d default
             features made the coverage radius ~10 % worse without being faster); worth it only
             for very wide features such as wide_resnet50_2's 1536-d.
+        search_precision: ``"auto"`` (default), ``"float32"`` or ``"bfloat16"``: the precision
+            of the distance products against the memory bank. ``"auto"`` picks bfloat16 on
+            CPUs with native bfloat16 dot products (AVX-512 BF16 or AMX; about 3x float32's
+            rate) and float32 elsewhere. Image scores are exact either way (patches that could
+            hold an image's maximum are re-checked in float32); map values carry the bfloat16
+            error (median 0.4 %, see :mod:`patchcore.search`).
         feature_dtype: ``"float16"`` (default) or ``"float32"``: how training patch features
             are held during fit. Fit's peak memory above its start is 1.23x the float32 feature
             bytes with float16, 1.72x with float32 (benchmarks/bench_fit_memory.py); the bank is
@@ -87,9 +102,10 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         weights: str | os.PathLike | None = "imagenet",
         image_size: int | tuple[int, int] | None = None,
         scale: float | None = None,
-        coreset_ratio: float = 0.1,
+        coreset_ratio: float = 0.01,
         sampling: str = "greedy",
         projection_dim: int | None = None,
+        search_precision: str = "auto",
         feature_dtype: str = "float16",
         backbone_dtype: str = "float32",
         num_neighbors: int = 9,
@@ -109,6 +125,7 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         self.coreset_ratio = coreset_ratio
         self.sampling = sampling
         self.projection_dim = projection_dim
+        self.search_precision = search_precision
         self.feature_dtype = feature_dtype
         self.backbone_dtype = backbone_dtype
         self.num_neighbors = num_neighbors
@@ -137,8 +154,13 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
             )
         if self.projection_dim is not None and int(self.projection_dim) < 1:
             raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim!r}")
-        if self.sampling not in ("greedy", "random"):
-            raise ValueError(f"sampling must be 'greedy' or 'random', got {self.sampling!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.search_precision not in ("auto", *PRECISIONS):
+            raise ValueError(
+                f"search_precision must be 'auto' or one of {PRECISIONS}, got "
+                f"{self.search_precision!r}"
+            )
         if self.image_size is not None and self.scale is not None:
             raise ValueError("give image_size or scale, not both")
         if self.scale is not None and not (0 < self.scale <= 4):
@@ -237,7 +259,9 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         self.state_ = state
         # the bank on the search device, once: the index searches it, _reweight reads its rows
         self._bank = state.memory_bank.to(self.device_)
-        self._index = NearestNeighborIndex(self._bank)
+        self._index = NearestNeighborIndex(
+            self._bank, precision=resolve_precision(self.search_precision, self._bank.device)
+        )
 
     def _select_bank(self, features: torch.Tensor, progress: bool) -> torch.Tensor:
         """Indices of the training patches kept in the memory bank (the coreset step)."""
@@ -245,6 +269,10 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         if self.coreset_ratio >= 1:
             return torch.arange(features.shape[0])
         if self.sampling == "greedy":
+            return sampling.chunked_greedy_coreset(
+                features, n, seed=self.seed, progress=progress
+            ).indices
+        if self.sampling == "greedy_exact":
             return sampling.greedy_coreset(
                 features, n, projection_dim=self.projection_dim, seed=self.seed, progress=progress
             )
@@ -280,8 +308,9 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         patches = flatten_patches(emb).float()
         k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
         # distances only: the nearest index is looked up for each image's worst patch alone
-        patch_scores = self._index.min_distances(patches).view(b, h * w)
-        image_scores, arg = patch_scores.max(dim=1)
+        patch_scores, image_scores, arg = search.patch_scores(
+            self._index, patches.view(b, h * w, -1)
+        )
         if k > 1:
             image_scores = self._reweight(patches.view(b, h * w, -1), arg, image_scores, k)
         out: list[np.ndarray] = []

@@ -63,8 +63,10 @@ def config(det: PatchCore) -> dict[str, Any]:
     p["device"] = det.device if det.device != "cuda" else "auto"
     # Fit-time only, and unknown to older readers' constructor: saved in "state" instead.
     p.pop("feature_dtype", None)
-    if p["backbone_dtype"] == "float32":  # the default: files stay readable by older versions
-        p.pop("backbone_dtype")
+    # defaults unknown to older readers are left out: such files stay readable by them
+    for key, default in (("backbone_dtype", "float32"), ("search_precision", "auto")):
+        if p[key] == default:
+            p.pop(key)
     return p
 
 

@@ -49,7 +49,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 Method = _choices("Method", THRESHOLD_METHODS)  # one definition, in metrics.py
-Sampling = _choices("Sampling", ("greedy", "random"))
+Sampling = _choices("Sampling", ("greedy", "greedy_exact", "random"))
 BackboneDtype = _choices("BackboneDtype", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "json", "csv"))
 CellType = _choices("CellType", ("mono", "poly", "all"))
@@ -299,13 +299,22 @@ def fit(
         typer.Option("--image-size", help="Resize images to N x N instead of --scale.", min=32),
     ] = None,
     train_fraction: Annotated[
-        float, _fraction_option("--train-fraction", "Seeded share of the training images used.")
-    ] = 0.2,
+        float,
+        _fraction_option(
+            "--train-fraction", "Seeded share of the training images used (default: all)."
+        ),
+    ] = 1.0,
     coreset_ratio: Annotated[
         float,
         _fraction_option("--coreset-ratio", "Share of training patches kept in the memory bank."),
-    ] = 0.1,
-    sampling: Annotated[Sampling, typer.Option(help="Memory bank subsampling.")] = Sampling.greedy,
+    ] = 0.01,
+    sampling: Annotated[
+        Sampling,
+        typer.Option(
+            help="Memory bank subsampling: greedy (linear-time k-center coreset), greedy_exact "
+            "(exact, time grows with patches x bank), random."
+        ),
+    ] = Sampling.greedy,
     seed: Annotated[int, typer.Option(help="Seeds the training subset and the coreset.")] = 0,
     backbone_dtype: Annotated[
         BackboneDtype,
@@ -346,10 +355,13 @@ def fit(
     else:
         shape = "at native resolution"
     typer.echo(f"Fitted {s.card['backbone']} ({', '.join(s.card['layers'])}) on {s.data}")
-    typer.echo(
-        f"  training images: {s.training_images} of {s.available_images} "
-        f"(fraction {train_fraction:g}, seed {seed}), {shape}"
-    )
+    if train_fraction >= 1:
+        why = "all of them; --train-fraction F fits on a seeded share"
+    else:
+        why = f"--train-fraction {train_fraction:g}, seed {seed}"
+    if s.skipped:
+        why += f"; {len(s.skipped)} unreadable skipped"
+    typer.echo(f"  training images: {s.training_images} of {s.available_images} ({why}), {shape}")
     typer.echo(
         f"  memory bank:     {s.bank_size:,} of {s.train_patches:,} patches x {s.feature_dim} "
         f"features (coreset ratio {coreset_ratio:g}, {sampling.value})"
@@ -426,6 +438,8 @@ def calibrate(
     )
     typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
     _echo_skipped(s.skipped)
+    for w in s.warnings:
+        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"Model updated: {s.model_path}")
     typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 

@@ -49,6 +49,41 @@ class CalibrationSummary:
     seconds: float
     ms_per_image: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+#: A threshold that flags more than this share of the normal calibration images is degenerate.
+MAX_NORMAL_FLAGGED = 0.5
+#: Calibration AUROC below this: the scores barely separate normal from defective images.
+MIN_USEFUL_AUROC = 0.65
+
+
+def threshold_warnings(scores: np.ndarray, labels: np.ndarray, threshold: float) -> list[str]:
+    """Plain-language warnings about a degenerate threshold, each with what to try.
+
+    Args:
+        scores: (N,) finite calibration scores. labels: (N,) 1 = anomalous.
+        threshold: the chosen threshold.
+    """
+    out: list[str] = []
+    normal = scores[labels == 0]
+    flagged = float((normal >= threshold).mean()) if normal.size else 0.0
+    area = metrics.auroc(labels, scores)
+    tips = (
+        "try native resolution (no --scale/--image-size), all training images "
+        "(--train-fraction 1), or a larger --coreset-ratio, then calibrate again"
+    )
+    if flagged > MAX_NORMAL_FLAGGED:
+        out.append(
+            f"the threshold flags {flagged:.0%} of the normal calibration images as defective: "
+            f"it would stop the line on most good parts; {tips}"
+        )
+    if area < MIN_USEFUL_AUROC:
+        out.append(
+            f"calibration AUROC is {area:.2f} (0.5 = chance): the scores barely separate normal "
+            f"from defective images, so no threshold works well; {tips}"
+        )
+    return out
 
 
 def _check_settings(method: str, max_fpr: float | None, fraction: float) -> None:
@@ -176,6 +211,7 @@ def calibrate_detector(
         seconds=seconds,
         ms_per_image=ms,
         skipped=skipped,
+        warnings=threshold_warnings(scores[ok], y[ok], threshold),
     )
     return summary, calib, test
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def fit_model(
     data: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    train_fraction: float = 0.2,
+    train_fraction: float = 1.0,
     seed: int = 0,
     **params: Any,
 ) -> FitSummary:
@@ -85,11 +86,14 @@ def fit_model(
     Args:
         data: a data spec (see :func:`~patchcore.workflow.resolve_data`).
         out: model file to write.
-        train_fraction: seeded share of the training images used, in (0, 1].
+        train_fraction: seeded share of the training images used, in (0, 1]; default all
+            (the reference workflow's 0.2 saved memory that the float16 feature store and the
+            linear-time coreset no longer need).
         seed: seeds the training subset and the coreset.
         **params: detector settings for :func:`fit_detector`.
     """
     check_fraction("train fraction", train_fraction, error=WorkflowError)
+    check_writable(out)
     source = resolve_data(data)
     available = available_train_images(source)
     train = datasets.sample_fraction(available, train_fraction, seed=seed)
@@ -97,6 +101,27 @@ def fit_model(
     det.metadata_.update(train_fraction=float(train_fraction), train_seed=int(seed))
     path = det.save(out)
     return fit_summary(det, path, source.spec, len(available))
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Fail before a long fit, not after it, when ``out`` cannot be written.
+
+    Raises:
+        WorkflowError: naming the path and the reason (a folder, or no permission).
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise WorkflowError(
+            f"{path}: is a folder; give the model file's path, e.g. {path}/model.pt"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise WorkflowError(
+            f"{path}: cannot write the model there ({exc.strerror or exc})"
+        ) from None
 
 
 def fit_summary(det: PatchCore, path: Path | None, spec: str, available: int) -> FitSummary:

@@ -17,6 +17,7 @@ import os
 import time
 
 import numpy as np
+import torch
 from common import (
     ROOT,
     SETS,
@@ -27,6 +28,7 @@ from common import (
     subsets,
     write_results_section,
 )
+from lower_bound import backbone_flops, bound_ms, matmul_gflops
 
 from patchcore import PatchCore
 
@@ -41,6 +43,7 @@ def run(name: str, n_train: int | None, n_test: int | None, params: dict, seed: 
     t0 = time.perf_counter()
     scores, maps = det.score_with_maps(test)
     ms = (time.perf_counter() - t0) / len(test) * 1000
+    bound = lower_bound(det, [m.shape for m in maps])
     row = {
         "set": name,
         "tag": tag,
@@ -53,6 +56,9 @@ def run(name: str, n_train: int | None, n_test: int | None, params: dict, seed: 
         "feature_s": round(det.feature_seconds_, 1),
         "coreset_s": round(det.coreset_seconds_, 1),
         "ms_per_image": round(ms, 1),
+        "bound_ms": round(bound, 1),
+        "over_bound": round(ms / bound, 2),
+        "search_precision": det._index.precision,
         "fit_peak_rss_mb": round(fit_rss),
         "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
         **{k: round(v, 4) for k, v in image_metrics(test, scores).items()},
@@ -62,6 +68,28 @@ def run(name: str, n_train: int | None, n_test: int | None, params: dict, seed: 
     out = ROOT / "benchmarks" / "out" / f"evaluate_{tag}_{name}_s{seed}.json"
     out.write_text(json.dumps(row, indent=1))
     return row
+
+
+def lower_bound(det: PatchCore, sizes: list[tuple[int, int]]) -> float:
+    """Mean arithmetic lower bound (benchmarks/lower_bound.py) over the scored images, ms.
+
+    Backbone FLOPs are counted once at 224 x 224 and scaled by each image's pixel count
+    (convolution FLOPs are proportional to it); the backbone is priced at the float32 matmul
+    rate, the search at the rate of the precision it ran in (bfloat16 or float32).
+    """
+    flop, grid, dim = backbone_flops(det.backbone, list(det.layers_), (224, 224))
+    per_pixel, stride = flop / 224**2, 224 // grid[0]
+    fp32 = float(np.median(matmul_gflops()))
+    bf16 = float(np.median(matmul_gflops(dtype=torch.bfloat16)))
+    search_rate = bf16 if det._index.precision == "bfloat16" else fp32
+    bank = int(det.memory_bank_.shape[0])
+    out = [
+        bound_ms(
+            int(per_pixel * h * w), -(-h // stride) * -(-w // stride), bank, dim, fp32, search_rate
+        )["bound_ms"]
+        for h, w in sizes
+    ]
+    return float(np.mean(out))
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -80,6 +108,8 @@ def table(rows: list[dict], header: str) -> str:
         ("feature_s", "features s"),
         ("coreset_s", "coreset s"),
         ("ms_per_image", "ms/image (batched)"),
+        ("bound_ms", "lower bound ms"),
+        ("over_bound", "x bound"),
         ("fit_peak_rss_mb", "fit peak RSS MiB"),
         ("load", "load avg after"),
     ]

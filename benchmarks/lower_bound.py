@@ -24,15 +24,16 @@ from patchcore.backbones import FeatureExtractor
 from patchcore.embedding import embed
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> list[float]:
-    """GFLOP/s of ``n x n @ n x n`` float32 products, one value per timed repeat (after warm-up).
-
-    Uses torch's current thread count (``torch.get_num_threads()``).
+def matmul_gflops(
+    n: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32
+) -> list[float]:
+    """GFLOP/s of ``n x n @ n x n`` products in ``dtype``, one value per timed repeat (after
+    warm-up). Uses torch's current thread count (``torch.get_num_threads()``).
     """
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen)
-    b = torch.randn(n, n, generator=gen)
-    out = torch.empty(n, n)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)
     rates = []
     for _ in range(repeats):
@@ -66,7 +67,14 @@ def backbone_flops(
     return flop, (int(emb.shape[2]), int(emb.shape[3])), int(emb.shape[1])
 
 
-def bound_ms(backbone_flop: int, queries: int, bank: int, dim: int, gflops: float) -> dict:
+def bound_ms(
+    backbone_flop: int,
+    queries: int,
+    bank: int,
+    dim: int,
+    gflops: float,
+    search_gflops: float | None = None,
+) -> dict:
     """Lower bound on ms per image for a configuration.
 
     Args:
@@ -74,16 +82,21 @@ def bound_ms(backbone_flop: int, queries: int, bank: int, dim: int, gflops: floa
         queries: patches per image (Q).
         bank: memory-bank rows (M).
         dim: feature dimension (D).
-        gflops: machine matmul rate, GFLOP/s.
+        gflops: machine matmul rate, GFLOP/s (float32: the backbone's precision).
+        search_gflops: the rate of the search's products (e.g. bfloat16's, when the search runs
+            in bfloat16); default ``gflops``.
     """
     search = 2 * queries * bank * dim
     total = backbone_flop + search
+    search_rate = gflops if search_gflops is None else search_gflops
+    ms = (backbone_flop / gflops + search / search_rate) / 1e9 * 1e3
     return {
         "backbone_gflop": backbone_flop / 1e9,
         "search_gflop": search / 1e9,
         "total_gflop": total / 1e9,
         "matmul_gflops": gflops,
-        "bound_ms": total / (gflops * 1e9) * 1e3,
+        "search_gflops": search_rate,
+        "bound_ms": ms,
     }
 
 

@@ -308,6 +308,10 @@ def fit(
         float,
         _fraction_option("--coreset-ratio", "Share of training patches kept in the memory bank."),
     ] = 0.01,
+    max_bank_size: Annotated[
+        int,
+        typer.Option(help="Cap on the memory bank's rows (0: no cap).", min=0),
+    ] = 16384,
     sampling: Annotated[
         Sampling,
         typer.Option(
@@ -342,6 +346,7 @@ def fit(
             image_size=image_size,
             scale=scale,
             coreset_ratio=coreset_ratio,
+            max_bank_size=max_bank_size or None,
             sampling=sampling.value,
             device=device,
             progress=not quiet,

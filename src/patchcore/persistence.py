@@ -64,7 +64,11 @@ def config(det: PatchCore) -> dict[str, Any]:
     # Fit-time only, and unknown to older readers' constructor: saved in "state" instead.
     p.pop("feature_dtype", None)
     # defaults unknown to older readers are left out: such files stay readable by them
-    for key, default in (("backbone_dtype", "float32"), ("search_precision", "auto")):
+    for key, default in (
+        ("backbone_dtype", "float32"),
+        ("search_precision", "auto"),
+        ("max_bank_size", 16384),
+    ):
         if p[key] == default:
             p.pop(key)
     return p

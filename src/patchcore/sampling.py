@@ -172,8 +172,8 @@ def chunked_greedy_coreset(
     n: int,
     *,
     chunk_rows: int = 2048,
-    oversample: float = 10.0,
-    repair_fraction: float = 0.05,
+    oversample: float = 4.0,
+    repair_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = False,
 ) -> CoresetSelection:
@@ -231,11 +231,12 @@ def chunked_greedy_coreset(
             union = _chunk_selections(x, keep, chunk_rows, gen, progress)
         n_repair = int(round(repair_fraction * n)) if union.numel() < num else 0
         n_repair = min(n_repair, num - n)
-        rows = x[union]
-        start = int(torch.randint(rows.shape[0], (1,), generator=gen).item())
-        picked = union[_greedy_kcenter(rows, n - n_repair, start, progress=progress)]
-        del rows
-    return _repair(x, picked, n_repair, progress)  # multithreaded scan
+        start = int(torch.randint(union.numel(), (1,), generator=gen).item())
+        if union.numel() == num:  # nothing was left out: the exact pruned search, as greedy_coreset
+            picked = _greedy_kcenter(x, n, start, progress=progress)
+    if union.numel() < num:  # multithreaded matrix products from here on
+        picked = union[_greedy_batched(x[union], n - n_repair, start, progress=progress)]
+    return _repair(x, picked, n_repair, progress)
 
 
 def _chunk_selections(
@@ -253,6 +254,86 @@ def _chunk_selections(
         bar.update(part.shape[0])
     bar.close()
     return torch.cat(out)
+
+
+def _greedy_batched(
+    x: torch.Tensor, n: int, start: int, *, candidates: int = 512, progress: bool = False
+) -> torch.Tensor:
+    """Greedy k-center with its distance updates batched into matrix products.
+
+    The greedy's next pick is the row farthest from the selection. Given the ``candidates + 1``
+    largest current distances, every row outside the top ``candidates`` is at most as far as the
+    last of them, so greedy steps taken among the candidates alone (their distances updated
+    against each new pick, ``candidates`` x d work) are the greedy's own steps for as long as
+    the farthest candidate stays at least that far. The whole set's distances are then updated
+    against all picks of the round in one (N, picks) product. Same selection as the plain loop up
+    to the rounding of the distance expansions (no tie rule is promised); a round costs one
+    top-k and one product over N rows instead of one pass over N rows per pick.
+
+    Args:
+        x: (N, d) rows (any float dtype; converted to float32 once). n: picks. start: first pick.
+
+    Returns:
+        (n,) int64 row indices in selection order.
+    """
+    z = x.float()
+    z = z - z.mean(0)
+    sq = (z * z).sum(1)
+    num = z.shape[0]
+    u2 = torch.full((num,), math.inf)
+    picked = [start]
+    batch = [start]
+    bar = tqdm(total=n, desc="coreset: union", unit="pt", disable=not progress, mininterval=0.5)
+    while True:
+        rows = torch.tensor(batch)
+        centres, csq_row = z[rows].T.contiguous(), sq[rows].unsqueeze(0)
+        step = max(1, _CHUNK_BYTES * 4 // (4 * len(batch)))  # bounded (rows, picks) blocks
+        for lo in range(0, num, step):
+            d2 = torch.addmm(csq_row, z[lo : lo + step], centres, alpha=-2.0)
+            d2 += sq[lo : lo + step].unsqueeze(1)
+            part = u2[lo : lo + step]
+            torch.minimum(part, d2.amin(1).clamp_(min=0.0), out=part)
+        u2[rows] = -1.0  # selected: never picked again
+        bar.update(len(batch))
+        if len(picked) >= n:
+            break
+        k = min(candidates + 1, num)
+        vals, cand = torch.topk(u2, k)
+        floor = float(vals[-1]) if k < num else -math.inf  # no row outside is farther
+        m = k - 1 if k < num else k
+        cu2, c = vals[:m].clone(), cand[:m]
+        cz, csq = z[c], sq[c]
+        batch = []
+        with _OneThread():  # a chain of small steps
+            _greedy_among(cu2, c, cz, csq, floor, n, picked, batch)
+        if not batch:
+            break
+    bar.close()
+    return torch.tensor(picked[:n])
+
+
+def _greedy_among(
+    cu2: torch.Tensor,
+    c: torch.Tensor,
+    cz: torch.Tensor,
+    csq: torch.Tensor,
+    floor: float,
+    n: int,
+    picked: list[int],
+    batch: list[int],
+) -> None:
+    """Greedy steps among the candidates of :func:`_greedy_batched` while they are certified."""
+    while len(picked) < n:
+        j = int(cu2.argmax())
+        if batch and not float(cu2[j]) > floor:  # outside rows could be as far: stop
+            break
+        if float(cu2[j]) < 0:  # every candidate is selected (tiny sets)
+            break
+        batch.append(int(c[j]))
+        picked.append(int(c[j]))
+        dc = torch.addmv(csq, cz, cz[j], alpha=-2.0).add_(csq[j]).clamp_(min=0.0)
+        torch.minimum(cu2, dc, out=cu2)
+        cu2[j] = -1.0
 
 
 def _repair(

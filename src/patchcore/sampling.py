@@ -172,7 +172,7 @@ def chunked_greedy_coreset(
     n: int,
     *,
     chunk_rows: int = 2048,
-    oversample: float = 4.0,
+    oversample: float = 10.0,
     repair_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = False,

@@ -91,6 +91,8 @@ def as_tensor(image: ImageInput) -> torch.Tensor:
             t = t.float()
         elif t.is_floating_point():
             t = t.float()
+            if not bool(torch.isfinite(t).all()):
+                raise ImageReadError(name, "tensor contains NaN or infinite values")
             _check_unit_range(float(t.min()), float(t.max()), name)
         else:
             raise ImageReadError(name, f"unsupported tensor dtype {t.dtype}")

@@ -199,6 +199,9 @@ class BatchItem(BaseModel):
     result: Inspection | None = None
     status: int = Field(200, description="HTTP status this image alone would have had")
     error: str | None = None
+    verdict: Literal["pass", "fail", "error"] | None = Field(
+        None, description="the result's verdict, or error when the image scored non-finite"
+    )
 
 
 class BatchInspection(BaseModel):
@@ -349,9 +352,12 @@ class _Service:
                 self._check_detector(det)
                 self.detector = det
             det = self.detector
+            det.check_finite()  # a NaN in the bank, backbone or threshold: never ready
             t0 = time.perf_counter()
             h, w = output_size(256, 256, det.image_size, None)  # the model's size, or 256
-            det.score([np.full((h, w, 3), 128, np.uint8)], maps="native", progress=False)
+            r = det.score([np.full((h, w, 3), 128, np.uint8)], maps="native", progress=False)
+            if not np.isfinite(r.scores).all():
+                raise ValueError(f"the warm-up image scored {r.scores[0]!r}, not a number")
             logger.info(
                 "model ready: %s, bank %d, threshold %.6g (warm-up %.2f s)",
                 det.backbone,
@@ -473,6 +479,14 @@ class _Service:
                 per_image = (time.perf_counter() - t) * 1000.0 / len(good)
                 assert r.maps is not None
                 for j, i in enumerate(good):
+                    if not math.isfinite(float(r.scores[j])):  # fail closed, never a pass
+                        logger.error("%s scored %r: no verdict", blobs[i][0], r.scores[j])
+                        results[i] = InputError(
+                            500,
+                            f"{blobs[i][0]}: scored {float(r.scores[j])!r}, so no verdict "
+                            "(verdict error): the model holds non-finite values or overflowed",
+                        )
+                        continue
                     results[i] = _Scored(
                         score=float(r.scores[j]),
                         anomalous=bool(r.scores[j] >= self.threshold),
@@ -502,11 +516,18 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 class _Reject(HTTPException):
-    """An HTTPException that is logged once (at WARNING) by the app's handler."""
+    """An HTTPException that is logged once (at WARNING) by the app's handler.
 
-    def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
+    ``verdict=True`` adds ``"verdict": "error"`` to the JSON body: the image was read but no
+    verdict can be given (a non-finite score), which a client must not take for a pass.
+    """
+
+    def __init__(
+        self, status: int, detail: str, retry_after: int | None = None, verdict: bool = False
+    ) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         super().__init__(status_code=status, detail=detail, headers=headers)
+        self.verdict_error = verdict
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -683,7 +704,7 @@ async def inspect(
         name, data = await _one_upload(request, multipart, svc.limits.max_request_bytes)
         [result] = await svc.score_or_500([(name or "body", data)], t0)
         if isinstance(result, InputError):
-            raise _Reject(result.status, result.detail)
+            raise _Reject(result.status, result.detail, verdict=result.status >= 500)
         svc.inspected += 1
         if heatmap == "png":
             item = _Stored(result.image, result.amap, svc.display_range())
@@ -742,11 +763,21 @@ async def inspect_batch(
         for i, ((name, _), r) in enumerate(zip(files, results, strict=True)):
             if isinstance(r, InputError):
                 logger.warning("POST /v1/inspect/batch image %d -> %d: %s", i, r.status, r.detail)
-                items.append(BatchItem(index=i, filename=name, status=r.status, error=r.detail))
+                items.append(
+                    BatchItem(
+                        index=i,
+                        filename=name,
+                        status=r.status,
+                        error=r.detail,
+                        verdict="error" if r.status >= 500 else None,
+                    )
+                )
             else:
                 url = svc.remember(r) if heatmap == "url" else None
                 result = svc.inspection(name, r, total, url)
-                items.append(BatchItem(index=i, filename=name, result=result))
+                items.append(
+                    BatchItem(index=i, filename=name, result=result, verdict=result.verdict)
+                )
         svc.inspected += sum(1 for it in items if it.result is not None)
         return BatchInspection(
             count=len(items),
@@ -824,7 +855,10 @@ async def _log_rejection(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code >= 400:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, detail)
-    return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+    body = {"detail": detail}
+    if getattr(exc, "verdict_error", False):
+        body["verdict"] = "error"
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
 async def _log_invalid(request: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's notice about httpx2
     from fastapi.testclient import TestClient
 
-from patchcore import NonFiniteScoreError, PatchCore
+from patchcore import ModelFileError, NonFiniteScoreError, PatchCore
 from patchcore.images import ImageReadError, as_tensor
 from patchcore.service import create_app
 
@@ -132,3 +132,114 @@ def test_service_answers_a_nan_score_with_an_error_verdict(
         b = c.post("/v1/inspect/batch", files=files).json()
         assert b["errors"] == 1 and b["results"][0]["verdict"] == "error"
         assert b["results"][0]["status"] == 500 and b["results"][0]["result"] is None
+
+
+# ---------------------------------------------------------------- 2. model files verified
+
+
+def test_one_flipped_byte_anywhere_is_an_error_or_changes_nothing(
+    fitted: PatchCore, toy_images, tmp_path
+) -> None:
+    """Flip one byte at 60 offsets spread over the file: never silently different results."""
+    _, good, bad = toy_images
+    images = good[:2] + bad[:2]
+    path = fitted.save(tmp_path / "m.pt")
+    data = path.read_bytes()
+    want = fitted.score_samples(images)
+    outcomes = {"error": 0, "same": 0}
+    for offset in np.linspace(0, len(data) - 1, 60).astype(int):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0xFF
+        damaged = tmp_path / f"flip{offset}.pt"
+        damaged.write_bytes(bytes(flipped))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a digest-less (legacy) read would warn
+                loaded = PatchCore.load(damaged)
+        except ModelFileError as exc:
+            assert str(damaged) in str(exc)
+            outcomes["error"] += 1
+        else:
+            np.testing.assert_array_equal(loaded.score_samples(images), want)
+            outcomes["same"] += 1
+        damaged.unlink()
+    assert outcomes["error"] >= 40, outcomes
+
+
+def test_a_digest_less_file_loads_with_one_warning(fitted: PatchCore, tmp_path) -> None:
+    from patchcore import persistence
+
+    raw = torch.load(fitted.save(tmp_path / "m.pt"), weights_only=True)
+    del raw["digest"]
+    torch.save(raw, tmp_path / "legacy.pt")
+    persistence._legacy_warned = False
+    with pytest.warns(UserWarning, match="legacy.pt: written before model files carried a digest"):
+        PatchCore.load(tmp_path / "legacy.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PatchCore.load(tmp_path / "legacy.pt")  # once per process
+
+
+def _edit(raw: dict, where: str, value) -> None:
+    *keys, last = where.split(".")
+    d = raw
+    for k in keys:
+        d = d[k]
+    if value is KeyError:
+        del d[last]
+    else:
+        d[last] = value
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "match"),
+    [
+        ("format_version", "1", "format version '1' is not a positive integer"),
+        ("format_version", KeyError, "no format version"),
+        ("format_version", 0, "format version 0 is not a positive integer"),
+        ("state", KeyError, "missing 'state'"),
+        ("state", [1, 2], "state is a list, not a mapping"),
+        ("state.n_train_images", KeyError, "'n_train_images' is None, not a count"),
+        ("state.n_train_images", "6", "'n_train_images' is '6', not a count"),
+        ("state.fit_seconds", float("nan"), "'fit_seconds' is nan"),
+        ("state.threshold", float("nan"), "'threshold' is nan, not a finite number"),
+        ("state.threshold", "1.0", "'threshold' is '1.0'"),
+        ("state.threshold_method", 3, "'threshold_method' is 3"),
+        ("state.feature_dtype", "int8", "'feature_dtype' is 'int8'"),
+        ("state.metadata", [1], "'metadata' is a list"),
+        ("config.layers", "stage3", "'layers' is 'stage3'"),
+        ("config.layers", ["nope"], "invalid model configuration"),
+        ("config.mean", [0.5], "'mean' is \\[0.5\\]"),
+        ("config.backbone", "nope", "invalid model configuration"),
+        ("config.image_size", "big", "invalid model configuration"),
+        ("config.unknown", 1, "invalid model configuration"),
+        ("memory_bank", torch.zeros(3), "memory_bank is not a 2-D float tensor"),
+        ("memory_bank", torch.zeros(3, 7), "memory_bank has 7 features per row"),
+        ("memory_bank", torch.full((3, 7), float("nan")), "memory_bank holds NaN"),
+        ("backbone_state", [1], "backbone_state is not a mapping"),
+        ("extra", 1, "unexpected entries \\['extra'\\]"),
+    ],
+)
+def test_every_field_is_validated_with_a_clear_message(
+    fitted: PatchCore, tmp_path, where, value, match
+) -> None:
+    raw = torch.load(fitted.save(tmp_path / "m.pt"), weights_only=True)
+    del raw["digest"]  # as a file before the digest: the checks alone must catch it
+    _edit(raw, where, value)
+    torch.save(raw, tmp_path / "bad.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ModelFileError, match="bad.pt: .*" + match):
+            PatchCore.load(tmp_path / "bad.pt")
+
+
+def test_a_nan_backbone_tensor_in_a_file_is_refused(fitted: PatchCore, tmp_path) -> None:
+    raw = torch.load(fitted.save(tmp_path / "m.pt"), weights_only=True)
+    name = next(k for k, v in raw["backbone_state"].items() if v.is_floating_point())
+    raw["backbone_state"][name].view(-1)[0] = float("nan")
+    from patchcore.persistence import digest
+
+    raw["digest"]["value"] = digest(raw)  # a file saved from a NaN model: digest is right
+    torch.save(raw, tmp_path / "nan.pt")
+    with pytest.raises(ModelFileError, match=f"backbone tensor '{name}' holds NaN"):
+        PatchCore.load(tmp_path / "nan.pt")

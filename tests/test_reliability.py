@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 import warnings
 
 import numpy as np
@@ -41,6 +42,13 @@ def poison_bank(det: PatchCore, one: bool = False) -> PatchCore:
         det.state_.memory_bank[:, 0] = float("nan")
     det._set_fitted(det.state_, det.extractor_)
     return det
+
+
+def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < end, client.get("/readyz").json()
+        time.sleep(0.05)
 
 
 def png(array: np.ndarray) -> bytes:
@@ -110,7 +118,7 @@ def test_service_is_not_ready_with_a_nan_model(det: PatchCore) -> None:
             body = c.get("/readyz").json()
             if "reason" in body and body["reason"] != "loading":
                 break
-            __import__("time").sleep(0.05)
+            time.sleep(0.05)
         r = c.get("/readyz")
         assert r.status_code == 503 and "non-finite" in r.json()["reason"]
 
@@ -120,10 +128,7 @@ def test_service_answers_a_nan_score_with_an_error_verdict(
 ) -> None:
     _, good, _ = toy_images
     with TestClient(create_app(det)) as c:
-        for _ in range(400):
-            if c.get("/readyz").status_code == 200:
-                break
-            __import__("time").sleep(0.05)
+        wait_ready(c)
         poison_bank(det)  # goes bad after start-up (e.g. an overflow): still no pass
         r = c.post("/v1/inspect", files={"file": ("a.png", png(good[0]), "image/png")})
         assert r.status_code == 500, r.text
@@ -243,3 +248,82 @@ def test_a_nan_backbone_tensor_in_a_file_is_refused(fitted: PatchCore, tmp_path)
     torch.save(raw, tmp_path / "nan.pt")
     with pytest.raises(ModelFileError, match=f"backbone tensor '{name}' holds NaN"):
         PatchCore.load(tmp_path / "nan.pt")
+
+
+# ---------------------------------------------------------------- 3. work bounded
+
+
+def strip_png(width: int, height: int) -> bytes:
+    """A flat grey image: a tall or wide one compresses to a few KB."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_tall_strip_is_refused_from_the_header_by_the_service(fitted: PatchCore) -> None:
+    data = strip_png(8, 400_000)  # 3.2 M pixels, under max_pixels; aspect 50,000:1
+    assert len(data) < 20_000
+    with TestClient(create_app(fitted)) as c:
+        wait_ready(c)
+        t = time.perf_counter()
+        r = c.post("/v1/inspect", content=data, headers={"Content-Type": "image/png"})
+        assert r.status_code == 413 and "aspect ratio of 50,000:1" in r.json()["detail"]
+        assert time.perf_counter() - t < 2.0
+        ok = c.post(
+            "/v1/inspect", content=strip_png(200, 20), headers={"Content-Type": "image/png"}
+        )
+        assert ok.status_code == 200, ok.text  # 10:1 is fine
+
+
+def test_native_resolution_work_is_bounded_by_max_processed_pixels(fitted: PatchCore) -> None:
+    native = copy.deepcopy(fitted).set_params(image_size=None)
+    with TestClient(create_app(native, max_processed_pixels=100_000)) as c:
+        wait_ready(c)
+        r = c.post(
+            "/v1/inspect", content=strip_png(400, 300), headers={"Content-Type": "image/png"}
+        )
+        assert r.status_code == 413
+        assert "processed at 400x300 = 120,000 pixels" in r.json()["detail"]
+        assert "max_processed_pixels" in r.json()["detail"]
+        ok = c.post(
+            "/v1/inspect", content=strip_png(300, 300), headers={"Content-Type": "image/png"}
+        )
+        assert ok.status_code == 200, ok.text
+
+
+def test_the_library_refuses_strips_and_oversized_work_naming_the_file(
+    fitted: PatchCore, tmp_path
+) -> None:
+    from patchcore.images import ImageTooLargeError, read_image, set_input_limits
+
+    tall = tmp_path / "tall.png"
+    tall.write_bytes(strip_png(8, 100_000))
+    with pytest.raises(ImageTooLargeError, match=r"tall.png: 8x100000 image has an aspect ratio"):
+        read_image(tall)
+    r = fitted.score([tall, np.full((96, 96, 3), 128, np.uint8)], on_error="skip")
+    assert [s.name for s in r.skipped] == [str(tall)] and np.isfinite(r.scores[1])
+    native = copy.deepcopy(fitted).set_params(image_size=None)
+    previous = set_input_limits(max_processed_pixels=5_000, max_aspect_ratio=None)
+    try:
+        with pytest.raises(ImageTooLargeError, match="image #0: would be processed at 96x96"):
+            native.score_samples([np.full((96, 96, 3), 128, np.uint8)])
+        read_image(tall)  # no aspect limit now
+    finally:
+        set_input_limits(**previous.__dict__)
+    assert set_input_limits() == previous
+
+
+def test_resizing_a_tall_strip_is_fast_and_the_same_filter() -> None:
+    import torch.nn.functional as F
+
+    from patchcore.images import resize
+
+    x = torch.rand(3, 300_000, 8)
+    t = time.perf_counter()
+    y = resize(x, (128, 128))
+    took = time.perf_counter() - t
+    ref = F.interpolate(x[None], size=(128, 128), mode="bilinear", antialias=True)[0]
+    assert torch.allclose(y, ref, atol=1e-5) and took < 0.5, took  # one call: 1.5 s, 1.2 GB
+    square = torch.rand(3, 300, 200)  # ordinary images keep the single call, bit for bit
+    ref = F.interpolate(square[None], size=(128, 128), mode="bilinear", antialias=True)[0]
+    assert torch.equal(resize(square, (128, 128)), ref)

@@ -59,7 +59,7 @@ from ._util import one_line, package_version
 from .decode import IMAGE_FORMATS as IMAGE_FORMATS  # re-exported (was defined here)
 from .decode import ImageTooLargeError, decode_bytes
 from .detector import PatchCore
-from .images import ImageReadError, output_size
+from .images import ImageReadError, InputLimits, output_size
 
 logger = logging.getLogger("patchcore.service")
 
@@ -79,6 +79,11 @@ class ServiceLimits:
         max_request_bytes: largest request body accepted (413 above it).
         max_pixels: largest image, width x height, accepted; checked from the header before
             any pixel is decoded (413 above it).
+        max_aspect_ratio: largest long side / short side of an image (413 above it, from the
+            header): a tall strip costs far more than its pixels to resize.
+        max_processed_pixels: largest image the detector works at after its ``image_size`` /
+            ``scale`` (413 above it, from the header): bounds a native-resolution model's time
+            and memory per image.
         max_batch_images: most images in one ``/v1/inspect/batch`` request (413 above it).
         workers: threads that decode and score, i.e. requests scored at once.
         queue_length: requests allowed to wait for a worker; beyond ``workers + queue_length``
@@ -90,6 +95,8 @@ class ServiceLimits:
 
     max_request_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 25_000_000
+    max_aspect_ratio: int = 20
+    max_processed_pixels: int = 4_194_304  # 2048 x 2048
     max_batch_images: int = 16
     workers: int = 1
     queue_length: int = 8
@@ -128,12 +135,21 @@ class InputError(Exception):
 # ---------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    name: str = "image",
+    *,
+    max_aspect_ratio: float | None = None,
+    processed: Any = None,
+    max_processed_pixels: int | None = None,
+) -> np.ndarray:
     """Decode uploaded bytes like :func:`patchcore.images.read_image` does a file, safely.
 
     See :func:`patchcore.decode.decode_bytes`: the size is checked against ``max_pixels`` from
-    the header before any pixel is decoded; only :data:`IMAGE_FORMATS` are tried; truncated
-    data is an error.
+    the header before any pixel is decoded (and so are ``max_aspect_ratio`` and, with
+    ``processed`` -- (h, w) -> the detector's processed (h, w) -- ``max_processed_pixels``);
+    only :data:`IMAGE_FORMATS` are tried; truncated data is an error.
 
     Returns:
         uint8 array HxW (greyscale) or HxWx3 (colour).
@@ -144,8 +160,21 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
     """
     if not data:
         raise InputError(400, f"{name}: empty body; send the bytes of one image")
+
+    def check_size(height: int, width: int) -> None:
+        if processed is not None:
+            InputLimits(None, None, max_processed_pixels).check_processed(
+                name, *processed(height, width)
+            )
+
     try:
-        array = decode_bytes(data, name=name, max_pixels=max_pixels)
+        array = decode_bytes(
+            data,
+            name=name,
+            max_pixels=max_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+            check_size=check_size,
+        )
     except ImageTooLargeError as exc:
         raise InputError(413, str(exc)) from None
     except ImageReadError as exc:
@@ -458,7 +487,16 @@ class _Service:
         for name, data in blobs:
             t = time.perf_counter()
             try:
-                decoded.append(decode_image(data, self.limits.max_pixels, name))
+                decoded.append(
+                    decode_image(
+                        data,
+                        self.limits.max_pixels,
+                        name,
+                        max_aspect_ratio=self.limits.max_aspect_ratio,
+                        processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
+                        max_processed_pixels=self.limits.max_processed_pixels,
+                    )
+                )
             except InputError as exc:
                 decoded.append(exc)
             decode_ms.append((time.perf_counter() - t) * 1000.0)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
+import socket
+import threading
 import time
 import warnings
 
@@ -327,3 +330,81 @@ def test_resizing_a_tall_strip_is_fast_and_the_same_filter() -> None:
     square = torch.rand(3, 300, 200)  # ordinary images keep the single call, bit for bit
     ref = F.interpolate(square[None], size=(128, 128), mode="bilinear", antialias=True)[0]
     assert torch.equal(resize(square, (128, 128)), ref)
+
+
+# ---------------------------------------------------------------- 4. slow uploads
+
+
+def test_slow_uploads_do_not_starve_scoring_and_time_out(fitted: PatchCore, toy_images) -> None:
+    from _slow_clients import free_port, request_bytes, running, slow_client, status_of
+
+    _, good, _ = toy_images
+    port = free_port()
+    app = create_app(fitted, workers=1, queue_length=0, body_timeout_s=2)
+    with running(app, port):
+        for _ in range(600):  # warmed up
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if status_of(s) == 200:
+                    break
+            time.sleep(0.05)
+        slow = [None] * 9
+        threads = [
+            threading.Thread(target=slow_client, args=(port, b"\0" * 1000, 4.0, slow, i))
+            for i in range(9)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # the slow clients are all sending by now
+        normal = []
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(request_bytes(port, "/v1/inspect", png(good[0])))
+                normal.append(status_of(s))
+        for t in threads:
+            t.join(15)
+    assert normal == [200, 200, 200], normal  # before: 503 (slots held by the slow bodies)
+    assert slow == [408] * 9, slow  # cut off after body_timeout_s
+
+
+def test_a_disconnect_logs_one_line_and_an_abandoned_request_is_not_scored(
+    fitted: PatchCore, toy_images, caplog
+) -> None:
+    from _slow_clients import free_port, request_bytes, running, status_of
+
+    _, good, _ = toy_images
+    port = free_port()
+    app = create_app(fitted, workers=1, queue_length=2)
+    svc = app.state.service
+    calls = []
+    real_score = svc.score
+
+    def slow_score(blobs, admitted):  # noqa: ANN001, ANN202
+        calls.append(blobs[0][0])
+        time.sleep(1.0)
+        return real_score(blobs, admitted)
+
+    caplog.set_level(logging.INFO)
+    with running(app, port):
+        while not svc.ready:
+            time.sleep(0.05)
+        svc.score = slow_score
+        # 1. a client that goes away half-way through its body
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(request_bytes(port, "/v1/inspect", b"\0" * 1000)[:-500])
+            time.sleep(0.2)
+        # 2. one request scored (1 s), and one that leaves while it waits for the worker
+        first = socket.create_connection(("127.0.0.1", port), timeout=30)
+        first.sendall(request_bytes(port, "/v1/inspect", png(good[0])))
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(request_bytes(port, "/v1/inspect", png(good[1])))
+            time.sleep(0.2)
+        assert status_of(first) == 200
+        first.close()
+        time.sleep(1.5)
+    assert calls == ["body"]  # the abandoned one was not scored
+    gone = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
+    assert len(gone) == 2, gone
+    assert "after 500 bytes of the body" in gone[0] and "while queued" in gone[1]
+    assert not [r for r in caplog.records if r.exc_info], "no tracebacks"

@@ -15,9 +15,12 @@ Endpoints (``/v1/*`` need ``Authorization: Bearer TOKEN`` when a token is set):
 - ``GET /``: the inspection page (``static/``, no build step, no CDN). ``/docs``: OpenAPI.
 
 Design: the model is loaded once, before or at start-up, from a path fixed by the operator; no
-request can name a file. Every request first takes a slot of a bounded admission gate
-(``workers + queue_length`` slots) *before* its body is read, so memory stays bounded and a full
-queue answers 503 with ``Retry-After`` at once. Decoding and scoring run in a thread pool of
+request can name a file. A request's body is received first, within ``body_timeout_s`` (408
+after it), holding one of ``upload_slots`` (503 beyond, so memory stays bounded); only then does
+it take a scoring slot of the admission gate (``workers + queue_length`` slots; a full queue
+answers 503 with ``Retry-After`` at once), so slow uploads never hold a scoring slot. A client
+that has disconnected by the time a worker is free is not scored; a disconnect logs one line.
+Decoding and scoring run in a thread pool of
 ``workers`` threads (torch releases the GIL), off the event loop, so health checks stay fast.
 Every rejected input gets a 4xx with a one-line ``detail`` and is logged once, at WARNING.
 The service holds no algorithm: it decodes (:mod:`patchcore.decode`), calls
@@ -54,6 +57,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from ._util import one_line, package_version
 from .decode import IMAGE_FORMATS as IMAGE_FORMATS  # re-exported (was defined here)
@@ -88,6 +92,9 @@ class ServiceLimits:
         workers: threads that decode and score, i.e. requests scored at once.
         queue_length: requests allowed to wait for a worker; beyond ``workers + queue_length``
             requests in flight the service answers 503 with ``Retry-After``.
+        upload_slots: requests whose bodies are being received at once (503 beyond): a slow
+            upload holds one of these, never a scoring slot.
+        body_timeout_s: seconds a client has to send its whole request body (408 after).
         heatmap_store_items: overlays kept for ``GET /v1/heatmaps/{id}`` (oldest dropped first).
         heatmap_store_bytes: memory budget of that store (image + map bytes).
         retry_after_s: the ``Retry-After`` value sent with 503 answers.
@@ -100,6 +107,8 @@ class ServiceLimits:
     max_batch_images: int = 16
     workers: int = 1
     queue_length: int = 8
+    upload_slots: int = 32
+    body_timeout_s: int = 30
     heatmap_store_items: int = 64
     heatmap_store_bytes: int = 256 * 1024 * 1024
     retry_after_s: int = 1
@@ -341,6 +350,8 @@ class _Service:
             if not self.model_path.is_file():
                 raise FileNotFoundError(f"{self.model_path}: no such model file")
         self.gate = _Gate(limits.workers + limits.queue_length)
+        self.upload_gate = _Gate(limits.upload_slots)
+        self.free_workers = asyncio.Semaphore(limits.workers)
         self.render_gate = _Gate(2 + limits.queue_length)
         self.store = HeatmapStore(limits.heatmap_store_items, limits.heatmap_store_bytes)
         self.pool: ThreadPoolExecutor | None = None
@@ -435,6 +446,32 @@ class _Service:
         finally:
             gate.leave()
 
+    @contextlib.asynccontextmanager
+    async def receiving(self) -> AsyncIterator[None]:
+        """Hold an upload slot while a body is received (503 when full or not ready)."""
+        self.check_ready()
+        if not self.upload_gate.try_enter():
+            raise _Reject(
+                503,
+                f"busy: {self.upload_gate.capacity} uploads already being received "
+                "(upload_slots); retry later",
+                retry_after=self.limits.retry_after_s,
+            )
+        try:
+            yield
+        finally:
+            self.upload_gate.leave()
+
+    async def receive(self, reading: Any) -> Any:
+        """Await ``reading`` (the body) within ``body_timeout_s`` (408 after it)."""
+        timeout = self.limits.body_timeout_s
+        try:
+            return await asyncio.wait_for(reading, timeout)
+        except TimeoutError:
+            raise _Reject(
+                408, f"request body not received within {timeout} s (body_timeout_s)"
+            ) from None
+
     def inspection(
         self, name: str | None, s: _Scored, total_ms: float, heatmap_url: str | None
     ) -> Inspection:
@@ -464,15 +501,21 @@ class _Service:
         key = self.store.put(_Stored(s.image, s.amap, self.display_range()))
         return None if key is None else f"/v1/heatmaps/{key}"
 
-    async def score_or_500(self, blobs: list[tuple[str, bytes]], t0: float) -> list[Any]:
-        """:meth:`score` in the worker pool; an unexpected failure becomes a logged 500."""
-        try:
-            return await self.run(self.pool, self.score, blobs, t0)
-        except Exception as exc:  # noqa: BLE001
-            logger.exception("scoring failed")
-            raise HTTPException(
-                500, f"internal error while scoring: {one_line(exc, 200)}"
-            ) from None
+    async def score_or_500(
+        self, request: Request, blobs: list[tuple[str, bytes]], t0: float
+    ) -> list[Any]:
+        """:meth:`score` in the worker pool once a worker is free, unless the client has gone
+        by then (:class:`_GoneError`: nothing is scored); an unexpected failure is a logged 500."""
+        async with self.free_workers:
+            if await request.is_disconnected():
+                raise _GoneError("client went away while queued; not scored")
+            try:
+                return await self.run(self.pool, self.score, blobs, t0)
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("scoring failed")
+                raise HTTPException(
+                    500, f"internal error while scoring: {one_line(exc, 200)}"
+                ) from None
 
     # -- work (runs in the worker threads)
 
@@ -553,6 +596,10 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class _GoneError(Exception):
+    """The client disconnected: nothing to answer; logged as one line."""
+
+
 class _Reject(HTTPException):
     """An HTTPException that is logged once (at WARNING) by the app's handler.
 
@@ -585,11 +632,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
             )
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _Reject(413, f"request is over the limit of {limit:,} bytes (max_request_bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise _Reject(
+                    413, f"request is over the limit of {limit:,} bytes (max_request_bytes)"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _GoneError(f"client went away after {total:,} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -738,28 +790,37 @@ async def inspect(
     multipart = ctype == "multipart/form-data"
     if not (multipart or ctype == "" or ctype.startswith(RAW_CONTENT_TYPES)):
         raise _wrong_type(ctype, batch=False)
-    async with svc.admitted(svc.gate) as t0:
-        name, data = await _one_upload(request, multipart, svc.limits.max_request_bytes)
-        [result] = await svc.score_or_500([(name or "body", data)], t0)
-        if isinstance(result, InputError):
-            raise _Reject(result.status, result.detail, verdict=result.status >= 500)
-        svc.inspected += 1
-        if heatmap == "png":
-            item = _Stored(result.image, result.amap, svc.display_range())
-            png = await svc.run(svc.pool, svc.render, item, alpha)
-            total = (time.perf_counter() - t0) * 1000.0
-            return Response(
-                png,
-                media_type="image/png",
-                headers={
-                    "X-Patchcore-Score": repr(result.score),
-                    "X-Patchcore-Threshold": repr(svc.threshold),
-                    "X-Patchcore-Verdict": "fail" if result.anomalous else "pass",
-                    "X-Patchcore-Total-Ms": f"{total:.2f}",
-                },
-            )
-        url = svc.remember(result) if heatmap == "url" else None
-        return svc.inspection(name, result, (time.perf_counter() - t0) * 1000.0, url)
+    async with svc.receiving():
+        upload = _one_upload(request, multipart, svc.limits.max_request_bytes)
+        name, data = await svc.receive(upload)
+        async with svc.admitted(svc.gate) as t0:
+            [result] = await svc.score_or_500(request, [(name or "body", data)], t0)
+            return await _answer(svc, name, result, heatmap, alpha, t0)
+
+
+async def _answer(
+    svc: _Service, name: str | None, result: Any, heatmap: str, alpha: float, t0: float
+) -> Any:
+    """The answer to ``/v1/inspect``: JSON, or the overlay PNG; an InputError is raised."""
+    if isinstance(result, InputError):
+        raise _Reject(result.status, result.detail, verdict=result.status >= 500)
+    svc.inspected += 1
+    if heatmap == "png":
+        item = _Stored(result.image, result.amap, svc.display_range())
+        png = await svc.run(svc.pool, svc.render, item, alpha)
+        total = (time.perf_counter() - t0) * 1000.0
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "X-Patchcore-Score": repr(result.score),
+                "X-Patchcore-Threshold": repr(svc.threshold),
+                "X-Patchcore-Verdict": "fail" if result.anomalous else "pass",
+                "X-Patchcore-Total-Ms": f"{total:.2f}",
+            },
+        )
+    url = svc.remember(result) if heatmap == "url" else None
+    return svc.inspection(name, result, (time.perf_counter() - t0) * 1000.0, url)
 
 
 @api.post(
@@ -786,44 +847,55 @@ async def inspect_batch(
     if ctype != "multipart/form-data":
         raise _wrong_type(ctype, batch=True)
     lim = svc.limits
-    async with svc.admitted(svc.gate) as t0:
-        body = await _read_body(request, lim.max_request_bytes)
-        files = await _uploads(request, body, max_files=lim.max_batch_images + 1)
-        if not files:
-            raise _Reject(400, "multipart body has no file parts; send them as 'files'")
-        if len(files) > lim.max_batch_images:
-            raise _Reject(
-                413, f"more than {lim.max_batch_images} images in one batch (max_batch_images)"
-            )
-        results = await svc.score_or_500(files, t0)
-        total = (time.perf_counter() - t0) * 1000.0
-        items = []
-        for i, ((name, _), r) in enumerate(zip(files, results, strict=True)):
-            if isinstance(r, InputError):
-                logger.warning("POST /v1/inspect/batch image %d -> %d: %s", i, r.status, r.detail)
-                items.append(
-                    BatchItem(
-                        index=i,
-                        filename=name,
-                        status=r.status,
-                        error=r.detail,
-                        verdict="error" if r.status >= 500 else None,
-                    )
-                )
-            else:
-                url = svc.remember(r) if heatmap == "url" else None
-                result = svc.inspection(name, r, total, url)
-                items.append(
-                    BatchItem(index=i, filename=name, result=result, verdict=result.verdict)
-                )
-        svc.inspected += sum(1 for it in items if it.result is not None)
-        return BatchInspection(
-            count=len(items),
-            failed=sum(1 for it in items if it.result is not None and it.result.anomalous),
-            errors=sum(1 for it in items if it.error is not None),
-            results=items,
-            total_ms=round(total, 2),
+    async with svc.receiving():
+        files = await svc.receive(_batch_upload(request, lim))
+        async with svc.admitted(svc.gate) as t0:
+            results = await svc.score_or_500(request, files, t0)
+            return _batch_answer(svc, files, results, heatmap, t0)
+
+
+async def _batch_upload(request: Request, lim: ServiceLimits) -> list[tuple[str, bytes]]:
+    body = await _read_body(request, lim.max_request_bytes)
+    files = await _uploads(request, body, max_files=lim.max_batch_images + 1)
+    if not files:
+        raise _Reject(400, "multipart body has no file parts; send them as 'files'")
+    if len(files) > lim.max_batch_images:
+        raise _Reject(
+            413, f"more than {lim.max_batch_images} images in one batch (max_batch_images)"
         )
+    return files
+
+
+def _batch_answer(
+    svc: _Service, files: list[tuple[str, bytes]], results: list[Any], heatmap: str, t0: float
+) -> BatchInspection:
+    """The answer to ``/v1/inspect/batch``: one entry per image, in upload order."""
+    total = (time.perf_counter() - t0) * 1000.0
+    items = []
+    for i, ((name, _), r) in enumerate(zip(files, results, strict=True)):
+        if isinstance(r, InputError):
+            logger.warning("POST /v1/inspect/batch image %d -> %d: %s", i, r.status, r.detail)
+            items.append(
+                BatchItem(
+                    index=i,
+                    filename=name,
+                    status=r.status,
+                    error=r.detail,
+                    verdict="error" if r.status >= 500 else None,
+                )
+            )
+        else:
+            url = svc.remember(r) if heatmap == "url" else None
+            result = svc.inspection(name, r, total, url)
+            items.append(BatchItem(index=i, filename=name, result=result, verdict=result.verdict))
+    svc.inspected += sum(1 for it in items if it.result is not None)
+    return BatchInspection(
+        count=len(items),
+        failed=sum(1 for it in items if it.result is not None and it.result.anomalous),
+        errors=sum(1 for it in items if it.error is not None),
+        results=items,
+        total_ms=round(total, 2),
+    )
 
 
 @api.get(
@@ -899,6 +971,12 @@ async def _log_rejection(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
+async def _log_gone(request: Request, exc: Exception) -> Response:
+    """A client that disconnected: one INFO line, no traceback, nothing scored."""
+    logger.info("%s %s: %s", request.method, request.url.path, exc)
+    return Response(status_code=499)
+
+
 async def _log_invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     parts = []
@@ -970,6 +1048,7 @@ def create_app(
     app.state.service = svc
     app.add_exception_handler(HTTPException, _log_rejection)
     app.add_exception_handler(RequestValidationError, _log_invalid)
+    app.add_exception_handler(_GoneError, _log_gone)
     app.include_router(api)
     app.include_router(public)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +296,17 @@ def test_fit_missing_folder(tmp_path: Path) -> None:
     r = run("fit", tmp_path / "nope", "--out", tmp_path / "m.pt")
     assert r.exit_code == 2
     assert "no such folder" in _one_clean_line(r)
+
+
+def test_fit_refuses_an_unwritable_out_before_fitting(tiny: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    t = time.perf_counter()
+    r = run("fit", tiny, "--out", tmp_path / "a_file" / "m.pt", "--image-size", SIZE)
+    assert r.exit_code != 0 and "cannot write the model there" in _one_clean_line(r)
+    assert "memory bank" not in r.stdout and time.perf_counter() - t < 5  # before fitting
+    r = run("fit", tiny, "--out", tmp_path, "--image-size", SIZE)  # a folder: a usage error
+    assert r.exit_code == 2 and "is a" in r.stderr and "directory" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_fit_folder_without_images(tmp_path: Path) -> None:

@@ -272,6 +272,25 @@ def test_predict_reports_corrupt_files_and_goes_on(
     assert "2 unreadable" in r.stderr
 
 
+def test_predict_takes_a_threshold_and_reports_a_missing_path_as_a_row(
+    fitted: Path, folder_with_corrupt_file: Path, tmp_path: Path
+) -> None:
+    r = run("predict", fitted, folder_with_corrupt_file, "-q")
+    assert r.exit_code == 2 and "threshold not calibrated" in r.stderr  # uncalibrated model
+    good = next(
+        p
+        for p in sorted(folder_with_corrupt_file.iterdir())
+        if p.stem not in ("broken", "truncated")
+    )
+    missing = tmp_path / "gone.png"
+    r = run("predict", fitted, missing, good, "--threshold", "0", "--format", "json", "-q")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert [Path(row["path"]).name for row in rows] == ["gone.png", good.name]
+    assert rows[0]["verdict"] == "error" and "no such file" in rows[0]["error"]
+    assert rows[1]["verdict"] == "anomalous" and rows[1]["threshold"] == 0.0  # score >= 0
+
+
 def test_predict_csv_and_table(calibrated: Path, folder_with_corrupt_file: Path) -> None:
     r = run("predict", calibrated, folder_with_corrupt_file, "--format", "csv", "-q")
     assert r.exit_code == 0, r.output

@@ -509,21 +509,34 @@ def predict(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-R", help="Also look in sub-folders.")
     ] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Verdict threshold (score >= it = anomalous) instead of the model's own; "
+            "needed for a model not calibrated yet.",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Score images: verdict, score and (with --heatmaps) an overlay per image.
 
-    Folders stream in chunks with a progress bar on stderr. Unreadable files get the verdict
-    "error" with the reason and do not stop the run; the exit code is 1 only when no file at
-    all could be read.
+    Folders stream in chunks with a progress bar on stderr. Unreadable or missing files get the
+    verdict "error" with the reason and do not stop the run; the exit code is 1 only when no
+    file at all could be read.
     """
     from . import workflow
 
     with _errors():
         det = workflow.load_model(model, device=_device(device))
+        if threshold is not None:
+            det.set_threshold(threshold, method="manual (--threshold)")
         workflow.require_threshold(det, model)
-        files = workflow.expand_inputs([str(p) for p in inputs], recursive=recursive)
+        files = workflow.expand_inputs(
+            [str(p) for p in inputs], recursive=recursive, missing_ok=True
+        )
     bar = _Bar("predict", quiet or len(files) < 2)
     bar.total(len(files))
     n_err = n_anom = 0

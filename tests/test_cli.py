@@ -471,6 +471,22 @@ def test_serve_hands_its_options_to_the_service(monkeypatch, calibrated: Path) -
     assert kwargs["token"] == "s3cret" and kwargs["workers"] == 2
 
 
+def test_serve_reads_the_token_from_a_file(monkeypatch, calibrated: Path, tmp_path: Path) -> None:
+    import patchcore.service
+
+    calls = []
+    monkeypatch.setattr(patchcore.service, "serve", lambda *a, **kw: calls.append((a, kw)))
+    (tmp_path / "token.txt").write_text("  s3cret-from-file\n")
+    r = run("serve", calibrated, "--token-file", tmp_path / "token.txt")
+    assert r.exit_code == 0, r.output
+    assert calls[0][1]["token"] == "s3cret-from-file"
+    (tmp_path / "empty.txt").write_text("\n")
+    r = run("serve", calibrated, "--token-file", tmp_path / "empty.txt")
+    assert r.exit_code == 2 and "token file is empty" in _one_clean_line(r)
+    r = run("serve", calibrated, "--token-file", tmp_path / "token.txt", "--token", "x")
+    assert r.exit_code == 2 and "not both" in r.stderr
+
+
 def test_serve_refuses_a_missing_model_before_listening(tmp_path: Path) -> None:
     r = run("serve", tmp_path / "missing.pt", "--port", "8124")
     assert r.exit_code == 2

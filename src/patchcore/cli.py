@@ -713,7 +713,18 @@ def serve(
     token: Annotated[
         str | None,
         typer.Option(
-            help="Bearer token required on /v1/* (default: $PATCHCORE_TOKEN; unset = open).",
+            help="Bearer token required on /v1/* (default: $PATCHCORE_TOKEN; unset = open). "
+            "Visible to other users in ps: prefer $PATCHCORE_TOKEN or --token-file.",
+            show_default=False,
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="Read the bearer token from this file (kept out of ps and shell history).",
+            exists=True,
+            dir_okay=False,
             show_default=False,
         ),
     ] = None,
@@ -730,9 +741,14 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve MODEL over HTTP: an inspection page at / and a JSON API under /v1/."""
+    from .service import read_token_file
     from .service import serve as run_service
 
     with _errors():
+        if token_file is not None:
+            if token is not None:
+                raise ValueError("give --token or --token-file, not both")
+            token = read_token_file(token_file)
         run_service(
             model,
             host,

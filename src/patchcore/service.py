@@ -12,7 +12,8 @@ Endpoints (``/v1/*`` need ``Authorization: Bearer TOKEN`` when a token is set):
   1 = the colour map alone, 0 = the decoded image alone).
 - ``GET /v1/model``: the model card. ``GET /healthz``: the process answers.
   ``GET /readyz``: 200 once the model is loaded and warmed up, else 503.
-- ``GET /``: the inspection page (``static/``, no build step, no CDN). ``/docs``: OpenAPI.
+- ``GET /``: the inspection page (``static/``, no build step, no CDN). ``/docs``: the API as
+  one self-contained page (no CDN); ``/openapi.json``: the schema.
 
 Design: the model is loaded once, before or at start-up, from a path fixed by the operator; no
 request can name a file. A request's body is received first, within ``body_timeout_s`` (408
@@ -246,7 +247,11 @@ class BatchInspection(BaseModel):
     """All images of a batch, in upload order; a bad image does not spoil the others."""
 
     count: int
-    failed: int = Field(description="images with verdict fail")
+    flagged: int = Field(description="images with verdict fail (judged anomalous)")
+    failed: int = Field(
+        description="the same number as flagged, under its older name (kept for compatibility; "
+        "it counts fail verdicts, not errors)"
+    )
     errors: int = Field(description="images that could not be scored")
     results: list[BatchItem]
     total_ms: float
@@ -889,9 +894,11 @@ def _batch_answer(
             result = svc.inspection(name, r, total, url)
             items.append(BatchItem(index=i, filename=name, result=result, verdict=result.verdict))
     svc.inspected += sum(1 for it in items if it.result is not None)
+    flagged = sum(1 for it in items if it.result is not None and it.result.anomalous)
     return BatchInspection(
         count=len(items),
-        failed=sum(1 for it in items if it.result is not None and it.result.anomalous),
+        flagged=flagged,
+        failed=flagged,
         errors=sum(1 for it in items if it.error is not None),
         results=items,
         total_ms=round(total, 2),
@@ -953,6 +960,38 @@ async def readyz(svc: ServiceDep) -> JSONResponse:
         return JSONResponse(body)
     body["reason"] = svc.load_error or "loading"
     return JSONResponse(body, 503, headers={"Retry-After": str(svc.limits.retry_after_s)})
+
+
+@public.get("/docs", include_in_schema=False)
+async def docs_page(request: Request) -> Response:
+    """The API reference as one self-contained page (no CDN: it works offline)."""
+    import html
+
+    spec = request.app.openapi()
+    rows = []
+    for path, ops in spec.get("paths", {}).items():
+        for method, op in ops.items():
+            codes = ", ".join(
+                f"{c} {html.escape(str(r.get('description', '')))}"
+                for c, r in op.get("responses", {}).items()
+            )
+            rows.append(
+                f"<tr><td><code>{method.upper()} {html.escape(path)}</code></td>"
+                f"<td><b>{html.escape(op.get('summary', ''))}</b><br>"
+                f"{html.escape(op.get('description', ''))}<br><small>{codes}</small></td></tr>"
+            )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>patchcore API</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}"
+        "td{vertical-align:top;padding:.4rem .8rem;border-bottom:1px solid #ddd}</style>"
+        f"</head><body><h1>{html.escape(spec['info']['title'])} "
+        f"{html.escape(spec['info']['version'])}</h1>"
+        f"<p>{html.escape(spec['info'].get('description', ''))}</p>"
+        "<p>The machine-readable schema: <a href='/openapi.json'>/openapi.json</a> (load it "
+        "into any OpenAPI viewer). More: docs/service.md in the patchcore sources.</p>"
+        f"<table>{''.join(rows)}</table></body></html>"
+    )
+    return Response(page, media_type="text/html")
 
 
 @public.get("/", include_in_schema=False)
@@ -1044,6 +1083,8 @@ def create_app(
         description="PatchCore anomaly detection for images from the line. Scores: higher = "
         "more anomalous; verdict `fail` when score >= threshold. The page is at `/`.",
         lifespan=_lifespan,
+        docs_url=None,  # Swagger UI loads from a CDN: blank offline; /docs is served instead
+        redoc_url=None,
     )
     app.state.service = svc
     app.add_exception_handler(HTTPException, _log_rejection)
@@ -1053,6 +1094,19 @@ def create_app(
     app.include_router(public)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The bearer token stored in a file (surrounding whitespace stripped).
+
+    Raises:
+        ValueError: the file is empty.
+        OSError: it cannot be read.
+    """
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"{path}: token file is empty")
+    return token
 
 
 def serve(
@@ -1073,6 +1127,8 @@ def serve(
         host: bind address; the default keeps the service on this machine.
         port: TCP port.
         token: bearer token for ``/v1/*``; None falls back to ``$PATCHCORE_TOKEN``; empty = off.
+            (Prefer the variable or :func:`read_token_file` to a literal on a command line,
+            which other users can read in ``ps``.)
         threshold: overrides the model's threshold.
         display_range: see :func:`create_app`.
         log_level: uvicorn's log level.

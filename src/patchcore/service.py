@@ -1069,7 +1069,8 @@ def create_app(
         display_range: map values drawn as the coldest / hottest overlay colour; default
             ``DISPLAY_RANGE_FACTORS x threshold`` so colours mean the same thing on every image.
         **limits: any field of :class:`ServiceLimits` (``max_request_bytes``, ``max_pixels``,
-            ``max_batch_images``, ``workers``, ``queue_length``, ``heatmap_store_items``,
+            ``max_aspect_ratio``, ``max_processed_pixels``, ``max_batch_images``, ``workers``,
+            ``queue_length``, ``upload_slots``, ``body_timeout_s``, ``heatmap_store_items``,
             ``heatmap_store_bytes``, ``retry_after_s``); None keeps the default.
 
     Returns:

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,25 @@ def test_predict_reports_corrupt_files_and_goes_on(
     assert "2 unreadable" in r.stderr
 
 
+def test_predict_takes_a_threshold_and_reports_a_missing_path_as_a_row(
+    fitted: Path, folder_with_corrupt_file: Path, tmp_path: Path
+) -> None:
+    r = run("predict", fitted, folder_with_corrupt_file, "-q")
+    assert r.exit_code == 2 and "threshold not calibrated" in r.stderr  # uncalibrated model
+    good = next(
+        p
+        for p in sorted(folder_with_corrupt_file.iterdir())
+        if p.stem not in ("broken", "truncated")
+    )
+    missing = tmp_path / "gone.png"
+    r = run("predict", fitted, missing, good, "--threshold", "0", "--format", "json", "-q")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert [Path(row["path"]).name for row in rows] == ["gone.png", good.name]
+    assert rows[0]["verdict"] == "error" and "no such file" in rows[0]["error"]
+    assert rows[1]["verdict"] == "anomalous" and rows[1]["threshold"] == 0.0  # score >= 0
+
+
 def test_predict_csv_and_table(calibrated: Path, folder_with_corrupt_file: Path) -> None:
     r = run("predict", calibrated, folder_with_corrupt_file, "--format", "csv", "-q")
     assert r.exit_code == 0, r.output
@@ -295,6 +315,17 @@ def test_fit_missing_folder(tmp_path: Path) -> None:
     r = run("fit", tmp_path / "nope", "--out", tmp_path / "m.pt")
     assert r.exit_code == 2
     assert "no such folder" in _one_clean_line(r)
+
+
+def test_fit_refuses_an_unwritable_out_before_fitting(tiny: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    t = time.perf_counter()
+    r = run("fit", tiny, "--out", tmp_path / "a_file" / "m.pt", "--image-size", SIZE)
+    assert r.exit_code != 0 and "cannot write the model there" in _one_clean_line(r)
+    assert "memory bank" not in r.stdout and time.perf_counter() - t < 5  # before fitting
+    r = run("fit", tiny, "--out", tmp_path, "--image-size", SIZE)  # a folder: a usage error
+    assert r.exit_code == 2 and "is a" in r.stderr and "directory" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_fit_folder_without_images(tmp_path: Path) -> None:
@@ -438,6 +469,22 @@ def test_serve_hands_its_options_to_the_service(monkeypatch, calibrated: Path) -
     ((args, kwargs),) = calls
     assert args == (calibrated, "127.0.0.1", 8123)
     assert kwargs["token"] == "s3cret" and kwargs["workers"] == 2
+
+
+def test_serve_reads_the_token_from_a_file(monkeypatch, calibrated: Path, tmp_path: Path) -> None:
+    import patchcore.service
+
+    calls = []
+    monkeypatch.setattr(patchcore.service, "serve", lambda *a, **kw: calls.append((a, kw)))
+    (tmp_path / "token.txt").write_text("  s3cret-from-file\n")
+    r = run("serve", calibrated, "--token-file", tmp_path / "token.txt")
+    assert r.exit_code == 0, r.output
+    assert calls[0][1]["token"] == "s3cret-from-file"
+    (tmp_path / "empty.txt").write_text("\n")
+    r = run("serve", calibrated, "--token-file", tmp_path / "empty.txt")
+    assert r.exit_code == 2 and "token file is empty" in _one_clean_line(r)
+    r = run("serve", calibrated, "--token-file", tmp_path / "token.txt", "--token", "x")
+    assert r.exit_code == 2 and "not both" in r.stderr
 
 
 def test_serve_refuses_a_missing_model_before_listening(tmp_path: Path) -> None:

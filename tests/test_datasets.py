@@ -525,3 +525,16 @@ def test_visa_converted_layout(tmp_path):
     assert test.counts() == {"good": 1, "bad": 2}
     assert test.names == ["test/good/100.JPG", "test/bad/000.JPG", "test/bad/001.JPG"]
     assert [m.name for m in test.masks[1:]] == ["000.png", "001.png"]
+
+
+def test_a_flat_test_folder_is_refused_with_a_pointer_to_label_folders(tmp_path: Path) -> None:
+    from patchcore.datasets import load_folder
+
+    for split in ("train/good", "test"):
+        (tmp_path / split).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (16, 16)).save(tmp_path / split / f"{i}.png")
+    with pytest.raises(ValueError, match=r"no label folders.*test/<label>/.*test/good/"):
+        load_folder(tmp_path, "test")
+    assert len(load_folder(tmp_path, "train")) == 2
+    assert len(load_folder(tmp_path / "test", None)) == 2  # a plain folder: all normal

@@ -232,7 +232,8 @@ def test_batch(client, model, casting, caplog):
         assert it["result"]["heatmap_url"].startswith("/v1/heatmaps/")
     bad = body["results"][1]
     assert bad["status"] == 400 and "not an image" in bad["error"] and bad["result"] is None
-    assert body["failed"] == sum(it["result"]["anomalous"] for it in ok)
+    assert body["flagged"] == sum(it["result"]["anomalous"] for it in ok)
+    assert body["failed"] == body["flagged"]  # the older name, kept for compatibility
     assert len(service_logs(caplog)) == 1
 
 
@@ -256,7 +257,11 @@ def test_batch_request_errors(model, casting):
 
 
 def test_docs_and_openapi(client):
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/v1/inspect/batch" in docs.text
+    assert "/openapi.json" in docs.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", docs.text)  # works offline
+    assert client.get("/redoc").status_code == 404
     paths = client.get("/openapi.json").json()["paths"]
     for p in ("/v1/inspect", "/v1/inspect/batch", "/v1/model", "/healthz", "/readyz"):
         assert p in paths
@@ -269,6 +274,8 @@ def test_page_is_served_without_external_assets(client):
         assert client.get(f"/static/{name}").status_code == 200
     for f in STATIC_DIR.iterdir():
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", f.read_text()), f.name
+    # the empty state's hidden image frame stays hidden whatever display rule .frame has
+    assert "[hidden] { display: none !important; }" in (STATIC_DIR / "style.css").read_text()
 
 
 # ---------------------------------------------------------------------- bad input

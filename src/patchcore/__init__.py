@@ -24,6 +24,7 @@ _EXPORTS = {
     "FittedState": "state",
     "ModelFileError": "persistence",
     "NotFittedError": "state",
+    "NonFiniteScoreError": "verdicts",
     "FeatureExtractor": "backbones",
     "BackboneWeightsError": "backbones",
     "BACKBONES": "backbones",

@@ -514,21 +514,34 @@ def predict(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-R", help="Also look in sub-folders.")
     ] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Verdict threshold (score >= it = anomalous) instead of the model's own; "
+            "needed for a model not calibrated yet.",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Score images: verdict, score and (with --heatmaps) an overlay per image.
 
-    Folders stream in chunks with a progress bar on stderr. Unreadable files get the verdict
-    "error" with the reason and do not stop the run; the exit code is 1 only when no file at
-    all could be read.
+    Folders stream in chunks with a progress bar on stderr. Unreadable or missing files get the
+    verdict "error" with the reason and do not stop the run; the exit code is 1 only when no
+    file at all could be read.
     """
     from . import workflow
 
     with _errors():
         det = workflow.load_model(model, device=_device(device))
+        if threshold is not None:
+            det.set_threshold(threshold, method="manual (--threshold)")
         workflow.require_threshold(det, model)
-        files = workflow.expand_inputs([str(p) for p in inputs], recursive=recursive)
+        files = workflow.expand_inputs(
+            [str(p) for p in inputs], recursive=recursive, missing_ok=True
+        )
     bar = _Bar("predict", quiet or len(files) < 2)
     bar.total(len(files))
     n_err = n_anom = 0
@@ -705,7 +718,18 @@ def serve(
     token: Annotated[
         str | None,
         typer.Option(
-            help="Bearer token required on /v1/* (default: $PATCHCORE_TOKEN; unset = open).",
+            help="Bearer token required on /v1/* (default: $PATCHCORE_TOKEN; unset = open). "
+            "Visible to other users in ps: prefer $PATCHCORE_TOKEN or --token-file.",
+            show_default=False,
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="Read the bearer token from this file (kept out of ps and shell history).",
+            exists=True,
+            dir_okay=False,
             show_default=False,
         ),
     ] = None,
@@ -722,9 +746,14 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve MODEL over HTTP: an inspection page at / and a JSON API under /v1/."""
+    from .service import read_token_file
     from .service import serve as run_service
 
     with _errors():
+        if token_file is not None:
+            if token is not None:
+                raise ValueError("give --token or --token-file, not both")
+            token = read_token_file(token_file)
         run_service(
             model,
             host,

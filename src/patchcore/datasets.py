@@ -291,7 +291,9 @@ def load_folder(
     Label folders are ``root/<split>/<label>/`` (or ``root/<label>/`` when ``split`` is None).
     Folders named like ``normal_names`` (case-insensitive) hold normal images (label 0, defect
     type ``"good"``); every other folder is a defect type (label 1, defect type = folder name).
-    A folder holding only image files and no label folders is taken as all normal.
+    A folder holding only image files and no label folders is taken as all normal, except for
+    ``split="test"``: a test split must say which images are defective, so a flat ``test/``
+    folder is a ``ValueError`` pointing at ``test/<label>/``.
     Anomalous images get the mask ``mask_root/<label>/<stem>_mask.<ext>`` or
     ``mask_root/<label>/<stem>.<ext>`` where one exists (``mask_root`` defaults to
     ``root/ground_truth``); a warning lists defect images a mask folder has no mask for.
@@ -311,7 +313,8 @@ def load_folder(
 
     Raises:
         FileNotFoundError: ``root`` or ``root/split`` is missing (the message lists what is there).
-        ValueError: no images found; loose images next to label folders; ``split=None`` on a
+        ValueError: no images found; loose images next to label folders; a flat ``test``
+            split; ``split=None`` on a
             folder holding ``train`` / ``test``.
     """
     check_on_error(on_error, allow_none=True)
@@ -344,8 +347,14 @@ def load_folder(
             f"folders ({', '.join(d.name for d in subdirs)}); move the images into a label folder"
         )
 
+    if loose and split == "test":  # a flat test/ folder would count every defect as normal
+        raise ValueError(
+            f"{base} holds image files ({_preview([p.name for p in loose])}) but no label "
+            f"folders, so their labels are unknown; put them in {base}/<label>/ "
+            f"({base}/good/ for normal images, {base}/<defect type>/ for the others)"
+        )
     samples: list[Sample] = []
-    if loose:  # a plain folder of images: all normal
+    if loose:  # a plain folder of images (train, or split=None): all normal
         samples = [Sample(p, NORMAL, GOOD, None, _rel(p, root)) for p in loose]
     else:
         ordered = sorted(subdirs, key=lambda d: (d.name.lower() not in normal, d.name))

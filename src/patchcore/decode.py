@@ -8,19 +8,19 @@ from the header before any pixel is decoded, and an allow-list of formats.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ._util import one_line
-from .images import ImageReadError, pil_to_array
+from .images import ImageReadError, ImageTooLargeError, InputLimits, pil_to_array
 
 #: Formats PIL may decode here; everything else (EPS, PDF, ...) is refused unread.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 
 
-class ImageTooLargeError(ImageReadError):
-    """An image over the pixel budget (or a decompression bomb); refused before decoding."""
+__all__ = ["IMAGE_FORMATS", "ImageTooLargeError", "decode_bytes"]
 
 
 def decode_bytes(
@@ -28,7 +28,9 @@ def decode_bytes(
     *,
     name: str = "image",
     max_pixels: int | None = None,
+    max_aspect_ratio: float | None = None,
     formats: tuple[str, ...] = IMAGE_FORMATS,
+    check_size: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Decode the bytes of one image fully (truncated data is an error).
 
@@ -36,13 +38,17 @@ def decode_bytes(
         data: the encoded image.
         name: how the image is named in errors.
         max_pixels: largest width x height accepted, checked from the header.
+        max_aspect_ratio: largest long side / short side accepted, checked from the header.
         formats: the PIL formats tried.
+        check_size: called with the header's (height, width) before decoding; raises
+            :class:`ImageTooLargeError` to refuse (e.g. a processed-size limit).
 
     Returns:
         uint8 array HxW (greyscale) or HxWx3 (colour), as :func:`~patchcore.images.read_image`.
 
     Raises:
-        ImageTooLargeError: over ``max_pixels``, or a decompression bomb.
+        ImageTooLargeError: over ``max_pixels`` or ``max_aspect_ratio``, or a decompression
+            bomb.
         ImageReadError: empty, not an image of ``formats``, damaged or truncated.
     """
     if not data:
@@ -50,12 +56,9 @@ def decode_bytes(
     try:
         with Image.open(io.BytesIO(data), formats=formats) as im:
             width, height = im.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLargeError(
-                    name,
-                    f"{width}x{height} image has {width * height:,} pixels, over the limit of "
-                    f"{max_pixels:,} (max_pixels)",
-                )
+            InputLimits(max_pixels, max_aspect_ratio, None).check(name, height, width)
+            if check_size is not None:
+                check_size(height, width)
             im.load()
             return pil_to_array(im)
     except ImageReadError:

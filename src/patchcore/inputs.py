@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .datasets import ImageDataset
-from .images import ImageInput, ImageReadError, as_tensor, resize
+from .images import ImageInput, ImageReadError, as_tensor, input_limits, resize
 
 __all__ = [
     "Batch",
@@ -132,7 +132,9 @@ def iter_batches(
     Args:
         items: single images (see :func:`as_list`).
         batch_size: images per batch.
-        target_size: (H, W) of an input -> the (H, W) it is resized to.
+        target_size: (H, W) of an input -> the (H, W) it is resized to; over
+            ``images.input_limits().max_processed_pixels`` the input is unreadable
+            (:class:`~patchcore.images.ImageTooLargeError`).
         on_error: ``"raise"`` raises :class:`ImageReadError` at the first unreadable input;
             ``"skip"`` reports it in a batch's ``skipped``.
         progress: show a progress bar (one step per input).
@@ -150,10 +152,12 @@ def iter_batches(
         # full-size float32 images in flight were most of fit's peak memory at small sizes).
         try:
             t = _decode(items[i], i)
+            size = (int(t.shape[1]), int(t.shape[2]))
+            target = target_size(*size)
+            input_limits().check_processed(input_name(items[i], i), *target)
         except ImageReadError as exc:
             return i, exc
-        size = (int(t.shape[1]), int(t.shape[2]))
-        return i, (resize(t, target_size(*size)), size)
+        return i, (resize(t, target), size)
 
     # Files are decoded in threads; in-memory images (and a single image) inline: the hand-off
     # to a worker thread cost ~2 ms per image at batch 1, more than the work.

@@ -12,12 +12,16 @@ Endpoints (``/v1/*`` need ``Authorization: Bearer TOKEN`` when a token is set):
   1 = the colour map alone, 0 = the decoded image alone).
 - ``GET /v1/model``: the model card. ``GET /healthz``: the process answers.
   ``GET /readyz``: 200 once the model is loaded and warmed up, else 503.
-- ``GET /``: the inspection page (``static/``, no build step, no CDN). ``/docs``: OpenAPI.
+- ``GET /``: the inspection page (``static/``, no build step, no CDN). ``/docs``: the API as
+  one self-contained page (no CDN); ``/openapi.json``: the schema.
 
 Design: the model is loaded once, before or at start-up, from a path fixed by the operator; no
-request can name a file. Every request first takes a slot of a bounded admission gate
-(``workers + queue_length`` slots) *before* its body is read, so memory stays bounded and a full
-queue answers 503 with ``Retry-After`` at once. Decoding and scoring run in a thread pool of
+request can name a file. A request's body is received first, within ``body_timeout_s`` (408
+after it), holding one of ``upload_slots`` (503 beyond, so memory stays bounded); only then does
+it take a scoring slot of the admission gate (``workers + queue_length`` slots; a full queue
+answers 503 with ``Retry-After`` at once), so slow uploads never hold a scoring slot. A client
+that has disconnected by the time a worker is free is not scored; a disconnect logs one line.
+Decoding and scoring run in a thread pool of
 ``workers`` threads (torch releases the GIL), off the event loop, so health checks stay fast.
 Every rejected input gets a 4xx with a one-line ``detail`` and is logged once, at WARNING.
 The service holds no algorithm: it decodes (:mod:`patchcore.decode`), calls
@@ -54,12 +58,13 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from ._util import one_line, package_version
 from .decode import IMAGE_FORMATS as IMAGE_FORMATS  # re-exported (was defined here)
 from .decode import ImageTooLargeError, decode_bytes
 from .detector import PatchCore
-from .images import ImageReadError, output_size
+from .images import ImageReadError, InputLimits, output_size
 
 logger = logging.getLogger("patchcore.service")
 
@@ -79,10 +84,18 @@ class ServiceLimits:
         max_request_bytes: largest request body accepted (413 above it).
         max_pixels: largest image, width x height, accepted; checked from the header before
             any pixel is decoded (413 above it).
+        max_aspect_ratio: largest long side / short side of an image (413 above it, from the
+            header): a tall strip costs far more than its pixels to resize.
+        max_processed_pixels: largest image the detector works at after its ``image_size`` /
+            ``scale`` (413 above it, from the header): bounds a native-resolution model's time
+            and memory per image.
         max_batch_images: most images in one ``/v1/inspect/batch`` request (413 above it).
         workers: threads that decode and score, i.e. requests scored at once.
         queue_length: requests allowed to wait for a worker; beyond ``workers + queue_length``
             requests in flight the service answers 503 with ``Retry-After``.
+        upload_slots: requests whose bodies are being received at once (503 beyond): a slow
+            upload holds one of these, never a scoring slot.
+        body_timeout_s: seconds a client has to send its whole request body (408 after).
         heatmap_store_items: overlays kept for ``GET /v1/heatmaps/{id}`` (oldest dropped first).
         heatmap_store_bytes: memory budget of that store (image + map bytes).
         retry_after_s: the ``Retry-After`` value sent with 503 answers.
@@ -90,9 +103,13 @@ class ServiceLimits:
 
     max_request_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 25_000_000
+    max_aspect_ratio: int = 20
+    max_processed_pixels: int = 4_194_304  # 2048 x 2048
     max_batch_images: int = 16
     workers: int = 1
     queue_length: int = 8
+    upload_slots: int = 32
+    body_timeout_s: int = 30
     heatmap_store_items: int = 64
     heatmap_store_bytes: int = 256 * 1024 * 1024
     retry_after_s: int = 1
@@ -128,12 +145,21 @@ class InputError(Exception):
 # ---------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    name: str = "image",
+    *,
+    max_aspect_ratio: float | None = None,
+    processed: Any = None,
+    max_processed_pixels: int | None = None,
+) -> np.ndarray:
     """Decode uploaded bytes like :func:`patchcore.images.read_image` does a file, safely.
 
     See :func:`patchcore.decode.decode_bytes`: the size is checked against ``max_pixels`` from
-    the header before any pixel is decoded; only :data:`IMAGE_FORMATS` are tried; truncated
-    data is an error.
+    the header before any pixel is decoded (and so are ``max_aspect_ratio`` and, with
+    ``processed`` -- (h, w) -> the detector's processed (h, w) -- ``max_processed_pixels``);
+    only :data:`IMAGE_FORMATS` are tried; truncated data is an error.
 
     Returns:
         uint8 array HxW (greyscale) or HxWx3 (colour).
@@ -144,8 +170,21 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
     """
     if not data:
         raise InputError(400, f"{name}: empty body; send the bytes of one image")
+
+    def check_size(height: int, width: int) -> None:
+        if processed is not None:
+            InputLimits(None, None, max_processed_pixels).check_processed(
+                name, *processed(height, width)
+            )
+
     try:
-        array = decode_bytes(data, name=name, max_pixels=max_pixels)
+        array = decode_bytes(
+            data,
+            name=name,
+            max_pixels=max_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+            check_size=check_size,
+        )
     except ImageTooLargeError as exc:
         raise InputError(413, str(exc)) from None
     except ImageReadError as exc:
@@ -199,13 +238,20 @@ class BatchItem(BaseModel):
     result: Inspection | None = None
     status: int = Field(200, description="HTTP status this image alone would have had")
     error: str | None = None
+    verdict: Literal["pass", "fail", "error"] | None = Field(
+        None, description="the result's verdict, or error when the image scored non-finite"
+    )
 
 
 class BatchInspection(BaseModel):
     """All images of a batch, in upload order; a bad image does not spoil the others."""
 
     count: int
-    failed: int = Field(description="images with verdict fail")
+    flagged: int = Field(description="images with verdict fail (judged anomalous)")
+    failed: int = Field(
+        description="the same number as flagged, under its older name (kept for compatibility; "
+        "it counts fail verdicts, not errors)"
+    )
     errors: int = Field(description="images that could not be scored")
     results: list[BatchItem]
     total_ms: float
@@ -309,6 +355,8 @@ class _Service:
             if not self.model_path.is_file():
                 raise FileNotFoundError(f"{self.model_path}: no such model file")
         self.gate = _Gate(limits.workers + limits.queue_length)
+        self.upload_gate = _Gate(limits.upload_slots)
+        self.free_workers = asyncio.Semaphore(limits.workers)
         self.render_gate = _Gate(2 + limits.queue_length)
         self.store = HeatmapStore(limits.heatmap_store_items, limits.heatmap_store_bytes)
         self.pool: ThreadPoolExecutor | None = None
@@ -349,9 +397,12 @@ class _Service:
                 self._check_detector(det)
                 self.detector = det
             det = self.detector
+            det.check_finite()  # a NaN in the bank, backbone or threshold: never ready
             t0 = time.perf_counter()
             h, w = output_size(256, 256, det.image_size, None)  # the model's size, or 256
-            det.score([np.full((h, w, 3), 128, np.uint8)], maps="native", progress=False)
+            r = det.score([np.full((h, w, 3), 128, np.uint8)], maps="native", progress=False)
+            if not np.isfinite(r.scores).all():
+                raise ValueError(f"the warm-up image scored {r.scores[0]!r}, not a number")
             logger.info(
                 "model ready: %s, bank %d, threshold %.6g (warm-up %.2f s)",
                 det.backbone,
@@ -400,6 +451,32 @@ class _Service:
         finally:
             gate.leave()
 
+    @contextlib.asynccontextmanager
+    async def receiving(self) -> AsyncIterator[None]:
+        """Hold an upload slot while a body is received (503 when full or not ready)."""
+        self.check_ready()
+        if not self.upload_gate.try_enter():
+            raise _Reject(
+                503,
+                f"busy: {self.upload_gate.capacity} uploads already being received "
+                "(upload_slots); retry later",
+                retry_after=self.limits.retry_after_s,
+            )
+        try:
+            yield
+        finally:
+            self.upload_gate.leave()
+
+    async def receive(self, reading: Any) -> Any:
+        """Await ``reading`` (the body) within ``body_timeout_s`` (408 after it)."""
+        timeout = self.limits.body_timeout_s
+        try:
+            return await asyncio.wait_for(reading, timeout)
+        except TimeoutError:
+            raise _Reject(
+                408, f"request body not received within {timeout} s (body_timeout_s)"
+            ) from None
+
     def inspection(
         self, name: str | None, s: _Scored, total_ms: float, heatmap_url: str | None
     ) -> Inspection:
@@ -429,15 +506,21 @@ class _Service:
         key = self.store.put(_Stored(s.image, s.amap, self.display_range()))
         return None if key is None else f"/v1/heatmaps/{key}"
 
-    async def score_or_500(self, blobs: list[tuple[str, bytes]], t0: float) -> list[Any]:
-        """:meth:`score` in the worker pool; an unexpected failure becomes a logged 500."""
-        try:
-            return await self.run(self.pool, self.score, blobs, t0)
-        except Exception as exc:  # noqa: BLE001
-            logger.exception("scoring failed")
-            raise HTTPException(
-                500, f"internal error while scoring: {one_line(exc, 200)}"
-            ) from None
+    async def score_or_500(
+        self, request: Request, blobs: list[tuple[str, bytes]], t0: float
+    ) -> list[Any]:
+        """:meth:`score` in the worker pool once a worker is free, unless the client has gone
+        by then (:class:`_GoneError`: nothing is scored); an unexpected failure is a logged 500."""
+        async with self.free_workers:
+            if await request.is_disconnected():
+                raise _GoneError("client went away while queued; not scored")
+            try:
+                return await self.run(self.pool, self.score, blobs, t0)
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("scoring failed")
+                raise HTTPException(
+                    500, f"internal error while scoring: {one_line(exc, 200)}"
+                ) from None
 
     # -- work (runs in the worker threads)
 
@@ -452,7 +535,16 @@ class _Service:
         for name, data in blobs:
             t = time.perf_counter()
             try:
-                decoded.append(decode_image(data, self.limits.max_pixels, name))
+                decoded.append(
+                    decode_image(
+                        data,
+                        self.limits.max_pixels,
+                        name,
+                        max_aspect_ratio=self.limits.max_aspect_ratio,
+                        processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
+                        max_processed_pixels=self.limits.max_processed_pixels,
+                    )
+                )
             except InputError as exc:
                 decoded.append(exc)
             decode_ms.append((time.perf_counter() - t) * 1000.0)
@@ -473,6 +565,14 @@ class _Service:
                 per_image = (time.perf_counter() - t) * 1000.0 / len(good)
                 assert r.maps is not None
                 for j, i in enumerate(good):
+                    if not math.isfinite(float(r.scores[j])):  # fail closed, never a pass
+                        logger.error("%s scored %r: no verdict", blobs[i][0], r.scores[j])
+                        results[i] = InputError(
+                            500,
+                            f"{blobs[i][0]}: scored {float(r.scores[j])!r}, so no verdict "
+                            "(verdict error): the model holds non-finite values or overflowed",
+                        )
+                        continue
                     results[i] = _Scored(
                         score=float(r.scores[j]),
                         anomalous=bool(r.scores[j] >= self.threshold),
@@ -501,12 +601,23 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class _Reject(HTTPException):
-    """An HTTPException that is logged once (at WARNING) by the app's handler."""
+class _GoneError(Exception):
+    """The client disconnected: nothing to answer; logged as one line."""
 
-    def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
+
+class _Reject(HTTPException):
+    """An HTTPException that is logged once (at WARNING) by the app's handler.
+
+    ``verdict=True`` adds ``"verdict": "error"`` to the JSON body: the image was read but no
+    verdict can be given (a non-finite score), which a client must not take for a pass.
+    """
+
+    def __init__(
+        self, status: int, detail: str, retry_after: int | None = None, verdict: bool = False
+    ) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         super().__init__(status_code=status, detail=detail, headers=headers)
+        self.verdict_error = verdict
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -526,11 +637,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
             )
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _Reject(413, f"request is over the limit of {limit:,} bytes (max_request_bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise _Reject(
+                    413, f"request is over the limit of {limit:,} bytes (max_request_bytes)"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _GoneError(f"client went away after {total:,} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -679,28 +795,37 @@ async def inspect(
     multipart = ctype == "multipart/form-data"
     if not (multipart or ctype == "" or ctype.startswith(RAW_CONTENT_TYPES)):
         raise _wrong_type(ctype, batch=False)
-    async with svc.admitted(svc.gate) as t0:
-        name, data = await _one_upload(request, multipart, svc.limits.max_request_bytes)
-        [result] = await svc.score_or_500([(name or "body", data)], t0)
-        if isinstance(result, InputError):
-            raise _Reject(result.status, result.detail)
-        svc.inspected += 1
-        if heatmap == "png":
-            item = _Stored(result.image, result.amap, svc.display_range())
-            png = await svc.run(svc.pool, svc.render, item, alpha)
-            total = (time.perf_counter() - t0) * 1000.0
-            return Response(
-                png,
-                media_type="image/png",
-                headers={
-                    "X-Patchcore-Score": repr(result.score),
-                    "X-Patchcore-Threshold": repr(svc.threshold),
-                    "X-Patchcore-Verdict": "fail" if result.anomalous else "pass",
-                    "X-Patchcore-Total-Ms": f"{total:.2f}",
-                },
-            )
-        url = svc.remember(result) if heatmap == "url" else None
-        return svc.inspection(name, result, (time.perf_counter() - t0) * 1000.0, url)
+    async with svc.receiving():
+        upload = _one_upload(request, multipart, svc.limits.max_request_bytes)
+        name, data = await svc.receive(upload)
+        async with svc.admitted(svc.gate) as t0:
+            [result] = await svc.score_or_500(request, [(name or "body", data)], t0)
+            return await _answer(svc, name, result, heatmap, alpha, t0)
+
+
+async def _answer(
+    svc: _Service, name: str | None, result: Any, heatmap: str, alpha: float, t0: float
+) -> Any:
+    """The answer to ``/v1/inspect``: JSON, or the overlay PNG; an InputError is raised."""
+    if isinstance(result, InputError):
+        raise _Reject(result.status, result.detail, verdict=result.status >= 500)
+    svc.inspected += 1
+    if heatmap == "png":
+        item = _Stored(result.image, result.amap, svc.display_range())
+        png = await svc.run(svc.pool, svc.render, item, alpha)
+        total = (time.perf_counter() - t0) * 1000.0
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "X-Patchcore-Score": repr(result.score),
+                "X-Patchcore-Threshold": repr(svc.threshold),
+                "X-Patchcore-Verdict": "fail" if result.anomalous else "pass",
+                "X-Patchcore-Total-Ms": f"{total:.2f}",
+            },
+        )
+    url = svc.remember(result) if heatmap == "url" else None
+    return svc.inspection(name, result, (time.perf_counter() - t0) * 1000.0, url)
 
 
 @api.post(
@@ -727,34 +852,57 @@ async def inspect_batch(
     if ctype != "multipart/form-data":
         raise _wrong_type(ctype, batch=True)
     lim = svc.limits
-    async with svc.admitted(svc.gate) as t0:
-        body = await _read_body(request, lim.max_request_bytes)
-        files = await _uploads(request, body, max_files=lim.max_batch_images + 1)
-        if not files:
-            raise _Reject(400, "multipart body has no file parts; send them as 'files'")
-        if len(files) > lim.max_batch_images:
-            raise _Reject(
-                413, f"more than {lim.max_batch_images} images in one batch (max_batch_images)"
-            )
-        results = await svc.score_or_500(files, t0)
-        total = (time.perf_counter() - t0) * 1000.0
-        items = []
-        for i, ((name, _), r) in enumerate(zip(files, results, strict=True)):
-            if isinstance(r, InputError):
-                logger.warning("POST /v1/inspect/batch image %d -> %d: %s", i, r.status, r.detail)
-                items.append(BatchItem(index=i, filename=name, status=r.status, error=r.detail))
-            else:
-                url = svc.remember(r) if heatmap == "url" else None
-                result = svc.inspection(name, r, total, url)
-                items.append(BatchItem(index=i, filename=name, result=result))
-        svc.inspected += sum(1 for it in items if it.result is not None)
-        return BatchInspection(
-            count=len(items),
-            failed=sum(1 for it in items if it.result is not None and it.result.anomalous),
-            errors=sum(1 for it in items if it.error is not None),
-            results=items,
-            total_ms=round(total, 2),
+    async with svc.receiving():
+        files = await svc.receive(_batch_upload(request, lim))
+        async with svc.admitted(svc.gate) as t0:
+            results = await svc.score_or_500(request, files, t0)
+            return _batch_answer(svc, files, results, heatmap, t0)
+
+
+async def _batch_upload(request: Request, lim: ServiceLimits) -> list[tuple[str, bytes]]:
+    body = await _read_body(request, lim.max_request_bytes)
+    files = await _uploads(request, body, max_files=lim.max_batch_images + 1)
+    if not files:
+        raise _Reject(400, "multipart body has no file parts; send them as 'files'")
+    if len(files) > lim.max_batch_images:
+        raise _Reject(
+            413, f"more than {lim.max_batch_images} images in one batch (max_batch_images)"
         )
+    return files
+
+
+def _batch_answer(
+    svc: _Service, files: list[tuple[str, bytes]], results: list[Any], heatmap: str, t0: float
+) -> BatchInspection:
+    """The answer to ``/v1/inspect/batch``: one entry per image, in upload order."""
+    total = (time.perf_counter() - t0) * 1000.0
+    items = []
+    for i, ((name, _), r) in enumerate(zip(files, results, strict=True)):
+        if isinstance(r, InputError):
+            logger.warning("POST /v1/inspect/batch image %d -> %d: %s", i, r.status, r.detail)
+            items.append(
+                BatchItem(
+                    index=i,
+                    filename=name,
+                    status=r.status,
+                    error=r.detail,
+                    verdict="error" if r.status >= 500 else None,
+                )
+            )
+        else:
+            url = svc.remember(r) if heatmap == "url" else None
+            result = svc.inspection(name, r, total, url)
+            items.append(BatchItem(index=i, filename=name, result=result, verdict=result.verdict))
+    svc.inspected += sum(1 for it in items if it.result is not None)
+    flagged = sum(1 for it in items if it.result is not None and it.result.anomalous)
+    return BatchInspection(
+        count=len(items),
+        flagged=flagged,
+        failed=flagged,
+        errors=sum(1 for it in items if it.error is not None),
+        results=items,
+        total_ms=round(total, 2),
+    )
 
 
 @api.get(
@@ -814,6 +962,38 @@ async def readyz(svc: ServiceDep) -> JSONResponse:
     return JSONResponse(body, 503, headers={"Retry-After": str(svc.limits.retry_after_s)})
 
 
+@public.get("/docs", include_in_schema=False)
+async def docs_page(request: Request) -> Response:
+    """The API reference as one self-contained page (no CDN: it works offline)."""
+    import html
+
+    spec = request.app.openapi()
+    rows = []
+    for path, ops in spec.get("paths", {}).items():
+        for method, op in ops.items():
+            codes = ", ".join(
+                f"{c} {html.escape(str(r.get('description', '')))}"
+                for c, r in op.get("responses", {}).items()
+            )
+            rows.append(
+                f"<tr><td><code>{method.upper()} {html.escape(path)}</code></td>"
+                f"<td><b>{html.escape(op.get('summary', ''))}</b><br>"
+                f"{html.escape(op.get('description', ''))}<br><small>{codes}</small></td></tr>"
+            )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>patchcore API</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}"
+        "td{vertical-align:top;padding:.4rem .8rem;border-bottom:1px solid #ddd}</style>"
+        f"</head><body><h1>{html.escape(spec['info']['title'])} "
+        f"{html.escape(spec['info']['version'])}</h1>"
+        f"<p>{html.escape(spec['info'].get('description', ''))}</p>"
+        "<p>The machine-readable schema: <a href='/openapi.json'>/openapi.json</a> (load it "
+        "into any OpenAPI viewer). More: docs/service.md in the patchcore sources.</p>"
+        f"<table>{''.join(rows)}</table></body></html>"
+    )
+    return Response(page, media_type="text/html")
+
+
 @public.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -824,7 +1004,16 @@ async def _log_rejection(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code >= 400:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, detail)
-    return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+    body = {"detail": detail}
+    if getattr(exc, "verdict_error", False):
+        body["verdict"] = "error"
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
+
+
+async def _log_gone(request: Request, exc: Exception) -> Response:
+    """A client that disconnected: one INFO line, no traceback, nothing scored."""
+    logger.info("%s %s: %s", request.method, request.url.path, exc)
+    return Response(status_code=499)
 
 
 async def _log_invalid(request: Request, exc: Exception) -> JSONResponse:
@@ -880,7 +1069,8 @@ def create_app(
         display_range: map values drawn as the coldest / hottest overlay colour; default
             ``DISPLAY_RANGE_FACTORS x threshold`` so colours mean the same thing on every image.
         **limits: any field of :class:`ServiceLimits` (``max_request_bytes``, ``max_pixels``,
-            ``max_batch_images``, ``workers``, ``queue_length``, ``heatmap_store_items``,
+            ``max_aspect_ratio``, ``max_processed_pixels``, ``max_batch_images``, ``workers``,
+            ``queue_length``, ``upload_slots``, ``body_timeout_s``, ``heatmap_store_items``,
             ``heatmap_store_bytes``, ``retry_after_s``); None keeps the default.
 
     Returns:
@@ -894,14 +1084,30 @@ def create_app(
         description="PatchCore anomaly detection for images from the line. Scores: higher = "
         "more anomalous; verdict `fail` when score >= threshold. The page is at `/`.",
         lifespan=_lifespan,
+        docs_url=None,  # Swagger UI loads from a CDN: blank offline; /docs is served instead
+        redoc_url=None,
     )
     app.state.service = svc
     app.add_exception_handler(HTTPException, _log_rejection)
     app.add_exception_handler(RequestValidationError, _log_invalid)
+    app.add_exception_handler(_GoneError, _log_gone)
     app.include_router(api)
     app.include_router(public)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The bearer token stored in a file (surrounding whitespace stripped).
+
+    Raises:
+        ValueError: the file is empty.
+        OSError: it cannot be read.
+    """
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"{path}: token file is empty")
+    return token
 
 
 def serve(
@@ -922,6 +1128,8 @@ def serve(
         host: bind address; the default keeps the service on this machine.
         port: TCP port.
         token: bearer token for ``/v1/*``; None falls back to ``$PATCHCORE_TOKEN``; empty = off.
+            (Prefer the variable or :func:`read_token_file` to a literal on a command line,
+            which other users can read in ``ps``.)
         threshold: overrides the model's threshold.
         display_range: see :func:`create_app`.
         log_level: uvicorn's log level.

@@ -190,11 +190,19 @@ def without_training_images(det: PatchCore, source: DataSource, pool: ImageDatas
     return pool.subset(np.array([n not in used for n in pool.names], dtype=bool))
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+def expand_inputs(
+    inputs: Iterable[str | os.PathLike], recursive: bool = False, missing_ok: bool = False
+) -> list[Path]:
     """Files and folders -> image files (folders expanded, sorted; files kept as given).
 
+    Args:
+        inputs: files and folders.
+        recursive: also look in sub-folders.
+        missing_ok: keep a path that does not exist as a file (its reading then fails on its
+            own, e.g. as one ``error`` row of ``predict``) instead of raising.
+
     Raises:
-        WorkflowError: a path that does not exist, or no image at all.
+        WorkflowError: a path that does not exist (unless ``missing_ok``), or no image at all.
     """
     files: list[Path] = []
     for item in inputs:
@@ -207,7 +215,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], recursive: bool = False) 
                     + ("" if recursive else "; use --recursive for sub-folders")
                 )
             files += found
-        elif p.exists():
+        elif p.exists() or missing_ok:
             files.append(p)
         else:
             raise WorkflowError(f"{p}: no such file or folder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -78,6 +79,10 @@ def predict_images(
         path = paths[r.index]
         if r.error is not None:
             yield Prediction(path, None, None, threshold, error=r.error)
+            continue
+        if not math.isfinite(r.score):  # fail closed: NaN >= threshold would read "normal"
+            why = f"scored {r.score!r}: no verdict (the model holds non-finite values)"
+            yield Prediction(path, None, None, threshold, error=why)
             continue
         heat = None
         if outdir is not None and r.map is not None:

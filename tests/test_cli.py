@@ -60,9 +60,9 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fitted(tiny: Path, tmp_path_factory) -> Path:
     model = tmp_path_factory.mktemp("model") / "model.pt"
-    r = run("fit", tiny, "--out", model, "--image-size", SIZE, "--train-fraction", "1", "-q")
+    r = run("fit", tiny, "--out", model, "--image-size", SIZE, "-q")  # all images by default
     assert r.exit_code == 0, r.output
-    assert "memory bank" in r.stdout and "training images: 6 of 6" in r.stdout
+    assert "memory bank" in r.stdout and "training images: 6 of 6 (all of them;" in r.stdout
     return model
 
 
@@ -499,3 +499,10 @@ def test_info_shows_the_model_card(calibrated: Path) -> None:
     assert r.exit_code == 0, r.output
     for field in ("backbone", "tapped layers", "memory bank", "threshold method", "calibration"):
         assert field in r.stdout
+
+
+def test_fit_summary_names_a_chosen_share(tiny: Path, tmp_path: Path) -> None:
+    model = tmp_path / "half.pt"
+    r = run("fit", tiny, "--out", model, "--image-size", SIZE, "--train-fraction", "0.5", "-q")
+    assert r.exit_code == 0, r.output
+    assert "training images: 3 of 6 (--train-fraction 0.5, seed 0)" in r.stdout

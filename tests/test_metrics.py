@@ -550,3 +550,17 @@ def test_metrics_object_has_one_key_per_metric():
     assert metrics.Metrics.from_dict(out) == m
     with pytest.raises(ValueError, match="unknown metric.*Pixel AUROC"):
         metrics.Metrics.from_dict({**d, "Pixel AUROC": 0.9})
+
+
+def test_degenerate_thresholds_are_warned_with_what_to_try() -> None:
+    from patchcore.workflow.calibrate import threshold_warnings
+
+    labels = np.array([0] * 50 + [1] * 50)
+    rng = np.random.default_rng(0)
+    good = np.concatenate([rng.normal(0, 1, 50), rng.normal(3, 1, 50)])
+    assert threshold_warnings(good, labels, 1.5) == []
+    chance = rng.normal(0, 1, 100)
+    warned = threshold_warnings(chance, labels, float(np.quantile(chance, 0.1)))
+    assert len(warned) == 2
+    assert "flags" in warned[0] and "normal calibration images" in warned[0]
+    assert "AUROC is" in warned[1] and "--train-fraction 1" in warned[1]

@@ -18,15 +18,16 @@ import torch
 
 from . import persistence, sampling, search
 from .anomaly_map import maps_at_sizes
-from .backbones import BACKBONE_DTYPES, FeatureExtractor, get_spec, resolve_device
+from .backbones import BACKBONE_DTYPES, FeatureExtractor, resolve_device
 from .embedding import FEATURE_DTYPES, FeatureStore, embed, flatten_patches
 from .images import ImageInput, output_size
 from .inputs import Batch, Skipped, as_list, check_on_error, iter_batches, warn_skipped
 from .params import ParamsMixin
 from .persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from .results import Classification, ImageResult, MapSize, ScoreResult, check_maps
-from .search import PRECISIONS, NearestNeighborIndex, resolve_precision
+from .search import NearestNeighborIndex, resolve_precision
 from .state import FittedAttributes, FittedState, NotFittedError
+from .validation import validate_params
 from .verdicts import VerdictMixin
 
 __all__ = [
@@ -39,9 +40,6 @@ __all__ = [
     "PatchCore",
     "ScoreResult",
 ]
-
-
-SAMPLINGS = ("greedy", "greedy_exact", "random")
 
 
 class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
@@ -146,49 +144,7 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
     # ------------------------------------------------------------------ parameters
 
     def _validate(self) -> None:
-        get_spec(self.backbone)
-        if not (isinstance(self.coreset_ratio, (int, float)) and 0 < self.coreset_ratio <= 1):
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
-        if self.max_bank_size is not None and int(self.max_bank_size) < 1:
-            raise ValueError(f"max_bank_size must be >= 1 or None, got {self.max_bank_size!r}")
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise ValueError(
-                f"feature_dtype must be 'float16' or 'float32', got {self.feature_dtype!r}"
-            )
-        if self.backbone_dtype not in BACKBONE_DTYPES:
-            raise ValueError(
-                "backbone_dtype must be 'float32', 'bfloat16' or 'float16', got "
-                f"{self.backbone_dtype!r}"
-            )
-        if self.projection_dim is not None and int(self.projection_dim) < 1:
-            raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim!r}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-        if self.search_precision not in ("auto", *PRECISIONS):
-            raise ValueError(
-                f"search_precision must be 'auto' or one of {PRECISIONS}, got "
-                f"{self.search_precision!r}"
-            )
-        if self.image_size is not None and self.scale is not None:
-            raise ValueError("give image_size or scale, not both")
-        if self.scale is not None and not (0 < self.scale <= 4):
-            raise ValueError(f"scale must be in (0, 4], got {self.scale!r}")
-        if self.image_size is not None:
-            sizes = (
-                (self.image_size,) if isinstance(self.image_size, int) else tuple(self.image_size)
-            )
-            if len(sizes) not in (1, 2) or any(int(s) < 32 for s in sizes):
-                raise ValueError(
-                    f"image_size must be an int or (H, W), each >= 32, got {self.image_size!r}"
-                )
-        if int(self.num_neighbors) < 1:
-            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors!r}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma!r}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 1, got {self.kernel_size!r}")
+        validate_params(self)
 
     # ------------------------------------------------------------------ fitting
 

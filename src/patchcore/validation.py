@@ -14,45 +14,45 @@ __all__ = ["SAMPLINGS", "validate_params"]
 SAMPLINGS = ("greedy", "greedy_exact", "random")
 
 
-def validate_params(self: Any) -> None:
-    """Raise ``ValueError`` for the first invalid parameter of the estimator ``self``."""
-    get_spec(self.backbone)
-    if not (isinstance(self.coreset_ratio, (int, float)) and 0 < self.coreset_ratio <= 1):
-        raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio!r}")
-    if self.max_bank_size is not None and int(self.max_bank_size) < 1:
-        raise ValueError(f"max_bank_size must be >= 1 or None, got {self.max_bank_size!r}")
-    if self.feature_dtype not in FEATURE_DTYPES:
+def validate_params(det: Any) -> None:
+    """Raise ``ValueError`` for the first invalid parameter of the estimator ``det``."""
+    get_spec(det.backbone)
+    if not (isinstance(det.coreset_ratio, (int, float)) and 0 < det.coreset_ratio <= 1):
+        raise ValueError(f"coreset_ratio must be in (0, 1], got {det.coreset_ratio!r}")
+    if det.max_bank_size is not None and int(det.max_bank_size) < 1:
+        raise ValueError(f"max_bank_size must be >= 1 or None, got {det.max_bank_size!r}")
+    if det.feature_dtype not in FEATURE_DTYPES:
         raise ValueError(
-            f"feature_dtype must be 'float16' or 'float32', got {self.feature_dtype!r}"
+            f"feature_dtype must be 'float16' or 'float32', got {det.feature_dtype!r}"
         )
-    if self.backbone_dtype not in BACKBONE_DTYPES:
+    if det.backbone_dtype not in BACKBONE_DTYPES:
         raise ValueError(
             "backbone_dtype must be 'float32', 'bfloat16' or 'float16', got "
-            f"{self.backbone_dtype!r}"
+            f"{det.backbone_dtype!r}"
         )
-    if self.projection_dim is not None and int(self.projection_dim) < 1:
-        raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim!r}")
-    if self.sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-    if self.search_precision not in ("auto", *PRECISIONS):
+    if det.projection_dim is not None and int(det.projection_dim) < 1:
+        raise ValueError(f"projection_dim must be >= 1 or None, got {det.projection_dim!r}")
+    if det.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {det.sampling!r}")
+    if det.search_precision not in ("auto", *PRECISIONS):
         raise ValueError(
-            f"search_precision must be 'auto' or one of {PRECISIONS}, got {self.search_precision!r}"
+            f"search_precision must be 'auto' or one of {PRECISIONS}, got {det.search_precision!r}"
         )
-    if self.image_size is not None and self.scale is not None:
+    if det.image_size is not None and det.scale is not None:
         raise ValueError("give image_size or scale, not both")
-    if self.scale is not None and not (0 < self.scale <= 4):
-        raise ValueError(f"scale must be in (0, 4], got {self.scale!r}")
-    if self.image_size is not None:
-        sizes = (self.image_size,) if isinstance(self.image_size, int) else tuple(self.image_size)
+    if det.scale is not None and not (0 < det.scale <= 4):
+        raise ValueError(f"scale must be in (0, 4], got {det.scale!r}")
+    if det.image_size is not None:
+        sizes = (det.image_size,) if isinstance(det.image_size, int) else tuple(det.image_size)
         if len(sizes) not in (1, 2) or any(int(s) < 32 for s in sizes):
             raise ValueError(
-                f"image_size must be an int or (H, W), each >= 32, got {self.image_size!r}"
+                f"image_size must be an int or (H, W), each >= 32, got {det.image_size!r}"
             )
-    if int(self.num_neighbors) < 1:
-        raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors!r}")
-    if int(self.batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
-    if self.sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {self.sigma!r}")
-    if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd and >= 1, got {self.kernel_size!r}")
+    if int(det.num_neighbors) < 1:
+        raise ValueError(f"num_neighbors must be >= 1, got {det.num_neighbors!r}")
+    if int(det.batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {det.batch_size!r}")
+    if det.sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {det.sigma!r}")
+    if det.kernel_size < 1 or det.kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {det.kernel_size!r}")

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
 import torch
-from common import ROOT, machine, subsets, write_results_section
+from common import ROOT, append_row, machine, subsets, write_results_section
 
 from patchcore import PatchCore, sampling
 from patchcore.embedding import flatten_patches
@@ -92,12 +91,8 @@ def run(name: str, method: str, ratio: float, seed: int, params: dict) -> dict:
         "select_s": round(seconds, 1),
         "coverage": round(sampling.coverage_radius(x, idx), 3),
         "image_auroc": round(auroc(f["labels"].numpy(), scores), 4),
-        "load": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    with ROWS.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    return row
+    return append_row(ROWS, row)
 
 
 def table() -> str:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 
-from common import ROOT, machine, write_results_section
+from common import ROOT, append_row, machine, write_results_section
 
 ROWS = ROOT / "benchmarks" / "out" / "fit_scaling.jsonl"
 CHILD = """
@@ -44,11 +42,7 @@ def run(name: str, fraction: float) -> dict:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     row = {"set": name, "fraction": fraction, **json.loads(out.strip().splitlines()[-1])}
-    row["load"] = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    row["date"] = time.strftime("%Y-%m-%d %H:%M")
-    with ROWS.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    return row
+    return append_row(ROWS, row)
 
 
 def table() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -91,3 +92,13 @@ def write_results_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     results.write_text(text)
+
+
+def append_row(path: Path, row: dict) -> dict:
+    """Add the load average and date to ``row`` and append it to the JSON-lines file ``path``."""
+    row["load"] = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    row["date"] = time.strftime("%Y-%m-%d %H:%M")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row

@@ -333,26 +333,20 @@ def test_report_minimal_and_targets(tmp_path: Path) -> None:
     assert '<td class="num fail"' in text and '<td class="num pass"' in text
     assert "Confusion matrix" in text  # table fallback from metrics["ConfusionMatrix"]
     assert "Pixel-level localisation" not in text and "Galleries" not in text
-    with pytest.raises(ValueError, match="unknown target"):
-        report.write_report(
-            tmp_path,
-            title="t",
-            model_card={},
-            metrics={},
-            figures={},
-            galleries={},
-            targets={"speed": 1.0},
-        )
-    with pytest.raises(ValueError, match="unknown target metric 'fpr'"):  # no aliases
-        report.write_report(
-            tmp_path,
-            title="t",
-            model_card={},
-            metrics={},
-            figures={},
-            galleries={},
-            targets={"fpr": 0.1},
-        )
+    for targets, match in (
+        ({"speed": 1.0}, "unknown target"),
+        ({"fpr": 0.1}, "unknown target metric 'fpr'"),  # no aliases
+    ):
+        with pytest.raises(ValueError, match=match):
+            report.write_report(
+                tmp_path,
+                title="t",
+                model_card={},
+                metrics={},
+                figures={},
+                galleries={},
+                targets=targets,
+            )
 
 
 def test_report_takes_a_metrics_object_and_no_aliases(tmp_path: Path) -> None:

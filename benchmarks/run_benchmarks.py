@@ -1265,7 +1265,13 @@ def run_default_path_set(name: str, args: argparse.Namespace) -> dict[str, Any]:
     log.write_text("")
     test = info.pop("test")
     info.pop("train")
-    res: dict[str, Any] = {"set": name, **info, "load_start": load_start}
+    res: dict[str, Any] = {
+        "set": name,
+        **info,
+        "load_start": load_start,
+        "peer_cap_s": args.peer_cap_s,
+        "threads": args.threads,
+    }
     print(f"  [{name}] ours (PatchCore defaults)", flush=True)
     ours = run_ours_default(work, args, log, env)
     res["raw_ours"] = {k: v for k, v in ours.items() if k != "image_scores"}
@@ -1312,8 +1318,9 @@ def _capped_text(system: str, capped: dict[str, Any]) -> str:
                 f"{prog['stage_s']:.0f} s"
                 + (f" = {rate:.2f} {unit}/s measured" if rate else "")
                 + (f", {prog['total'] - prog['done']} {unit} left" if prog.get("total") else "")
-                + f" (the stage began {prog['phase_s'] - prog['stage_s']:.0f} s into the phase;"
-                " progress recorded every ~2 s)"
+                + f" (the stage began {prog['phase_s'] - prog['stage_s']:.0f} s after the "
+                "measured phase started; the rest of the cap went to the child's imports, model "
+                "build and input loading; progress recorded every ~2 s)"
             )
         parts.append(text)
     return "; ".join(parts) + "."
@@ -1341,7 +1348,7 @@ def render_default_path(doc: dict[str, Any]) -> str:
         f"resolved to {doc.get('ours_search_precision')}), {m['memory_gib']} GiB, no GPU; "
         f"load average (1/5/15 min) {doc['load_start']} at the start and "
         f"{doc.get('load_end', 'n/a')} at the end (per set below). "
-        f"Torch threads per child: {a['threads'] or 'torch default'} (both systems).",
+        "Torch threads per child (both systems) and the per-phase cap: per set below.",
         f"Ours: patchcore commit {m['patchcore_commit']}, torch {m['torch']}. "
         + (
             f"Peer: anomalib {peer_v['anomalib_version']} (`PatchcoreModel` + "
@@ -1351,7 +1358,9 @@ def render_default_path(doc: dict[str, Any]) -> str:
             if peer_v
             else "Peer: not run."
         ),
-        f"Command: `{doc['command'].replace(' --no-write', '')}` ({doc['wall_min']:.0f} min).",
+        "Commands: "
+        + "; ".join(f"`{c.replace(' --no-write', '')}`" for c in doc["commands"])
+        + f" ({sum(r['wall_s'] for r in results) / 60:.0f} min in all).",
         "",
         "Settings. Ours: `PatchCore()` as shipped (coreset_ratio 0.01, sampling 'greedy' = "
         "the chunked linear-time greedy coreset, search_precision 'auto', feature_dtype "
@@ -1371,7 +1380,7 @@ def render_default_path(doc: dict[str, Any]) -> str:
         "of that process (runtime, model and inputs included). Fit time = feature extraction "
         "+ coreset. ms/image batched = one pass over every test image / count; batch 1 = the "
         f"first {a['latency_images']} test images one at a time. Per-phase cap "
-        f"{a['peer_cap_s']:.0f} s (both systems); a capped phase reports the cap and the rate "
+        "--peer-cap-s (per set below; both systems); a capped phase reports the cap and the rate "
         "measured from the child's progress records. MALLOC_MMAP_THRESHOLD_ (the harness's "
         "guard against glibc heap growth in anomalib's coreset) set for both fit children, "
         "per set below; scoring with glibc defaults. Coverage radius not computed here.",
@@ -1443,7 +1452,9 @@ def render_default_path(doc: dict[str, Any]) -> str:
             f"{r['height_range'][1]}, W {r['width_range'][0]}-{r['width_range'][1]}, "
             f"training median {r['median_size'][0]}x{r['median_size'][1]}); batches: "
             f"{r['batches_train']} for the {r['n_train']} training images, "
-            f"{r['batches_test']} for the {r['n_test']} test images. MALLOC_MMAP_THRESHOLD_ "
+            f"{r['batches_test']} for the {r['n_test']} test images. Torch threads "
+            f"{r['threads'] or 'torch default'}; cap {r['peer_cap_s']:.0f} s per phase. "
+            "MALLOC_MMAP_THRESHOLD_ "
             f"{r['mmap_threshold']} bytes. Load average {r['load_start']} at the set's start, "
             f"{r['load_end']} at its end; {r['wall_s'] / 60:.1f} min.",
             "",
@@ -1506,14 +1517,17 @@ def main_default_path(args: argparse.Namespace, argv: list[str] | None) -> None:
         "cpu_bf16": cpu_has_bf16(),
         "ours_search_precision": resolve_precision("auto", torch.device("cpu")),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "command": command.strip(),
+        "commands": [command.strip()],
         "results": [],
     }
-    t0 = time.perf_counter()
+    if args.append and results_json.is_file():  # keep the other sets of an earlier run
+        old = json.loads(results_json.read_text())
+        old["commands"] = [*old["commands"], command.strip()]
+        old["results"] = [r for r in old["results"] if r["set"] not in args.sets]
+        doc = old
     for name in args.sets:
         print(f"{name}:", flush=True)
         doc["results"].append(run_default_path_set(name, args))
-        doc["wall_min"] = (time.perf_counter() - t0) / 60
         doc["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         results_json.write_text(json.dumps(doc, indent=1, default=str))
         section = render_default_path(doc)  # after every set: a partial run still renders
@@ -1620,6 +1634,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1800.0,
         help="--default-path: wall-clock cap per phase (fit, score) and system; a capped "
         "anomalib phase reports its measured rate",
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="--default-path: keep the other sets of the existing default_path.json",
     )
     ap.add_argument(
         "--peer-ratio", type=float, default=0.01, help="--default-path: anomalib's coreset ratio"

@@ -756,7 +756,8 @@ def run(
         else:
             torch.save(train.contiguous(), work / "train.pt")
             torch.save(test.contiguous(), work / "test.pt")
-        del train, test, data
+        del train, test
+        data = None  # the loaded tensors file, if any
         if spec["max_memory_gb"] is None:
             spec["max_memory_gb"] = round(0.6 * _mem_available_bytes() / 2**30, 2)
         (work / "spec.json").write_text(json.dumps(spec))

@@ -1117,7 +1117,10 @@ def prepare_default_path(name: str, args: argparse.Namespace, work: Path) -> dic
     spec = get_spec(args.backbone)
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
-    torch.save({"train": x_train, "test": x_test}, work / "inputs_r0.pt")
+    # Ours: one file per phase, so a child loads (and its peak RSS counts) only its own images,
+    # as the peer's children do (its parent splits the file into train.pt and test.pt).
+    torch.save({"train": x_train}, work / "ours_train_r0.pt")
+    torch.save({"test": x_test}, work / "ours_test_r0.pt")
     torch.save(
         {"train": [(x - mean) / std for x in x_train], "test": [(x - mean) / std for x in x_test]},
         work / "peer_inputs_r0.pt",
@@ -1193,10 +1196,11 @@ def run_ours_default(
 ) -> dict[str, Any]:
     """Ours, PatchCore() defaults: one fit child (no coverage pass), one score child."""
     runner = [sys.executable, str(BENCH / "ours_runner.py")]
-    inputs, model = str(work / "inputs_r0.pt"), work / "ours_model.pt"
+    model = work / "ours_model.pt"
     fit_json, score_json = work / "ours_fit.json", work / "ours_score.json"
     out: dict[str, Any] = {}
-    cmd = [*runner, "fit", inputs, str(work / "config.json"), str(model), str(fit_json)]
+    train_file, test_file = str(work / "ours_train_r0.pt"), str(work / "ours_test_r0.pt")
+    cmd = [*runner, "fit", train_file, str(work / "config.json"), str(model), str(fit_json)]
     try:
         wall_fit, _ = _call([*cmd, "--no-coverage"], env, log, timeout=args.peer_cap_s)
     except subprocess.TimeoutExpired:
@@ -1205,7 +1209,7 @@ def run_ours_default(
     score_cmd = [
         *runner,
         "score",
-        inputs,
+        test_file,
         str(model),
         str(score_json),
         "--batch-size",
@@ -1296,7 +1300,13 @@ def run_default_path_set(name: str, args: argparse.Namespace) -> dict[str, Any]:
             for k in ("anomalib_version", "torch_version", "timm_version", "timm_model")
         }
         res["peer"]["weights"] = peer.get("weights")
-    for f in ("ours_maps.npz", "peer_maps_r0.npz", "inputs_r0.pt", "peer_inputs_r0.pt"):
+    for f in (
+        "ours_maps.npz",
+        "peer_maps_r0.npz",
+        "ours_train_r0.pt",
+        "ours_test_r0.pt",
+        "peer_inputs_r0.pt",
+    ):
         (work / f).unlink(missing_ok=True)
     res["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     res["wall_s"] = time.perf_counter() - t_set
@@ -1372,7 +1382,8 @@ def render_default_path(doc: dict[str, Any]) -> str:
         f"{a['seed']}, the same for both), "
         + ("every test image" if a.get("test") is None else f"{a['test']} test images")
         + "; decoded once by our code and saved as a list of per-image tensors (ours in "
-        "[0, 1], the peer's normalised with the same mean/std). Varying sizes "
+        "[0, 1], the peer's normalised with the same mean/std; each fit or score child loads "
+        "only its own images). Varying sizes "
         "(magnetic_tile): each image keeps its size and both systems batch runs of "
         "consecutive same-size images, in the draw's order (so magnetic_tile is scored "
         "and fitted almost entirely at batch 1; batch counts per set below). One run per "

@@ -63,6 +63,9 @@ class PhasePeak:
 
     def __enter__(self) -> PhasePeak:
         self.baseline = peak_rss_mb()
+        # VmHWM before the reset: this process image's peak since execve (ru_maxrss also
+        # carries the forking parent's RSS at fork time, kept by Linux across execve).
+        self.hwm_before = _status_mb("VmHWM")
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.start = _status_mb("VmRSS")
@@ -74,6 +77,7 @@ class PhasePeak:
         hwm = _status_mb("VmHWM") if self.start is not None else None
         self.peak = max(self.baseline, hwm if hwm is not None else peak_rss_mb())
         self.phase = None if self.start is None or hwm is None else hwm - self.start
+        self.hwm = None if hwm is None or self.hwm_before is None else max(self.hwm_before, hwm)
 
     def report(self) -> dict[str, float | None]:
         return {
@@ -81,6 +85,8 @@ class PhasePeak:
             "peak_rss_mb": self.peak,
             "phase_start_rss_mb": self.start,
             "phase_peak_above_start_mb": self.phase,
+            "baseline_hwm_mb": self.hwm_before,
+            "peak_hwm_mb": self.hwm,
         }
 
 

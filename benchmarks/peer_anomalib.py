@@ -244,8 +244,23 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    """This process's peak resident set size so far, in MiB (Linux reports KiB).
+
+    Caveat: Linux keeps ``ru_maxrss`` across ``execve``, so a child forked from a big parent
+    starts with the parent's RSS at fork time as its mark; :func:`hwm_mb` does not.
+    """
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def hwm_mb() -> float | None:
+    """``VmHWM``: peak RSS of this process image since its ``execve``, MiB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 # --------------------------------------------------------------------------- weights
@@ -523,7 +538,7 @@ def phase_fit(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     model, provenance = build_model(spec)
     device = spec["device"]
     progress = Progress(work / "fit_progress.json")
-    baseline = peak_rss_mb()
+    baseline, baseline_hwm = peak_rss_mb(), hwm_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
@@ -558,7 +573,7 @@ def phase_fit(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     del sampler
     _sync(device)
     t2 = time.perf_counter()
-    fit_peak = peak_rss_mb()
+    fit_peak, fit_hwm = peak_rss_mb(), hwm_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
     radius = coverage_radius(full, model.memory_bank) if spec["coverage"] else None
@@ -580,6 +595,8 @@ def phase_fit(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             "total_s": t2 - t0,
             "baseline_rss_mb": baseline,
             "peak_rss_mb": fit_peak,
+            "baseline_hwm_mb": baseline_hwm,
+            "peak_hwm_mb": fit_hwm,
             "peak_gpu_mb": gpu_peak,
         },
     }
@@ -594,7 +611,7 @@ def phase_score(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         device
     )
     model.eval()
-    baseline = peak_rss_mb()
+    baseline, baseline_hwm = peak_rss_mb(), hwm_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     bs, n, repeats = spec["batch_size"], len(test), spec["repeats"]
@@ -652,6 +669,8 @@ def phase_score(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             "per_image_batched_s": float(np.median(totals)) / n,
             "baseline_rss_mb": baseline,
             "peak_rss_mb": peak_rss_mb(),
+            "baseline_hwm_mb": baseline_hwm,
+            "peak_hwm_mb": hwm_mb(),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
             if device.startswith("cuda")
             else None,

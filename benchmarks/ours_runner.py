@@ -14,7 +14,9 @@ Usage::
 
 ``INPUTS.pt`` is ``torch.save({"train": (N,3,H,W), "test": (M,3,H,W)})`` with pixels in [0, 1],
 already resized: the detector normalises them with its backbone's mean/std, exactly the values
-the peer receives pre-normalised.
+the peer receives pre-normalised. Each part may instead be a list of (3,H,W) tensors of varying
+sizes (native resolution): the detector batches consecutive same-size images. ``--maps`` ending
+in ``.npz`` saves the maps as one array per image (``arr_0``, ``arr_1``, ...).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class PhasePeak:
 
     def __enter__(self) -> PhasePeak:
         self.baseline = peak_rss_mb()
+        # VmHWM before the reset: this process image's peak since execve (ru_maxrss also
+        # carries the forking parent's RSS at fork time, kept by Linux across execve).
+        self.hwm_before = _status_mb("VmHWM")
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.start = _status_mb("VmRSS")
@@ -72,6 +77,7 @@ class PhasePeak:
         hwm = _status_mb("VmHWM") if self.start is not None else None
         self.peak = max(self.baseline, hwm if hwm is not None else peak_rss_mb())
         self.phase = None if self.start is None or hwm is None else hwm - self.start
+        self.hwm = None if hwm is None or self.hwm_before is None else max(self.hwm_before, hwm)
 
     def report(self) -> dict[str, float | None]:
         return {
@@ -79,18 +85,35 @@ class PhasePeak:
             "peak_rss_mb": self.peak,
             "phase_start_rss_mb": self.start,
             "phase_peak_above_start_mb": self.phase,
+            "baseline_hwm_mb": self.hwm_before,
+            "peak_hwm_mb": self.hwm,
         }
 
 
-def _load_inputs(path: str, part: str) -> torch.Tensor:
+def _load_inputs(path: str, part: str) -> torch.Tensor | list[torch.Tensor]:
     data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data[part], (list, tuple)):  # native sizes: one (3, H, W) tensor per image
+        return [t.float().contiguous() for t in data[part]]
     return data[part].float().contiguous()
+
+
+def save_maps(path: str, maps: list[np.ndarray]) -> None:
+    """float16 maps: one (M, H, W) array (.npy), or one array per image (.npz: arr_0, ...)."""
+    maps16 = [np.asarray(m, dtype=np.float16) for m in maps]
+    if path.endswith(".npz"):
+        np.savez(path, *maps16)
+    else:
+        np.save(path, np.stack(maps16))
 
 
 @torch.inference_mode()
 def training_features(det: PatchCore, train: torch.Tensor) -> torch.Tensor:
     """(N*h*w, D) float32 patch features of ``train`` (B,3,H,W in [0, 1]), as ``fit`` makes them."""
     chunks = []
+    if isinstance(train, list):  # varying sizes: one image at a time
+        for img in train:
+            chunks.append(flatten_patches(det._embed(img[None])).float().cpu())
+        return torch.cat(chunks)
     bs = int(det.batch_size)
     for lo in range(0, train.shape[0], bs):
         chunks.append(flatten_patches(det._embed(train[lo : lo + bs])).float().cpu())
@@ -123,7 +146,7 @@ def phase_fit(inputs: str, config: dict, model_path: str, coverage: bool = True)
         radius = coverage_radius(training_features(det, train), det.memory_bank_)
     det.save(model_path)
     return {
-        "n_train": int(train.shape[0]),
+        "n_train": len(train),
         "n_train_patches": int(det.n_train_patches_),
         "embedding_dim": int(det.memory_bank_.shape[1]),
         "memory_bank_size": int(det.memory_bank_.shape[0]),
@@ -208,7 +231,7 @@ def phase_score(
         ann_build_s = time.perf_counter() - t0
     det.set_threshold(0.0)  # classify() = scores and maps in one pass, like the peer's forward
     with PhasePeak() as mem:
-        n = test.shape[0]
+        n = len(test)
         det.set_params(batch_size=batch_size)  # a scoring setting: no refit needed
         det.classify(test[0], progress=False)  # warm-up, both shapes
         det.classify(test[:batch_size], progress=False)
@@ -227,7 +250,7 @@ def phase_score(
             out = det.classify(test, progress=False)
             totals.append(time.perf_counter() - t0)
     if maps_path:
-        np.save(maps_path, np.stack(out.maps).astype(np.float16))
+        save_maps(maps_path, out.maps)
     return {
         "n_test": int(n),
         "ann": ann,
@@ -262,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("inputs")
     s.add_argument("model")
     s.add_argument("out")
-    s.add_argument("--maps", help="save anomaly maps, float16 (M,H,W) .npy")
+    s.add_argument("--maps", help="save anomaly maps, float16: (M,H,W) .npy, or per image .npz")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--repeats", type=int, default=1)
     s.add_argument("--ann", choices=["hnsw", "ivf"], default=None)

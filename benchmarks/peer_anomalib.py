@@ -15,7 +15,8 @@ Usage::
     train_paths, test_paths   image files (ignored when --tensors is given)
     test_labels               0 = good, 1 = anomalous (optional; gives image_auroc)
     mask_paths                per test image, a mask path or null (optional; gives pixel_auroc)
-    image_size                [H, W]                       (default [256, 256])
+    image_size                [H, W] (default [256, 256]); null with --tensors: native sizes
+                              (the tensors file holds lists of (3, H, W) tensors)
     backbone                  "efficientnet_lite0" | "resnet18" | any timm model name
     timm_model                override the timm model name (default: BACKBONE_TO_TIMM)
     layers                    timm feature_info module names ("blocks.2", "layer2"), ints, or
@@ -42,9 +43,18 @@ Usage::
     max_memory_gb             address-space cap per child (RLIMIT_AS above its size after
                               imports; CPU only), default 0.6 x MemAvailable: a run that would
                               exhaust the shared machine fails with an error instead
+    phase_cap_s               wall-clock cap per child (fit, score), default null (none). A
+                              capped child is killed; the result then holds ``{phase}_capped``
+                              with the child's last progress record (stage, items done and
+                              total, seconds in the stage: measured rates, no extrapolation)
+    coverage                  compute the coreset's coverage radius after the fit (default
+                              true; not timed, but costs N x bank distances)
 
 ``--tensors`` names a ``torch.save``d dict ``{"train": (N,3,H,W), "test": (M,3,H,W)}`` of
-already normalised float tensors: the way to feed both implementations identical inputs.
+already normalised float tensors: the way to feed both implementations identical inputs. Each
+part may instead be a list of (3, H, W) tensors of varying sizes (native resolution; spec
+``image_size`` null): batches are then runs of consecutive same-size images (at most
+``batch_size``), the rule our detector uses, and the maps are saved one array per image.
 
 Fit and scoring each run in a fresh child process so that ``ru_maxrss`` (peak resident set
 size, a per-process high-water mark) measures each phase on its own. Each child also reports
@@ -113,6 +123,8 @@ DEFAULTS: dict[str, Any] = {
     "latency_images": None,
     "malloc_mmap_threshold": None,
     "max_memory_gb": None,
+    "phase_cap_s": None,
+    "coverage": True,
 }
 
 
@@ -168,6 +180,62 @@ def load_images(paths: list[str], size: tuple[int, int], mean, std) -> torch.Ten
     return out
 
 
+Images = torch.Tensor | list[torch.Tensor]
+
+
+def batches(x: Images, batch_size: int):
+    """Batches of ``x``: slices of a tensor, or runs of consecutive same-size list items."""
+    if isinstance(x, torch.Tensor):
+        for start in range(0, x.shape[0], batch_size):
+            yield x[start : start + batch_size]
+        return
+    run: list[torch.Tensor] = []
+    for img in x:
+        if run and (img.shape != run[0].shape or len(run) == batch_size):
+            yield torch.stack(run)
+            run = []
+        run.append(img)
+    if run:
+        yield torch.stack(run)
+
+
+class Progress:
+    """Writes ``{phase}_progress.json`` (stage, done, total, seconds in the stage), throttled.
+
+    Read by the parent when it kills a child at ``phase_cap_s``: the measured rate so far.
+    """
+
+    def __init__(self, path: Path, every_s: float = 2.0) -> None:
+        self.path, self.every_s = path, every_s
+        self.t_phase = time.perf_counter()
+        self.stage, self.total, self.done = None, None, 0
+        self.t_stage = self.t_last = self.t_phase
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.stage, self.total, self.done = stage, total, 0
+        self.t_stage = time.perf_counter()
+        self._write(self.t_stage)
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.t_last >= self.every_s or self.done == self.total:
+            self._write(now)
+
+    def _write(self, now: float) -> None:
+        self.t_last = now
+        rec = {
+            "stage": self.stage,
+            "done": self.done,
+            "total": self.total,
+            "stage_s": now - self.t_stage,
+            "phase_s": now - self.t_phase,
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        tmp.replace(self.path)
+
+
 def seed_everything(seed: int) -> None:
     """Seed every RNG anomalib's PatchCore touches (torch; numpy via sklearn's sampler)."""
     random.seed(seed)
@@ -176,8 +244,23 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    """This process's peak resident set size so far, in MiB (Linux reports KiB).
+
+    Caveat: Linux keeps ``ru_maxrss`` across ``execve``, so a child forked from a big parent
+    starts with the parent's RSS at fork time as its mark; :func:`hwm_mb` does not.
+    """
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def hwm_mb() -> float | None:
+    """``VmHWM``: peak RSS of this process image since its ``execve``, MiB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 # --------------------------------------------------------------------------- weights
@@ -454,37 +537,52 @@ def phase_fit(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     train = torch.load(work / "train.pt", weights_only=True)
     model, provenance = build_model(spec)
     device = spec["device"]
-    baseline = peak_rss_mb()
+    progress = Progress(work / "fit_progress.json")
+    baseline, baseline_hwm = peak_rss_mb(), hwm_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
     model.train()  # PatchcoreModel stores embeddings in train mode; its extractor forces eval()
     _sync(device)
     t0 = time.perf_counter()
+    progress.start("features: training images", len(train))
     with torch.no_grad():
-        for start in range(0, train.shape[0], spec["batch_size"]):
-            model(train[start : start + spec["batch_size"]].to(device))
+        for batch in batches(train, spec["batch_size"]):
+            model(batch.to(device))
+            progress.step(batch.shape[0])
     _sync(device)
     t1 = time.perf_counter()
     seed_everything(spec["seed"])
     full = torch.vstack(model.embedding_store)
     model.embedding_store.clear()
     sampler = KCenterGreedy(embedding=full, sampling_ratio=spec["coreset_ratio"])
+    # Count the greedy steps (one update_distances call per step after the projection) so a
+    # capped run reports its measured rate; the wrapper adds one Python call per step.
+    progress.start("coreset: random projection", None)
+    update, n_steps = sampler.update_distances, sampler.coreset_size - 1
+
+    def counted_update(cluster_center):  # noqa: ANN001, ANN202
+        if progress.stage != "coreset: greedy steps":
+            progress.start("coreset: greedy steps", n_steps)
+        update(cluster_center)
+        progress.step()
+
+    sampler.update_distances = counted_update
     idxs = sampler.select_coreset_idxs()
     model.memory_bank = full[idxs]
     del sampler
     _sync(device)
     t2 = time.perf_counter()
-    fit_peak = peak_rss_mb()
+    fit_peak, fit_hwm = peak_rss_mb(), hwm_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
-    radius = coverage_radius(full, model.memory_bank)
+    radius = coverage_radius(full, model.memory_bank) if spec["coverage"] else None
     torch.save({"memory_bank": model.memory_bank.cpu()}, work / "memory_bank.pt")
     with torch.no_grad():
-        grid = model.feature_extractor(train[:1].to(device))[model.layers[0]].shape[-2:]
+        grid = model.feature_extractor(train[0][None].to(device))[model.layers[0]].shape[-2:]
     return {
         "weights": provenance,
-        "n_train": int(train.shape[0]),
+        "n_train": len(train),
         "patch_grid": list(grid),
         "embedding_dim": int(full.shape[1]),
         "n_train_patches": int(full.shape[0]),
@@ -497,6 +595,8 @@ def phase_fit(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             "total_s": t2 - t0,
             "baseline_rss_mb": baseline,
             "peak_rss_mb": fit_peak,
+            "baseline_hwm_mb": baseline_hwm,
+            "peak_hwm_mb": fit_hwm,
             "peak_gpu_mb": gpu_peak,
         },
     }
@@ -511,41 +611,49 @@ def phase_score(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         device
     )
     model.eval()
-    baseline = peak_rss_mb()
+    baseline, baseline_hwm = peak_rss_mb(), hwm_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    bs, n, repeats = spec["batch_size"], test.shape[0], spec["repeats"]
+    bs, n, repeats = spec["batch_size"], len(test), spec["repeats"]
+    progress = Progress(work / "score_progress.json")
 
-    def batched() -> tuple[torch.Tensor, torch.Tensor]:
+    def batched() -> tuple[torch.Tensor, list[torch.Tensor]]:
         scores, maps = [], []
-        for start in range(0, n, bs):
-            out = model(test[start : start + bs].to(device))
+        for batch in batches(test, bs):
+            out = model(batch.to(device))
             scores.append(out.pred_score.reshape(-1).cpu())
-            maps.append(out.anomaly_map[:, 0].cpu())
-        return torch.cat(scores), torch.cat(maps)
+            maps.extend(out.anomaly_map[:, 0].cpu())
+            progress.step(batch.shape[0])
+        return torch.cat(scores), maps
 
     with torch.no_grad():
-        model(test[:1].to(device))  # warm-up, both shapes
-        model(test[:bs].to(device))
+        model(test[0][None].to(device))  # warm-up, both shapes
+        model(next(batches(test, bs)).to(device))
         _sync(device)
         single = []
         k_lat = spec["latency_images"]
         n_single = n if k_lat is None else max(1, min(n, k_lat))
         single_scores = torch.empty(n_single)
         for _ in range(repeats):
+            progress.start("score: batch-1 latency", n_single)
             for i in range(n_single):
                 t0 = time.perf_counter()
-                out = model(test[i : i + 1].to(device))
+                out = model(test[i][None].to(device))
                 _sync(device)
                 single.append(time.perf_counter() - t0)
                 single_scores[i] = out.pred_score.reshape(-1)[0].cpu()
+                progress.step()
         totals = []
         for _ in range(repeats):
+            progress.start("score: batched", n)
             t0 = time.perf_counter()
             scores, maps = batched()
             _sync(device)
             totals.append(time.perf_counter() - t0)
-    np.save(work / "maps.npy", maps.numpy().astype(np.float16))
+    if isinstance(test, torch.Tensor):
+        np.save(work / "maps.npy", torch.stack(maps).numpy().astype(np.float16))
+    else:
+        np.savez(work / "maps.npz", *[m.numpy().astype(np.float16) for m in maps])
     return {
         "n_test": int(n),
         "image_scores": scores.tolist(),
@@ -561,6 +669,8 @@ def phase_score(spec: dict[str, Any], work: Path) -> dict[str, Any]:
             "per_image_batched_s": float(np.median(totals)) / n,
             "baseline_rss_mb": baseline,
             "peak_rss_mb": peak_rss_mb(),
+            "baseline_hwm_mb": baseline_hwm,
+            "peak_hwm_mb": hwm_mb(),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20
             if device.startswith("cuda")
             else None,
@@ -635,11 +745,19 @@ def run(
     """Prepare inputs, run the fit and score children, collect one result dict."""
     from importlib.metadata import version
 
-    size = tuple(spec["image_size"])
+    native = spec["image_size"] is None
+    if native and not tensors:
+        raise ValueError("image_size null (native sizes) needs --tensors")
+    size = None if native else tuple(spec["image_size"])
     check_layers(spec)
     with tempfile.TemporaryDirectory(prefix="peer-anomalib-") as tmp:
         work = Path(tmp)
-        if tensors:
+        if tensors and native:
+            data = torch.load(tensors, map_location="cpu", weights_only=True)
+            train = [t.float().contiguous() for t in data["train"]]
+            test = [t.float().contiguous() for t in data["test"]]
+            input_source = f"tensors:{tensors} (native sizes, one tensor per image)"
+        elif tensors:
             data = torch.load(tensors, map_location="cpu", weights_only=True)
             train, test = data["train"].float(), data["test"].float()
             if tuple(train.shape[-2:]) != size or tuple(test.shape[-2:]) != size:
@@ -651,9 +769,14 @@ def run(
             train = load_images(spec["train_paths"], size, spec["mean"], spec["std"])
             test = load_images(spec["test_paths"], size, spec["mean"], spec["std"])
             input_source = "paths (PIL RGB, bilinear resize, mean/std)"
-        torch.save(train.contiguous(), work / "train.pt")
-        torch.save(test.contiguous(), work / "test.pt")
+        if native:
+            torch.save(train, work / "train.pt")
+            torch.save(test, work / "test.pt")
+        else:
+            torch.save(train.contiguous(), work / "train.pt")
+            torch.save(test.contiguous(), work / "test.pt")
         del train, test
+        data = None  # the loaded tensors file, if any
         if spec["max_memory_gb"] is None:
             spec["max_memory_gb"] = round(0.6 * _mem_available_bytes() / 2**30, 2)
         (work / "spec.json").write_text(json.dumps(spec))
@@ -663,16 +786,34 @@ def run(
         if spec["malloc_mmap_threshold"] is not None:  # the coreset's guard: fit child only
             fit_env["MALLOC_MMAP_THRESHOLD_"] = str(int(spec["malloc_mmap_threshold"]))
         result: dict[str, Any] = {}
+        cap = spec["phase_cap_s"]
         for phase in ("fit", "score"):
             cmd = [sys.executable, os.path.abspath(__file__), "_child", phase, str(work)]
-            subprocess.run(cmd, check=True, env=fit_env if phase == "fit" else env)
+            t_phase = time.perf_counter()
+            try:
+                subprocess.run(cmd, check=True, env=fit_env if phase == "fit" else env, timeout=cap)
+            except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+                prog = work / f"{phase}_progress.json"
+                result[f"{phase}_capped"] = {
+                    "cap_s": cap,
+                    "wall_s": time.perf_counter() - t_phase,
+                    "last_progress": json.loads(prog.read_text()) if prog.exists() else None,
+                }
+                break
             child = json.loads((work / f"{phase}.json").read_text())
             if "error" in child:
                 result[f"{phase}_error"] = child
                 break
             result.update(child)
-        maps = np.load(work / "maps.npy") if (work / "maps.npy").exists() else None
-    if maps_out and maps is not None:
+        maps: Any = None
+        if (work / "maps.npy").exists():
+            maps = np.load(work / "maps.npy")
+        elif (work / "maps.npz").exists():
+            with np.load(work / "maps.npz") as z:
+                maps = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if maps_out and isinstance(maps, list):
+        np.savez(maps_out, *maps)
+    elif maps_out and maps is not None:
         np.savez_compressed(maps_out, maps=maps)
     labels = spec["test_labels"]
     summary = {
@@ -689,12 +830,12 @@ def run(
         },
         "torch_threads_parent": torch.get_num_threads(),
         "maps_out": maps_out if maps is not None else None,
-        "maps_shape": list(maps.shape) if maps is not None else None,
+        "maps_shape": list(maps.shape) if isinstance(maps, np.ndarray) else None,
         "image_auroc": _auroc(labels, result["image_scores"])
         if labels and maps is not None
         else None,
         "pixel_auroc": _pixel_auroc(spec["mask_paths"], maps, size)
-        if spec["mask_paths"] and maps is not None
+        if spec["mask_paths"] and isinstance(maps, np.ndarray)
         else None,
         **result,
         "test_labels": labels,
@@ -705,7 +846,8 @@ def run(
         Path(out).write_text(text)
     else:
         print(text)
-    if maps is None:
+    capped = "fit_capped" in result or "score_capped" in result
+    if maps is None and not capped:  # a capped run is a result (its rate), not a failure
         msg = f"peer run failed: {result.get('fit_error') or result.get('score_error')}"
         raise SystemExit(msg)
     return summary

@@ -233,14 +233,21 @@ def _score_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k != "MALLOC_MMAP_THRESHOLD_"}
 
 
-def _call(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
-    """Run a child to completion; (wall s, CPU s of it and its descendants, all threads)."""
+def _call(
+    cmd: list[str], env: dict[str, str], log: Path, timeout: float | None = None
+) -> tuple[float, float]:
+    """Run a child to completion; (wall s, CPU s of it and its descendants, all threads).
+
+    ``timeout``: seconds; past it the child is killed and ``subprocess.TimeoutExpired`` raised.
+    """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "a") as fh:
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False, timeout=timeout
+        )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -1065,15 +1072,515 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_results_md(section: str) -> None:
-    """Replace (or append) the bench section of RESULTS.md; other sections are left alone."""
+def write_results_md(section: str, start: str = START, end: str = END) -> None:
+    """Replace (or append) one marked section of RESULTS.md; other sections are left alone.
+
+    ``start``/``end``: the section's markers (default: the bench section's).
+    """
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END) + r"\n?", re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _m: section, text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS_MD.write_text(text)
+
+
+# ------------------------------------------------------------------------------ default path
+#
+# Issue #9: the side-by-side at real size. Native resolution (no resize), --train (default 100)
+# seeded training images per set, every test image; ours with PatchCore()'s defaults (nothing
+# passed but --ours-params), anomalib with the same images, resolution and coreset ratio
+# (--peer-ratio, default 0.01 = our default). Every phase of either system is a fresh process
+# capped at --peer-cap-s; a capped anomalib phase is reported with the cap and its measured
+# rate (from the child's progress records), never an estimate of the time it would have taken.
+
+DP_START, DP_END = "<!-- default-path:start -->", "<!-- default-path:end -->"
+DP_OUT = BENCH / "out" / "default_path"
+
+
+def _grid_estimate(h: int, w: int, stride: int = 8) -> int:
+    """Patches of an h x w image at the shallow tap's stride (only sizes the malloc guard)."""
+    return math.ceil(h / stride) * math.ceil(w / stride)
+
+
+def prepare_default_path(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """inputs_r0.pt / peer_inputs_r0.pt as lists of native-size (3, H, W) tensors, and specs.
+
+    Varying sizes (magnetic_tile): every image keeps its own size and both systems batch runs
+    of consecutive same-size images (at most --batch-size), in the draw's order.
+    """
+    train, test = load_set(name, args.train, args.test, args.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    x_train = [as_tensor(p).contiguous() for p in train.images]
+    x_test = [as_tensor(p).contiguous() for p in test.images]
+    spec = get_spec(args.backbone)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    # Ours: one file per phase, so a child loads (and its peak RSS counts) only its own images,
+    # as the peer's children do (its parent splits the file into train.pt and test.pt).
+    torch.save({"train": x_train}, work / "ours_train_r0.pt")
+    torch.save({"test": x_test}, work / "ours_test_r0.pt")
+    torch.save(
+        {"train": [(x - mean) / std for x in x_train], "test": [(x - mean) / std for x in x_test]},
+        work / "peer_inputs_r0.pt",
+    )
+    sizes_train = [tuple(x.shape[-2:]) for x in x_train]
+    sizes_test = [tuple(x.shape[-2:]) for x in x_test]
+    n_patches_est = sum(_grid_estimate(h, w) for h, w in sizes_train)
+    mmap_threshold = (
+        auto_mmap_threshold(n_patches_est) if args.mmap_threshold is None else args.mmap_threshold
+    )
+
+    def runs(sizes: list[tuple[int, int]]) -> int:  # batches under the consecutive-size rule
+        n, prev, fill = 0, None, 0
+        for sz in sizes:
+            if sz != prev or fill == args.batch_size:
+                n, prev, fill = n + 1, sz, 0
+            fill += 1
+        return n
+
+    del x_train, x_test
+    weights = "imagenet" if args.backbone == "efficientnet-lite0" else None
+    ext = FeatureExtractor(args.backbone, None, weights)
+    torch.save(ext.state_dict(), work / "weights.pt")
+    layers = list(ext.layers)
+    # Ours: PatchCore()'s defaults; only --ours-params (default none) is passed.
+    config = json.loads(args.ours_params)
+    (work / "config.json").write_text(json.dumps(config))
+    peer_spec = {
+        "train_paths": [],
+        "test_paths": [],
+        "image_size": None,  # native sizes, from the tensors file
+        "backbone": PEER_BACKBONE[args.backbone],
+        "layers": layers,
+        "coreset_ratio": args.peer_ratio,
+        "num_neighbors": args.neighbors,
+        "weights": str(work / "weights.pt"),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "repeats": 1,
+        "latency_images": args.latency_images,
+        "num_threads": args.threads or None,
+        "malloc_mmap_threshold": mmap_threshold or None,
+        "phase_cap_s": args.peer_cap_s,
+        "coverage": False,
+    }
+    (work / "peer_spec.json").write_text(json.dumps(peer_spec))
+    distinct = set(sizes_train + sizes_test)
+    heights, widths = sorted({h for h, _ in distinct}), sorted({w for _, w in distinct})
+    return {
+        "train": train,
+        "test": test,
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_latency": min(len(test), args.latency_images),
+        "train_draw": [Path(p).name for p in train.images],
+        "test_counts": test.counts(),
+        "layers": layers,
+        "distinct_sizes": len(distinct),
+        "height_range": [heights[0], heights[-1]],
+        "width_range": [widths[0], widths[-1]],
+        "median_size": list(native_size(train)),
+        "batches_train": runs(sizes_train),
+        "batches_test": runs(sizes_test),
+        "n_patches_estimate": n_patches_est,
+        "mmap_threshold": mmap_threshold,
+    }
+
+
+def run_ours_default(
+    work: Path, args: argparse.Namespace, log: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    """Ours, PatchCore() defaults: one fit child (no coverage pass), one score child."""
+    runner = [sys.executable, str(BENCH / "ours_runner.py")]
+    model = work / "ours_model.pt"
+    fit_json, score_json = work / "ours_fit.json", work / "ours_score.json"
+    out: dict[str, Any] = {}
+    train_file, test_file = str(work / "ours_train_r0.pt"), str(work / "ours_test_r0.pt")
+    cmd = [*runner, "fit", train_file, str(work / "config.json"), str(model), str(fit_json)]
+    try:
+        wall_fit, _ = _call([*cmd, "--no-coverage"], env, log, timeout=args.peer_cap_s)
+    except subprocess.TimeoutExpired:
+        return {"fit_capped": {"cap_s": args.peer_cap_s}}
+    out.update(json.loads(fit_json.read_text()))
+    score_cmd = [
+        *runner,
+        "score",
+        test_file,
+        str(model),
+        str(score_json),
+        "--batch-size",
+        str(args.batch_size),
+        "--latency-images",
+        str(args.latency_images),
+        "--maps",
+        str(work / "ours_maps.npz"),
+    ]
+    try:
+        wall_score, _ = _call(score_cmd, _score_env(env), log, timeout=args.peer_cap_s)
+    except subprocess.TimeoutExpired:
+        out["score_capped"] = {"cap_s": args.peer_cap_s}
+        return out
+    out.update(json.loads(score_json.read_text()))
+    out["child_wall_s"] = {"fit": wall_fit, "score": wall_score}
+    model.unlink(missing_ok=True)
+    return out
+
+
+def _load_maps(path: Path) -> list[np.ndarray]:
+    with np.load(path) as z:
+        if "maps" in z.files:
+            return list(z["maps"])
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
+def _dp_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """The default-path figures of one system's run (None where a phase did not finish)."""
+    fit, score = run.get("fit"), run.get("score")
+    return {
+        "fit_s": fit["total_s"] if fit else None,
+        "feature_s": fit["feature_extraction_s"] if fit else None,
+        "coreset_s": fit["coreset_s"] if fit else None,
+        # VmHWM (peak since execve) where recorded; else ru_maxrss, which Linux carries
+        # across execve: it includes the forking parent's RSS at fork time (marked in tables).
+        "fit_peak_mb": (fit.get("peak_hwm_mb") or fit["peak_rss_mb"]) if fit else None,
+        "fit_peak_is_maxrss": bool(fit) and not fit.get("peak_hwm_mb"),
+        "fit_maxrss_mb": fit["peak_rss_mb"] if fit else None,
+        "fit_added_mb": fit["peak_rss_mb"] - fit["baseline_rss_mb"] if fit else None,
+        "fit_phase_mb": fit.get("phase_peak_above_start_mb") if fit else None,
+        "ms_batch1": 1e3 * score["per_image_batch1_s"] if score else None,
+        "ms_batched": 1e3 * score["per_image_batched_s"] if score else None,
+        "score_peak_mb": (score.get("peak_hwm_mb") or score["peak_rss_mb"]) if score else None,
+        "score_peak_is_maxrss": bool(score) and not score.get("peak_hwm_mb"),
+        "score_maxrss_mb": score["peak_rss_mb"] if score else None,
+        "n_train_patches": run.get("n_train_patches"),
+        "bank": run.get("memory_bank_size"),
+        "dim": run.get("embedding_dim"),
+        "capped": {k: run[k] for k in ("fit_capped", "score_capped") if k in run},
+        "error": {k: run[k] for k in ("fit_error", "score_error") if k in run},
+    }
+
+
+def run_default_path_set(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Ours then anomalib on one set at native size; returns the set's results dict."""
+    work = args.out / name
+    log = work / "children.log"
+    t_set = time.perf_counter()
+    load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    info = prepare_default_path(name, args, work)
+    env = _env(args, info["mmap_threshold"])
+    log.write_text("")
+    test = info.pop("test")
+    info.pop("train")
+    res: dict[str, Any] = {
+        "set": name,
+        **info,
+        "load_start": load_start,
+        "peer_cap_s": args.peer_cap_s,
+        "threads": args.threads,
+    }
+    print(f"  [{name}] ours (PatchCore defaults)", flush=True)
+    ours = run_ours_default(work, args, log, env)
+    res["raw_ours"] = {k: v for k, v in ours.items() if k != "image_scores"}
+    res["ours"] = _dp_figures(ours)
+    if "image_scores" in ours:
+        res["ours"]["accuracy"] = accuracy(
+            test, ours["image_scores"], _load_maps(work / "ours_maps.npz")
+        )
+    if not args.no_peer:
+        print(f"  [{name}] anomalib (cap {args.peer_cap_s:.0f} s per phase)", flush=True)
+        peer = run_peer(work, 0, args, log, env)
+        res["raw_peer"] = {
+            k: v for k, v in peer.items() if k not in ("image_scores", "test_labels")
+        }
+        res["peer"] = _dp_figures(peer)
+        if "image_scores" in peer and (work / "peer_maps_r0.npz").exists():
+            res["peer"]["accuracy"] = accuracy(
+                test, peer["image_scores"], _load_maps(work / "peer_maps_r0.npz")
+            )
+        res["peer"]["versions"] = {
+            k: peer.get(k)
+            for k in ("anomalib_version", "torch_version", "timm_version", "timm_model")
+        }
+        res["peer"]["weights"] = peer.get("weights")
+    for f in (
+        "ours_maps.npz",
+        "peer_maps_r0.npz",
+        "ours_train_r0.pt",
+        "ours_test_r0.pt",
+        "peer_inputs_r0.pt",
+    ):
+        (work / f).unlink(missing_ok=True)
+    res["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    res["wall_s"] = time.perf_counter() - t_set
+    return res
+
+
+def _capped_text(system: str, capped: dict[str, Any]) -> str:
+    """A capped phase: the cap and the measured rate of the stage it was in."""
+    parts = []
+    for phase, c in capped.items():
+        prog = c.get("last_progress")
+        text = f"{system} {phase.split('_')[0]} phase stopped at the {c['cap_s']:.0f} s cap"
+        if prog:
+            rate = prog["done"] / prog["stage_s"] if prog["stage_s"] > 0 else None
+            unit = "steps" if "greedy" in (prog["stage"] or "") else "images"
+            total = f" of {prog['total']}" if prog.get("total") else ""
+            text += (
+                f", in stage '{prog['stage']}': {prog['done']}{total} {unit} done in "
+                f"{prog['stage_s']:.0f} s"
+                + (f" = {rate:.2f} {unit}/s measured" if rate else "")
+                + (f", {prog['total'] - prog['done']} {unit} left" if prog.get("total") else "")
+                + f" (the stage began {prog['phase_s'] - prog['stage_s']:.0f} s after the "
+                "measured phase started; the rest of the cap went to the child's imports, model "
+                "build and input loading; progress recorded every ~2 s)"
+            )
+        parts.append(text)
+    return "; ".join(parts) + "."
+
+
+def render_default_path(doc: dict[str, Any]) -> str:
+    """The default-path section of RESULTS.md (markers included)."""
+    m, a = doc["machine"], doc["args"]
+    results = doc["results"]
+    peer_v = next(
+        (
+            r["peer"]["versions"]
+            for r in results
+            if r.get("peer", {}).get("versions") and r["peer"]["versions"].get("anomalib_version")
+        ),
+        None,
+    )
+    out = [
+        DP_START,
+        "## Default path at real size: ours vs anomalib (`run_benchmarks.py --default-path`, "
+        "issue #9)",
+        "",
+        f"{doc['date']}; {m['cores']} cores ({m['cpu']}; bfloat16 dot products: "
+        f"{'yes' if doc.get('cpu_bf16') else 'no'}, so ours' `search_precision='auto'` "
+        f"resolved to {doc.get('ours_search_precision')}), {m['memory_gib']} GiB, no GPU; "
+        f"load average (1/5/15 min) {doc['load_start']} at the start and "
+        f"{doc.get('load_end', 'n/a')} at the end (per set below). "
+        "Torch threads per child (both systems) and the per-phase cap: per set below.",
+        f"Ours: patchcore commit {m['patchcore_commit']}, torch {m['torch']}. "
+        + (
+            f"Peer: anomalib {peer_v['anomalib_version']} (`PatchcoreModel` + "
+            f"`KCenterGreedy`), torch {peer_v['torch_version']}, timm {peer_v['timm_version']} "
+            f"(`{peer_v['timm_model']}`), with the same efficientnet-lite0 ImageNet weights "
+            "(saved from our extractor, keys remapped)."
+            if peer_v
+            else "Peer: not run."
+        ),
+        "Commands: "
+        + "; ".join(f"`{c.replace(' --no-write', '')}`" for c in doc["commands"])
+        + f" ({sum(r['wall_s'] for r in results) / 60:.0f} min in all).",
+        "",
+        "Settings. Ours: `PatchCore()` as shipped (coreset_ratio 0.01, sampling 'greedy' = "
+        "the chunked linear-time greedy coreset, search_precision 'auto', feature_dtype "
+        "float16, 9 neighbours, batch 8, image_size None = native)"
+        + (f", plus {a['ours_params']}" if a.get("ours_params", "{}") != "{}" else "")
+        + f". anomalib: coreset_sampling_ratio {a['peer_ratio']}, {a['neighbors']} neighbours, "
+        f"batch {a['batch_size']}, layers as ours. Inputs: native resolution, no resize; "
+        f"{a['train']} training images per set (seeded draw from train/good, seed "
+        f"{a['seed']}, the same for both), "
+        + ("every test image" if a.get("test") is None else f"{a['test']} test images")
+        + "; decoded once by our code and saved as a list of per-image tensors (ours in "
+        "[0, 1], the peer's normalised with the same mean/std; each fit or score child loads "
+        "only its own images). Varying sizes "
+        "(magnetic_tile): each image keeps its size and both systems batch runs of "
+        "consecutive same-size images, in the draw's order (so magnetic_tile is scored "
+        "and fitted almost entirely at batch 1; batch counts per set below). One run per "
+        "system, ours first; each phase (fit, score) is a fresh process; peak memory = that "
+        "process's `VmHWM` (peak RSS since its exec: runtime, model and inputs included). "
+        "`ru_maxrss` is also listed but is not comparable: Linux keeps it across execve, so "
+        "it starts at the forking parent's RSS (the harness for ours, anomalib's runner "
+        "for anomalib); values marked † are `ru_maxrss` because that run predates the "
+        "VmHWM record. Fit time = feature extraction "
+        "+ coreset. ms/image batched = one pass over every test image / count; batch 1 = the "
+        f"first {a['latency_images']} test images one at a time. Per-phase cap "
+        "--peer-cap-s (per set below; both systems); a capped phase reports the cap and the rate "
+        "measured from the child's progress records. MALLOC_MMAP_THRESHOLD_ (the harness's "
+        "guard against glibc heap growth in anomalib's coreset) set for both fit children, "
+        "per set below; scoring with glibc defaults. Coverage radius not computed here.",
+        "",
+        "| set | fit s ours | fit s anomalib | ours / anomalib | ms/image batched ours | "
+        "anomalib | ours / anomalib | fit peak MiB ours | anomalib | ours / anomalib | "
+        "image AUROC ours | anomalib |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(who: dict[str, Any], key: str, fmt: str) -> str:
+        v = who.get(key)
+        if v is not None:
+            return fmt.format(v) + (" †" if who.get(f"{key[:-3]}_is_maxrss") else "")
+        capped = who.get("capped") or {}
+        score_key = key in (
+            "ms_batch1",
+            "ms_batched",
+            "score_peak_mb",
+            "score_maxrss_mb",
+            "accuracy",
+        )
+        if "fit_capped" in capped or ("score_capped" in capped and score_key):
+            return "capped"
+        return "n/a"
+
+    for r in results:
+        o, p = r["ours"], r.get("peer", {})
+        oa, pa = o.get("accuracy", {}), p.get("accuracy", {})
+        out.append(
+            f"| {r['set']} | {cell(o, 'fit_s', '{:.1f}')} | {cell(p, 'fit_s', '{:.1f}')} | "
+            f"{_ratio(o.get('fit_s'), p.get('fit_s'), '{:.3f}')} | "
+            f"{cell(o, 'ms_batched', '{:.1f}')} | {cell(p, 'ms_batched', '{:.1f}')} | "
+            f"{_ratio(o.get('ms_batched'), p.get('ms_batched'), '{:.3f}')} | "
+            f"{cell(o, 'fit_peak_mb', '{:.0f}')} | {cell(p, 'fit_peak_mb', '{:.0f}')} | "
+            f"{_ratio(o.get('fit_peak_mb'), p.get('fit_peak_mb'), '{:.3f}')} | "
+            f"{_f(oa.get('image_auroc'), '{:.4f}')} | "
+            f"{_f(pa.get('image_auroc'), '{:.4f}') if pa else cell(p, 'accuracy', '')} |"
+        )
+    out.append("")
+    rows = [
+        ("image AUROC", "acc", "image_auroc", "{:.4f}"),
+        ("F1 at the max-F1 threshold", "acc", "f1_max", "{:.4f}"),
+        ("pixel AUROC", "acc", "pixel_auroc", "{:.4f}"),
+        ("AUPRO (FPR <= 0.3)", "acc", "aupro", "{:.4f}"),
+        ("fit s (features + coreset)", "fig", "fit_s", "{:.1f}"),
+        ("fit: feature extraction s", "fig", "feature_s", "{:.1f}"),
+        ("fit: coreset selection s", "fig", "coreset_s", "{:.1f}"),
+        ("score: ms / image, batch 1", "fig", "ms_batch1", "{:.1f}"),
+        ("score: ms / image, batched", "fig", "ms_batched", "{:.1f}"),
+        ("fit: peak RSS of the process (VmHWM), MiB", "fig", "fit_peak_mb", "{:.0f}"),
+        (
+            "fit: peak RSS added over the pre-fit high-water mark, MiB",
+            "fig",
+            "fit_added_mb",
+            "{:.0f}",
+        ),
+        (
+            "fit: peak above the fit's starting RSS, MiB (ours only)",
+            "fig",
+            "fit_phase_mb",
+            "{:.0f}",
+        ),
+        ("score: peak RSS of the process (VmHWM), MiB", "fig", "score_peak_mb", "{:.0f}"),
+        (
+            "fit: ru_maxrss (includes the parent's RSS at fork), MiB",
+            "fig",
+            "fit_maxrss_mb",
+            "{:.0f}",
+        ),
+        (
+            "score: ru_maxrss (includes the parent's RSS at fork), MiB",
+            "fig",
+            "score_maxrss_mb",
+            "{:.0f}",
+        ),
+        ("training patches", "fig", "n_train_patches", "{:.0f}"),
+        ("memory bank rows", "fig", "bank", "{:.0f}"),
+    ]
+    for r in results:
+        counts = ", ".join(f"{k} {v}" for k, v in r["test_counts"].items())
+        o, p = r["ours"], r.get("peer", {})
+        out += [
+            f"### {r['set']}: {r['n_train']} training images, {r['n_test']} test images ({counts})",
+            "",
+            f"Sizes: {r['distinct_sizes']} distinct (H {r['height_range'][0]}-"
+            f"{r['height_range'][1]}, W {r['width_range'][0]}-{r['width_range'][1]}, "
+            f"training median {r['median_size'][0]}x{r['median_size'][1]}); batches: "
+            f"{r['batches_train']} for the {r['n_train']} training images, "
+            f"{r['batches_test']} for the {r['n_test']} test images. Torch threads "
+            f"{r['threads'] or 'torch default'}; cap {r['peer_cap_s']:.0f} s per phase. "
+            "MALLOC_MMAP_THRESHOLD_ "
+            f"{r['mmap_threshold']} bytes. Load average {r['load_start']} at the set's start, "
+            f"{r['load_end']} at its end; {r['wall_s'] / 60:.1f} min.",
+            "",
+            "| metric | ours | anomalib | ours / anomalib |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, kind, key, fmt in rows:
+            if kind == "acc":
+                a_, b_ = o.get("accuracy", {}).get(key), p.get("accuracy", {}).get(key)
+                if a_ is None and b_ is None:
+                    continue
+                rel = "n/a" if a_ is None or b_ is None else f"{a_ - b_:+.4f} (diff)"
+                out.append(
+                    f"| {label} | {_f(a_, fmt)} | "
+                    f"{_f(b_, fmt) if b_ is not None or not p.get('capped') else 'capped'} | "
+                    f"{rel} |"
+                )
+            else:
+                out.append(
+                    f"| {label} | {cell(o, key, fmt)} | {cell(p, key, fmt)} | "
+                    f"{_ratio(o.get(key), p.get(key), '{:.3f}')} |"
+                )
+        out.append("")
+        for who, label in (("ours", "ours"), ("peer", "anomalib")):
+            if r.get(who, {}).get("capped"):
+                out += [_capped_text(label, r[who]["capped"]), ""]
+            if r.get(who, {}).get("error"):
+                out += [f"{label} failed: {json.dumps(r[who]['error'])[:400]}", ""]
+    if doc.get("not_run"):
+        out += [f"Not run: {doc['not_run']}.", ""]
+    out.append(DP_END)
+    return "\n".join(out) + "\n"
+
+
+def main_default_path(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """``--default-path``: the issue #9 comparison; writes default_path.json and its section."""
+    from patchcore.search import cpu_has_bf16, resolve_precision
+
+    results_json = args.out / "default_path.json"
+    if args.render:
+        doc = json.loads(results_json.read_text())
+        for r in doc["results"]:  # figures re-derived from the recorded raw child results
+            for who in ("ours", "peer"):
+                if f"raw_{who}" in r:
+                    keep = {
+                        k: r[who][k] for k in ("accuracy", "versions", "weights") if k in r[who]
+                    }
+                    r[who] = {**_dp_figures(r[f"raw_{who}"]), **keep}
+        write_results_md(render_default_path(doc), DP_START, DP_END)
+        print(f"rewrote the default-path section of {RESULTS_MD}")
+        return
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: real data not found")
+    if not args.no_peer:
+        subprocess.run(
+            ["bash", str(BENCH / "setup_peer.sh")], check=True, stdout=subprocess.DEVNULL
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/run_benchmarks.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    doc: dict[str, Any] = {
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "load_start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": machine_facts(),
+        "cpu_bf16": cpu_has_bf16(),
+        "ours_search_precision": resolve_precision("auto", torch.device("cpu")),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "commands": [command.strip()],
+        "results": [],
+    }
+    if args.append and results_json.is_file():  # keep the other sets of an earlier run
+        old = json.loads(results_json.read_text())
+        old["commands"] = [*old["commands"], command.strip()]
+        old["results"] = [r for r in old["results"] if r["set"] not in args.sets]
+        doc = old
+    for name in args.sets:
+        print(f"{name}:", flush=True)
+        doc["results"].append(run_default_path_set(name, args))
+        doc["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        results_json.write_text(json.dumps(doc, indent=1, default=str))
+        section = render_default_path(doc)  # after every set: a partial run still renders
+        if not args.no_write:
+            write_results_md(section, DP_START, DP_END)
+    print(render_default_path(doc))
+    if not args.no_write:
+        print(f"wrote the default-path section of {RESULTS_MD}")
 
 
 # ------------------------------------------------------------------------------ main
@@ -1087,7 +1594,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--sets", nargs="+", default=list(ALL_SETS), choices=ALL_SETS)
     ap.add_argument("--image-size", type=int, default=224, help="square size for both systems")
-    ap.add_argument("--train", type=int, default=20, help="training images per set and run")
+    ap.add_argument(
+        "--train",
+        type=int,
+        default=None,
+        help="training images per set and run (default 20; 100 with --default-path)",
+    )
     ap.add_argument(
         "--test", type=int, default=None, help="test images per set (stratified; default all)"
     )
@@ -1155,7 +1667,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="skip the opt-in bfloat16-backbone rows (ours with backbone_dtype='bfloat16')",
     )
-    ap.add_argument("--out", type=Path, default=OUT, help="work folder and results.json")
+    ap.add_argument(
+        "--default-path",
+        action="store_true",
+        help="issue #9: native resolution, --train 100, every test image, ours at PatchCore()'s "
+        "defaults, anomalib at --peer-ratio; own section of RESULTS.md (default-path markers)",
+    )
+    ap.add_argument(
+        "--peer-cap-s",
+        type=float,
+        default=1800.0,
+        help="--default-path: wall-clock cap per phase (fit, score) and system; a capped "
+        "anomalib phase reports its measured rate",
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="--default-path: keep the other sets of the existing default_path.json",
+    )
+    ap.add_argument(
+        "--peer-ratio", type=float, default=0.01, help="--default-path: anomalib's coreset ratio"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="work folder and results.json (default benchmarks/out/bench; "
+        "--default-path: benchmarks/out/default_path)",
+    )
     ap.add_argument("--no-peer", action="store_true", help="run ours only")
     ap.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     ap.add_argument(
@@ -1163,11 +1702,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only rewrite the RESULTS.md section from results.json",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.train is None:
+        args.train = 100 if args.default_path else 20
+    if args.out is None:
+        args.out = DP_OUT if args.default_path else OUT
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.default_path:
+        main_default_path(args, argv)
+        return
     results_json = args.out / "results.json"
     if args.render:
         write_results_md(render(json.loads(results_json.read_text())))

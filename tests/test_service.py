@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import re
@@ -461,3 +462,18 @@ def test_create_app_argument_errors(model, tmp_path):
         create_app(bare)
     app = create_app(bare, threshold=1.5)
     assert app.state.service.threshold == 1.5
+
+
+def test_heatmap_colours_use_the_range_chosen_at_calibration(model):
+    from patchcore.service import ServiceLimits, _Service
+
+    det = copy.deepcopy(model[1])
+    fallback = _Service(det, ServiceLimits(), None, None, None)
+    fallback.detector = det
+    t = float(det.threshold_)
+    assert fallback.display_range() == pytest.approx((0.5 * t, 1.25 * t))
+    det.metadata_ = {**det.metadata_, "display_range": [1.5, 9.0]}  # as calibrate stores it
+    assert fallback.display_range() == (1.5, 9.0)  # the CLI's and report's colours
+    given = _Service(det, ServiceLimits(), None, None, (0.0, 2.0))
+    given.detector = det
+    assert given.display_range() == (0.0, 2.0)  # an explicit range still wins

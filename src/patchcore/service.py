@@ -426,6 +426,10 @@ class _Service:
         """Map values shown as the coldest / hottest colour: fixed, so colours compare."""
         if self.display_range_arg is not None:
             return self.display_range_arg
+        assert self.detector is not None
+        stored = self.detector.metadata_.get("display_range")  # chosen once, at calibration
+        if stored:  # the same colours as the CLI's heatmaps and the report
+            return float(stored[0]), float(stored[1])
         t = self.threshold
         lo, hi = DISPLAY_RANGE_FACTORS
         return (lo * t, hi * t) if t > 0 else (t - 1.0, t + 1.0)

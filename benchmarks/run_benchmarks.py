@@ -114,6 +114,36 @@ def native_size(ds: ImageDataset) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _peer_spec(
+    args: argparse.Namespace,
+    spec: Any,
+    layers: list[str],
+    work: Path,
+    mmap_threshold: int | None,
+    image_size: list[int] | None,
+    ratio: float,
+) -> dict[str, Any]:
+    """The peer runner's settings shared by the default comparison and the default-path mode."""
+    return {
+        "train_paths": [],
+        "test_paths": [],
+        "image_size": image_size,
+        "backbone": PEER_BACKBONE[args.backbone],
+        "layers": layers,
+        "coreset_ratio": ratio,
+        "num_neighbors": args.neighbors,
+        "weights": str(work / "weights.pt"),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "repeats": 1,
+        "latency_images": args.latency_images,
+        "num_threads": args.threads or None,
+        "malloc_mmap_threshold": mmap_threshold or None,
+    }
+
+
 def prepare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Per run: inputs_r{r}.pt ([0, 1]) and peer_inputs_r{r}.pt (normalised); weights, config."""
     n_train = None if args.full else args.train
@@ -160,24 +190,15 @@ def prepare(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     (work / "config.json").write_text(json.dumps(config))
     (work / "config_bf16.json").write_text(json.dumps({**config, "backbone_dtype": "bfloat16"}))
-    peer_spec = {
-        "train_paths": [],
-        "test_paths": [],
-        "image_size": [args.image_size, args.image_size],
-        "backbone": PEER_BACKBONE[args.backbone],
-        "layers": layers,
-        "coreset_ratio": args.coreset_ratio,
-        "num_neighbors": args.neighbors,
-        "weights": str(work / "weights.pt"),
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "repeats": 1,
-        "latency_images": args.latency_images,
-        "num_threads": args.threads or None,
-        "malloc_mmap_threshold": mmap_threshold or None,
-    }
+    peer_spec = _peer_spec(
+        args,
+        spec,
+        layers,
+        work,
+        mmap_threshold,
+        [args.image_size, args.image_size],
+        args.coreset_ratio,
+    )
     (work / "peer_spec.json").write_text(json.dumps(peer_spec))
     return {
         "train": train,
@@ -1148,23 +1169,8 @@ def prepare_default_path(name: str, args: argparse.Namespace, work: Path) -> dic
     # Ours: PatchCore()'s defaults; only --ours-params (default none) is passed.
     config = json.loads(args.ours_params)
     (work / "config.json").write_text(json.dumps(config))
-    peer_spec = {
-        "train_paths": [],
-        "test_paths": [],
-        "image_size": None,  # native sizes, from the tensors file
-        "backbone": PEER_BACKBONE[args.backbone],
-        "layers": layers,
-        "coreset_ratio": args.peer_ratio,
-        "num_neighbors": args.neighbors,
-        "weights": str(work / "weights.pt"),
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "repeats": 1,
-        "latency_images": args.latency_images,
-        "num_threads": args.threads or None,
-        "malloc_mmap_threshold": mmap_threshold or None,
+    peer_spec = {  # native sizes, from the tensors file
+        **_peer_spec(args, spec, layers, work, mmap_threshold, None, args.peer_ratio),
         "phase_cap_s": args.peer_cap_s,
         "coverage": False,
     }

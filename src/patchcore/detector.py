@@ -52,8 +52,8 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         image_size: resize every image to this (int = square, or (H, W)); ``None`` keeps size.
         scale: resize by this factor instead (MATLAB's reference uses 0.4).
         coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]. The
-            default 0.01 with every training image was measured best per millisecond on all
-            shared sets (benchmarks/RESULTS.md, "Defaults on full data").
+            default 0.01 with every training image reached the exact greedy's 1 % image AUROC
+            on every shared set (benchmarks/RESULTS.md, "Defaults on full data").
         max_bank_size: cap on the memory bank's rows (``None``: no cap). The default 16,384
             leaves the shared sets' 1 % banks alone but deeppcb's (25,600 rows from 2.56 M
             patches): its image AUROC was 0.921 at 12,800 rows and 0.918 at 25,600, while

@@ -19,6 +19,8 @@ maximum, so image scores stay exact while the per-patch map values carry the bfl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -38,6 +40,7 @@ CPU_MAX_BLOCK_BYTES = 8 * 2**20  # on CPU: cache-sized blocks are faster (and ne
 MIN_CPU_BLOCK_ROWS = 64  # ... but with a big bank at least this many queries per block
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bfloat16 dot products (AVX-512 BF16 or AMX), per cpuinfo."""
     try:

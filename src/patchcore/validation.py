@@ -22,13 +22,10 @@ def validate_params(det: Any) -> None:
     if det.max_bank_size is not None and int(det.max_bank_size) < 1:
         raise ValueError(f"max_bank_size must be >= 1 or None, got {det.max_bank_size!r}")
     if det.feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(
-            f"feature_dtype must be 'float16' or 'float32', got {det.feature_dtype!r}"
-        )
+        raise ValueError(f"feature_dtype must be 'float16' or 'float32', got {det.feature_dtype!r}")
     if det.backbone_dtype not in BACKBONE_DTYPES:
         raise ValueError(
-            "backbone_dtype must be 'float32', 'bfloat16' or 'float16', got "
-            f"{det.backbone_dtype!r}"
+            f"backbone_dtype must be 'float32', 'bfloat16' or 'float16', got {det.backbone_dtype!r}"
         )
     if det.projection_dim is not None and int(det.projection_dim) < 1:
         raise ValueError(f"projection_dim must be >= 1 or None, got {det.projection_dim!r}")

@@ -114,6 +114,30 @@ def native_size(ds: ImageDataset) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _score_cmd(
+    runner: list[str],
+    inputs: str,
+    model: Path,
+    score_json: Path,
+    args: argparse.Namespace,
+    maps: Path,
+) -> list[str]:
+    """The scoring child's command line (ours_runner.py or peer_anomalib.py ``score``)."""
+    return [
+        *runner,
+        "score",
+        str(inputs),
+        str(model),
+        str(score_json),
+        "--batch-size",
+        str(args.batch_size),
+        "--latency-images",
+        str(args.latency_images),
+        "--maps",
+        str(maps),
+    ]
+
+
 def _peer_spec(
     args: argparse.Namespace,
     spec: Any,
@@ -296,19 +320,7 @@ def run_ours(
     fit_json, score_json = work / f"{tag}_fit_r{r}.json", work / f"{tag}_score_r{r}.json"
     inputs = str(work / f"inputs_r{r}.pt")
     _, cpu_fit = _call([*runner, "fit", inputs, str(config), str(model), str(fit_json)], env, log)
-    score_cmd = [
-        *runner,
-        "score",
-        inputs,
-        str(model),
-        str(score_json),
-        "--batch-size",
-        str(args.batch_size),
-        "--latency-images",
-        str(args.latency_images),
-        "--maps",
-        str(work / f"{tag}_maps_r{r}.npy"),
-    ]
+    score_cmd = _score_cmd(runner, inputs, model, score_json, args, work / f"{tag}_maps_r{r}.npy")
     _, cpu_score = _call(score_cmd, _score_env(env), log)
     out = json.loads(fit_json.read_text())
     out.update(json.loads(score_json.read_text()))
@@ -1212,19 +1224,7 @@ def run_ours_default(
     except subprocess.TimeoutExpired:
         return {"fit_capped": {"cap_s": args.peer_cap_s}}
     out.update(json.loads(fit_json.read_text()))
-    score_cmd = [
-        *runner,
-        "score",
-        test_file,
-        str(model),
-        str(score_json),
-        "--batch-size",
-        str(args.batch_size),
-        "--latency-images",
-        str(args.latency_images),
-        "--maps",
-        str(work / "ours_maps.npz"),
-    ]
+    score_cmd = _score_cmd(runner, test_file, model, score_json, args, work / "ours_maps.npz")
     try:
         wall_score, _ = _call(score_cmd, _score_env(env), log, timeout=args.peer_cap_s)
     except subprocess.TimeoutExpired:

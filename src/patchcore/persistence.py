@@ -17,7 +17,11 @@ version) with a message naming the file and the field.
 
 Files are read with ``torch.load(weights_only=True)``: no pickled code runs. ``feature_dtype``
 is absent from files written before it existed (read as ``"float32"``); ``backbone_dtype`` is left
-out of the config when it is the default, so older readers can load the file.
+out of the config when it is the default, so older readers can load the file. The optional state
+entries ``calibration`` and ``normalization`` are left out when None (older readers ignore them);
+a file with a threshold but no ``normalization`` (written before it existed) gets the hand-set
+mapping ``fit_normalization(None, threshold)``, as ``set_threshold`` gives; a stored one is
+checked with ``check_mapping`` and must map the file's threshold to 0.5.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 from ._util import one_line
 from .backbones import BACKBONE_DTYPES, FeatureExtractor
+from .normalization import check_mapping, fit_normalization
 from .state import FittedState
 
 if TYPE_CHECKING:
@@ -63,7 +68,11 @@ _STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are 
     "fit_seconds",
     "feature_dtype",
     "metadata",
+    "calibration",
+    "normalization",
 )
+#: Optional "state" entries: left out of the file when None (older files lack them).
+_OPTIONAL_STATE = ("calibration", "normalization")
 
 
 _KEYS = ("format", "format_version", "config", "memory_bank", "backbone_state", "state")
@@ -131,7 +140,11 @@ def save(det: PatchCore, path: str | os.PathLike) -> Path:
         "config": config(det),
         "memory_bank": state.memory_bank.cpu(),
         "backbone_state": {k: v.cpu() for k, v in det.extractor_.state_dict().items()},
-        "state": {k: getattr(state, k) for k in _STATE_KEYS},
+        "state": {
+            k: getattr(state, k)
+            for k in _STATE_KEYS
+            if not (k in _OPTIONAL_STATE and getattr(state, k) is None)
+        },
     }
     payload["digest"] = {"algorithm": "sha256", "value": digest(payload)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +274,21 @@ def _check_types(path: Path, payload: dict[str, Any]) -> None:
     md = saved.get("metadata")
     if md is not None and not isinstance(md, dict):
         raise bad(f"state 'metadata' is a {type(md).__name__}, not a mapping")
+    c = saved.get("calibration")
+    if c is not None and not isinstance(c, dict):
+        raise bad(f"state 'calibration' is a {type(c).__name__}, not a mapping")
+    if "normalization" in saved:
+        if t is None:
+            raise bad("state 'normalization' is stored without a threshold")
+        try:
+            mapping = check_mapping(saved["normalization"])
+        except ValueError as exc:
+            raise bad(f"state {exc}") from None
+        if mapping["threshold"] != t:
+            raise bad(
+                f"state 'normalization' maps threshold {mapping['threshold']!r} to 0.5, but "
+                f"the threshold is {t!r}"
+            )
 
 
 def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = None) -> PatchCore:
@@ -290,6 +318,15 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
             fit_seconds=saved["fit_seconds"],
             threshold=saved["threshold"],
             threshold_method=saved["threshold_method"],
+            calibration=saved.get("calibration"),
+            # files written before normalised scores: the hand-set mapping [0, t, 2t]
+            normalization=(
+                check_mapping(saved["normalization"])
+                if "normalization" in saved
+                else None
+                if saved["threshold"] is None
+                else fit_normalization(None, saved["threshold"])
+            ),
             metadata=dict(saved.get("metadata") or {}),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as exc:

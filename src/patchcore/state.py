@@ -36,7 +36,14 @@ class FittedState:
         coreset_seconds: time of the coreset step.
         fit_seconds: both together.
         threshold: the verdict threshold (score >= threshold = anomalous), None until set.
-        threshold_method: how ``threshold`` was chosen (``"max_f1"``, ``"manual"``, ...).
+        threshold_method: how ``threshold`` was chosen (``"max_f1"``, ``"conformal"``,
+            ``"manual"``, ...).
+        calibration: facts of that choice, JSON-able, or None: for ``"conformal"`` the
+            requested false-alarm rate and the held-out normal images it rests on
+            (``max_fpr``, ``n``, ``rank``, ``fpr_bounds``, ``calibration_fpr``); for a labelled
+            calibration ``n_normal``, ``n_anomalous`` and the bounds asked.
+        normalization: the mapping of raw scores onto [0, 1] with ``threshold`` at 0.5
+            (:mod:`patchcore.normalization`), set with every threshold; None without one.
         metadata: plain JSON-able facts a caller stores with the model (data spec, names...).
         skipped: training inputs that could not be read (not saved).
     """
@@ -51,6 +58,8 @@ class FittedState:
     fit_seconds: float
     threshold: float | None = None
     threshold_method: str | None = None
+    calibration: dict[str, Any] | None = None
+    normalization: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -70,6 +79,8 @@ class FittedState:
             "feature_dim": int(self.memory_bank.shape[1]),
             "threshold": self.threshold,
             "threshold_method": self.threshold_method,
+            "calibration": self.calibration,
+            "normalization": self.normalization,
             "fit_seconds": round(float(self.fit_seconds), 3),
         }
 
@@ -103,6 +114,8 @@ class FittedAttributes:
     threshold_method_ = _view("threshold_method", "How it was chosen.", settable=True)
     metadata_ = _view("metadata", "Facts stored with the model (JSON-able).", settable=True)
     feature_dtype_ = _view("feature_dtype", "How the training features were held in fit.")
+    calibration_ = _view("calibration", "Facts of the threshold's choice (dict), or None.")
+    normalization_ = _view("normalization", "Raw -> [0, 1] score mapping (dict), or None.")
 
     @property
     def skipped_(self) -> list[tuple[str, str]]:

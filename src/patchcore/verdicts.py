@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .normalization import fit_normalization, normalize
 from .results import Classification
 from .state import NotFittedError
 
@@ -130,13 +131,48 @@ class VerdictMixin:
         return Classification(r.scores >= t, r.scores, r.maps)  # type: ignore[arg-type]
 
     def set_threshold(self, value: float, method: str = "manual") -> Any:
-        """Set ``threshold_`` by hand."""
+        """Set ``threshold_`` by hand; the normalised scores then map [0, 2 x value] onto
+        [0, 1] (no calibration scores to spread them by)."""
         self._check_fitted("set_threshold")
         if not math.isfinite(float(value)):
             raise ValueError(f"threshold must be a finite number, got {value!r}")
-        self.state_.threshold = float(value)
-        self.state_.threshold_method = method
+        self._set_threshold(float(value), method, None, fit_normalization(None, float(value)))
         return self
+
+    def _set_threshold(
+        self, t: float, method: str, calibration: dict[str, Any] | None, mapping: dict[str, Any]
+    ) -> None:
+        """Install a threshold with its calibration facts and normalisation (all together)."""
+        self.state_.threshold = t
+        self.state_.threshold_method = method
+        self.state_.calibration = calibration
+        self.state_.normalization = mapping
+
+    def normalize(self, scores: Any) -> np.ndarray:
+        """Normalised scores: raw ``scores`` (or maps) mapped onto [0, 1] with the threshold at
+        0.5, linear on each side between the lowest / highest calibration score and the
+        threshold, clipped outside (see :mod:`patchcore.normalization`).
+
+        A display *mapping*, not a probability; ``normalized >= 0.5`` exactly when
+        ``raw >= threshold_``. NaN stays NaN.
+
+        Args:
+            scores: raw scores or maps, any shape.
+        Returns:
+            float64 array of the same shape.
+        Raises:
+            NotFittedError: no threshold yet.
+            ValueError: the stored mapping belongs to another threshold (``threshold_`` was
+                assigned directly); call ``set_threshold`` or calibrate instead.
+        """
+        t = self._check_threshold("normalize")
+        mapping = self.state_.normalization
+        if mapping is None or float(mapping.get("threshold", math.nan)) != t:
+            raise ValueError(
+                f"the stored score normalisation does not belong to threshold_ = {t!r} "
+                "(assigned directly?); use set_threshold(value) or calibrate to change it"
+            )
+        return normalize(scores, mapping)
 
     def calibrate(
         self,
@@ -160,8 +196,56 @@ class VerdictMixin:
         if len(s) != len(y):
             raise ValueError(f"{len(s)} images but {len(y)} labels")
         ok = np.isfinite(s)
-        self.state_.threshold = float(
-            anomaly_threshold(y[ok], s[ok], method=method, max_fpr=max_fpr, max_fnr=max_fnr)
+        t = float(anomaly_threshold(y[ok], s[ok], method=method, max_fpr=max_fpr, max_fnr=max_fnr))
+        facts = {
+            "n_normal": int((y[ok] == 0).sum()),
+            "n_anomalous": int((y[ok] != 0).sum()),
+            "max_fpr": None if max_fpr is None else float(max_fpr),
+            "max_fnr": None if max_fnr is None else float(max_fnr),
+        }
+        self._set_threshold(t, method, facts, fit_normalization(s[ok], t))
+        return self
+
+    def calibrate_normal(
+        self,
+        images: Any,
+        *,
+        max_fpr: float,
+        scores: np.ndarray | None = None,
+        progress: bool | None = None,
+    ) -> Any:
+        """Choose ``threshold_`` from normal images alone, for a false-alarm rate ``max_fpr``.
+
+        Split conformal (:mod:`patchcore.conformal`): with the ``n`` scores of ``images``, the
+        threshold sits just above the ``ceil((n + 1)(1 - max_fpr))``-th smallest. If the
+        images are exchangeable with the normal images the line will produce (the same
+        process, never used to fit this model), the expected false-alarm rate on them is at
+        most ``max_fpr`` (and at least ``max_fpr - 1/(n+1)``). ``threshold_method_`` becomes
+        ``"conformal"`` and ``calibration_`` holds ``max_fpr``, ``n``, ``rank``,
+        ``fpr_bounds`` and ``calibration_fpr``.
+
+        A separate method rather than ``calibrate(images, labels=None)``: it takes no labels
+        and no threshold method, needs a rate, and fails in its own way (too few images).
+
+        Args:
+            images: held-out normal images (not the fitting ones); any input ``score`` takes.
+            max_fpr: the false-alarm rate, in (0, 1).
+            scores: (n,) their scores, to reuse a pass already made; all must be finite.
+            progress: progress bar while scoring.
+
+        Raises:
+            TooFewNormalImagesError: fewer than ``1 / max_fpr - 1`` images; it says how many.
+            ValueError: a rate outside (0, 1), or non-finite scores (fails closed).
+        """
+        from .conformal import conformal_threshold
+
+        self._check_fitted("calibrate_normal")
+        if scores is None:
+            s = self.score(images, progress=progress).scores
+        else:
+            s = np.asarray(scores, dtype=np.float64)
+        c = conformal_threshold(s, max_fpr)
+        self._set_threshold(
+            c.threshold, "conformal", c.as_dict(), fit_normalization(s, c.threshold)
         )
-        self.state_.threshold_method = method
         return self

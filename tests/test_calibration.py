@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import textured
 
 from patchcore.conformal import TooFewNormalImagesError
 from patchcore.detector import ModelFileError, NotFittedError, PatchCore
 from patchcore.normalization import fit_normalization
-from tests.conftest import textured
 
 
 @pytest.fixture(scope="module")

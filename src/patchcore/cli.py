@@ -385,18 +385,32 @@ def calibrate(
     model: ModelArg,
     data: DataArg,
     method: Annotated[
-        Method,
-        typer.Option(help="Threshold choice (MATLAB anomalyThreshold's methods)."),
-    ] = Method.max_f1,
+        Method | None,
+        typer.Option(
+            help="Threshold choice (MATLAB anomalyThreshold's methods) [default: max_f1].",
+            show_default=False,
+        ),
+    ] = None,
     max_fpr: Annotated[
         float | None,
         typer.Option(
             "--max-fpr",
-            help="Only thresholds with a calibration false positive rate at most this.",
+            help="Only thresholds with a calibration false positive rate at most this; with "
+            "--normal-only, the false-alarm rate to guarantee.",
             callback=_rate,
             show_default=False,
         ),
     ] = None,
+    normal_only: Annotated[
+        bool,
+        typer.Option(
+            "--normal-only",
+            help="Choose the threshold from DATA's normal images that were not fitted on "
+            "(train/good, or a folder of normal images), for the false-alarm rate --max-fpr "
+            "(split conformal: expected rate <= it on normals like these). No defective "
+            "images needed; labelled test images stay held out for `evaluate`.",
+        ),
+    ] = False,
     calibration_fraction: Annotated[
         float,
         _fraction_option(
@@ -410,16 +424,27 @@ def calibrate(
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """Choose the threshold on half of DATA's test images; store it and the split in MODEL."""
+    """Choose the threshold on half of DATA's test images; store it and the split in MODEL.
+
+    With --normal-only --max-fpr RATE: from DATA's held-out normal images alone.
+    """
     from . import workflow
 
+    if normal_only:
+        with _errors():
+            if max_fpr is None or method is not None:
+                raise workflow.WorkflowError(
+                    "--normal-only needs --max-fpr RATE (e.g. 0.01) and takes no --method"
+                )
+        _calibrate_normal(model, data, max_fpr, device, quiet)
+        return
     s = _with_bar(
         "calibrate",
         quiet,
         workflow.calibrate_model,
         model,
         data,
-        method=method.value,
+        method=(method or Method.max_f1).value,
         max_fpr=max_fpr,
         calibration_fraction=calibration_fraction,
         seed=seed,
@@ -447,6 +472,51 @@ def calibrate(
         typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"Model updated: {s.model_path}")
     typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
+
+
+def _calibrate_normal(model: Path, data: str, max_fpr: float, device: str, quiet: bool) -> None:
+    """``calibrate --normal-only``: run and print :func:`workflow.calibrate_normal_model`."""
+    from . import workflow
+
+    s = _with_bar(
+        "calibrate",
+        quiet,
+        workflow.calibrate_normal_model,
+        model,
+        data,
+        max_fpr=max_fpr,
+        device=_device(device),
+    )
+    lo, hi = s.fpr_bounds
+    typer.echo(
+        f"Threshold {s.threshold:.6g} (conformal, false-alarm rate <= {s.max_fpr:g}) chosen "
+        f"on {s.normal_images} held-out normal images of {s.data}"
+    )
+    typer.echo(
+        f"  just above score {s.rank} of {s.normal_images} (ascending); a rate of {s.max_fpr:g} "
+        f"needs >= {s.images_needed} normal images ({s.fitting_images_left_out} fitting "
+        "images left out)"
+    )
+    typer.echo(
+        f"  expected false-alarm rate on new normal images like these: {lo:.4f}-{hi:.4f} "
+        f"(on the calibration images: {s.calibration_fpr:.4f}); drifted images void it"
+    )
+    typer.echo(
+        f"  held out for evaluate: {s.test_images} labelled images"
+        if s.test_images
+        else "  no labelled test images held out (evaluate needs DATA/test/good and defects)"
+    )
+    typer.echo(
+        f"  heatmap display range: [{s.display_range[0]:.4g}, {s.display_range[1]:.4g}] "
+        f"(min, 0.7 x max over the calibration maps)"
+    )
+    typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
+    _echo_skipped(s.skipped)
+    for w in s.warnings:
+        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(f"Model updated: {s.model_path}")
+    if s.test_images:
+        typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 
 
 @app.command()
@@ -528,6 +598,9 @@ def predict(
 ) -> None:
     """Score images: verdict, score and (with --heatmaps) an overlay per image.
 
+    "normalized" is the score mapped onto [0, 1] with the threshold at 0.5, linear between the
+    lowest / highest calibration score and the threshold (a mapping, not a probability).
+
     Folders stream in chunks with a progress bar on stderr. Unreadable or missing files get the
     verdict "error" with the reason and do not stop the run; the exit code is 1 only when no
     file at all could be read.
@@ -584,7 +657,7 @@ class _Writer:
             self._emit(json.dumps(p.as_dict()), bar)
             return
         if self.fmt is Format.csv:
-            fields = ["path", "verdict", "score", "threshold", "heatmap", "error"]
+            fields = ["path", "verdict", "score", "normalized", "threshold", "heatmap", "error"]
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="")
             if not self.started:
@@ -598,13 +671,14 @@ class _Writer:
             self._emit(buf.getvalue(), bar)
             return
         if not self.started:
-            self._emit(f"{'verdict':<10} {'score':>10}  path", bar)
+            self._emit(f"{'verdict':<10} {'score':>10} {'normalized':>10}  path", bar)
             self.started = True
         score = f"{p.score:.4f}" if p.score is not None else "-"
+        norm = f"{p.normalized:.3f}" if p.normalized is not None else "-"
         tail = f"  -> {p.heatmap}" if p.heatmap else ""
         if p.error:
             tail = f"  ({p.error})"
-        self._emit(f"{p.verdict:<10} {score:>10}  {p.path}{tail}", bar)
+        self._emit(f"{p.verdict:<10} {score:>10} {norm:>10}  {p.path}{tail}", bar)
 
 
 @app.command()

@@ -10,7 +10,9 @@ parses arguments, calls one of them and prints what it returns. One module per s
   fraction of) the normal training images and saves it.
 - :mod:`.calibrate`: :func:`calibrate_model` splits the labelled test images per label into a
   calibration half and a held-out half, chooses the threshold on the calibration half and
-  remembers the split and a common heatmap display range in the model file.
+  remembers the split and a common heatmap display range in the model file;
+  :func:`calibrate_normal_model` chooses it from normal images alone (split conformal, a
+  requested false-alarm rate), leaving every labelled image for ``evaluate``.
 - :mod:`.evaluate`: :func:`evaluate_model` scores exactly the held-out half (never a
   calibration image), computes the metrics and writes ``metrics.json``;
   :mod:`.reporting` writes the HTML report.
@@ -28,7 +30,14 @@ stored in ``PatchCore.metadata_`` (see :mod:`.model`).
 
 from __future__ import annotations
 
-from .calibrate import CalibrationSummary, calibrate_detector, calibrate_model
+from .calibrate import (
+    CalibrationSummary,
+    NormalCalibrationSummary,
+    calibrate_detector,
+    calibrate_model,
+    calibrate_normal_model,
+    held_out_normals,
+)
 from .data import (
     ELPV,
     DataSource,
@@ -64,18 +73,21 @@ __all__ = [
     "DemoResult",
     "Evaluation",
     "FitSummary",
+    "NormalCalibrationSummary",
     "Prediction",
     "ProgressFn",
     "WorkflowError",
     "available_train_images",
     "calibrate_detector",
     "calibrate_model",
+    "calibrate_normal_model",
     "evaluate_detector",
     "evaluate_model",
     "expand_inputs",
     "fit_detector",
     "fit_model",
     "held_out_images",
+    "held_out_normals",
     "labelled_images",
     "load_model",
     "model_card",

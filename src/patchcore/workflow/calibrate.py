@@ -1,4 +1,5 @@
-"""Calibrate: split labelled images per label, choose the threshold on the calibration part.
+"""Calibrate: split labelled images per label, choose the threshold on the calibration part;
+or, with normal images only, a split-conformal threshold for a requested false-alarm rate.
 
 The split (names), the data spec and the heatmap display range are stored in the model's
 ``metadata_`` so that ``evaluate`` scores exactly the held-out part.
@@ -6,6 +7,7 @@ The split (names), the data spec and the heatmap display range are stored in the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -19,8 +21,10 @@ from .._util import check_fraction
 from ..datasets import ImageDataset
 from ..detector import PatchCore
 from .data import (
+    DataSource,
     ProgressFn,
     WorkflowError,
+    available_train_images,
     labelled_images,
     resolve_data,
     split_for_calibration,
@@ -244,3 +248,184 @@ def calibrate_model(
     )
     summary.model_path = str(det.save(model))
     return summary
+
+
+@dataclass
+class NormalCalibrationSummary:
+    """What :func:`calibrate_normal_model` did (normal images only, split conformal)."""
+
+    model_path: str
+    data: str
+    threshold: float
+    max_fpr: float
+    normal_images: int
+    rank: int
+    fpr_bounds: tuple[float, float]
+    calibration_fpr: float
+    images_needed: int
+    fitting_images_left_out: int
+    test_images: int
+    display_range: tuple[float, float]
+    seconds: float
+    ms_per_image: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _file_digest(path: Any) -> str | None:
+    """SHA-256 of a file's bytes, None if it is not a readable file."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except (OSError, TypeError):
+        return None
+    return h.hexdigest()
+
+
+def held_out_normals(det: PatchCore, source: DataSource) -> tuple[ImageDataset, int, list[str]]:
+    """``source``'s normal images that were not used to fit ``det``.
+
+    Same data spec as the fit: left out by the recorded training names. Another spec: left
+    out by content (SHA-256 of the file bytes against the recorded training files), so a copy
+    of a fitting image under another name is caught too.
+
+    Returns:
+        (the normal images, how many were left out as fitting images, warnings when that
+        could not be checked).
+    """
+    normals = available_train_images(source)
+    md = det.metadata_
+    used = set(md.get("train_names") or [])
+    if not used:
+        return (
+            normals,
+            0,
+            [
+                "the model records no training images (fitted outside `patchcore fit`?), so it "
+                "cannot be checked that DATA's normal images were not used for fitting; fitting "
+                "images score low and would make false alarms more frequent than asked"
+            ],
+        )
+    if md.get("fit_data") == source.spec:
+        keep = np.array([n not in used for n in normals.names], dtype=bool)
+        return normals.subset(keep), int((~keep).sum()), []
+    try:
+        fitted_on = available_train_images(resolve_data(md.get("fit_data", "")))
+    except WorkflowError:
+        return (
+            normals,
+            0,
+            [
+                f"the training data {md.get('fit_data')!r} is not readable here, so it cannot be "
+                "checked that DATA's normal images were not used for fitting"
+            ],
+        )
+    digests = {_file_digest(s.image) for s in fitted_on if s.name in used} - {None}
+    keep = np.array([_file_digest(s.image) not in digests for s in normals], dtype=bool)
+    return normals.subset(keep), int((~keep).sum()), []
+
+
+def _labelled_rest(source: DataSource, leave_out: set[str]) -> list[str]:
+    """Names of ``source``'s labelled images outside ``leave_out`` (both labels), else []."""
+    try:
+        pool = labelled_images(source)
+    except WorkflowError:
+        return []
+    names = [n for n in pool.names if n not in leave_out]
+    labels = {int(y) for n, y in zip(pool.names, pool.labels, strict=True) if n not in leave_out}
+    return names if labels == {0, 1} else []
+
+
+def calibrate_normal_model(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    max_fpr: float,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    total: ProgressFn | None = None,
+) -> NormalCalibrationSummary:
+    """Choose a model file's threshold from ``data``'s normal images alone, in place.
+
+    The calibration images are ``data``'s normal images (``DATA/train/good``, or a folder of
+    normal images, or the ELPV normal cells) that the model was not fitted on, all of them
+    (more images, a tighter rate); see :meth:`PatchCore.calibrate_normal` for the guarantee.
+    ``data``'s labelled test images (if any) stay out and are stored as the held-out part
+    for ``evaluate``.
+
+    Raises:
+        WorkflowError: a rate outside (0, 1), or fewer held-out normal images than the rate
+            needs (the message gives the number).
+    """
+    from ..conformal import TooFewNormalImagesError, normal_images_needed
+
+    if not 0.0 < max_fpr < 1.0:
+        raise WorkflowError(f"max FPR must be in (0, 1) for --normal-only, got {max_fpr!r}")
+    det = load_model(model, device=device)
+    source = resolve_data(data)
+    pool, left_out, warnings = held_out_normals(det, source)
+    need = normal_images_needed(max_fpr)
+    if len(pool) < need:
+        raise WorkflowError(
+            f"{source.spec}: a false-alarm rate of {max_fpr:g} needs at least {need} normal "
+            f"images not used for fitting (n >= 1/rate - 1); it has {len(pool)} "
+            f"({left_out} more were fitted on): add normal images, fit on fewer "
+            f"(--train-fraction), or ask for a rate of at least {1 / (len(pool) + 1):.3g}"
+        )
+    if total:
+        total(len(pool))
+    t0 = time.perf_counter()
+    scores, (lo, hi), skipped = _score_for_calibration(det, pool, progress)
+    seconds = time.perf_counter() - t0
+    ok = np.isfinite(scores)
+    if int((~ok).sum()) > len(skipped):  # readable images scored NaN: fail closed
+        raise WorkflowError(
+            f"{int((~ok).sum()) - len(skipped)} readable normal images scored NaN or infinite: "
+            "the model holds non-finite values; no threshold (fit it again)"
+        )
+    try:
+        det.calibrate_normal(None, max_fpr=max_fpr, scores=scores[ok])
+    except TooFewNormalImagesError as exc:
+        raise WorkflowError(f"{source.spec}: {len(skipped)} unreadable images; {exc}") from None
+    c = det.calibration_ or {}
+    calib_names = [n for n, good in zip(pool.names, ok, strict=True) if good]
+    test_names = _labelled_rest(
+        source, set(det.metadata_.get("train_names") or []) | set(pool.names)
+    )
+    top = DISPLAY_TOP * hi
+    display = (float(lo), float(top if top > lo else hi))
+    ms = 1000.0 * seconds / max(1, len(pool))
+    det.metadata_ = dict(det.metadata_)
+    for k in ("calibration_fraction", "calibration_seed"):
+        det.metadata_.pop(k, None)
+    det.metadata_.update(
+        calibration_data=source.spec,
+        calibration_names=calib_names,
+        test_names=test_names,
+        calibration_method="conformal",
+        calibration_max_fpr=float(max_fpr),
+        display_range=list(display),
+        calibration_skipped=[name for name, _ in skipped],
+        ms_per_image=ms,
+    )
+    path = det.save(model)
+    return NormalCalibrationSummary(
+        model_path=str(path),
+        data=source.spec,
+        threshold=float(det.threshold_),  # type: ignore[arg-type]
+        max_fpr=float(max_fpr),
+        normal_images=int(c["n"]),
+        rank=int(c["rank"]),
+        fpr_bounds=(float(c["fpr_bounds"][0]), float(c["fpr_bounds"][1])),
+        calibration_fpr=float(c["calibration_fpr"]),
+        images_needed=need,
+        fitting_images_left_out=left_out,
+        test_images=len(test_names),
+        display_range=display,
+        seconds=seconds,
+        ms_per_image=ms,
+        skipped=skipped,
+        warnings=warnings,
+    )

@@ -16,6 +16,7 @@ lists and numbers):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -72,7 +73,8 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         "coreset ratio": f"{card['coreset_ratio']:g} ({card['sampling']})",
         "threshold": card["threshold"],
         "threshold method": card["threshold_method"],
-        "calibration": calibration_text(md),
+        "calibration": calibration_text(md, card.get("calibration")),
+        "normalised score": normalization_text(card.get("normalization")),
         "heatmap display range": _range_text(md.get("display_range")),
         "fit time": f"{card['fit_seconds']:.1f} s",
     }
@@ -89,10 +91,30 @@ def _range_text(display: Sequence[float] | None) -> str:
     return f"[{display[0]:.4g}, {display[1]:.4g}] (min, 0.7 x max over the calibration maps)"
 
 
-def calibration_text(md: dict[str, Any]) -> str:
-    """One line on the stored calibration split."""
+def normalization_text(mapping: dict[str, Any] | None) -> str:
+    """One line on the raw -> [0, 1] score mapping."""
+    if not mapping:
+        return "none (no threshold)"
+    return (
+        f"piecewise linear: {mapping['low']:.4g} -> 0, threshold {mapping['threshold']:.4g} -> "
+        f"0.5, {mapping['high']:.4g} -> 1 (clipped; a mapping, not a probability)"
+    )
+
+
+def calibration_text(md: dict[str, Any], facts: dict[str, Any] | None = None) -> str:
+    """One line on the stored calibration split (``facts``: the detector's ``calibration_``)."""
     if not md.get("calibration_names"):
         return "not stored"
+    if md.get("calibration_method") == "conformal":
+        f = facts or {}
+        lo, hi = f.get("fpr_bounds") or (math.nan, math.nan)
+        return (
+            f"{len(md['calibration_names'])} held-out normal images of "
+            f"{md.get('calibration_data', '?')} (conformal, false-alarm rate <= "
+            f"{md.get('calibration_max_fpr', math.nan):g}: expected {lo:.4g}-{hi:.4g} on "
+            f"exchangeable normals; rank {f.get('rank', '?')} of {f.get('n', '?')}); "
+            f"{len(md.get('test_names', []))} labelled images held out"
+        )
     bound = md.get("calibration_max_fpr")
     extra = f", max FPR {bound:g}" if bound is not None else ""
     return (

@@ -17,7 +17,11 @@ from .model import display_range, require_threshold
 
 @dataclass
 class Prediction:
-    """One image's result; ``error`` is set (and score is None) for unreadable files."""
+    """One image's result; ``error`` is set (and score is None) for unreadable files.
+
+    ``normalized``: the score mapped onto [0, 1] with the threshold at 0.5 (a mapping, not a
+    probability; see :meth:`PatchCore.normalize`).
+    """
 
     path: str
     score: float | None
@@ -25,6 +29,7 @@ class Prediction:
     threshold: float
     heatmap: str | None = None
     error: str | None = None
+    normalized: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -68,6 +73,7 @@ def predict_images(
         WorkflowError: the model has no threshold.
     """
     threshold = require_threshold(det, None)
+    det.normalize(threshold)  # a stale score mapping fails here, before any image
     outdir = Path(heatmaps) if heatmaps is not None else None
     if outdir is not None:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -88,4 +94,7 @@ def predict_images(
         if outdir is not None and r.map is not None:
             overlay = plots.anomaly_map_overlay(read_image(path), r.map, rng, alpha)
             heat = str(plots.save_png(overlay, outdir / _heatmap_name(Path(path), used)))
-        yield Prediction(path, r.score, bool(r.score >= threshold), threshold, heatmap=heat)
+        norm = float(det.normalize(r.score))
+        yield Prediction(
+            path, r.score, bool(r.score >= threshold), threshold, heatmap=heat, normalized=norm
+        )

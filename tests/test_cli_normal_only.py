@@ -120,7 +120,7 @@ def test_a_copy_of_a_fitting_image_in_another_folder_is_left_out(model: Path, tm
     assert "no labelled test images held out" in r.stdout
 
 
-def test_predict_info_and_evaluate_show_the_normalised_score(calibrated, tiles):
+def test_predict_info_and_evaluate_show_the_normalised_score(calibrated, tiles, tmp_path):
     path, _ = calibrated
     r = run("predict", path, tiles / "test", "-R", "--format", "csv", "-q")
     assert r.exit_code == 0, r.output
@@ -136,7 +136,11 @@ def test_predict_info_and_evaluate_show_the_normalised_score(calibrated, tiles):
     assert "normalised score" in r.stdout and "threshold 0.5" not in r.stdout
     assert "-> 0.5" in r.stdout and "not a probability" in r.stdout
     assert "conformal, false-alarm rate <= 0.05" in r.stdout and "rank 24 of 24" in r.stdout
-    r = run("evaluate", path, _data(path), "--json", "-q")
+    r = run("evaluate", path, _data(path), "--json", "--report", tmp_path / "rep", "-q")
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
     assert m["threshold_method"] == "conformal"
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "Threshold from 24 normal images alone (split conformal" in html
+    assert "measured here on 3 held-out normal test images" in html
+    assert "Normalised score" in html and "not a probability" in html

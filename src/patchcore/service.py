@@ -223,6 +223,11 @@ class Inspection(BaseModel):
     score: float = Field(description="image anomaly score")
     threshold: float
     verdict: Literal["pass", "fail"] = Field(description="fail when score >= threshold")
+    normalized_score: float = Field(
+        description="score mapped onto [0, 1] with the threshold at 0.5, linear between the "
+        "lowest / highest calibration score and the threshold, clipped (a mapping, not a "
+        "probability); fail exactly when >= 0.5"
+    )
     anomalous: bool
     map_max: float = Field(description="largest value of the anomaly map")
     map_max_location: Location
@@ -493,6 +498,7 @@ class _Service:
             score=s.score,
             threshold=self.threshold,
             verdict="fail" if s.anomalous else "pass",
+            normalized_score=float(self.detector.normalize(s.score)),  # type: ignore[union-attr]
             anomalous=s.anomalous,
             map_max=float(s.amap[iy, ix]),
             map_max_location=Location(x=int(ix), y=int(iy)),
@@ -824,6 +830,7 @@ async def _answer(
             headers={
                 "X-Patchcore-Score": repr(result.score),
                 "X-Patchcore-Threshold": repr(svc.threshold),
+                "X-Patchcore-Normalized-Score": repr(float(svc.detector.normalize(result.score))),  # type: ignore[union-attr]
                 "X-Patchcore-Verdict": "fail" if result.anomalous else "pass",
                 "X-Patchcore-Total-Ms": f"{total:.2f}",
             },

@@ -68,7 +68,12 @@ async function loadModel() {
   state.card = card;
   el.classList.remove("bad");
   const size = card.image_size ? `${card.image_size} px` : card.scale ? `scale ${card.scale}` : "own size";
-  const method = card.threshold_method ? ` (${card.threshold_method})` : "";
+  const cal = card.calibration || {};
+  const method = !card.threshold_method
+    ? ""
+    : card.threshold_method === "conformal"
+      ? ` (conformal: false alarms ≤ ${fmt(100 * cal.max_fpr)}% from ${cal.n} normal images)`
+      : ` (${card.threshold_method})`;
   el.textContent =
     `${card.backbone} · ${size} · bank ${card.bank_size.toLocaleString()} patches · ` +
     `threshold ${fmt(card.threshold)}${method} · v${card.patchcore_version}`;
@@ -189,6 +194,7 @@ function show(entry) {
   if (r) {
     $("score").textContent = fmt(r.score);
     $("threshold").textContent = fmt(r.threshold);
+    $("normalized").textContent = r.normalized_score == null ? "—" : r.normalized_score.toFixed(3);
     const rel = ((r.score - r.threshold) / Math.abs(r.threshold || 1)) * 100;
     $("margin").textContent =
       rel >= 0 ? `(${rel.toFixed(1)}% above: defect suspected)` : `(${(-rel).toFixed(1)}% below: normal)`;

@@ -103,6 +103,7 @@ def _notes(
             else " (not stored: each image uses its own range)."
         ),
     ]
+    notes += _calibration_notes(det, scored.scores[ok], truth[ok])
     if measured.pixel_auroc is not None:
         notes.append(
             f"Pixel metrics use maps and masks resized to at most {PIXEL_METRIC_SIDE} px on "
@@ -115,6 +116,37 @@ def _notes(
             + "; ".join(f"{p}: {r}" for p, r in scored.skipped[:10])
         )
     return notes
+
+
+def _calibration_notes(det: PatchCore, scores: np.ndarray, truth: np.ndarray) -> list[str]:
+    """The conformal guarantee (with the rate measured here) and what the normalised score is."""
+    out = []
+    c = det.calibration_ or {}
+    t = float(det.threshold_)  # type: ignore[arg-type]
+    if det.threshold_method_ == "conformal" and c:
+        lo, hi = c["fpr_bounds"]
+        normal = scores[truth == 0]
+        seen = (
+            f"; measured here on {normal.size} held-out normal test images: "
+            f"{float((normal >= t).mean()):.2%}"
+            if normal.size
+            else ""
+        )
+        out.append(
+            f"Threshold from {c['n']} normal images alone (split conformal, requested "
+            f"false-alarm rate {c['max_fpr']:g}): the expected false-alarm rate on normal "
+            f"images exchangeable with those lies in [{lo:.2%}, {hi:.2%}]{seen}. It says "
+            "nothing about images from a drifted process."
+        )
+    m = det.normalization_
+    if m:
+        out.append(
+            f"Normalised score (CLI `predict`, the service): the raw score mapped onto [0, 1] "
+            f"with the threshold at 0.5, linear from {m['low']:.4g} (0) to the threshold "
+            f"{m['threshold']:.4g} and on to {m['high']:.4g} (1), clipped: a mapping, not a "
+            "probability."
+        )
+    return out
 
 
 def gallery_order(

@@ -136,6 +136,7 @@ def summary(v: list[float], alpha: float | None = None) -> dict:
     x = np.asarray(v)
     out = {
         "mean": float(x.mean()),
+        "se": float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0,
         "p10": float(np.quantile(x, 0.1)),
         "p90": float(np.quantile(x, 0.9)),
         "max": float(x.max()),
@@ -149,8 +150,8 @@ def table(results: dict, alphas: list[float], n_splits: int) -> str:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     rows = [
         "| set | fit / held-out normals (cal + eval) | test good / anomalous | calibration | "
-        "FPR on held-out normals: mean [p10, p90] | splits above alpha | FPR on test/good: mean "
-        "[p10, p90] | recall: mean [p10, p90] |",
+        "FPR on held-out normals: mean ± s.e. [p10, p90] | splits above alpha | "
+        "FPR on test/good: mean [p10, p90] | recall: mean [p10, p90] |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
@@ -165,7 +166,7 @@ def table(results: dict, alphas: list[float], n_splits: int) -> str:
             tt = f"{pct(t['mean'])} [{pct(t['p10'])}, {pct(t['p90'])}]" if t else "-"
             rows.append(
                 f"{head}| conformal alpha {pct(a)} % (expected {pct(lo)}-{pct(hi)}) | "
-                f"{pct(h['mean'])} [{pct(h['p10'])}, {pct(h['p90'])}] | "
+                f"{pct(h['mean'])} ± {pct(h['se'])} [{pct(h['p10'])}, {pct(h['p90'])}] | "
                 f"{pct(h['share_above_alpha'])} % | {tt} | "
                 f"{pct(rc['mean'])} [{pct(rc['p10'])}, {pct(rc['p90'])}] |"
             )
@@ -226,7 +227,13 @@ def main() -> None:
             load=[round(float(v), 2) for v in s["load"]],
         )
         results[name] = r
-        print(json.dumps({name: {k: v for k, v in r.items() if "values" not in str(k)}}))
+        shown = {
+            k: {kk: vv for kk, vv in v.items() if kk != "fpr_held_values"}
+            if isinstance(v, dict)
+            else v
+            for k, v in r.items()
+        }
+        print(json.dumps({name: shown}))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     png = plot(results, args.alphas)

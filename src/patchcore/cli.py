@@ -408,7 +408,8 @@ def calibrate(
             help="Choose the threshold from DATA's normal images that were not fitted on "
             "(train/good, or a folder of normal images), for the false-alarm rate --max-fpr "
             "(split conformal: expected rate <= it on normals like these). No defective "
-            "images needed; labelled test images stay held out for `evaluate`.",
+            "images needed; labelled test images stay held out for `evaluate` "
+            "(--calibration-fraction and --seed do not apply).",
         ),
     ] = False,
     calibration_fraction: Annotated[

@@ -165,7 +165,7 @@ def table(results: dict, alphas: list[float], n_splits: int) -> str:
             h, t, rc = c["fpr_held"], c["fpr_test_good"], c["recall"]
             tt = f"{pct(t['mean'])} [{pct(t['p10'])}, {pct(t['p90'])}]" if t else "-"
             rows.append(
-                f"{head}| conformal alpha {pct(a)} % (expected {pct(lo)}-{pct(hi)}) | "
+                f"{head}| conformal alpha {pct(a)} % (expected {100 * lo:.2f}-{100 * hi:.2f}) | "
                 f"{pct(h['mean'])} ± {pct(h['se'])} [{pct(h['p10'])}, {pct(h['p90'])}] | "
                 f"{pct(h['share_above_alpha'])} % | {tt} | "
                 f"{pct(rc['mean'])} [{pct(rc['p10'])}, {pct(rc['p90'])}] |"

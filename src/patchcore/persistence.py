@@ -17,7 +17,8 @@ version) with a message naming the file and the field.
 
 Files are read with ``torch.load(weights_only=True)``: no pickled code runs. ``feature_dtype``
 is absent from files written before it existed (read as ``"float32"``); ``backbone_dtype`` is left
-out of the config when it is the default, so older readers can load the file.
+out of the config when it is the default, so older readers can load the file; likewise
+``region_threshold`` / ``region_threshold_method`` are written under ``state`` only when set.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are 
     "metadata",
 )
 
+_OPTIONAL_STATE_KEYS = ("region_threshold", "region_threshold_method")  # None: not written
 
 _KEYS = ("format", "format_version", "config", "memory_bank", "backbone_state", "state")
 _legacy_warned = False
@@ -133,6 +135,9 @@ def save(det: PatchCore, path: str | os.PathLike) -> Path:
         "backbone_state": {k: v.cpu() for k, v in det.extractor_.state_dict().items()},
         "state": {k: getattr(state, k) for k in _STATE_KEYS},
     }
+    for k in _OPTIONAL_STATE_KEYS:  # written only when set: older files and readers lack them
+        if getattr(state, k) is not None:
+            payload["state"][k] = getattr(state, k)
     payload["digest"] = {"algorithm": "sha256", "value": digest(payload)}
     path.parent.mkdir(parents=True, exist_ok=True)
     # a fresh name in the same folder (so the rename is atomic), created with the umask's mode
@@ -255,6 +260,12 @@ def _check_types(path: Path, payload: dict[str, Any]) -> None:
     m = saved.get("threshold_method", "missing")
     if m is not None and not isinstance(m, str):
         raise bad(f"state 'threshold_method' is {m!r}, not a string or None")
+    rt = saved.get("region_threshold")
+    if rt is not None and not _finite_number(rt):
+        raise bad(f"state 'region_threshold' is {rt!r}, not a finite number or None")
+    rm = saved.get("region_threshold_method")
+    if rm is not None and not isinstance(rm, str):
+        raise bad(f"state 'region_threshold_method' is {rm!r}, not a string or None")
     f = saved.get("feature_dtype", "float32")
     if f not in ("float16", "float32"):
         raise bad(f"state 'feature_dtype' is {f!r}, not 'float16' or 'float32'")
@@ -291,6 +302,8 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
             threshold=saved["threshold"],
             threshold_method=saved["threshold_method"],
             metadata=dict(saved.get("metadata") or {}),
+            region_threshold=saved.get("region_threshold"),  # absent from older files
+            region_threshold_method=saved.get("region_threshold_method"),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete model file (missing {exc})") from None

@@ -37,6 +37,9 @@ class FittedState:
         fit_seconds: both together.
         threshold: the verdict threshold (score >= threshold = anomalous), None until set.
         threshold_method: how ``threshold`` was chosen (``"max_f1"``, ``"manual"``, ...).
+        region_threshold: the anomaly-map threshold defect regions are cut at (chosen on
+            images with masks by ``calibrate_regions``); None: regions use ``threshold``.
+        region_threshold_method: how ``region_threshold`` was chosen.
         metadata: plain JSON-able facts a caller stores with the model (data spec, names...).
         skipped: training inputs that could not be read (not saved).
     """
@@ -52,11 +55,13 @@ class FittedState:
     threshold: float | None = None
     threshold_method: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    region_threshold: float | None = None
+    region_threshold_method: str | None = None
     skipped: list[Skipped] = field(default_factory=list)
 
     def card(self, params: dict[str, Any]) -> dict[str, Any]:
         """Human-readable facts about the model fitted with ``params``."""
-        return {
+        card = {
             "backbone": params["backbone"],
             "layers": list(self.layers),
             "image_size": params["image_size"],
@@ -72,6 +77,10 @@ class FittedState:
             "threshold_method": self.threshold_method,
             "fit_seconds": round(float(self.fit_seconds), 3),
         }
+        if self.region_threshold is not None:
+            card["region_threshold"] = self.region_threshold
+            card["region_threshold_method"] = self.region_threshold_method
+        return card
 
 
 def _view(name: str, doc: str, settable: bool = False) -> property:
@@ -102,6 +111,9 @@ class FittedAttributes:
     threshold_ = _view("threshold", "Verdict threshold, None until set.", settable=True)
     threshold_method_ = _view("threshold_method", "How it was chosen.", settable=True)
     metadata_ = _view("metadata", "Facts stored with the model (JSON-able).", settable=True)
+    region_threshold_ = _view(
+        "region_threshold", "Map threshold of defect regions, None: threshold_.", settable=True
+    )
     feature_dtype_ = _view("feature_dtype", "How the training features were held in fit.")
 
     @property

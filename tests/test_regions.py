@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +241,75 @@ def test_regions_find_real_magnetic_tile_defects() -> None:
     turned = region_scores([m[::-1, ::-1] for m in masks], preds)
     assert hits.gt_regions == turned.gt_regions >= 8
     assert hits.region_recall >= 0.3 and hits.found >= turned.found + 3, (hits, turned)
+
+
+# ------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def model_and_images(fitted, toy_images, tmp_path_factory):
+    """A saved toy model with an image threshold, two normal PNGs and one with a blob."""
+    from PIL import Image
+
+    _, good, _ = toy_images
+    root = tmp_path_factory.mktemp("regions_cli")
+    det = copy.deepcopy(fitted)
+    det.set_threshold(float(det.score_samples(good).max()) * 1.05)
+    model = det.save(root / "m.pt")
+    folder = root / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(good[:2]):
+        Image.fromarray(img).save(folder / f"good{i}.png")
+    Image.fromarray(_blob(5)[0]).save(folder / "blob.png")
+    return model, folder, det
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_predict_writes_regions_as_json_and_csv(model_and_images, tmp_path) -> None:
+    import csv
+    import json
+
+    from PIL import Image
+
+    model, folder, det = model_and_images
+    out = tmp_path / "regions.json"
+    heat = tmp_path / "heat"
+    r = _cli("predict", model, folder, "--format", "json", "--regions", out, "--heatmaps", heat)
+    assert r.exit_code == 0, r.output
+    rows = {Path(x["path"]).name: x for x in map(json.loads, r.stdout.splitlines())}
+    assert rows["good0.png"]["regions"] == [] and rows["good0.png"]["verdict"] == "normal"
+    blob = rows["blob.png"]
+    assert blob["verdict"] == "anomalous" and blob["region_threshold"] == det.threshold_
+    files = sorted(str(f) for f in folder.iterdir())  # the same batch as the command's
+    want = det.find_regions(files)[0].regions
+    assert blob["regions"] == [x.as_dict() for x in want] and want
+    doc = json.loads(out.read_text())
+    assert doc["region_threshold"] == det.threshold_ and doc["min_area"] == DEFAULT_MIN_AREA
+    assert [Path(x["path"]).name for x in doc["images"]] == ["blob.png", "good0.png", "good1.png"]
+    assert doc["images"][0]["regions"] == blob["regions"]
+    with Image.open(heat / "blob_heatmap.png") as im:  # the boxes are drawn, in magenta
+        px = np.asarray(im.convert("RGB"))
+    assert ((px == (255, 0, 255)).all(axis=2)).sum() >= 2 * (want[0].x1 - want[0].x0)
+    assert "region(s) in" in r.stderr
+
+    csv_out = tmp_path / "regions.csv"
+    r = _cli("predict", model, folder, "--format", "csv", "--regions", csv_out, "-q",
+             "--min-area", "1", "--region-threshold", str(det.threshold_ * 0.9))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    table = list(csv.DictReader(r.stdout.splitlines()))
+    assert {"regions", "region_threshold"} <= set(table[0])
+    per_region = list(csv.DictReader(csv_out.read_text().splitlines()))
+    assert sum(int(x["regions"]) for x in table) == len(per_region) >= 1
+    first = per_region[0]
+    assert Path(first["path"]).name == "blob.png" and first["region"] == "1"
+    lower = det.find_regions(files, threshold=det.threshold_ * 0.9, min_area=1)[0].regions
+    assert int(first["area"]) == lower[0].area >= want[0].area  # a lower cut: a larger region
+    r = _cli("predict", model, folder, "--regions", tmp_path / "r.txt")
+    assert r.exit_code != 0 and ".json or .csv" in r.stderr

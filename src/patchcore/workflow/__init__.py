@@ -14,7 +14,8 @@ parses arguments, calls one of them and prints what it returns. One module per s
 - :mod:`.evaluate`: :func:`evaluate_model` scores exactly the held-out half (never a
   calibration image), computes the metrics and writes ``metrics.json``;
   :mod:`.reporting` writes the HTML report.
-- :mod:`.predict`: :func:`predict_images` streams verdicts, scores and heatmap overlays.
+- :mod:`.predict`: :func:`predict_images` streams verdicts, scores, heatmap overlays and
+  defect regions; :func:`write_regions` writes the regions as JSON or CSV.
 - :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
 
 Every stage makes one call into the detector (``fit``, or one ``iter_score`` stream that also
@@ -50,7 +51,7 @@ from .evaluate import (
 )
 from .fit import FitSummary, fit_detector, fit_model
 from .model import DISPLAY_TOP, load_model, model_card, require_threshold
-from .predict import Prediction, predict_images
+from .predict import Prediction, predict_images, write_regions
 from .reporting import TILE_HEIGHT
 
 __all__ = [
@@ -83,4 +84,5 @@ __all__ = [
     "require_threshold",
     "resolve_data",
     "run_demo",
+    "write_regions",
 ]

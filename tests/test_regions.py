@@ -313,3 +313,46 @@ def test_predict_writes_regions_as_json_and_csv(model_and_images, tmp_path) -> N
     assert int(first["area"]) == lower[0].area >= want[0].area  # a lower cut: a larger region
     r = _cli("predict", model, folder, "--regions", tmp_path / "r.txt")
     assert r.exit_code != 0 and ".json or .csv" in r.stderr
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def test_draw_regions_scales_boxes_from_map_to_image_pixels() -> None:
+    from patchcore.plots import REGION_RGB, draw_regions
+
+    img = np.zeros((40, 80), dtype=np.uint8)
+    box = Region(x0=5, y0=2, x1=10, y1=6, area=20, peak=1.0, mean=1.0, peak_x=5, peak_y=2)
+    out = draw_regions(img, [box], (20, 40), width=1)  # map at half the image's size
+    hit = (out == REGION_RGB).all(axis=2)
+    ys, xs = np.nonzero(hit)
+    assert (xs.min(), ys.min(), xs.max(), ys.max()) == (10, 4, 19, 11)
+    assert not hit[5:11, 11:19].any()  # an outline, not a filled box
+    assert (draw_regions(img, [], (20, 40)) == 0).all()
+
+
+def test_report_galleries_box_the_regions(fitted, toy_images, tmp_path) -> None:
+    from PIL import Image
+
+    from patchcore.datasets import ImageDataset, Sample
+    from patchcore.plots import REGION_RGB
+    from patchcore.workflow import evaluate_detector
+
+    _, good, _ = toy_images
+    det = copy.deepcopy(fitted)
+    det.set_threshold(float(det.score_samples(good).max()) * 1.05)
+    bad = [_blob(s) for s in (5, 6)]
+    test = ImageDataset(
+        [Sample(g, 0, "good", None, f"good{i}") for i, g in enumerate(good)]
+        + [Sample(b, 1, "blob", m, f"blob{i}") for i, (b, m) in enumerate(bad)]
+    )
+    ev = evaluate_detector(det, test, report_dir=tmp_path / "rep", gallery_size=2)
+    html = Path(ev.report_path).read_text()
+    assert "Magenta boxes: defect regions" in html and "1 region)" in html
+    tp = sorted((tmp_path / "rep" / "gallery").glob("true_positives_*.png"))
+    tn = sorted((tmp_path / "rep" / "gallery").glob("true_negatives_*.png"))
+    assert tp and tn
+    for path, boxed in ((tp[0], True), (tn[0], False)):
+        with Image.open(path) as im:
+            px = np.asarray(im.convert("RGB"))
+        assert bool((px == REGION_RGB).all(axis=2).any()) is boxed

@@ -356,3 +356,47 @@ def test_report_galleries_box_the_regions(fitted, toy_images, tmp_path) -> None:
         with Image.open(path) as im:
             px = np.asarray(im.convert("RGB"))
         assert bool((px == REGION_RGB).all(axis=2).any()) is boxed
+
+
+# ----------------------------------------------------------------------------------- service
+
+
+def test_service_answers_with_the_regions_of_the_library(fitted, toy_images) -> None:
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from patchcore.service import create_app
+
+    _, good, _ = toy_images
+    det = copy.deepcopy(fitted)
+    det.set_threshold(float(det.score_samples(good).max()) * 1.05)
+    det.region_threshold_ = det.threshold_ * 0.9  # a calibrated region threshold wins
+    blob = _blob(5)[0]
+    with TestClient(create_app(det)) as client:
+        end = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < end, "service did not get ready"
+            time.sleep(0.1)
+        r = client.post("/v1/inspect", files={"file": ("blob.png", _png(blob), "image/png")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        g = client.post("/v1/inspect", files={"file": ("g.png", _png(good[0]), "image/png")})
+        assert g.json()["regions"] == []
+    want = det.find_regions([blob])[0]
+    assert body["region_threshold"] == det.region_threshold_ == want.threshold
+    got = body["regions"]
+    assert len(got) == len(want.regions) >= 1
+    for a, b in zip(got, want.regions, strict=True):
+        assert (a["x0"], a["y0"], a["x1"], a["y1"], a["area"]) == (*b.bbox, b.area)
+        assert a["peak"] == pytest.approx(b.peak, rel=1e-5)
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()

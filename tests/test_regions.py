@@ -400,3 +400,39 @@ def _png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_calibrate_regions_command_uses_the_stored_calibration_masks(toy_images, tmp_path):
+    from PIL import Image
+
+    train, good, _ = toy_images
+    root = tmp_path / "toy"
+    for folder, imgs in (("train/good", train), ("test/good", good)):
+        (root / folder).mkdir(parents=True)
+        for i, img in enumerate(imgs):
+            Image.fromarray(img).save(root / folder / f"{i}.png")
+    (root / "test" / "blob").mkdir()
+    for i in range(4):
+        img, _ = _blob(10 + i)
+        Image.fromarray(img).save(root / "test" / "blob" / f"b{i}.png")
+    model = tmp_path / "m.pt"
+    assert _cli("fit", root, "--out", model, "--image-size", "96", "-q").exit_code == 0
+    assert _cli("calibrate", model, root, "-q").exit_code == 0
+    r = _cli("calibrate-regions", model, root, "-q")  # no masks yet
+    assert r.exit_code != 0 and "has a ground-truth mask" in r.stderr
+    (root / "ground_truth" / "blob").mkdir(parents=True)
+    for i in range(4):
+        _, mask = _blob(10 + i)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(
+            root / "ground_truth" / "blob" / f"b{i}_mask.png"
+        )
+    r = _cli("calibrate-regions", model, root, "-q")
+    assert r.exit_code == 0, r.output
+    det = PatchCore.load(model)
+    assert det.region_threshold_ is not None and f"{det.region_threshold_:.6g}" in r.stdout
+    md = det.metadata_
+    calib = [n for n in md["calibration_names"] if n.startswith("test/blob/")]
+    assert md["region_calibration"]["with_masks"] == len(calib) >= 1
+    assert "(2 normal, " in r.stdout  # half of each label: 2 of the 4 normal images
+    info = _cli("info", model)
+    assert f"{det.region_threshold_:.6g} (max_pixel_f1)" in info.stdout

@@ -450,6 +450,34 @@ def calibrate(
     typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 
 
+@app.command("calibrate-regions")
+def calibrate_regions(
+    model: ModelArg, data: DataArg, device: DeviceOpt = "auto", quiet: QuietOpt = False
+) -> None:
+    """Choose the map threshold of defect regions (max pixel F1) on the calibration images
+    stored by `calibrate` that have ground-truth masks; store it in MODEL.
+
+    Without it, regions are cut at the image threshold.
+    """
+    from . import workflow
+
+    s = _with_bar(
+        "calibrate-regions",
+        quiet,
+        workflow.calibrate_regions_model,
+        model,
+        data,
+        device=_device(device),
+    )
+    image = f"{s.image_threshold:.6g}" if s.image_threshold is not None else "none"
+    typer.echo(
+        f"Region threshold {s.region_threshold:.6g} ({s.method}; image threshold {image}) "
+        f"chosen on {s.images} calibration images ({s.normal} normal, {s.with_masks} with "
+        f"masks; {s.left_out} defective without a mask left out) in {s.seconds:.1f} s"
+    )
+    typer.echo(f"Model updated: {s.model_path}")
+
+
 @app.command()
 def evaluate(
     model: ModelArg,

@@ -14,6 +14,8 @@ parses arguments, calls one of them and prints what it returns. One module per s
 - :mod:`.evaluate`: :func:`evaluate_model` scores exactly the held-out half (never a
   calibration image), computes the metrics and writes ``metrics.json``;
   :mod:`.reporting` writes the HTML report.
+- :mod:`.regions`: :func:`calibrate_regions_model` sets the map threshold of defect regions
+  on the stored calibration images that have masks.
 - :mod:`.predict`: :func:`predict_images` streams verdicts, scores, heatmap overlays and
   defect regions; :func:`write_regions` writes the regions as JSON or CSV.
 - :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
@@ -52,6 +54,7 @@ from .evaluate import (
 from .fit import FitSummary, fit_detector, fit_model
 from .model import DISPLAY_TOP, load_model, model_card, require_threshold
 from .predict import Prediction, predict_images, write_regions
+from .regions import RegionCalibration, calibrate_regions_model
 from .reporting import TILE_HEIGHT
 
 __all__ = [
@@ -66,11 +69,13 @@ __all__ = [
     "Evaluation",
     "FitSummary",
     "Prediction",
+    "RegionCalibration",
     "ProgressFn",
     "WorkflowError",
     "available_train_images",
     "calibrate_detector",
     "calibrate_model",
+    "calibrate_regions_model",
     "evaluate_detector",
     "evaluate_model",
     "expand_inputs",

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, ROOT, machine, peak_rss_mb
+from common import DATA, ROOT, machine, peak_rss_mb, write_results_section
 
 from patchcore import PatchCore
 from patchcore.datasets import ImageDataset, load_folder, load_mask, split_each_label
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/patchcore-regions-cache"))
     ap.add_argument("--refit", action="store_true", help="fit and score again, ignoring the cache")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "regions.json")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
     result = {}
     for name in args.sets:
@@ -169,6 +170,83 @@ def main() -> None:
                 print(json.dumps({k: r[k] for k in keys}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    if not args.no_write:
+        write_results_section("regions", table(result))
+
+
+def _pick(rows: list[dict], **want) -> dict:
+    return next(r for r in rows if all(r[k] == v for k, v in want.items()))
+
+
+def table(result: dict) -> str:
+    """The RESULTS.md section: one row per set, cut and minimum area (regions on every image)."""
+    lines = [
+        "## Defect regions (`benchmarks/bench_regions.py`)",
+        "",
+        f"Machine: {machine()}. Each set with masks: the default detector fitted once on every "
+        "image of train/good, every test image scored with maps at its native size. The test "
+        "images are split in two halves per label (seed 0); the thresholds are chosen on one "
+        "half and the regions scored on the other, then the halves swap, so every test image "
+        "is scored once by thresholds that never saw it. Cuts: **image** = the image threshold "
+        "(max F1 of the image scores, the default when a model has no region threshold); "
+        "**pixel** = max pixel F1 of the maps against the masks (`calibrate-regions`). "
+        "Regions are 8-connected; a ground-truth region (8-connected component of a mask) "
+        "counts as found when a predicted region shares at least one pixel with it (the "
+        "stricter column: more than 25 % of its pixels covered); a false region touches no "
+        "ground-truth pixel. Regions are listed for every image, flagged or not.",
+        "",
+        "| set | cut (mean over halves) | min area px | GT regions | recall (any pixel) | "
+        "recall (>25 % covered) | false regions / image | per normal image | "
+        "per defective image | predicted / image |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, res in result.items():
+        rows = res["rows"]
+        for cut in ("image", "pixel"):
+            value = np.mean([c[cut] for c in rows[0]["thresholds"]])
+            for area in MIN_AREAS:
+                base = dict(cut=cut, min_area=area, gate="all")
+                a = _pick(rows, group="all", min_overlap=0.0, **base)
+                strict = _pick(rows, group="all", min_overlap=0.25, **base)
+                n = _pick(rows, group="normal", min_overlap=0.0, **base)
+                d = _pick(rows, group="defective", min_overlap=0.0, **base)
+                lines.append(
+                    f"| {name} | {cut} ({value:.4g}) | {area} | {a['gt_regions']} | "
+                    f"{a['found'] / a['gt_regions']:.3f} | "
+                    f"{strict['found'] / strict['gt_regions']:.3f} | "
+                    f"{a['false_per_image']:.3f} | {n['false_per_image']:.3f} | "
+                    f"{d['false_per_image']:.3f} | "
+                    f"{a['predicted_regions'] / a['images']:.3f} |"
+                )
+    lines += ["", "Regions only on flagged images (score >= image threshold), same cuts:", ""]
+    lines += [
+        "| set | cut | min area px | recall (any pixel) | false regions / image |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, res in result.items():
+        for cut in ("image", "pixel"):
+            for area in (16, 64):
+                g = _pick(res["rows"], cut=cut, min_area=area, gate="flagged", group="all",
+                          min_overlap=0.0)  # fmt: skip
+                lines.append(
+                    f"| {name} | {cut} | {area} | {g['region_recall']:.3f} | "
+                    f"{g['false_per_image']:.3f} |"
+                )
+    lines += ["", "Cost of labelling (`label_regions` on each native-size map, image cut, "
+              "min area 16) next to the detector's scoring time of the same run:", ""]  # fmt: skip
+    lines += [
+        "| set | test images | median map pixels | labelling median ms | max ms | "
+        "scoring ms / image (batched) | fit s | load avg (fit+score / labelling) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, res in result.items():
+        i, t = res["info"], res["labelling"]
+        lines.append(
+            f"| {name} | {i['test']} | {t['median_pixels']:,} | {t['median_ms']} | "
+            f"{t['max_ms']} | {i['ms_per_image']} | {i['fit_s']} | "
+            f"{i['load_after']} / {t['load']} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -436,3 +436,23 @@ def test_calibrate_regions_command_uses_the_stored_calibration_masks(toy_images,
     assert "(2 normal, " in r.stdout  # half of each label: 2 of the 4 normal images
     info = _cli("info", model)
     assert f"{det.region_threshold_:.6g} (max_pixel_f1)" in info.stdout
+
+
+def test_a_non_finite_map_gives_no_regions(fitted, monkeypatch, tmp_path) -> None:
+    from patchcore.results import ImageResult
+    from patchcore.verdicts import NonFiniteScoreError
+    from patchcore.workflow import predict_images
+
+    det = copy.deepcopy(fitted)
+    det.set_threshold(1.0)
+    bad = np.ones((8, 8), dtype=np.float32)
+    bad[2, 2] = np.nan
+
+    def fake(images, **kw):
+        yield ImageResult(0, "x.png", 2.0, bad, None)
+
+    monkeypatch.setattr(det, "iter_score", fake)
+    with pytest.raises(NonFiniteScoreError, match="no regions"):
+        det.find_regions(["x.png"])
+    (p,) = predict_images(det, [tmp_path / "x.png"], regions=True)
+    assert p.verdict == "error" and "NaN" in p.error and p.regions is None

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import plots
 from ..detector import PatchCore
 from ..images import read_image
@@ -100,6 +102,10 @@ def predict_images(
             continue
         if not math.isfinite(r.score):  # fail closed: NaN >= threshold would read "normal"
             why = f"scored {r.score!r}: no verdict (the model holds non-finite values)"
+            yield Prediction(path, None, None, threshold, error=why)
+            continue
+        if cut is not None and not np.isfinite(r.map).all():  # fail closed: no regions
+            why = "its anomaly map holds NaN/inf: no regions (the model holds non-finite values)"
             yield Prediction(path, None, None, threshold, error=why)
             continue
         found = None if cut is None else label_regions(r.map, cut, min_area=min_area)

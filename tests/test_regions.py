@@ -145,6 +145,34 @@ def test_pixel_threshold_maximises_pooled_pixel_f1() -> None:
     assert f1(binned) >= f1(best) - 0.02
 
 
+def test_region_threshold_maximises_region_f1_over_its_candidates() -> None:
+    from patchcore.metrics import region_threshold
+
+    rng = np.random.default_rng(3)
+    masks, maps = [], []
+    for k in range(5):
+        m = np.zeros((30, 30), dtype=bool)
+        m[5 + k : 10 + k, 8:14] = True
+        a = rng.normal(0, 0.3, m.shape) + 2.0 * m
+        a[20:23, 20:23] += 1.4 * (k % 2)  # a false bump on some images
+        masks.append(m)
+        maps.append(a)
+    masks.append(np.zeros((30, 30), dtype=bool))
+    maps.append(rng.normal(0, 0.3, (30, 30)))
+
+    def f1(t: float) -> float:
+        r = region_scores(masks, [region_mask(a, t, min_area=4) for a in maps])
+        p = 1 - r.false_regions / max(1, r.predicted_regions)
+        return 2 * p * r.region_recall / (p + r.region_recall) if p + r.region_recall else 0.0
+
+    peaks = [a.max() for a in maps]
+    grid = np.linspace(min(peaks), max(peaks), 16)
+    t = region_threshold(masks, maps, min_area=4, num_thresholds=16)
+    assert t in grid and f1(t) == max(f1(g) for g in grid) > 0.5
+    with pytest.raises(ValueError, match="no mask contains a defect region"):
+        region_threshold([np.zeros((30, 30), bool)], maps[-1:], min_area=4)
+
+
 # ---------------------------------------------------------------------------------- detector
 
 
@@ -196,6 +224,8 @@ def test_region_threshold_order_calibration_and_round_trip(fitted, toy_images, t
     path = det.save(tmp_path / "m.pt")
     loaded = PatchCore.load(path)
     assert loaded.region_threshold_ == t and loaded.card()["region_threshold"] == t
+    with pytest.raises(ValueError, match="method must be one of"):
+        det.calibrate_regions(good[:1], [np.zeros((96, 96), bool)], method="best")
     with pytest.raises(ValueError, match="2 images but 1 masks"):
         det.calibrate_regions(good[:2], [np.zeros((96, 96), bool)])
 
@@ -435,7 +465,10 @@ def test_calibrate_regions_command_uses_the_stored_calibration_masks(toy_images,
     assert md["region_calibration"]["with_masks"] == len(calib) >= 1
     assert "(2 normal, " in r.stdout  # half of each label: 2 of the 4 normal images
     info = _cli("info", model)
-    assert f"{det.region_threshold_:.6g} (max_pixel_f1)" in info.stdout
+    assert f"{det.region_threshold_:.6g} (max_region_f1)" in info.stdout
+    r = _cli("calibrate-regions", model, root, "--method", "max_pixel_f1", "-q")
+    assert r.exit_code == 0, r.output
+    assert PatchCore.load(model).state_.region_threshold_method == "max_pixel_f1"
 
 
 def test_a_non_finite_map_gives_no_regions(fitted, monkeypatch, tmp_path) -> None:

@@ -26,7 +26,7 @@ import typer
 
 from ._util import check_fraction, fmt, one_line
 from .metrics import MATLAB_METRICS, THRESHOLD_METHODS
-from .regions import DEFAULT_MIN_AREA
+from .regions import DEFAULT_MIN_AREA, REGION_METHODS
 
 app = typer.Typer(
     name="patchcore",
@@ -50,6 +50,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 Method = _choices("Method", THRESHOLD_METHODS)  # one definition, in metrics.py
+RegionMethod = _choices("RegionMethod", REGION_METHODS)  # defined in regions.py
 Sampling = _choices("Sampling", ("greedy", "greedy_exact", "random"))
 BackboneDtype = _choices("BackboneDtype", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "json", "csv"))
@@ -452,10 +453,19 @@ def calibrate(
 
 @app.command("calibrate-regions")
 def calibrate_regions(
-    model: ModelArg, data: DataArg, device: DeviceOpt = "auto", quiet: QuietOpt = False
+    model: ModelArg,
+    data: DataArg,
+    method: Annotated[
+        RegionMethod,
+        typer.Option(
+            help="max_region_f1: found against false regions; max_pixel_f1: pooled pixels."
+        ),
+    ] = RegionMethod.max_region_f1,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
 ) -> None:
-    """Choose the map threshold of defect regions (max pixel F1) on the calibration images
-    stored by `calibrate` that have ground-truth masks; store it in MODEL.
+    """Choose the map threshold of defect regions on the calibration images stored by
+    `calibrate` that have ground-truth masks; store it in MODEL.
 
     Without it, regions are cut at the image threshold.
     """
@@ -467,6 +477,7 @@ def calibrate_regions(
         workflow.calibrate_regions_model,
         model,
         data,
+        method=method.value,
         device=_device(device),
     )
     image = f"{s.image_threshold:.6g}" if s.image_threshold is not None else "none"

@@ -37,6 +37,7 @@ __all__ = [
     "precision_recall_curve",
     "pro_curve",
     "region_scores",
+    "region_threshold",
     "roc_curve",
 ]
 
@@ -820,3 +821,44 @@ def region_scores(masks, predicted, *, min_overlap: float = 0.0) -> RegionScores
             touching = np.bincount(pr[m], minlength=n_pr + 1)[1:]
             false_n += int(np.count_nonzero(touching == 0))
     return RegionScores(len(masks), gt_n, found, pred_n, false_n, float(min_overlap))
+
+
+def region_threshold(
+    masks, maps, *, min_area: int = 16, num_thresholds: int = 32, min_overlap: float = 0.0
+) -> float:
+    """The map threshold of maximum region F1: found regions against false regions.
+
+    For each candidate threshold (evenly spaced between the lowest and the highest per-image
+    map maximum) the maps are cut into regions (:func:`patchcore.regions.region_mask`, at
+    least ``min_area`` pixels) and scored with :func:`region_scores`: region recall =
+    found / ground-truth regions, region precision = 1 - false / predicted regions, F1 their
+    harmonic mean. Ties keep the highest threshold.
+
+    Args:
+        masks: sequence of ``(H_i, W_i)`` bool masks (nonzero = defect; empty for normals).
+        maps: sequence of ``(H_i, W_i)`` anomaly maps, higher = more anomalous.
+        min_area: smallest region kept, pixels.
+        num_thresholds: candidate thresholds (>= 2).
+        min_overlap: the found rule of :func:`region_scores`.
+
+    Raises:
+        ValueError: no ground-truth region, mismatched shapes, non-finite maps.
+    """
+    from .regions import region_mask
+
+    pairs = _masks_and_maps(masks, maps)
+    if int(num_thresholds) != num_thresholds or num_thresholds < 2:
+        raise ValueError(f"num_thresholds must be an integer >= 2, got {num_thresholds!r}")
+    peaks = [float(a.max()) for _, a in pairs]
+    best_f1, best_t = -1.0, peaks[0]
+    for t in np.linspace(min(peaks), max(peaks), int(num_thresholds))[::-1]:
+        pred = [region_mask(a, float(t), min_area=min_area) for _, a in pairs]
+        r = region_scores([m for m, _ in pairs], pred, min_overlap=min_overlap)
+        if r.gt_regions == 0:
+            raise ValueError("no mask contains a defect region: the threshold needs one")
+        precision = 1.0 - _ratio(r.false_regions, r.predicted_regions)
+        recall = r.region_recall
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if f1 > best_f1:
+            best_f1, best_t = f1, float(t)
+    return best_t

@@ -27,12 +27,16 @@ from scipy import ndimage
 __all__ = [
     "DEFAULT_MIN_AREA",
     "REGION_FIELDS",
+    "REGION_METHODS",
     "ImageRegions",
     "Region",
     "RegionsMixin",
     "label_regions",
     "region_mask",
 ]
+
+#: How :meth:`RegionsMixin.calibrate_regions` can choose the region threshold.
+REGION_METHODS = ("max_region_f1", "max_pixel_f1")
 
 #: Smallest region kept by default, in map pixels (native image pixels for native maps).
 DEFAULT_MIN_AREA = 16
@@ -299,31 +303,39 @@ class RegionsMixin:
         images: Any,
         masks: Sequence[Any],
         *,
-        num_thresholds: int = 2000,
+        method: str = "max_region_f1",
+        min_area: int = DEFAULT_MIN_AREA,
         progress: bool | None = None,
     ) -> Any:
-        """Choose ``region_threshold_``: the pixel threshold of maximum pixel F1 on ``images``.
+        """Choose ``region_threshold_`` on images with ground-truth masks.
 
         Args:
-            images: calibration images (normal ones too: they hold only false-positive
-                pixels); each must be readable.
+            images: calibration images (normal ones too: they can only hold false regions);
+                each must be readable.
             masks: one ground-truth mask per image (bool/0-1 ``(H, W)``, True = defect; a
                 mask of another size is resized with nearest neighbour; all False for a
                 normal image), e.g. ``patchcore.datasets.load_mask(sample)``.
-            num_thresholds: candidate thresholds, evenly spaced over the maps' range.
+            method: ``"max_region_f1"`` (default: found regions against false regions,
+                :func:`patchcore.metrics.region_threshold` with ``min_area``) or
+                ``"max_pixel_f1"`` (pooled pixels, :func:`patchcore.metrics.pixel_threshold`).
+            min_area: the minimum region area the threshold is chosen for.
 
         Returns:
             self.
 
         Raises:
-            ValueError: counts differ, no mask has a defect pixel, or a map is not finite.
+            ValueError: an unknown method, counts differ, no mask has a defect, or a map is
+                not finite.
         """
         from ._util import resize_mask
-        from .metrics import pixel_threshold
+        from .metrics import pixel_threshold, region_threshold
 
         self._check_fitted("calibrate_regions")  # type: ignore[attr-defined]
+        if method not in REGION_METHODS:
+            raise ValueError(f"method must be one of {REGION_METHODS}, got {method!r}")
         if len(masks) != len(images):
             raise ValueError(f"got {len(images)} images but {len(masks)} masks")
+        _check_cut(0.0, min_area)
         result = self.score(  # type: ignore[attr-defined]
             images, maps="native", on_error="raise", progress=progress
         )
@@ -331,7 +343,10 @@ class RegionsMixin:
             resize_mask(np.asarray(m) != 0, a.shape)
             for m, a in zip(masks, result.maps, strict=True)
         ]
-        t = pixel_threshold(sized, result.maps, num_thresholds=num_thresholds)
+        if method == "max_pixel_f1":
+            t = pixel_threshold(sized, result.maps, num_thresholds=2000)
+        else:
+            t = region_threshold(sized, result.maps, min_area=min_area)
         self.state_.region_threshold = float(t)  # type: ignore[attr-defined]
-        self.state_.region_threshold_method = "max_pixel_f1"  # type: ignore[attr-defined]
+        self.state_.region_threshold_method = method  # type: ignore[attr-defined]
         return self

@@ -35,11 +35,13 @@ def calibrate_regions_model(
     model: str | os.PathLike,
     data: str | os.PathLike,
     *,
+    method: str = "max_region_f1",
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
 ) -> RegionCalibration:
-    """Set the region threshold of a model file (max pixel F1 on its calibration images).
+    """Set the region threshold of a model file, chosen on its calibration images with
+    ``method`` (see :meth:`patchcore.regions.RegionsMixin.calibrate_regions`).
 
     Raises:
         WorkflowError: the model has no stored calibration split, ``data`` lacks its images,
@@ -74,7 +76,7 @@ def calibrate_regions_model(
         total(len(kept))
     t0 = time.perf_counter()
     masks = [datasets.load_mask(s) for s in kept]
-    det.calibrate_regions([s.image for s in kept], masks, progress=False)
+    det.calibrate_regions([s.image for s in kept], masks, method=method, progress=False)
     seconds = time.perf_counter() - t0
     if progress:
         progress(len(kept))

@@ -94,7 +94,8 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin, RegionsMixin):
 
     Fitted attributes (views of ``state_``, a :class:`~patchcore.state.FittedState`):
     ``memory_bank_``, ``layers_``, ``threshold_``, ``threshold_method_``, ``n_train_images_``,
-    ``n_train_patches_``, ``feature_dtype_``, ``skipped_``, ``metadata_``, ``*_seconds_``.
+    ``n_train_patches_``, ``feature_dtype_``, ``skipped_``, ``metadata_``, ``*_seconds_``,
+    ``region_threshold_`` (defect regions: :class:`~patchcore.regions.RegionsMixin`).
     """
 
     def __init__(

@@ -155,3 +155,25 @@ def test_upload_shows_verdict_overlay_and_history(page, tmp_path):
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_page_draws_the_defect_regions_of_the_answer(page, server):
+    """The boxes on the page are the regions the API returns for the same image."""
+    import httpx
+    from playwright.sync_api import expect
+
+    expect(page.locator("#model")).to_contain_text("efficientnet-lite0", timeout=20_000)
+    defective = sorted((DATA / "test" / "defective").iterdir())[1]
+    with defective.open("rb") as fh:
+        answer = httpx.post(f"{server}/v1/inspect", files={"file": fh}, timeout=60).json()
+    page.set_input_files("#file", str(defective))
+    expect(page.locator("#name")).to_have_text(defective.name, timeout=30_000)
+    regions = answer["regions"]
+    boxes = page.locator("#regions .region")
+    expect(boxes).to_have_count(len(regions), timeout=30_000)
+    expect(page.locator("#region-count")).to_contain_text(f"{len(regions)} defect region")
+    assert regions, "the tiny model flags no region on this defective casting"
+    style = boxes.first.get_attribute("style")
+    left = float(re.search(r"left: ([0-9.]+)%", style).group(1))
+    assert left == pytest.approx(100 * regions[0]["x0"] / answer["width"], abs=0.01)
+    expect(page.locator("#region-list li")).to_have_count(len(regions))

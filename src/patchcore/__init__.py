@@ -29,6 +29,8 @@ _EXPORTS = {
     "BackboneWeightsError": "backbones",
     "BACKBONES": "backbones",
     "ImageReadError": "images",
+    "Region": "regions",
+    "ImageRegions": "regions",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

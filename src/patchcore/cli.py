@@ -26,6 +26,7 @@ import typer
 
 from ._util import check_fraction, fmt, one_line
 from .metrics import MATLAB_METRICS, THRESHOLD_METHODS
+from .regions import DEFAULT_MIN_AREA, REGION_METHODS
 
 app = typer.Typer(
     name="patchcore",
@@ -49,6 +50,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 Method = _choices("Method", THRESHOLD_METHODS)  # one definition, in metrics.py
+RegionMethod = _choices("RegionMethod", REGION_METHODS)  # defined in regions.py
 Sampling = _choices("Sampling", ("greedy", "greedy_exact", "random"))
 BackboneDtype = _choices("BackboneDtype", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "json", "csv"))
@@ -520,6 +522,44 @@ def _calibrate_normal(model: Path, data: str, max_fpr: float, device: str, quiet
         typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 
 
+@app.command("calibrate-regions")
+def calibrate_regions(
+    model: ModelArg,
+    data: DataArg,
+    method: Annotated[
+        RegionMethod,
+        typer.Option(
+            help="max_region_f1: found against false regions; max_pixel_f1: pooled pixels."
+        ),
+    ] = RegionMethod.max_region_f1,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Choose the map threshold of defect regions on the calibration images stored by
+    `calibrate` that have ground-truth masks; store it in MODEL.
+
+    Without it, regions are cut at the image threshold.
+    """
+    from . import workflow
+
+    s = _with_bar(
+        "calibrate-regions",
+        quiet,
+        workflow.calibrate_regions_model,
+        model,
+        data,
+        method=method.value,
+        device=_device(device),
+    )
+    image = f"{s.image_threshold:.6g}" if s.image_threshold is not None else "none"
+    typer.echo(
+        f"Region threshold {s.region_threshold:.6g} ({s.method}; image threshold {image}) "
+        f"chosen on {s.images} calibration images ({s.normal} normal, {s.with_masks} with "
+        f"masks; {s.left_out} defective without a mask left out) in {s.seconds:.1f} s"
+    )
+    typer.echo(f"Model updated: {s.model_path}")
+
+
 @app.command()
 def evaluate(
     model: ModelArg,
@@ -594,6 +634,29 @@ def predict(
             show_default=False,
         ),
     ] = None,
+    regions: Annotated[
+        Path | None,
+        typer.Option(
+            "--regions",
+            help="Write the defect regions (connected regions of each native-size anomaly map "
+            "above the region threshold: box x0,y0,x1,y1 in pixels, area, peak, mean) to this "
+            ".json or .csv file; JSON rows on stdout list them too, table/CSV rows count them.",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    region_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--region-threshold",
+            help="Anomaly-map value regions are cut at, instead of the model's calibrated "
+            "region threshold (or, without one, its image threshold).",
+            show_default=False,
+        ),
+    ] = None,
+    min_area: Annotated[
+        int, typer.Option("--min-area", help="Smallest region kept, in pixels.", min=1)
+    ] = DEFAULT_MIN_AREA,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -609,6 +672,10 @@ def predict(
     from . import workflow
 
     with _errors():
+        if regions is not None and regions.suffix.lower() not in (".json", ".csv"):
+            raise workflow.WorkflowError(
+                f"--regions {regions}: name a .json or .csv file (the suffix picks the format)"
+            )
         det = workflow.load_model(model, device=_device(device))
         if threshold is not None:
             det.set_threshold(threshold, method="manual (--threshold)")
@@ -618,21 +685,35 @@ def predict(
         )
     bar = _Bar("predict", quiet or len(files) < 2)
     bar.total(len(files))
-    n_err = n_anom = 0
-    writer = _Writer(fmt, heatmaps is not None)
+    n_err = n_anom = n_regions = 0
+    writer = _Writer(fmt, heatmaps is not None, regions is not None)
+    rows: list[Any] = []
     with _errors():
         try:
-            for p in workflow.predict_images(det, files, heatmaps=heatmaps):
+            for p in workflow.predict_images(
+                det,
+                files,
+                heatmaps=heatmaps,
+                regions=regions is not None,
+                region_threshold=region_threshold,
+                min_area=min_area,
+            ):
                 writer.row(p, bar)
                 bar.update(1)
                 n_err += p.error is not None
                 n_anom += bool(p.anomalous)
+                n_regions += len(p.regions or ())
+                if regions is not None:
+                    rows.append(p)
         finally:
             bar.close()
+        if regions is not None:
+            workflow.write_regions(rows, regions, min_area=min_area)
     n = len(files)
     typer.echo(
         f"{n} image(s): {n_anom} anomalous, {n - n_anom - n_err} normal, {n_err} unreadable"
-        + (f"; heatmaps in {heatmaps}" if heatmaps is not None else ""),
+        + (f"; heatmaps in {heatmaps}" if heatmaps is not None else "")
+        + (f"; {n_regions} region(s) in {regions}" if regions is not None else ""),
         err=True,
     )
     if n_err == n:
@@ -642,9 +723,10 @@ def predict(
 class _Writer:
     """Streams predictions as table rows, JSON lines or CSV to stdout."""
 
-    def __init__(self, fmt: Format, heatmaps: bool) -> None:
+    def __init__(self, fmt: Format, heatmaps: bool, regions: bool = False) -> None:
         self.fmt = fmt
         self.heatmaps = heatmaps
+        self.regions = regions
         self.started = False
 
     def _emit(self, line: str, bar: _Bar) -> None:
@@ -659,6 +741,8 @@ class _Writer:
             return
         if self.fmt is Format.csv:
             fields = ["path", "verdict", "score", "normalized", "threshold", "heatmap", "error"]
+            if self.regions:
+                fields += ["regions", "region_threshold"]
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="")
             if not self.started:
@@ -668,6 +752,8 @@ class _Writer:
                 buf.truncate()
                 self.started = True
             d = p.as_dict()
+            if self.regions:
+                d["regions"] = None if p.regions is None else len(p.regions)
             w.writerow(["" if d[k] is None else d[k] for k in fields])
             self._emit(buf.getvalue(), bar)
             return
@@ -677,6 +763,8 @@ class _Writer:
         score = f"{p.score:.4f}" if p.score is not None else "-"
         norm = f"{p.normalized:.3f}" if p.normalized is not None else "-"
         tail = f"  -> {p.heatmap}" if p.heatmap else ""
+        if self.regions and p.regions is not None:
+            tail = f"  [{len(p.regions)} region(s)]" + tail
         if p.error:
             tail = f"  ({p.error})"
         self._emit(f"{p.verdict:<10} {score:>10} {norm:>10}  {p.path}{tail}", bar)

@@ -24,6 +24,7 @@ from .images import ImageInput, output_size
 from .inputs import Batch, Skipped, as_list, check_on_error, iter_batches, warn_skipped
 from .params import ParamsMixin
 from .persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
+from .regions import RegionsMixin
 from .results import Classification, ImageResult, MapSize, ScoreResult, check_maps
 from .search import NearestNeighborIndex, resolve_precision
 from .state import FittedAttributes, FittedState, NotFittedError
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
+class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin, RegionsMixin):
     """PatchCore anomaly detector (Roth et al., 2022).
 
     Args:
@@ -93,7 +94,8 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
 
     Fitted attributes (views of ``state_``, a :class:`~patchcore.state.FittedState`):
     ``memory_bank_``, ``layers_``, ``threshold_``, ``threshold_method_``, ``n_train_images_``,
-    ``n_train_patches_``, ``feature_dtype_``, ``skipped_``, ``metadata_``, ``*_seconds_``.
+    ``n_train_patches_``, ``feature_dtype_``, ``skipped_``, ``metadata_``, ``*_seconds_``,
+    ``region_threshold_`` (defect regions: :class:`~patchcore.regions.RegionsMixin`).
     """
 
     def __init__(

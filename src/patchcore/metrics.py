@@ -1,6 +1,7 @@
 """Image- and pixel-level metrics and threshold selection for anomaly detection.
 
-Pure numpy functions (scipy only for connected components in :func:`aupro`); no torch and
+Pure numpy functions (scipy only for connected components in :func:`aupro` and
+:func:`region_scores`); no torch and
 no scikit-learn at runtime. The image-level curves follow ``sklearn.metrics`` exactly so that
 results can be checked against it.
 
@@ -24,6 +25,7 @@ __all__ = [
     "MATLAB_METRICS",
     "THRESHOLD_METHODS",
     "Metrics",
+    "RegionScores",
     "anomaly_threshold",
     "aupro",
     "auroc",
@@ -31,8 +33,11 @@ __all__ = [
     "evaluate",
     "f1_curve",
     "pixel_auroc",
+    "pixel_threshold",
     "precision_recall_curve",
     "pro_curve",
+    "region_scores",
+    "region_threshold",
     "roc_curve",
 ]
 
@@ -702,3 +707,158 @@ def aupro(masks, maps, max_fpr: float = 0.3, *, num_thresholds: int | None = Non
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr!r}")
     fpr, pro, _ = pro_curve(masks, maps, num_thresholds=num_thresholds)
     return _trapezoid(fpr, pro, x_max=float(max_fpr)) / float(max_fpr)
+
+
+def pixel_threshold(masks, maps, *, num_thresholds: int | None = 2000) -> float:
+    """The map threshold of maximum pixel F1 over all pixels of all images pooled together.
+
+    A pixel is predicted defective iff its map value ``>= threshold``; F1 is
+    ``2 TP / (2 TP + FP + FN)`` over the pooled pixels. Ties keep the highest threshold.
+
+    Args:
+        masks: sequence of ``(H_i, W_i)`` bool masks (nonzero = defect); normal images have
+            empty masks and contribute only false positives.
+        maps: sequence of ``(H_i, W_i)`` anomaly maps, higher = more anomalous.
+        num_thresholds: candidate thresholds evenly spaced between the lowest and highest
+            map value (histograms, memory independent of the pixel count); ``None``: every
+            distinct value (one sort of all pixels, about 40 bytes per pixel).
+
+    Raises:
+        ValueError: no defect pixel or no normal pixel, mismatched shapes, non-finite maps.
+    """
+    pairs = _masks_and_maps(masks, maps)
+    fpr, tpr, thr = _pixel_curve(pairs, num_thresholds, region_overlap=False)
+    n_pos = sum(int(np.count_nonzero(m)) for m, _ in pairs)
+    n_neg = sum(int(m.size) for m, _ in pairs) - n_pos
+    tp, fp = tpr[1:] * n_pos, fpr[1:] * n_neg
+    f1 = 2.0 * tp / (n_pos + tp + fp)
+    return float(thr[1:][int(np.argmax(f1))])
+
+
+@dataclass(frozen=True)
+class RegionScores:
+    """Predicted defect regions against ground-truth regions (see :func:`region_scores`).
+
+    Attributes:
+        images: images compared.
+        gt_regions: ground-truth regions (8-connected components of the masks).
+        found: ground-truth regions that a predicted region overlaps (see ``min_overlap``).
+        predicted_regions: predicted regions (8-connected components of the predictions).
+        false_regions: predicted regions that touch no ground-truth pixel.
+        min_overlap: the overlap rule used.
+    """
+
+    images: int
+    gt_regions: int
+    found: int
+    predicted_regions: int
+    false_regions: int
+    min_overlap: float
+
+    @property
+    def region_recall(self) -> float:
+        """``found / gt_regions`` (0.0 without ground-truth regions)."""
+        return _ratio(self.found, self.gt_regions)
+
+    @property
+    def false_regions_per_image(self) -> float:
+        """``false_regions / images``."""
+        return _ratio(self.false_regions, self.images)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "gt_regions": self.gt_regions,
+            "found": self.found,
+            "region_recall": self.region_recall,
+            "predicted_regions": self.predicted_regions,
+            "false_regions": self.false_regions,
+            "false_regions_per_image": self.false_regions_per_image,
+            "min_overlap": self.min_overlap,
+        }
+
+
+def region_scores(masks, predicted, *, min_overlap: float = 0.0) -> RegionScores:
+    """Region-level recall and false regions of predicted defect pixels against masks.
+
+    Both sides are split into 8-connected regions (``scipy.ndimage.label``). A ground-truth
+    region counts as found when the predicted pixels cover more than ``min_overlap`` of its
+    area (the default 0.0: at least one shared pixel); a predicted region is false when it
+    shares no pixel with any ground-truth region.
+
+    Args:
+        masks: sequence of ``(H_i, W_i)`` bool masks (nonzero = defect; empty for normals).
+        predicted: sequence of ``(H_i, W_i)`` bool predictions, e.g. the pixels of the kept
+            regions (:func:`patchcore.regions.region_mask`).
+        min_overlap: in ``[0, 1)``: share of a ground-truth region's pixels that must be
+            covered (strictly more than it) for the region to count as found.
+
+    Raises:
+        ValueError: counts or shapes differ, empty input, ``min_overlap`` outside ``[0, 1)``.
+    """
+    if not 0.0 <= float(min_overlap) < 1.0:
+        raise ValueError(f"min_overlap must be in [0, 1), got {min_overlap!r}")
+    if len(masks) != len(predicted):
+        raise ValueError(f"got {len(masks)} masks but {len(predicted)} predictions")
+    if len(masks) == 0:
+        raise ValueError("masks and predictions are empty")
+    gt_n = found = pred_n = false_n = 0
+    for i, (mask, pred) in enumerate(zip(masks, predicted, strict=True)):
+        m, p = np.asarray(mask) != 0, np.asarray(pred) != 0
+        if m.ndim != 2 or m.shape != p.shape:
+            raise ValueError(
+                f"masks[{i}] has shape {m.shape} but predicted[{i}] has shape {p.shape}"
+            )
+        gt, n_gt = ndimage.label(m, structure=_REGION_STRUCTURE)
+        pr, n_pr = ndimage.label(p, structure=_REGION_STRUCTURE)
+        gt_n += n_gt
+        pred_n += n_pr
+        if n_gt:
+            area = np.bincount(gt.ravel(), minlength=n_gt + 1)[1:]
+            hit = np.bincount(gt[p], minlength=n_gt + 1)[1:]
+            found += int(np.count_nonzero((hit > 0) & (hit > min_overlap * area)))
+        if n_pr:
+            touching = np.bincount(pr[m], minlength=n_pr + 1)[1:]
+            false_n += int(np.count_nonzero(touching == 0))
+    return RegionScores(len(masks), gt_n, found, pred_n, false_n, float(min_overlap))
+
+
+def region_threshold(
+    masks, maps, *, min_area: int = 16, num_thresholds: int = 32, min_overlap: float = 0.0
+) -> float:
+    """The map threshold of maximum region F1: found regions against false regions.
+
+    For each candidate threshold (evenly spaced between the lowest and the highest per-image
+    map maximum) the maps are cut into regions (:func:`patchcore.regions.region_mask`, at
+    least ``min_area`` pixels) and scored with :func:`region_scores`: region recall =
+    found / ground-truth regions, region precision = 1 - false / predicted regions, F1 their
+    harmonic mean. Ties keep the highest threshold.
+
+    Args:
+        masks: sequence of ``(H_i, W_i)`` bool masks (nonzero = defect; empty for normals).
+        maps: sequence of ``(H_i, W_i)`` anomaly maps, higher = more anomalous.
+        min_area: smallest region kept, pixels.
+        num_thresholds: candidate thresholds (>= 2).
+        min_overlap: the found rule of :func:`region_scores`.
+
+    Raises:
+        ValueError: no ground-truth region, mismatched shapes, non-finite maps.
+    """
+    from .regions import region_mask
+
+    pairs = _masks_and_maps(masks, maps)
+    if int(num_thresholds) != num_thresholds or num_thresholds < 2:
+        raise ValueError(f"num_thresholds must be an integer >= 2, got {num_thresholds!r}")
+    peaks = [float(a.max()) for _, a in pairs]
+    best_f1, best_t = -1.0, peaks[0]
+    for t in np.linspace(min(peaks), max(peaks), int(num_thresholds))[::-1]:
+        pred = [region_mask(a, float(t), min_area=min_area) for _, a in pairs]
+        r = region_scores([m for m, _ in pairs], pred, min_overlap=min_overlap)
+        if r.gt_regions == 0:
+            raise ValueError("no mask contains a defect region: the threshold needs one")
+        precision = 1.0 - _ratio(r.false_regions, r.predicted_regions)
+        recall = r.region_recall
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if f1 > best_f1:
+            best_f1, best_t = f1, float(t)
+    return best_t

@@ -18,7 +18,8 @@ version) with a message naming the file and the field.
 Files are read with ``torch.load(weights_only=True)``: no pickled code runs. ``feature_dtype``
 is absent from files written before it existed (read as ``"float32"``); ``backbone_dtype`` is left
 out of the config when it is the default, so older readers can load the file. The optional state
-entries ``calibration`` and ``normalization`` are left out when None (older readers ignore them);
+entries ``calibration``, ``normalization``, ``region_threshold`` and ``region_threshold_method``
+are left out when None (older readers ignore them);
 a file with a threshold but no ``normalization`` (written before it existed) gets the hand-set
 mapping ``fit_normalization(None, threshold)``, as ``set_threshold`` gives; a stored one is
 checked with ``check_mapping`` and must map the file's threshold to 0.5.
@@ -70,10 +71,11 @@ _STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are 
     "metadata",
     "calibration",
     "normalization",
+    "region_threshold",
+    "region_threshold_method",
 )
 #: Optional "state" entries: left out of the file when None (older files lack them).
-_OPTIONAL_STATE = ("calibration", "normalization")
-
+_OPTIONAL_STATE = ("calibration", "normalization", "region_threshold", "region_threshold_method")
 
 _KEYS = ("format", "format_version", "config", "memory_bank", "backbone_state", "state")
 _legacy_warned = False
@@ -268,6 +270,12 @@ def _check_types(path: Path, payload: dict[str, Any]) -> None:
     m = saved.get("threshold_method", "missing")
     if m is not None and not isinstance(m, str):
         raise bad(f"state 'threshold_method' is {m!r}, not a string or None")
+    rt = saved.get("region_threshold")
+    if rt is not None and not _finite_number(rt):
+        raise bad(f"state 'region_threshold' is {rt!r}, not a finite number or None")
+    rm = saved.get("region_threshold_method")
+    if rm is not None and not isinstance(rm, str):
+        raise bad(f"state 'region_threshold_method' is {rm!r}, not a string or None")
     f = saved.get("feature_dtype", "float32")
     if f not in ("float16", "float32"):
         raise bad(f"state 'feature_dtype' is {f!r}, not 'float16' or 'float32'")
@@ -328,6 +336,8 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
                 else fit_normalization(None, saved["threshold"])
             ),
             metadata=dict(saved.get("metadata") or {}),
+            region_threshold=saved.get("region_threshold"),  # absent from older files
+            region_threshold_method=saved.get("region_threshold_method"),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete model file (missing {exc})") from None

@@ -26,6 +26,7 @@ from ._util import resize_map, resize_mask
 __all__ = [
     "anomaly_map_overlay",
     "confusion_matrix_plot",
+    "draw_regions",
     "gallery_tile",
     "per_type_recall_plot",
     "roc_plot",
@@ -41,6 +42,8 @@ NEUTRAL_COLOR = "#24527a"
 PASS_COLOR = "#1a7f45"
 OK_RGB = (26, 152, 80)
 BAD_RGB = (215, 48, 31)
+#: Colour of defect-region boxes: magenta, which 'jet' never shows (mask outlines are white).
+REGION_RGB = (255, 0, 255)
 
 
 @lru_cache(maxsize=8)
@@ -164,6 +167,44 @@ def anomaly_map_overlay(
         outline = mask_outline(resize_mask(mask_arr > 0, (height, width)), outline_width)
         out[outline] = np.asarray(outline_color, dtype=np.uint8)
     return out
+
+
+def draw_regions(
+    image: np.ndarray,
+    regions: Sequence,
+    map_shape: tuple[int, int],
+    *,
+    color: tuple[int, int, int] = REGION_RGB,
+    width: int = 2,
+) -> np.ndarray:
+    """Draw the bounding boxes of defect regions on a copy of an image.
+
+    Args:
+        image: uint8 ``(H, W)`` or ``(H, W, 3)``.
+        regions: :class:`patchcore.regions.Region` records (anything with ``x0, y0, x1,
+            y1``) in the pixels of a map of ``map_shape``; boxes are scaled to the image.
+        map_shape: ``(h, w)`` of the map the regions were found on.
+        color: RGB of the boxes.
+        width: line width in pixels (>= 1).
+
+    Returns:
+        uint8 ``(H, W, 3)``.
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    rgb = _as_rgb(image).copy()
+    if not regions:
+        return rgb
+    height, wide = rgb.shape[:2]
+    sy, sx = height / map_shape[0], wide / map_shape[1]
+    canvas = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(canvas)
+    for r in regions:
+        x0, y0 = int(r.x0 * sx), int(r.y0 * sy)
+        x1 = max(x0, min(wide, round(r.x1 * sx)) - 1)  # exclusive -> last pixel
+        y1 = max(y0, min(height, round(r.y1 * sy)) - 1)
+        draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
+    return np.asarray(canvas)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
@@ -451,6 +492,7 @@ def gallery_tile(
     gap: int = 4,
     height: int | None = None,
     annotate: bool = True,
+    regions: Sequence | None = None,
 ) -> np.ndarray:
     """Original and overlay side by side, under a caption band with score vs threshold.
 
@@ -469,12 +511,16 @@ def gallery_tile(
         height: resize both panels to this height, keeping the aspect ratio.
         annotate: draw the caption band; False returns only the two panels (e.g. when an
             HTML report prints the caption and score itself).
+        regions: optional defect regions in ``anomaly_map``'s pixels, boxed on the overlay
+            (see :func:`draw_regions`).
 
     Returns:
         uint8 ``(band + H', 2 * W' + gap, 3)``; ``band`` is 0 when ``annotate`` is False.
     """
     original = _as_rgb(image)
     overlay = anomaly_map_overlay(original, anomaly_map, display_range, alpha, mask)
+    if regions:
+        overlay = draw_regions(overlay, regions, np.asarray(anomaly_map).shape[-2:])
     if height is not None and height != original.shape[0]:
         if height < 1:
             raise ValueError(f"height must be >= 1, got {height}")

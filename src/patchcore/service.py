@@ -44,7 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,6 +65,7 @@ from .decode import IMAGE_FORMATS as IMAGE_FORMATS  # re-exported (was defined h
 from .decode import ImageTooLargeError, decode_bytes
 from .detector import PatchCore
 from .images import ImageReadError, InputLimits, output_size
+from .regions import Region, label_regions
 
 logger = logging.getLogger("patchcore.service")
 
@@ -205,6 +206,21 @@ class Location(BaseModel):
     y: int
 
 
+class DefectRegion(BaseModel):
+    """A connected region of the anomaly map at or above ``region_threshold``, in the uploaded
+    image's pixels: the box is ``[x0, x1) x [y0, y1)`` (x1, y1 exclusive)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int = Field(description="pixels in the region")
+    peak: float = Field(description="largest map value in the region")
+    mean: float = Field(description="mean map value over the region")
+    peak_x: int
+    peak_y: int
+
+
 class Timing(BaseModel):
     """Milliseconds spent in each stage of one request (server side)."""
 
@@ -232,6 +248,13 @@ class Inspection(BaseModel):
     map_max: float = Field(description="largest value of the anomaly map")
     map_max_location: Location
     heatmap_url: str | None = Field(None, description="overlay PNG, when heatmap=url was asked")
+    region_threshold: float | None = Field(
+        None, description="map value the defect regions are cut at"
+    )
+    regions: list[DefectRegion] = Field(
+        default_factory=list,
+        description="defect regions (at least the model's minimum area), largest peak first",
+    )
     timing: Timing
 
 
@@ -333,6 +356,7 @@ class _Scored:
     decode_ms: float
     inference_ms: float
     queue_ms: float
+    regions: list[Region] = field(default_factory=list)
 
 
 class _Service:
@@ -427,6 +451,12 @@ class _Service:
         assert self.detector is not None
         return float(self.detector.threshold_)  # type: ignore[arg-type]
 
+    @property
+    def region_threshold(self) -> float:
+        """The map value defect regions are cut at (``PatchCore.region_cut``)."""
+        assert self.detector is not None
+        return self.detector.region_cut()
+
     def display_range(self) -> tuple[float, float]:
         """Map values shown as the coldest / hottest colour: fixed, so colours compare."""
         if self.display_range_arg is not None:
@@ -503,6 +533,8 @@ class _Service:
             map_max=float(s.amap[iy, ix]),
             map_max_location=Location(x=int(ix), y=int(iy)),
             heatmap_url=heatmap_url,
+            region_threshold=self.region_threshold,
+            regions=[DefectRegion(**r.as_dict()) for r in s.regions],
             timing=Timing(
                 queue_ms=round(s.queue_ms, 2),
                 decode_ms=round(s.decode_ms, 2),
@@ -572,6 +604,7 @@ class _Service:
                 for i in good:
                     results[i] = bad
             else:
+                cut = self.region_threshold
                 per_image = (time.perf_counter() - t) * 1000.0 / len(good)
                 assert r.maps is not None
                 for j, i in enumerate(good):
@@ -591,6 +624,7 @@ class _Service:
                         decode_ms=decode_ms[i],
                         inference_ms=per_image,
                         queue_ms=queue_ms,
+                        regions=label_regions(r.maps[j], cut),
                     )
         return [results[i] for i in range(len(blobs))]
 

@@ -44,6 +44,9 @@ class FittedState:
             calibration ``n_normal``, ``n_anomalous`` and the bounds asked.
         normalization: the mapping of raw scores onto [0, 1] with ``threshold`` at 0.5
             (:mod:`patchcore.normalization`), set with every threshold; None without one.
+        region_threshold: the anomaly-map threshold defect regions are cut at (chosen on
+            images with masks by ``calibrate_regions``); None: regions use ``threshold``.
+        region_threshold_method: how ``region_threshold`` was chosen.
         metadata: plain JSON-able facts a caller stores with the model (data spec, names...).
         skipped: training inputs that could not be read (not saved).
     """
@@ -61,11 +64,13 @@ class FittedState:
     calibration: dict[str, Any] | None = None
     normalization: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    region_threshold: float | None = None
+    region_threshold_method: str | None = None
     skipped: list[Skipped] = field(default_factory=list)
 
     def card(self, params: dict[str, Any]) -> dict[str, Any]:
         """Human-readable facts about the model fitted with ``params``."""
-        return {
+        card = {
             "backbone": params["backbone"],
             "layers": list(self.layers),
             "image_size": params["image_size"],
@@ -83,6 +88,10 @@ class FittedState:
             "normalization": self.normalization,
             "fit_seconds": round(float(self.fit_seconds), 3),
         }
+        if self.region_threshold is not None:
+            card["region_threshold"] = self.region_threshold
+            card["region_threshold_method"] = self.region_threshold_method
+        return card
 
 
 def _view(name: str, doc: str, settable: bool = False) -> property:
@@ -113,6 +122,9 @@ class FittedAttributes:
     threshold_ = _view("threshold", "Verdict threshold, None until set.", settable=True)
     threshold_method_ = _view("threshold_method", "How it was chosen.", settable=True)
     metadata_ = _view("metadata", "Facts stored with the model (JSON-able).", settable=True)
+    region_threshold_ = _view(
+        "region_threshold", "Map threshold of defect regions, None: threshold_.", settable=True
+    )
     feature_dtype_ = _view("feature_dtype", "How the training features were held in fit.")
     calibration_ = _view("calibration", "Facts of the threshold's choice (dict), or None.")
     normalization_ = _view("normalization", "Raw -> [0, 1] score mapping (dict), or None.")

@@ -214,9 +214,41 @@ function show(entry) {
     m.style.display = "block";
     m.title = `map maximum ${fmt(r.map_max)} at (${r.map_max_location.x}, ${r.map_max_location.y})`;
   }
+  drawRegions(r);
   for (const li of $("recent").children) {
     li.classList.toggle("current", Number(li.dataset.id) === entry.id);
   }
+}
+
+// Defect regions: one absolutely positioned box per region over the overlay, placed in
+// percent of the image so it follows the frame's size; the list under the panels names them.
+function drawRegions(r) {
+  const layer = $("regions");
+  const list = $("region-list");
+  layer.replaceChildren();
+  list.replaceChildren();
+  const regions = (r && r.regions) || [];
+  $("region-info").hidden = !r;
+  if (!r) return;
+  $("region-count").textContent =
+    `${regions.length} defect region${regions.length === 1 ? "" : "s"}` +
+    ` (map ≥ ${fmt(r.region_threshold)})`;
+  regions.forEach((g, k) => {
+    const box = document.createElement("div");
+    box.className = "region";
+    box.style.left = `${(100 * g.x0) / r.width}%`;
+    box.style.top = `${(100 * g.y0) / r.height}%`;
+    box.style.width = `${(100 * (g.x1 - g.x0)) / r.width}%`;
+    box.style.height = `${(100 * (g.y1 - g.y0)) / r.height}%`;
+    box.title = `region ${k + 1}: ${g.area} px, peak ${fmt(g.peak)}, mean ${fmt(g.mean)}`;
+    box.dataset.index = String(k + 1);
+    layer.appendChild(box);
+    const li = document.createElement("li");
+    li.textContent =
+      `${k + 1}: (${g.x0}, ${g.y0})–(${g.x1}, ${g.y1}), ${g.area} px, ` +
+      `peak ${fmt(g.peak)}, mean ${fmt(g.mean)}`;
+    list.appendChild(li);
+  });
 }
 
 function addRecent(entry) {

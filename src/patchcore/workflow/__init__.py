@@ -16,7 +16,10 @@ parses arguments, calls one of them and prints what it returns. One module per s
 - :mod:`.evaluate`: :func:`evaluate_model` scores exactly the held-out half (never a
   calibration image), computes the metrics and writes ``metrics.json``;
   :mod:`.reporting` writes the HTML report.
-- :mod:`.predict`: :func:`predict_images` streams verdicts, scores and heatmap overlays.
+- :mod:`.regions`: :func:`calibrate_regions_model` sets the map threshold of defect regions
+  on the stored calibration images that have masks.
+- :mod:`.predict`: :func:`predict_images` streams verdicts, scores, heatmap overlays and
+  defect regions; :func:`write_regions` writes the regions as JSON or CSV.
 - :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
 
 Every stage makes one call into the detector (``fit``, or one ``iter_score`` stream that also
@@ -59,7 +62,8 @@ from .evaluate import (
 )
 from .fit import FitSummary, fit_detector, fit_model
 from .model import DISPLAY_TOP, load_model, model_card, require_threshold
-from .predict import Prediction, predict_images
+from .predict import Prediction, predict_images, write_regions
+from .regions import RegionCalibration, calibrate_regions_model
 from .reporting import TILE_HEIGHT
 
 __all__ = [
@@ -75,12 +79,14 @@ __all__ = [
     "FitSummary",
     "NormalCalibrationSummary",
     "Prediction",
+    "RegionCalibration",
     "ProgressFn",
     "WorkflowError",
     "available_train_images",
     "calibrate_detector",
     "calibrate_model",
     "calibrate_normal_model",
+    "calibrate_regions_model",
     "evaluate_detector",
     "evaluate_model",
     "expand_inputs",
@@ -95,4 +101,5 @@ __all__ = [
     "require_threshold",
     "resolve_data",
     "run_demo",
+    "write_regions",
 ]

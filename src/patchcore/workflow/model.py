@@ -78,6 +78,10 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         "heatmap display range": _range_text(md.get("display_range")),
         "fit time": f"{card['fit_seconds']:.1f} s",
     }
+    if card.get("region_threshold") is not None:  # else regions are cut at the threshold
+        out["region threshold"] = (
+            f"{card['region_threshold']:.6g} ({card['region_threshold_method']})"
+        )
     if ms_per_image is not None:
         out["scoring time"] = f"{ms_per_image:.1f} ms per image (with anomaly map)"
     out["seed"] = det.seed

@@ -16,6 +16,7 @@ from .. import datasets, metrics, plots, report
 from ..datasets import Sample
 from ..detector import PatchCore
 from ..images import ImageReadError, read_image
+from ..regions import DEFAULT_MIN_AREA, label_regions
 from .evaluate import PIXEL_METRIC_SIDE, ScoredSet
 from .model import calibration_text, display_range, model_card
 
@@ -104,6 +105,16 @@ def _notes(
         ),
     ]
     notes += _calibration_notes(det, scored.scores[ok], truth[ok])
+    cut = det.region_cut()
+    notes.append(
+        "Magenta boxes: defect regions, the connected regions of the anomaly map at or above "
+        + (
+            f"the region threshold {cut:.4g} ({det.state_.region_threshold_method})"
+            if det.region_threshold_ is not None
+            else f"the image threshold {cut:.4g}"
+        )
+        + f", at least {DEFAULT_MIN_AREA} native pixels (white outlines: ground-truth masks)."
+    )
     if measured.pixel_auroc is not None:
         notes.append(
             f"Pixel metrics use maps and masks resized to at most {PIXEL_METRIC_SIDE} px on "
@@ -178,6 +189,7 @@ def _galleries(
     threshold = float(det.threshold_)  # type: ignore[arg-type]
     order = gallery_order(scores, test.labels, scores >= threshold, k)
     rng = display_range(det)
+    cut = det.region_cut()
     galleries: dict[str, list[dict[str, Any]]] = {}
     for key, idx in order.items():
         items = []
@@ -190,17 +202,24 @@ def _galleries(
                 mask = datasets.load_mask(s) if s.mask is not None else None
             except ImageReadError:
                 continue
+            found = _regions(m, cut, image.shape[:2])
             tile = plots.gallery_tile(
                 image, m, rng, float(scores[i]), threshold, s.name, mask,
-                height=TILE_HEIGHT, annotate=False,
+                height=TILE_HEIGHT, annotate=False, regions=found,
             )  # fmt: skip
             path = plots.save_png(tile, gdir / f"{key}_{rank + 1:02d}.png")
             kind = s.defect_type if s.is_anomalous else "normal"
-            items.append(
-                {"image_path": path, "caption": f"{s.name} ({kind})", "score": float(scores[i])}
-            )
+            caption = f"{s.name} ({kind}, {len(found)} region{'' if len(found) == 1 else 's'})"
+            items.append({"image_path": path, "caption": caption, "score": float(scores[i])})
         galleries[key] = items
     return galleries
+
+
+def _regions(small_map: np.ndarray, cut: float, native: tuple[int, int]) -> list:
+    """Defect regions of a gallery map (shrunk to at most PIXEL_METRIC_SIDE px), with the
+    default minimum area scaled from the image's native pixels to the map's."""
+    shrink = small_map.size / max(1, native[0] * native[1])
+    return label_regions(small_map, cut, min_area=max(1, round(DEFAULT_MIN_AREA * shrink)))
 
 
 def _pixels(sample: Sample) -> np.ndarray:

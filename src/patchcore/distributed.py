@@ -5,7 +5,7 @@
 the object store and checked against the driver's SHA-256, and scores its blocks with
 :meth:`PatchCore.iter_score` -- the single-process library's own scoring, so the scores are
 the library's. The driver writes one Parquet file per finished block (a temporary name, then a
-rename), keyed by the resolved path: a re-run with the same output folder skips the paths
+rename), keyed by the absolute path: a re-run with the same output folder skips the paths
 already written, a crash loses only unfinished blocks, and a block retried after a worker died
 is written once. The output folder is a Parquet dataset (``pyarrow.dataset.dataset(out)``).
 
@@ -87,7 +87,7 @@ def _schema() -> Any:
     pa = _pa()
     return pa.schema(
         [
-            ("path", pa.string()),  # resolved local path or the URI as given: the row's key
+            ("path", pa.string()),  # absolute local path or the URI as given: the row's key
             ("score", pa.float64()),  # higher = more anomalous; null for an error row
             ("verdict", pa.string()),  # anomalous | normal | error; null without a threshold
             ("map_max", pa.float32()),  # anomaly map maximum (map at the image's own size)
@@ -108,18 +108,28 @@ def batch_schema() -> Any:
     return _schema()
 
 
-def read_results(out: str | os.PathLike) -> Any:
-    """The table a batch job wrote to ``out`` (a ``pyarrow.Table``; empty if nothing yet)."""
+def read_results(out: str | os.PathLike, columns: list[str] | None = None) -> Any:
+    """The table a batch job wrote to ``out`` (a ``pyarrow.Table``; empty if nothing yet).
+
+    Args:
+        out: the output folder.
+        columns: read only these (default: all of :func:`batch_schema`).
+    """
     pa = _pa()
     out = Path(out)
     if not out.is_dir() or not any(out.glob("*.parquet")):
-        return _schema().empty_table()
-    return pa.dataset.dataset(out, format="parquet", schema=_schema()).to_table()
+        empty = _schema().empty_table()
+        return empty.select(columns) if columns else empty
+    try:
+        ds = pa.dataset.dataset(out, format="parquet", schema=_schema())
+        return ds.to_table(columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise BatchError(f"{out}: holds a damaged or foreign Parquet file ({exc})") from None
 
 
 def _done(out: Path, digest: str) -> set[str]:
     """Paths already written to ``out`` by this model; BatchError if another model wrote it."""
-    table = read_results(out)
+    table = read_results(out, ["path", "model_digest"])
     if table.num_rows == 0:
         return set()
     digests = set(table.column("model_digest").unique().to_pylist())
@@ -154,8 +164,12 @@ def _is_uri(s: str) -> bool:
 
 
 def _key(path: str) -> str:
-    """The row key of an input: the resolved local path, or a URI as given."""
-    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
+    """The row key of an input: its absolute local path, or a URI as given.
+
+    Absolute and normalised (``..`` and ``.`` removed) but symbolic links are not followed: two
+    links to one file are two inputs, each named in the output as it was listed.
+    """
+    return path if _is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def _read_list(spec: str) -> list[str]:
@@ -166,7 +180,7 @@ def _read_list(spec: str) -> list[str]:
     if _is_uri(spec):
         filesystem, where = pafs.FileSystem.from_uri(spec)
     else:
-        filesystem, where = pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve())
+        filesystem, where = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(spec))
     try:
         if spec.lower().endswith(".parquet"):
             table = pa.parquet.read_table(where, filesystem=filesystem)
@@ -198,7 +212,7 @@ def list_sources(sources: Sequence[str | os.PathLike], *, recursive: bool = Fals
         recursive: also list sub-folders of folders.
 
     Returns:
-        row keys (resolved local paths, URIs as given), duplicates dropped.
+        row keys (absolute local paths, URIs as given), duplicates dropped.
 
     Raises:
         BatchError: a folder without images, a glob matching nothing, an unreadable list, or
@@ -290,10 +304,15 @@ class _Scorer:
         from pyarrow import fs as pafs
 
         from .decode import decode_bytes
+        from .images import input_limits
 
         filesystem, where = pafs.FileSystem.from_uri(key)
         with filesystem.open_input_stream(where) as f:
-            return decode_bytes(f.read(), name=key)
+            data = f.read()
+        lim = input_limits()  # the limits read_image applies to local files
+        return decode_bytes(
+            data, name=key, max_pixels=lim.max_pixels, max_aspect_ratio=lim.max_aspect_ratio
+        )
 
     def __call__(self, batch: Any) -> Any:
         """``batch``: a pyarrow table of ``paths`` lists -> one result row per path, in order."""
@@ -308,8 +327,10 @@ class _Scorer:
             try:
                 items.append(self._item(key))
                 where.append(i)
-            except (OSError, ImageReadError, ValueError) as exc:
-                rows[i].update(verdict="error", error=str(exc))
+            except ImageReadError as exc:
+                rows[i].update(verdict="error", error=exc.problem)
+            except (OSError, ValueError) as exc:  # the URI's file system: missing, no access
+                rows[i].update(verdict="error", error=f"cannot read: {exc}")
         maps = "native"
         for r in self.det.iter_score(items, maps=maps, on_error="skip", progress=False):
             row = rows[where[r.index]]
@@ -344,10 +365,8 @@ class _Scorer:
         overlay = plots.anomaly_map_overlay(pixels, amap, display_range(self.det), 0.5)
         assert self.heatmaps is not None
         path = self.heatmaps / _heatmap_name(key)
-        tmp = path.with_name(
-            f".{path.name}.{os.getpid()}.tmp"
-        )  # a killed worker leaves no half PNG
-        plots.save_png(overlay, tmp)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        plots.save_png(overlay, tmp)  # then renamed: a killed worker leaves no half PNG
         os.replace(tmp, path)
         return str(path)
 
@@ -421,6 +440,7 @@ def batch_score(
     threads_per_worker: int = 1,
     recursive: bool = False,
     device: str | None = "cpu",
+    gpus_per_worker: float = 0.0,
     object_store_memory: int | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
@@ -440,11 +460,17 @@ def batch_score(
         threshold: verdict threshold instead of the model's; without either the verdict is
             null.
         heatmaps: folder for an overlay PNG per image (a shared folder on a cluster).
-        block_size: images per block (one Ray task and one Parquet file); a crash loses at
-            most the blocks in flight.
+        block_size: images per block (one Ray task and one Parquet file), rounded up to a
+            multiple of the model's ``batch_size`` so that a fresh run batches images as one
+            single-process ``score`` call does (its scores are then equal bit for bit; where
+            batches differ -- a resumed run, images of several sizes -- or the torch
+            thread count differs -- the convolutions may sum in another order: scores within
+            float32 rounding, see benchmarks/RESULTS.md); a crash loses at most
+            the blocks in flight.
         threads_per_worker: torch threads (and Ray CPUs) per actor.
         recursive: also list sub-folders of folder sources.
         device: where the actors compute (``"cpu"``, ``"cuda"``, ``None`` = as saved).
+        gpus_per_worker: GPUs Ray reserves per actor (with ``device="cuda"``).
         object_store_memory: bytes of object store for a local Ray (Ray's default if None).
         progress: called with the number of rows each finished block added.
         total: called once with the number of rows this run will write.
@@ -464,7 +490,9 @@ def batch_score(
             f"{threads_per_worker}, {block_size}"
         )
     model = Path(model)
-    PatchCore.load(model, device="cpu")  # fail here, naming the file, not in every actor
+    # fail here, naming the file, not in every actor
+    per_batch = int(PatchCore.load(model, device="cpu").batch_size)
+    block_size = -(-int(block_size) // per_batch) * per_batch
     data, digest = _file_digest(model)
     keys = list_sources(sources, recursive=recursive)
     out = Path(out)
@@ -500,6 +528,7 @@ def batch_score(
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=threads_per_worker,
+                num_gpus=gpus_per_worker or None,
             )
             seen = set(done)
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -570,7 +599,7 @@ class _FitShard:
         self.x = store.result() if store.rows else torch.empty(0, 0)
         return {
             "rows": int(store.rows),
-            "skipped": skipped,
+            "skipped": [tuple(x) for x in skipped],  # plain tuples: Ray returns them as such
             "overflow": store.overflow,
             "dtype": str(store.dtype).removeprefix("torch."),
             "layers": tuple(det.extractor_.layers),
@@ -721,7 +750,7 @@ def _fit_on(
 ) -> DistributedFit:
     """The distributed fit on ``shards`` (``call`` runs a method on each, in parallel)."""
     from .backbones import BACKBONE_DTYPES, FeatureExtractor
-    from .inputs import warn_skipped
+    from .inputs import Skipped, warn_skipped
     from .state import FittedState
 
     w = len(shards)
@@ -730,7 +759,7 @@ def _fit_on(
         shards, "extract", [(items[bounds[k] : bounds[k + 1]], int(bounds[k])) for k in range(w)]
     )
     rows = [i["rows"] for i in info]
-    skipped = [s for i in info for s in i["skipped"]]
+    skipped = [Skipped(*s) for i in info for s in i["skipped"]]
     num = sum(rows)
     if num == 0:
         first = skipped[0]

@@ -333,7 +333,7 @@ def fit(
         typer.Option(
             "--ray",
             help="Extract features and build the bank on Ray workers (pip install "
-            "'patchcore[ray]'); one worker gives the single-process bank.",
+            "'patchcore\\[ray]'); one worker gives the single-process bank.",
         ),
     ] = False,
     workers: Annotated[int, typer.Option(help="Ray workers with --ray.", min=1)] = 2,
@@ -696,7 +696,8 @@ def batch(
     """Score stored images on Ray into Parquet: path, score, verdict, map maximum, error.
 
     Unreadable images are rows with their error; a re-run with the same --out resumes (after a
-    crash or Ctrl-C) and writes every image once. Needs pip install 'patchcore[ray]'.
+    crash or Ctrl-C) and writes every image once. Needs the ray extra: pip install
+    "patchcore\\[ray]".
     """
     import logging
 

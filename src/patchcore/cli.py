@@ -1,4 +1,4 @@
-"""The ``patchcore`` command line: fit, calibrate, evaluate, predict, demo (and serve).
+"""The ``patchcore`` command line: fit, calibrate, evaluate, predict, batch, demo (and serve).
 
 The commands parse their arguments, call one function of :mod:`patchcore.workflow` and print
 what it returns; no algorithm lives here.
@@ -330,6 +330,23 @@ def fit(
         ),
     ] = BackboneDtype.float32,
     device: DeviceOpt = "auto",
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Extract features and build the bank on Ray workers (pip install "
+            "'patchcore\\[ray]'); one worker gives the single-process bank.",
+        ),
+    ] = False,
+    workers: Annotated[int, typer.Option(help="Ray workers with --ray.", min=1)] = 2,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join with --ray (auto, ray://host:10001); default: a local "
+            "Ray with --workers CPUs.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a detector on the normal images DATA/train/good (or a folder of images)."""
@@ -343,6 +360,7 @@ def fit(
             out,
             train_fraction=train_fraction,
             seed=seed,
+            ray={"workers": workers, "address": address} if ray else None,
             backbone=backbone,
             layers=layer or None,
             image_size=image_size,
@@ -377,6 +395,13 @@ def fit(
         f"  time:            {s.seconds:.1f} s (features {s.feature_seconds:.1f} s, "
         f"coreset {s.coreset_seconds:.1f} s)"
     )
+    if ray:
+        r = s.distributed
+        radius = r.get("coverage_radius")
+        typer.echo(
+            f"  on Ray:          {r.get('workers')} worker(s), coverage radius "
+            + (f"{radius:.4g}" if radius is not None else "not measured")
+        )
     typer.echo(f"Model written to {s.model_path}")
     labelled = data.lower().startswith("elpv") or (Path(data) / "test").is_dir()
     typer.echo(f"Next: patchcore calibrate {s.model_path} {data if labelled else 'DATA'}")
@@ -768,6 +793,108 @@ class _Writer:
         if p.error:
             tail = f"  ({p.error})"
         self._emit(f"{p.verdict:<10} {score:>10} {norm:>10}  {p.path}{tail}", bar)
+
+
+@app.command()
+def batch(
+    model: ModelArg,
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SOURCE...",
+            help="Folders, globs ('/data/**/*.png'), .txt or .parquet lists of paths (a "
+            "'path' column), image paths; local or any URI pyarrow opens (s3://, gs://...).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder: a Parquet dataset, one file per finished block; a re-run "
+            "skips the images already in it.",
+            file_okay=False,
+        ),
+    ],
+    workers: Annotated[
+        int, typer.Option(help="Scoring actors (each loads the model once).", min=1)
+    ] = 2,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join (auto, ray://host:10001); default: a local Ray with "
+            "--workers CPUs.",
+            show_default=False,
+        ),
+    ] = None,
+    heatmaps: Annotated[
+        Path | None,
+        typer.Option(
+            "--heatmaps",
+            help="Folder for an overlay PNG per image (shared by the nodes on a cluster).",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Verdict threshold instead of the model's (without either: no verdict).",
+            show_default=False,
+        ),
+    ] = None,
+    block_size: Annotated[
+        int, typer.Option(help="Images per block (one Ray task, one Parquet file).", min=1)
+    ] = 256,
+    threads: Annotated[
+        int, typer.Option("--threads-per-worker", help="Torch threads per actor.", min=1)
+    ] = 1,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-R", help="Also look in sub-folders.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="Where the actors compute: cpu, cuda.")] = "cpu",
+    quiet: QuietOpt = False,
+) -> None:
+    """Score stored images on Ray into Parquet: path, score, verdict, map maximum, error.
+
+    Unreadable images are rows with their error; a re-run with the same --out resumes (after a
+    crash or Ctrl-C) and writes every image once. Needs the ray extra: pip install
+    "patchcore\\[ray]".
+    """
+    import logging
+
+    from . import distributed
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    bar = _Bar("batch", quiet)
+    with _errors():
+        try:
+            s = distributed.batch_score(
+                model,
+                sources,
+                out,
+                workers=workers,
+                address=address,
+                threshold=threshold,
+                heatmaps=heatmaps,
+                block_size=block_size,
+                threads_per_worker=threads,
+                recursive=recursive,
+                device=device,
+                progress=bar.update,
+                total=bar.total,
+            )
+        finally:
+            bar.close()
+    typer.echo(
+        f"{s.inputs} image(s): {s.already_done} already in {s.out}, {s.written} written now "
+        f"({s.anomalous} anomalous, {s.errors} unreadable) in {s.seconds:.1f} s "
+        f"({s.images_per_second:.1f} images/s, {s.workers} worker(s))",
+        err=True,
+    )
+    if s.written and s.errors == s.written:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -376,17 +376,7 @@ def _repair(
     rows = torch.topk(upper, size).indices
     z = x[rows].float()
     u2 = index.exact_min_distances(z).double().square().float()
-    z = z - z.mean(0)
-    sq = (z * z).sum(1)
-    extra: list[int] = []
-    d2 = torch.empty_like(sq)
-    with _OneThread():
-        for _ in range(n_repair):
-            pos = int(u2.argmax())
-            extra.append(pos)
-            torch.addmv(sq, z, z[pos], alpha=-2.0, out=d2)
-            torch.minimum(u2, d2.add_(float(sq[pos])).clamp_(min=0.0), out=u2)
-            u2[pos] = 0.0
+    extra = _continue_greedy(z, u2, n_repair)
     indices = torch.cat([picked, rows[torch.tensor(extra, dtype=torch.long)]])
     radius2 = float(u2.max())
     upper[rows] = -1.0  # done exactly above
@@ -400,6 +390,27 @@ def _repair(
 
 
 _RECHECK_ROWS = 1 << 18  # rows re-checked exactly for the reported radius, at most
+
+
+def _continue_greedy(z: torch.Tensor, u2: torch.Tensor, n: int) -> list[int]:
+    """``n`` more greedy picks among the rows ``z`` (R, D) float32, given their squared
+    distances ``u2`` (R,) to the selection so far (updated in place; picked rows end at 0).
+
+    Returns:
+        positions into ``z`` in selection order.
+    """
+    z = z - z.mean(0)
+    sq = (z * z).sum(1)
+    extra: list[int] = []
+    d2 = torch.empty_like(sq)
+    with _OneThread():
+        for _ in range(n):
+            pos = int(u2.argmax())
+            extra.append(pos)
+            torch.addmv(sq, z, z[pos], alpha=-2.0, out=d2)
+            torch.minimum(u2, d2.add_(float(sq[pos])).clamp_(min=0.0), out=u2)
+            u2[pos] = 0.0
+    return extra
 
 
 def _check_finite(x: torch.Tensor) -> None:

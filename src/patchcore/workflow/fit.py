@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -32,10 +33,16 @@ class FitSummary:
     coreset_seconds: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     card: dict[str, Any] = field(default_factory=dict)
+    distributed: dict[str, Any] = field(default_factory=dict)  # a Ray fit: workers, radius
 
 
 def fit_detector(
-    train: ImageDataset, *, progress: bool = True, data_spec: str = "", **params: Any
+    train: ImageDataset,
+    *,
+    progress: bool = True,
+    data_spec: str = "",
+    ray: dict[str, Any] | None = None,
+    **params: Any,
 ) -> PatchCore:
     """Fit a detector on the (normal) images of ``train``; unreadable images are skipped.
 
@@ -48,6 +55,9 @@ def fit_detector(
         train: the training images.
         progress: show the detector's progress bars while fitting.
         data_spec: stored as ``fit_data``.
+        ray: fit on Ray workers instead (:func:`patchcore.distributed.fit_distributed`'s
+            ``workers``, ``address``...); its workers and coverage radius go to ``metadata_``
+            as ``distributed_fit``.
         **params: :class:`~patchcore.detector.PatchCore` parameters (``backbone``,
             ``layers``, ``image_size``, ``scale``, ``coreset_ratio``, ``sampling``, ``seed``,
             ``device``, ``backbone_dtype``...); the detector's defaults for the others.
@@ -59,8 +69,22 @@ def fit_detector(
     if params.get("layers") is not None:
         params["layers"] = list(params["layers"]) or None
     det = PatchCore(**params)
+    distributed: dict[str, Any] = {}
     try:
-        det.fit(train, on_error="skip", progress=progress)
+        if ray is None:
+            det.fit(train, on_error="skip", progress=progress)
+        else:
+            from ..distributed import fit_distributed
+
+            fit = fit_distributed(train, **ray, **params)
+            det = fit.detector
+            distributed = {
+                "workers": len(fit.shard_rows),
+                "coverage_radius": (
+                    fit.coverage_radius if math.isfinite(fit.coverage_radius) else None
+                ),
+                "shard_patches": fit.shard_rows,
+            }
     except ValueError as exc:  # no readable image, unknown layer...
         raise WorkflowError(str(exc)) from None
     skipped = {name for name, _ in det.skipped_}
@@ -70,6 +94,8 @@ def fit_detector(
         "fit_data": data_spec,
         "train_names": used,
     }
+    if distributed:
+        det.metadata_["distributed_fit"] = distributed
     return det
 
 
@@ -139,4 +165,5 @@ def fit_summary(det: PatchCore, path: Path | None, spec: str, available: int) ->
         coreset_seconds=float(det.coreset_seconds_),
         skipped=list(det.skipped_),
         card=det.card(),
+        distributed=dict(det.metadata_.get("distributed_fit") or {}),
     )

@@ -1,4 +1,4 @@
-"""Export a fitted detector's whole scoring path to ONNX (and OpenVINO) for :mod:`patchcore.runtime`.
+"""Export a fitted detector's whole scoring path to ONNX or OpenVINO for :mod:`patchcore.runtime`.
 
 The graph takes ``pixels`` (B, 3, H, W) float32 in [0, 1] at the processed size (the runtime
 decodes and resizes in numpy exactly like the torch path, :mod:`patchcore.pixels`) and returns

@@ -42,6 +42,7 @@ from .pixels import (
 
 __all__ = [
     "BACKENDS",
+    "ExportFileError",
     "ExportedModel",
     "RuntimeResult",
     "RuntimeSkipped",

@@ -247,7 +247,7 @@ class ExportResult:
 
     Attributes:
         manifest: path of ``patchcore-export.json``.
-        files: the model files (``model.onnx``; or ``model.xml`` + ``model.bin``).
+        files: the model files (``model.onnx``, plus ``model.xml`` + ``model.bin`` for OpenVINO).
         seconds: wall time of the export (tracing, conversion and the parity check).
         parity: the probe check: ``score_rel`` (largest relative score difference) and
             ``map_rel`` (largest absolute map difference over the largest map value).
@@ -386,7 +386,7 @@ def export(
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
     files = [onnx_path]
     if format == "openvino":
-        files = _to_openvino(onnx_path, out)
+        files += _to_openvino(onnx_path, out)
     manifest = _manifest(det, dynamic, fixed, files, source)
     # the parity check runs the files just written through the runtime itself
     from .runtime import open_session

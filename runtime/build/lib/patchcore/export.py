@@ -97,12 +97,24 @@ class _SameConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (sh, sw) = self.k, self.s
-        x = F.pad(x, [(kw - 1) // 2, (kw - 1) // 2, (kh - 1) // 2, (kh - 1) // 2])
-        for dim, k, s in ((2, kh, sh), (3, kw, sw)):
-            if s == 2:
-                even = 1 - (x.shape[dim] - (k - 1)) % 2
-                x = x.narrow(dim, even, x.shape[dim] - even)
+        pads = [(kh - 1) // 2, (kw - 1) // 2]
+        if sh == 1 and sw == 1:  # symmetric: the convolution pads (no Pad node in the graph)
+            return F.conv2d(x, self.weight, self.bias, 1, pads, 1, self.groups)
+        even = [self._even(x.shape[2], sh), self._even(x.shape[3], sw)]
+        if all(isinstance(e, int) for e in even):  # a fixed size: pads known at export time
+            if even == [0, 0]:
+                return F.conv2d(x, self.weight, self.bias, self.s, pads, 1, self.groups)
+            x = F.pad(x, [pads[1] - even[1], pads[1], pads[0] - even[0], pads[0]])
+            return F.conv2d(x, self.weight, self.bias, self.s, 0, 1, self.groups)
+        x = F.pad(x, [pads[1], pads[1], pads[0], pads[0]])
+        for dim, e in ((2, even[0]), (3, even[1])):
+            x = x.narrow(dim, e, x.shape[dim] - e)
         return F.conv2d(x, self.weight, self.bias, self.s, 0, 1, self.groups)
+
+    @staticmethod
+    def _even(size: Any, stride: int) -> Any:
+        """1 where TF pads one row fewer before (stride 2, even size), else 0."""
+        return 1 - size % 2 if stride == 2 else 0
 
 
 def _exportable(stages: nn.Module) -> nn.Module:
@@ -247,7 +259,7 @@ class ExportResult:
 
     Attributes:
         manifest: path of ``patchcore-export.json``.
-        files: the model files (``model.onnx``; or ``model.xml`` + ``model.bin``).
+        files: the model files (``model.onnx``, plus ``model.xml`` + ``model.bin`` for OpenVINO).
         seconds: wall time of the export (tracing, conversion and the parity check).
         parity: the probe check: ``score_rel`` (largest relative score difference) and
             ``map_rel`` (largest absolute map difference over the largest map value).
@@ -386,7 +398,7 @@ def export(
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
     files = [onnx_path]
     if format == "openvino":
-        files = _to_openvino(onnx_path, out)
+        files += _to_openvino(onnx_path, out)
     manifest = _manifest(det, dynamic, fixed, files, source)
     # the parity check runs the files just written through the runtime itself
     from .runtime import open_session

@@ -245,13 +245,38 @@ def resize_operator(n_in: int, n_out: int) -> np.ndarray:
 
 def resize_array(chw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a float32 CxHxW array like :func:`patchcore.images.resize` (identity when the size
-    matches): ``A_h @ x @ A_w.T`` per channel with :func:`resize_operator`, in float32."""
+    matches): :func:`resize_operator` along each axis, applied as a banded filter in float32."""
     (h, w), (oh, ow) = chw.shape[-2:], size
     if (h, w) == (oh, ow):
         return chw
-    a_h = resize_operator(h, int(oh)).astype(np.float32)
-    a_w = resize_operator(w, int(ow)).astype(np.float32)
-    return np.ascontiguousarray(a_h @ chw @ a_w.T, dtype=np.float32)
+    x = np.ascontiguousarray(chw, dtype=np.float32)
+    x = _apply_banded(x, _banded(resize_operator, w, int(ow)), axis=2)
+    return _apply_banded(x, _banded(resize_operator, h, int(oh)), axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _banded(make, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """An (n_out, n_in) operator with few non-zeros per row as (start (n_out,), weights
+    (n_out, taps) float32): row i reads inputs ``start[i] .. start[i] + taps - 1``."""
+    op = make(n_in, n_out)
+    nz = op != 0
+    first = np.where(nz.any(1), nz.argmax(1), 0)
+    last = np.where(nz.any(1), n_in - 1 - nz[:, ::-1].argmax(1), 0)
+    taps = int((last - first).max()) + 1
+    start = np.minimum(first, n_in - taps)
+    cols = start[:, None] + np.arange(taps)
+    return start, np.take_along_axis(op, cols, 1).astype(np.float32)
+
+
+def _apply_banded(x: np.ndarray, band: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
+    """``op @ x`` along ``axis`` for a banded operator (a sum over its few taps)."""
+    start, weights = band
+    shape = [1] * x.ndim
+    shape[axis] = len(start)
+    out = np.take(x, start, axis=axis) * weights[:, 0].reshape(shape)
+    for t in range(1, weights.shape[1]):
+        out += np.take(x, start + t, axis=axis) * weights[:, t].reshape(shape)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -277,6 +302,6 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = maps.shape[-2:]
     if (h, w) == tuple(size):
         return maps.astype(np.float32, copy=False)
-    a_h = bilinear_operator(h, int(size[0])).astype(np.float32)
-    a_w = bilinear_operator(w, int(size[1])).astype(np.float32)
-    return (a_h @ maps.astype(np.float32) @ a_w.T).astype(np.float32, copy=False)
+    x = np.ascontiguousarray(maps, dtype=np.float32)
+    x = _apply_banded(x, _banded(bilinear_operator, w, int(size[1])), axis=x.ndim - 1)
+    return _apply_banded(x, _banded(bilinear_operator, h, int(size[0])), axis=x.ndim - 2)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ._util import one_line
-from .images import ImageReadError, ImageTooLargeError, InputLimits, pil_to_array
+from .pixels import ImageReadError, ImageTooLargeError, InputLimits, pil_to_array
 
 #: Formats PIL may decode here; everything else (EPS, PDF, ...) is refused unread.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")

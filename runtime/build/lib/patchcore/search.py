@@ -1,0 +1,307 @@
+"""Exact nearest-neighbour search in the memory bank by chunked matrix products.
+
+Squared distances are expanded as ``|q|^2 - 2 q.b + |b|^2`` after centring on the bank's mean
+(which keeps the cancellation error small). The bank is cached once as ``[-2 b, |b|^2]`` and the
+queries extended to ``[q, 1]``, so a block of queries costs one plain matrix product giving
+``|b|^2 - 2 q.b`` (faster on CPU than ``torch.cdist``, which also materialises the same ``Q x M``
+block, and than ``addmm``, which first copies the broadcast ``|b|^2`` into the block). ``|q|^2`` is
+constant along a row, so it is added after the reduction. Queries are processed in chunks so that
+the distance block stays under a memory budget: on CPU a small one (8 MiB), as blocks that fit the
+caches are faster, on GPUs a large one.
+
+``precision="bfloat16"`` runs the distance products in bfloat16 (about 3x the float32 rate on CPUs
+with AVX-512 bf16 or AMX) for :meth:`NearestNeighborIndex.min_distances`, and comes with a
+rigorous bound on the error of each squared distance (:meth:`~NearestNeighborIndex.min_sq_bounded`).
+:func:`patch_scores` uses the bound to re-check in float32 every patch that could hold an image's
+maximum, so image scores stay exact while the per-patch map values carry the bfloat16 error
+(measured in benchmarks/RESULTS.md). :meth:`~NearestNeighborIndex.search` is always float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = [
+    "PRECISIONS",
+    "NearestNeighborIndex",
+    "cpu_has_bf16",
+    "nearest_neighbors",
+    "patch_scores",
+    "resolve_precision",
+]
+
+PRECISIONS = ("float32", "bfloat16")
+_BF16_UNIT = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
+
+DEFAULT_MAX_BLOCK_BYTES = 256 * 2**20  # budget of one distance block on GPUs
+CPU_MAX_BLOCK_BYTES = 8 * 2**20  # on CPU: cache-sized blocks are faster (and need no fresh pages)
+MIN_CPU_BLOCK_ROWS = 64  # ... but with a big bank at least this many queries per block
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 dot products (AVX-512 BF16 or AMX), per cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bfloat16"`` on CPUs with native bfloat16 (:func:`cpu_has_bf16`), else
+    ``"float32"`` (GPUs included: their float32 search is fast); other values pass through."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class NearestNeighborIndex:
+    """Exact Euclidean k-nearest-neighbour index over a fixed bank.
+
+    Args:
+        bank: (M, D) float tensor. It is kept as given in ``bank``; half-precision banks
+            (float16, bfloat16) are searched in float32 from a cached float32 copy.
+        max_block_bytes: memory budget of one (queries x M) distance block. Default (None):
+            :data:`CPU_MAX_BLOCK_BYTES` for a CPU bank (but at least
+            :data:`MIN_CPU_BLOCK_ROWS` queries), :data:`DEFAULT_MAX_BLOCK_BYTES` otherwise.
+
+    Attributes:
+        bank: (M, D) the bank as given.
+        dtype: the dtype distances are computed (and returned) in.
+    """
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        *,
+        max_block_bytes: int | None = None,
+        precision: str = "float32",
+    ):
+        if bank.ndim != 2:
+            raise ValueError(f"bank must be 2-D (M, D), got shape {tuple(bank.shape)}")
+        if bank.shape[0] < 1:
+            raise ValueError("bank is empty: it needs at least one row")
+        if not bank.is_floating_point():
+            raise ValueError(f"bank must be a float tensor, got {bank.dtype}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if max_block_bytes is not None and max_block_bytes < 1:
+            raise ValueError(f"max_block_bytes must be >= 1, got {max_block_bytes!r}")
+        self.bank = bank.detach()
+        self.dtype = _compute_dtype(bank.dtype)
+        work = self.bank.to(self.dtype)
+        # Centring changes no distance but shrinks the norms, hence the cancellation error of
+        # the expansion |q|^2 - 2 q.b + |b|^2 for near neighbours.
+        self._mean = work.mean(0)
+        centred = work - self._mean
+        # [-2 b, |b|^2]: one matrix product with [q, 1] gives |b|^2 - 2 q.b (-2 b is exact)
+        self._bank_ext = torch.cat([-2.0 * centred, (centred * centred).sum(1, keepdim=True)], 1)
+        self.precision = precision
+        self._bank_bf16: torch.Tensor | None = None
+        if precision == "bfloat16":
+            # [-2 b, |b|^2] in bfloat16; the bound below covers the rounding of both parts.
+            self._bank_bf16 = self._bank_ext.to(torch.bfloat16)
+            self._max_norm = float(centred.norm(dim=1).max())
+        self._auto_block = max_block_bytes is None
+        if max_block_bytes is None:
+            cpu = self.bank.device.type == "cpu"
+            max_block_bytes = CPU_MAX_BLOCK_BYTES if cpu else DEFAULT_MAX_BLOCK_BYTES
+        self.max_block_bytes = int(max_block_bytes)
+
+    def __len__(self) -> int:
+        return self._bank_ext.shape[0]
+
+    def chunk_size(self) -> int:
+        """Queries handled per distance block under ``max_block_bytes``."""
+        per_query = len(self) * self._bank_ext.element_size()
+        rows = max(1, self.max_block_bytes // per_query)
+        if self._auto_block and self._bank_ext.device.type == "cpu":
+            rows = max(rows, MIN_CPU_BLOCK_ROWS)
+        return rows
+
+    def min_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Distance from each query to its nearest bank row, without the index (faster).
+
+        Args:
+            queries: (Q, D).
+
+        Returns:
+            (Q,) Euclidean distances in ``self.dtype``. With ``precision="float32"`` equal to
+            ``search(queries, 1)[0][:, 0]``; with ``"bfloat16"`` the bfloat16 scan's value
+            (error bounded by :meth:`min_sq_bounded`).
+        """
+        if self._bank_bf16 is None:
+            return self._scan(queries, 0)[0][:, 0]
+        return self.min_sq_bounded(queries)[0].clamp_(min=0.0).sqrt_()
+
+    def exact_min_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """(Q,) nearest distances computed in float32 whatever ``precision`` is."""
+        return self._scan(queries, 0)[0][:, 0]
+
+    def min_sq_bounded(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared nearest distances with a bound on their error.
+
+        Returns:
+            ``(d2, err)``, both (Q,) float32: ``|d2 - true squared distance| <= err``. In
+            float32 precision ``d2`` is exact to float rounding and ``err`` is 0; in bfloat16
+            ``err = 1.01 u (2 B^2 + 6 |q| B)`` with u = 2^-8 and B the largest centred bank
+            norm (rounding of q, b and |b|^2 to bfloat16, and of the bfloat16 product).
+        """
+        if self._bank_bf16 is None:
+            d = self._scan(queries, 0)[0][:, 0]
+            return d * d, torch.zeros_like(d)
+        d = self._bank_ext.shape[1] - 1
+        q = self._centred(queries)
+        qsq = (q * q).sum(1)
+        q_ext = torch.cat([q, torch.ones_like(q[:, :1])], 1).to(torch.bfloat16)
+        m = len(self)
+        step = max(1, self.max_block_bytes // (2 * m))
+        if self._auto_block and self._bank_ext.device.type == "cpu":
+            step = max(step, MIN_CPU_BLOCK_ROWS)
+        block = torch.empty(min(step, q.shape[0]), m, dtype=torch.bfloat16, device=q.device)
+        out = torch.empty(q.shape[0], dtype=self.dtype, device=q.device)
+        bank_t = self._bank_bf16.T
+        for lo in range(0, q.shape[0], step):
+            part = torch.mm(q_ext[lo : lo + step], bank_t, out=block[: min(step, q.shape[0] - lo)])
+            out[lo : lo + step] = part.amin(1)
+        out += qsq
+        big = self._max_norm
+        err = (2 * big * big + 6 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT) + (d + 2) * 2.0**-22 * (
+            big * big + qsq
+        )
+        return out, err
+
+    def _centred(self, queries: torch.Tensor) -> torch.Tensor:
+        d = self._bank_ext.shape[1] - 1
+        if queries.ndim != 2 or queries.shape[1] != d:
+            raise ValueError(
+                f"queries must be (Q, {d}) to match the bank, got {tuple(queries.shape)}"
+            )
+        q = queries.detach().to(device=self._bank_ext.device, dtype=self.dtype)
+        return q - self._mean
+
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest bank rows of each query.
+
+        Args:
+            queries: (Q, D).
+            k: neighbours per query, 1 <= k <= M.
+
+        Returns:
+            distances (Q, k) Euclidean, ascending, in ``self.dtype``; indices (Q, k) int64 into
+            the bank. For k == 1 ties go to the lowest bank index.
+        """
+        if not (1 <= k <= len(self)):
+            raise ValueError(f"k must be in [1, {len(self)}] (bank size), got {k!r}")
+        dist, index = self._scan(queries, k)
+        assert index is not None
+        return dist, index
+
+    def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blockwise scan; ``k == 0``: nearest distance only (a plain row minimum, ~3x faster
+        than the minimum with its index)."""
+        m, d = len(self), self._bank_ext.shape[1] - 1
+        if queries.ndim != 2 or queries.shape[1] != d:
+            raise ValueError(
+                f"queries must be (Q, {d}) to match the bank, got {tuple(queries.shape)}"
+            )
+        device = self._bank_ext.device
+        num = queries.shape[0]
+        # [q - mean, 1]
+        q_ext = torch.empty(num, d + 1, dtype=self.dtype, device=device)
+        torch.sub(
+            queries.detach().to(device=device, dtype=self.dtype), self._mean, out=q_ext[:, :d]
+        )
+        q_ext[:, d] = 1.0
+        dist = torch.empty(num, max(k, 1), dtype=self.dtype, device=device)
+        index = torch.empty(num, k, dtype=torch.long, device=device) if k else None
+        step = self.chunk_size()
+        step = -(-num // -(-num // step)) if num else 1  # equal blocks, no small last one
+        block = torch.empty(min(step, num), m, dtype=self.dtype, device=device)
+        bank_t = self._bank_ext.T
+        for lo in range(0, num, step):
+            q = q_ext[lo : lo + step]
+            # |b|^2 - 2 q.b per block; |q|^2 is constant along a row, so it is added after the
+            # reduction (one pass over the block fewer).
+            part = torch.mm(q, bank_t, out=block[: q.shape[0]])
+            idx = None
+            if k == 0:
+                vals = part.amin(1, keepdim=True)
+            elif k == 1:
+                vals, idx = part.min(1, keepdim=True)
+            else:
+                vals, idx = torch.topk(part, k, dim=1, largest=False, sorted=True)
+            qc = q[:, :d]
+            vals += (qc * qc).sum(1, keepdim=True)
+            dist[lo : lo + step] = vals.clamp_(min=0.0).sqrt_()
+            if index is not None:
+                index[lo : lo + step] = idx
+        return dist, index
+
+
+def nearest_neighbors(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    *,
+    max_block_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest bank rows of each query; see :meth:`NearestNeighborIndex.search`.
+
+    Args:
+        queries: (Q, D).
+        bank: (M, D).
+        k: neighbours per query.
+
+    Returns:
+        distances (Q, k) ascending and indices (Q, k) int64.
+    """
+    return NearestNeighborIndex(bank, max_block_bytes=max_block_bytes).search(queries, k)
+
+
+def patch_scores(
+    index: NearestNeighborIndex, patches: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch nearest distances and each image's exact maximum.
+
+    Args:
+        index: the memory bank's index.
+        patches: (B, P, D) patch features of B images.
+
+    Returns:
+        ``(scores, image_max, arg)``: (B, P) per-patch distances (the index's precision),
+        (B,) the largest nearest distance of each image and (B,) int64 the patch holding it.
+        In bfloat16 precision every patch whose error interval reaches the largest lower bound
+        of its image is re-checked in float32, so ``image_max`` and ``arg`` are those of the
+        float32 search (to float rounding) and the re-checked patches hold exact values.
+    """
+    b, p, dim = patches.shape
+    flat = patches.reshape(b * p, dim)
+    d2, err = index.min_sq_bounded(flat)
+    if index.precision == "float32":
+        scores = d2.sqrt().view(b, p)
+        image_max, arg = scores.max(dim=1)
+        return scores, image_max, arg
+    d2 = d2.clamp_(min=0.0).view(b, p)
+    err = err.view(b, p)
+    floor = (d2 - err).amax(dim=1, keepdim=True)
+    check = (d2 + err >= floor).view(-1).nonzero().squeeze(1)  # could hold the maximum
+    exact = index.exact_min_distances(flat[check])
+    scores = d2.sqrt_().view(-1)
+    scores[check] = exact.to(scores.dtype)
+    scores = scores.view(b, p)
+    masked = torch.full_like(scores, -1.0).view(-1)
+    masked[check] = scores.view(-1)[check]
+    image_max, arg = masked.view(b, p).max(dim=1)
+    return scores, image_max, arg

@@ -1,0 +1,117 @@
+"""What fitting learns, in one typed object: :class:`FittedState`.
+
+``PatchCore.fit`` builds it, :mod:`patchcore.persistence` writes and reads it, and the model card
+is made from it. The detector's familiar attributes (``memory_bank_``, ``threshold_``, ...) are
+views of it (:class:`FittedAttributes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .inputs import Skipped
+
+__all__ = ["FittedAttributes", "FittedState", "NotFittedError"]
+
+
+class NotFittedError(RuntimeError):
+    """A method that needs a fitted (or calibrated) detector was called too early."""
+
+
+@dataclass
+class FittedState:
+    """The learned state of a PatchCore detector.
+
+    Attributes:
+        memory_bank: (M, D) float32 on the CPU: the kept training patch features.
+        layers: the backbone layers tapped, shallow to deep.
+        n_train_images: training images read.
+        n_train_patches: training patches before the coreset step.
+        feature_dtype: ``"float16"`` or ``"float32"``: how the training features were held
+            (``"float32"`` also when a float16 store overflowed and widened).
+        feature_seconds: time to extract the training features.
+        coreset_seconds: time of the coreset step.
+        fit_seconds: both together.
+        threshold: the verdict threshold (score >= threshold = anomalous), None until set.
+        threshold_method: how ``threshold`` was chosen (``"max_f1"``, ``"manual"``, ...).
+        metadata: plain JSON-able facts a caller stores with the model (data spec, names...).
+        skipped: training inputs that could not be read (not saved).
+    """
+
+    memory_bank: torch.Tensor
+    layers: tuple[str, ...]
+    n_train_images: int
+    n_train_patches: int
+    feature_dtype: str
+    feature_seconds: float
+    coreset_seconds: float
+    fit_seconds: float
+    threshold: float | None = None
+    threshold_method: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def card(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Human-readable facts about the model fitted with ``params``."""
+        return {
+            "backbone": params["backbone"],
+            "layers": list(self.layers),
+            "image_size": params["image_size"],
+            "scale": params["scale"],
+            "coreset_ratio": params["coreset_ratio"],
+            "sampling": params["sampling"],
+            "num_neighbors": params["num_neighbors"],
+            "backbone_dtype": params["backbone_dtype"],
+            "training_images": self.n_train_images,
+            "bank_size": int(self.memory_bank.shape[0]),
+            "feature_dim": int(self.memory_bank.shape[1]),
+            "threshold": self.threshold,
+            "threshold_method": self.threshold_method,
+            "fit_seconds": round(float(self.fit_seconds), 3),
+        }
+
+
+def _view(name: str, doc: str, settable: bool = False) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.state_, name)
+
+    def put(self: Any, value: Any) -> None:
+        setattr(self.state_, name, value)
+
+    return property(get, put if settable else None, doc=doc)
+
+
+class FittedAttributes:
+    """scikit-learn style learned attributes, read from ``self.state_`` (a FittedState).
+
+    Before fitting, reading any of them raises ``AttributeError`` (``hasattr`` is False).
+    """
+
+    state_: FittedState
+
+    memory_bank_ = _view("memory_bank", "(M, D) float32 memory bank on the CPU.")
+    layers_ = _view("layers", "Tapped backbone layers.")
+    n_train_images_ = _view("n_train_images", "Training images read.")
+    n_train_patches_ = _view("n_train_patches", "Training patches before the coreset step.")
+    feature_seconds_ = _view("feature_seconds", "Feature extraction time of fit, seconds.")
+    coreset_seconds_ = _view("coreset_seconds", "Coreset time of fit, seconds.")
+    fit_seconds_ = _view("fit_seconds", "Time of fit, seconds.")
+    threshold_ = _view("threshold", "Verdict threshold, None until set.", settable=True)
+    threshold_method_ = _view("threshold_method", "How it was chosen.", settable=True)
+    metadata_ = _view("metadata", "Facts stored with the model (JSON-able).", settable=True)
+    feature_dtype_ = _view("feature_dtype", "How the training features were held in fit.")
+
+    @property
+    def skipped_(self) -> list[tuple[str, str]]:
+        """Unreadable training inputs as (name, reason) pairs."""
+        return [(s.name, s.reason) for s in self.state_.skipped]
+
+    def _check_fitted(self, what: str = "this method") -> None:
+        if not hasattr(self, "state_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet; call fit(normal_images) or "
+                f"{type(self).__name__}.load(path) before {what}"
+            )

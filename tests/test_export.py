@@ -1,0 +1,257 @@
+"""Export to ONNX/OpenVINO and the torch-free runtime, against the torch path on real images.
+
+Two small models on a casting subset: a fixed-size one (image_size=96, exported for OpenVINO,
+which keeps the .onnx too, so both backends run the same graph) and a scale=0.4 one exported
+with dynamic sizes through the ``patchcore export`` command. Both are compared on a few test
+images of every shared set against the torch path with ``search_precision="float32"``: scores
+within 1e-4 relative, maps within 1e-3 of the map's maximum, identical verdicts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import data_set
+from PIL import Image
+from typer.testing import CliRunner
+
+from patchcore import normalization
+from patchcore.cli import app
+from patchcore.detector import PatchCore
+from patchcore.export import MANIFEST, ExportError, export, parity
+from patchcore.images import as_tensor, resize
+from patchcore.pixels import ImageReadError, read_image, resize_array, to_chw
+from patchcore.runtime import ExportedModel, ExportFileError
+
+pytestmark = pytest.mark.slow
+
+SCORE_RTOL, MAP_RTOL = 1e-4, 1e-3
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _few(root: Path, n: int = 2) -> list[Path]:
+    """The first ``n`` normal and ``n`` defective test images of a set (sorted names)."""
+    good = sorted((root / "test" / "good").iterdir())[:n]
+    bad_dirs = sorted(d for d in (root / "test").iterdir() if d.is_dir() and d.name != "good")
+    return good + sorted(bad_dirs[0].iterdir())[:n]
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Path]:
+    """Test images of every shared set (RGB JPEG, grey PNG of varying sizes, binarised grey)."""
+    return [p for name in ("casting", "magnetic_tile", "deeppcb") for p in _few(data_set(name))]
+
+
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory, images) -> tuple[PatchCore, Path]:
+    """image_size=96 model with a threshold, exported (OpenVINO where it installs)."""
+    train = sorted((data_set("casting") / "train" / "good").iterdir())[:6]
+    det = PatchCore(image_size=96, search_precision="float32", progress=False).fit(train)
+    det.set_threshold(float(np.median(det.score_samples(images))))
+    out = tmp_path_factory.mktemp("export_fixed")
+    export(det, out, format="openvino" if HAS_OPENVINO else "onnx")
+    return det, out
+
+
+@pytest.fixture(scope="module")
+def dynamic(tmp_path_factory, images) -> tuple[PatchCore, Path]:
+    """scale=0.4 model saved to a file and exported by the CLI (a dynamic-size graph)."""
+    train = sorted((data_set("casting") / "train" / "good").iterdir())[:4]
+    det = PatchCore(scale=0.4, search_precision="float32", progress=False).fit(train)
+    det.set_threshold(float(np.median(det.score_samples(images))))
+    tmp = tmp_path_factory.mktemp("export_dynamic")
+    det.save(tmp / "model.pt")
+    result = CliRunner().invoke(app, ["export", str(tmp / "model.pt"), "--out", str(tmp / "x")])
+    assert result.exit_code == 0, result.output
+    assert "Parity with the torch path" in result.output
+    return det, tmp / "x"
+
+
+def _check_parity(det: PatchCore, model: ExportedModel, images: list[Path]) -> None:
+    ref = det.score(images, maps="native")
+    got = model.score(images, maps="native")
+    assert got.names == [str(p) for p in images]
+    rel = np.abs(got.scores - ref.scores) / ref.scores
+    assert rel.max() <= SCORE_RTOL, (rel.max(), images[int(rel.argmax())])
+    for a, b, p in zip(ref.maps, got.maps, images, strict=True):
+        assert b.shape == a.shape, p
+        assert np.abs(b - a).max() <= MAP_RTOL * np.abs(a).max(), p
+    np.testing.assert_array_equal(model.predict(images), det.predict(images))
+    np.testing.assert_allclose(
+        got.normalized, normalization.normalize(got.scores, model.normalization)
+    )
+
+
+def test_fixed_export_matches_torch_on_every_set(fixed, images):
+    det, out = fixed
+    info = json.loads((out / MANIFEST).read_text())
+    assert info["processed_size"] == [96, 96] and not info["dynamic"]
+    assert info["threshold"] == pytest.approx(det.threshold_)
+    assert info["probe_parity"]["score_rel"] <= SCORE_RTOL
+    _check_parity(det, ExportedModel(out, backend="onnxruntime"), images)
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino does not install on this platform")
+def test_openvino_matches_torch(fixed, images):
+    det, out = fixed
+    model = ExportedModel(out)  # an OpenVINO export opens on OpenVINO by default
+    assert model.backend == "openvino"
+    _check_parity(det, model, images)
+
+
+def test_dynamic_export_with_scale_matches_torch(dynamic, images):
+    det, out = dynamic
+    info = json.loads((out / MANIFEST).read_text())
+    assert info["dynamic"] and info["scale"] == 0.4 and info["source_model"]["name"] == "model.pt"
+    model = ExportedModel(out)
+    sizes = {tuple(np.asarray(Image.open(p)).shape[:2]) for p in images}
+    assert len(sizes) >= 3  # several processed sizes through one graph
+    _check_parity(det, model, images)
+    # batches of several same-size images give the same answers as one by one
+    casting = images[:4]
+    one_by_one = [ExportedModel(out, batch_size=1).score([p]).scores[0] for p in casting]
+    np.testing.assert_allclose(model.score(casting).scores, one_by_one, rtol=1e-5)
+
+
+def test_dynamic_export_refuses_sizes_it_cannot_match(dynamic):
+    _, out = dynamic
+    model = ExportedModel(out)
+    small = np.full((60, 60), 128, np.uint8)  # 24 px at scale 0.4: under the blur radius
+    with pytest.raises(ImageReadError, match="needs both sides > 31"):
+        model.score([small])
+    r = model.score([small, np.full((200, 200), 100, np.uint8)], on_error="skip")
+    assert [s.index for s in r.skipped] == [0] and np.isnan(r.scores[0])
+    assert np.isfinite(r.scores[1])
+
+
+def test_fixed_export_of_a_scale_model_is_refused(dynamic, tmp_path):
+    det, _ = dynamic
+    with pytest.raises(ExportError, match="fixed-size export needs a model fitted with image_size"):
+        export(det, tmp_path, dynamic=False)
+
+
+def test_damaged_export_fails_closed(fixed, tmp_path):
+    _, out = fixed
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportFileError, match="SHA-256"):
+        ExportedModel(copy)
+    info = json.loads((out / MANIFEST).read_text())
+    info["version"] = 99
+    (copy / MANIFEST).write_text(json.dumps(info))
+    with pytest.raises(ExportFileError, match="export version 99"):
+        ExportedModel(copy)
+    with pytest.raises(ExportFileError, match="no export manifest"):
+        ExportedModel(tmp_path)
+
+
+def test_runtime_runs_without_torch(fixed, images):
+    """A subprocess where ``import torch`` fails scores images with the runtime."""
+    det, out = fixed
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["torch"] = None  # any import of torch now raises ImportError
+        from patchcore.runtime import ExportedModel
+        m = ExportedModel({str(out)!r}, backend="onnxruntime")
+        r = m.score({[str(p) for p in images]!r}, maps="native")
+        assert "torch" not in [k for k, v in sys.modules.items() if v is not None]
+        print(json.dumps({{"scores": r.scores.tolist(), "map0": float(r.maps[0].max())}}))
+        """
+    )
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    ref = det.score(images, maps="native")
+    np.testing.assert_allclose(got["scores"], ref.scores, rtol=SCORE_RTOL)
+    assert got["map0"] == pytest.approx(float(ref.maps[0].max()), rel=MAP_RTOL)
+
+
+def test_patchcore_run_cli(fixed, images, capsys):
+    from patchcore.runtime_cli import main
+
+    det, out = fixed
+    assert main([str(out), *map(str, images[:2]), "--json", "--backend", "onnxruntime"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ref = det.score_samples(images[:2])
+    assert [r["image"] for r in rows] == [str(p) for p in images[:2]]
+    np.testing.assert_allclose([r["score"] for r in rows], ref, rtol=SCORE_RTOL)
+    verdicts = ["fail" if s >= det.threshold_ else "pass" for s in ref]
+    assert [r["verdict"] for r in rows] == verdicts
+    assert main([str(out), "/no/such.png"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_runtime_service_inspect(fixed, images):
+    from fastapi.testclient import TestClient
+
+    from patchcore.runtime_service import create_app
+
+    det, out = fixed
+    client = TestClient(create_app(out, backend="onnxruntime", token="s3cret"))
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.post("/v1/inspect", content=images[0].read_bytes()).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    r = client.post("/v1/inspect", content=images[0].read_bytes(), headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = det.score([images[0]], maps="native")
+    assert body["score"] == pytest.approx(float(ref.scores[0]), rel=SCORE_RTOL)
+    assert body["verdict"] == ("fail" if ref.scores[0] >= det.threshold_ else "pass")
+    assert 0.0 <= body["normalized_score"] <= 1.0
+    assert (body["height"], body["width"]) == ref.maps[0].shape
+    files = {"file": ("part.png", images[0].read_bytes(), "image/png")}
+    assert client.post("/v1/inspect", files=files, headers=auth).json()["filename"] == "part.png"
+    bad = client.post("/v1/inspect", content=b"not an image", headers=auth)
+    assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
+
+
+def test_numpy_decoding_and_resize_match_the_torch_path(images, tmp_path):
+    """pixels.to_chw + resize_array reproduce images.as_tensor + resize (16-bit, palette, LA)."""
+    rng = np.random.default_rng(0)
+    extra = []
+    for mode, im in (
+        ("I16", Image.fromarray(rng.integers(0, 65535, (50, 70), dtype=np.uint16))),
+        ("LA", Image.fromarray(rng.integers(0, 255, (40, 33, 2), dtype=np.uint8))),
+        ("P", Image.fromarray(rng.integers(0, 255, (45, 45, 3), dtype=np.uint8)).convert("P")),
+    ):
+        p = tmp_path / f"{mode}.png"
+        im.save(p)
+        extra.append(p)
+    for p in [*images, *extra]:
+        ref = as_tensor(p)
+        chw = to_chw(read_image(p), str(p))
+        np.testing.assert_array_equal(chw, ref.numpy())
+        for size in ((96, 96), (max(16, round(ref.shape[1] * 0.4)), 37), (300, 310)):
+            np.testing.assert_allclose(
+                resize_array(chw, size), resize(ref, size).numpy(), atol=1e-6, err_msg=str(p)
+            )
+
+
+def test_parity_measure():
+    ref = (
+        np.array([1.0, 2.0]),
+        np.ones((2, 4, 4), np.float32) * np.array([1.0, 4.0])[:, None, None],
+    )
+    got = (np.array([1.0, 2.0002]), ref[1] + np.float32(0.002))
+    p = parity(ref, got)
+    assert p["score_rel"] == pytest.approx(1e-4)
+    assert p["map_rel"] == pytest.approx(0.002, rel=1e-3)  # of the first map's maximum, 1.0
+    assert torch.__version__  # the export side needs torch; the runtime tests above do not

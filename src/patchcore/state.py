@@ -39,6 +39,15 @@ class FittedState:
         threshold_method: how ``threshold`` was chosen (``"max_f1"``, ``"manual"``, ...).
         metadata: plain JSON-able facts a caller stores with the model (data spec, names...).
         skipped: training inputs that could not be read (not saved).
+        provenance: (M, 3) int32, per bank row the training image index (into
+            ``train_names``), patch row and patch column on that image's feature grid; None in
+            files written before it existed.
+        train_names: the training images read, in order (their paths as given, or
+            ``"image #i"`` for in-memory images, i = the training image index); None in older
+            files.
+        train_grids: per training image ``(H, W, h, w)``: its own size and its feature grid.
+        updates: one record per :meth:`~patchcore.PatchCore.partial_fit` (UTC time, images and
+            patches added, bank rows added and dropped, seconds, names), oldest first.
     """
 
     memory_bank: torch.Tensor
@@ -53,6 +62,10 @@ class FittedState:
     threshold_method: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
+    provenance: torch.Tensor | None = None
+    train_names: list[str] | None = None
+    train_grids: list[tuple[int, int, int, int]] | None = None
+    updates: list[dict[str, Any]] = field(default_factory=list)
 
     def card(self, params: dict[str, Any]) -> dict[str, Any]:
         """Human-readable facts about the model fitted with ``params``."""
@@ -71,6 +84,8 @@ class FittedState:
             "threshold": self.threshold,
             "threshold_method": self.threshold_method,
             "fit_seconds": round(float(self.fit_seconds), 3),
+            "provenance": self.provenance is not None,
+            "updates": len(self.updates),
         }
 
 
@@ -103,6 +118,9 @@ class FittedAttributes:
     threshold_method_ = _view("threshold_method", "How it was chosen.", settable=True)
     metadata_ = _view("metadata", "Facts stored with the model (JSON-able).", settable=True)
     feature_dtype_ = _view("feature_dtype", "How the training features were held in fit.")
+    provenance_ = _view("provenance", "(M, 3) int32 bank-row origins (image, row, col), or None.")
+    train_names_ = _view("train_names", "Training images read, in order, or None.")
+    updates_ = _view("updates", "Records of the partial_fit calls, oldest first.")
 
     @property
     def skipped_(self) -> list[tuple[str, str]]:

@@ -16,6 +16,9 @@ parses arguments, calls one of them and prints what it returns. One module per s
   :mod:`.reporting` writes the HTML report.
 - :mod:`.predict`: :func:`predict_images` streams verdicts, scores and heatmap overlays.
 - :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
+- :mod:`.update`: :func:`update_model` adds normal images to a model file (``partial_fit``).
+- :mod:`.explain`: :func:`explain_images`, each image's worst patch beside the nearest normal
+  training patch.
 
 Every stage makes one call into the detector (``fit``, or one ``iter_score`` stream that also
 drives the caller's progress callback) and asks for anomaly maps at the size it needs.
@@ -48,10 +51,12 @@ from .evaluate import (
     evaluate_model,
     held_out_images,
 )
+from .explain import ExplainedImage, explain_images, explanation_picture
 from .fit import FitSummary, fit_detector, fit_model
 from .model import DISPLAY_TOP, load_model, model_card, require_threshold
 from .predict import Prediction, predict_images
 from .reporting import TILE_HEIGHT
+from .update import UpdateSummary, update_model
 
 __all__ = [
     "DISPLAY_TOP",
@@ -63,8 +68,10 @@ __all__ = [
     "DataSource",
     "DemoResult",
     "Evaluation",
+    "ExplainedImage",
     "FitSummary",
     "Prediction",
+    "UpdateSummary",
     "ProgressFn",
     "WorkflowError",
     "available_train_images",
@@ -73,6 +80,8 @@ __all__ = [
     "evaluate_detector",
     "evaluate_model",
     "expand_inputs",
+    "explain_images",
+    "explanation_picture",
     "fit_detector",
     "fit_model",
     "held_out_images",
@@ -83,4 +92,5 @@ __all__ = [
     "require_threshold",
     "resolve_data",
     "run_demo",
+    "update_model",
 ]

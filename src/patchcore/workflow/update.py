@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Sequence
@@ -37,14 +38,14 @@ def held_out_overlap(md: dict, files: Sequence[Path]) -> list[str]:
     stored = set(md.get("test_names", [])) | set(md.get("calibration_names", []))
     if not root or not stored or root.lower().startswith("elpv"):
         return []
+    roots = {Path(os.path.abspath(root)), Path(root).resolve()}
     out = []
     for f in files:
-        try:
-            rel = Path(f).resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            continue
-        if rel in stored:
-            out.append(rel)
+        # as given (a linked file keeps its place in the folder) and with links resolved
+        for path, base in itertools.product((Path(os.path.abspath(f)), Path(f).resolve()), roots):
+            if path.is_relative_to(base) and path.relative_to(base).as_posix() in stored:
+                out.append(path.relative_to(base).as_posix())
+                break
     return out
 
 

@@ -263,7 +263,9 @@ def extend_coreset(
     """Continue the greedy k-center from an existing selection ``bank`` into new ``features``.
 
     The greedy as if ``bank``'s rows had been selected first: every new row starts at its
-    (exact, float32) squared distance to the nearest bank row, and the picks are the new rows
+    squared distance to the nearest bank row (one scan, bfloat16 where the CPU has it natively,
+    with its error bound; exact float32 for every row that could be among the
+    ``oversample * n`` farthest), and the picks are the new rows
     the greedy would take next, in the three stages of :func:`chunked_greedy_coreset` (each
     chunk's greedy and the union's start from those distances; no random start is needed: the
     first pick is the farthest row). Time: one (N, M) distance scan against the bank plus the
@@ -300,11 +302,7 @@ def extend_coreset(
     x = features.detach()
     _check_finite(x)
     _check_finite(bank.detach())
-    index = NearestNeighborIndex(bank.detach().float())
-    init = torch.empty(num)
-    step = 16384
-    for lo in range(0, num, step):
-        init[lo : lo + step] = index.exact_min_distances(x[lo : lo + step]).square()
+    init, upper = _bank_distances(x, bank, int(min(num, math.ceil(oversample * n))))
     keep = min(1.0, oversample * n / num)
     with _OneThread():
         if keep >= 1.0:
@@ -315,7 +313,35 @@ def extend_coreset(
     n_repair = min(n_repair, num - n)
     u0 = init[union]
     local = _greedy_batched(x[union], n - n_repair, int(u0.argmax()), progress=progress, u2_init=u0)
-    return _repair(x, union[local], n_repair, progress, u2_init=init)
+    return _repair(x, union[local], n_repair, progress, u2_init=upper)
+
+
+def _bank_distances(x: torch.Tensor, bank: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """Squared distances of the rows of ``x`` to their nearest ``bank`` row: ``(d2, upper)``.
+
+    One scan in bfloat16 where the CPU has it natively (float32 otherwise), with its error
+    bound; every row that could be among the ``top`` farthest is re-computed in float32, so
+    ``d2`` is exact (float32) there and within the bound elsewhere, and ``upper`` is exact
+    there and an upper bound elsewhere (for a certified radius).
+    """
+    num = x.shape[0]
+    b = bank.detach().float()
+    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device))
+    d2, err = torch.empty(num), torch.empty(num)
+    step = 16384
+    for lo in range(0, num, step):
+        part, e = index.min_sq_bounded(x[lo : lo + step])
+        d2[lo : lo + step], err[lo : lo + step] = part.clamp_(min=0.0), e
+    upper = d2 + err
+    if index.precision == "float32":
+        return d2, d2.clone()
+    floor = torch.topk(d2 - err, max(1, min(num, top))).values[-1]
+    check = (upper >= floor).nonzero().squeeze(1)
+    for lo in range(0, check.numel(), step):
+        rows = check[lo : lo + step]
+        exact = index.exact_min_distances(x[rows]).double().square().float()
+        d2[rows], upper[rows] = exact, exact
+    return d2, upper
 
 
 def _chunk_selections(

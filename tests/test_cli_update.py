@@ -71,6 +71,12 @@ def test_update_warns_about_the_threshold_and_held_out_images(
     m = tmp_path / "m.pt"
     m.write_bytes(model.read_bytes())
     assert run("calibrate", m, tiles, "-q").exit_code == 0
+    r = run("evaluate", m, tiles, "--report", tmp_path / "report", "-q")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    flagged = html.count('<span class="nn-cap">nearest normal patch: ')
+    assert flagged >= 1 and flagged == len(list((tmp_path / "report").rglob("*_nn.png")))
+    assert "none (fitted once)" in html
     held = PatchCore.load(m).metadata_["test_names"]
     normal = next(n for n in held if n.startswith("test/good/"))
     r = run("update", m, tiles / normal, "-q")  # in place
@@ -80,6 +86,8 @@ def test_update_warns_about_the_threshold_and_held_out_images(
     det = PatchCore.load(m)
     assert det.threshold_method_ == "max_f1" + BEFORE_UPDATE and len(det.updates_) == 1
     assert f"threshold {det.threshold_:.6g} kept" in r.stdout
+    info = run("info", m)
+    assert "1 (1 images added in all; last " in info.stdout
 
 
 def test_update_errors_are_one_line_with_exit_2(model: Path, tmp_path: Path) -> None:

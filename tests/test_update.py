@@ -180,3 +180,15 @@ def test_marked_false_alarms_stop_being_flagged() -> None:
         det.partial_fit(new[:3])
     assert (det.score_samples(new[3:]) < t).all()  # not the added ones: the other three
     assert (det.score_samples(bad) >= t).all()
+
+
+def test_a_model_without_provenance_updates_and_stays_without(toy_images) -> None:
+    """A model from a file written before provenance: the update works, the origins of its
+    old rows stay unknown (no provenance is made up for them)."""
+    train, _, _ = toy_images
+    det = small().fit(train[:4])
+    det.state_.provenance = det.state_.train_names = det.state_.train_grids = None
+    det.partial_fit(train[4:])
+    assert det.provenance_ is None and det.train_names_ is None
+    assert det.updates_[0]["first_image"] == 4 and det.updates_[0]["names"][0] == "image #4"
+    assert det.explain(train[:1])[0].note == "no provenance in this model file"

@@ -114,7 +114,7 @@ class UpdateMixin:
                 f"the threshold {state.threshold:.6g} ({method}) was calibrated before this "
                 "update: the scores it was chosen on have changed; calibrate again",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # partial_fit's caller
             )
             if method is not None and not method.endswith(BEFORE_UPDATE):
                 method += BEFORE_UPDATE
@@ -132,7 +132,7 @@ class UpdateMixin:
             updates=[*state.updates, record],
         )
         self._set_fitted(new_state, self.extractor_)  # type: ignore[attr-defined]
-        warn_skipped("partial_fit skipped {n} unreadable image(s)", found.skipped)
+        warn_skipped("partial_fit skipped {n} unreadable image(s)", found.skipped, stacklevel=4)
         return self
 
     def _added_rows(self, features: torch.Tensor, progress: bool) -> torch.Tensor:

@@ -312,7 +312,7 @@ def _check_provenance(bad: Any, payload: dict[str, Any], saved: dict[str, Any]) 
         isinstance(prov, torch.Tensor)
         and prov.dtype == torch.int32
         and prov.ndim == 2
-        and tuple(prov.shape) == (bank.shape[0], 3)
+        and prov.shape[1] == 3
     ):
         raise bad(f"provenance is not an ({bank.shape[0]}, 3) int32 tensor")
     if prov.numel() and int(prov.min()) < 0:
@@ -399,6 +399,12 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
         raise ModelFileError(
             f"{path}: invalid model file: memory_bank has {state.memory_bank.shape[1]} "
             f"features per row, the backbone gives {want}"
+        )
+    prov = state.provenance  # rows checked after the bank's own shape (its message first)
+    if prov is not None and prov.shape[0] != state.memory_bank.shape[0]:
+        raise ModelFileError(
+            f"{path}: invalid model file: provenance is not an "
+            f"({state.memory_bank.shape[0]}, 3) int32 tensor (it has {prov.shape[0]} rows)"
         )
     det._set_fitted(state, extractor)
     return det

@@ -121,7 +121,7 @@ def test_model_card(client, model):
     assert card["bank_size"] == model[1].memory_bank_.shape[0]
     assert card["threshold"] == pytest.approx(model[1].threshold_)
     assert card["threshold_method"] == "median of test scores"
-    assert card["patchcore_version"] and card["format_version"] == 1
+    assert card["patchcore_version"] and card["format_version"] == 2
     assert card["model_file"] == "tiny.pt"
     assert card["limits"]["heatmap_store_items"] == 3
 

@@ -1,4 +1,5 @@
-"""The ``patchcore`` command line: fit, calibrate, evaluate, predict, batch, demo (and serve).
+"""The ``patchcore`` command line: fit, calibrate, evaluate, predict, batch, update, explain,
+demo (and serve).
 
 The commands parse their arguments, call one function of :mod:`patchcore.workflow` and print
 what it returns; no algorithm lives here.
@@ -894,6 +895,126 @@ def batch(
         err=True,
     )
     if s.written and s.errors == s.written:
+        raise typer.Exit(1)
+
+
+@app.command()
+def update(
+    model: ModelArg,
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="NEW_GOOD...",
+            help="Normal image files and folders to add (a new batch, a new variant, false "
+            "alarms marked as good).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write the updated model here (default: MODEL, in place).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-R", help="Also look in sub-folders.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Add normal images to MODEL without refitting: the coreset continues from its bank.
+
+    The bank gains the model's coreset ratio of the new patches (re-selected to the bank cap
+    when over it); the update is recorded in the model file. A calibrated threshold is kept
+    with a warning: calibrate again.
+    """
+    from . import workflow
+
+    with _errors():
+        s = workflow.update_model(
+            model, [str(p) for p in inputs], out=out, recursive=recursive,
+            device=_device(device), progress=not quiet,
+        )  # fmt: skip
+    typer.echo(f"Added {s.images} image(s) ({s.patches:,} patches) in {s.seconds:.1f} s")
+    typer.echo(
+        f"  memory bank: {s.bank_size:,} rows ({s.rows_added:,} added, {s.rows_dropped:,} "
+        f"dropped at the cap); update {s.updates} of this model"
+    )
+    if s.skipped:
+        typer.echo(f"  skipped {len(s.skipped)} unreadable image(s):", err=True)
+        for name in s.skipped[:10]:
+            typer.echo(f"    {name}", err=True)
+    if s.threshold is not None:
+        typer.echo(f"  threshold {s.threshold:.6g} kept ({s.threshold_method})")
+    typer.echo(f"Model written to {s.model_path}")
+
+
+@app.command()
+def explain(
+    model: ModelArg,
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="IMAGE_OR_FOLDER...", help="Image files and folders.", show_default=False
+        ),
+    ],
+    crops: Annotated[
+        Path | None,
+        typer.Option(
+            "--crops",
+            help="Folder for one PNG per image: its worst patch (red) beside the nearest "
+            "normal training patch (green).",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    fmt: Annotated[
+        Format, typer.Option("--format", "-f", help="table, json (one object per line), csv.")
+    ] = Format.table,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-R", help="Also look in sub-folders.")
+    ] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """For each image: its worst patch, the nearest normal training patch (which training
+    image, where, in its pixels) and how far it is."""
+    from . import workflow
+
+    with _errors():
+        det = workflow.load_model(model, device=_device(device))
+        files = workflow.expand_inputs(
+            [str(p) for p in inputs], recursive=recursive, missing_ok=True
+        )
+        rows = workflow.explain_images(det, files, crops=crops)
+    fields = ["name", "score", "distance", "box", "train_name", "train_box", "crop", "error"]
+    if fmt is Format.table:
+        typer.echo(f"{'score':>10} {'distance':>10}  image [box] <- nearest training patch")
+    elif fmt is Format.csv:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="").writerow(fields)
+        typer.echo(buf.getvalue())
+    for r in rows:
+        e, d = r.explanation, r.as_dict()
+        if fmt is Format.json:
+            typer.echo(json.dumps(d))
+        elif fmt is Format.csv:
+            buf = io.StringIO()
+            cells = [" ".join(map(str, d[k])) if isinstance(d[k], list) else d[k] for k in fields]
+            csv.writer(buf, lineterminator="").writerow(["" if c is None else c for c in cells])
+            typer.echo(buf.getvalue())
+        elif e.error is not None:
+            typer.echo(f"{'-':>10} {'-':>10}  {e.name}  ({e.error})")
+        else:
+            where = e.note or f"{e.train_name} {list(e.train_box or e.train_patch or [])}"
+            typer.echo(
+                f"{e.score:>10.4f} {e.distance:>10.4f}  {e.name} {list(e.box or [])} <- {where}"
+                + (f"  -> {r.crop}" if r.crop else "")
+            )
+    if rows and all(r.explanation.error is not None for r in rows):
         raise typer.Exit(1)
 
 

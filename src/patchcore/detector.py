@@ -10,6 +10,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from . import persistence, sampling, search
 from .anomaly_map import maps_at_sizes
 from .backbones import BACKBONE_DTYPES, FeatureExtractor, resolve_device
 from .embedding import FEATURE_DTYPES, FeatureStore, embed, flatten_patches
+from .explain import ExplainMixin, Explanation, bank_provenance
 from .images import ImageInput, output_size
 from .inputs import Batch, Skipped, as_list, check_on_error, iter_batches, warn_skipped
 from .params import ParamsMixin
@@ -28,6 +30,7 @@ from .regions import RegionsMixin
 from .results import Classification, ImageResult, MapSize, ScoreResult, check_maps
 from .search import NearestNeighborIndex, resolve_precision
 from .state import FittedAttributes, FittedState, NotFittedError
+from .update import UpdateMixin
 from .validation import validate_params
 from .verdicts import VerdictMixin
 
@@ -35,6 +38,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "Classification",
+    "Explanation",
     "ImageResult",
     "ModelFileError",
     "NotFittedError",
@@ -43,7 +47,21 @@ __all__ = [
 ]
 
 
-class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin, RegionsMixin):
+@dataclass
+class TrainingFeatures:
+    """Patch features of training images: (P, D) rows image by image, and per image its name
+    and ``(H, W, h, w)`` (own size, feature grid); the unreadable inputs."""
+
+    features: torch.Tensor
+    dtype: str
+    grids: list[tuple[int, int, int, int]]
+    names: list[str]
+    skipped: list[Skipped]
+
+
+class PatchCore(
+    ParamsMixin, FittedAttributes, VerdictMixin, RegionsMixin, ExplainMixin, UpdateMixin
+):
     """PatchCore anomaly detector (Roth et al., 2022).
 
     Args:
@@ -176,47 +194,65 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin, RegionsMixin):
             self.backbone, self.layers, self.weights, dtype=BACKBONE_DTYPES[self.backbone_dtype]
         ).to(self.device_)
         t0 = time.perf_counter()
-        skipped: list[Skipped] = []
-        store = FeatureStore(len(items), FEATURE_DTYPES[self.feature_dtype])
-        for batch in self._batches(items, on_error, progress, "fit: features"):
-            skipped += batch.skipped
-            if batch.pixels is not None:
-                rows = flatten_patches(self._embed(batch.pixels)).float().cpu()
-                store.add(rows, len(batch.indices))
-        if store.overflow:
-            warnings.warn(
-                "training features exceed float16's range (|x| > 65504): stored in float32 "
-                "instead (feature_dtype='float32' avoids the switch)",
-                UserWarning,
-                stacklevel=2,
-            )
-        if store.rows == 0:
-            raise ValueError(
-                f"no readable training images: all {len(items)} failed, e.g. "
-                f"{skipped[0].name}: {skipped[0].reason}"
-            )
-        features, feature_dtype = store.result(), str(store.dtype).removeprefix("torch.")
-        del store
+        found = self._features(items, on_error, progress, "fit: features", first_image=0)
+        features, skipped = found.features, found.skipped
         t1 = time.perf_counter()
         idx = self._select_bank(features, progress)
         bank = features[idx].float().contiguous()
         n_patches = int(features.shape[0])
-        del features
+        del features, found.features
         t2 = time.perf_counter()
         state = FittedState(
             memory_bank=bank,
             layers=tuple(self.extractor_.layers),
             n_train_images=len(items) - len(skipped),
             n_train_patches=n_patches,
-            feature_dtype=feature_dtype,
+            feature_dtype=found.dtype,
             feature_seconds=t1 - t0,
             coreset_seconds=t2 - t1,
             fit_seconds=t2 - t0,
             skipped=skipped,
+            provenance=bank_provenance(idx, found.grids),
+            train_names=found.names,
+            train_grids=found.grids,
         )
         self._set_fitted(state, self.extractor_)
         warn_skipped("fit skipped {n} unreadable image(s)", skipped)
         return self
+
+    def _features(
+        self, items: list[Any], on_error: str, progress: bool, desc: str, *, first_image: int
+    ) -> TrainingFeatures:
+        """Patch features of the readable ``items`` (a float16/float32 store), with each
+        image's name and grid; ``first_image`` numbers the images (``"image #i"`` names)."""
+        skipped: list[Skipped] = []
+        grids: list[tuple[int, int, int, int]] = []
+        names: list[str] = []
+        store = FeatureStore(len(items), FEATURE_DTYPES[self.feature_dtype])
+        for batch in self._batches(items, on_error, progress, desc):
+            skipped += batch.skipped
+            if batch.pixels is not None:
+                emb = self._embed(batch.pixels)
+                store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
+                h, w = int(emb.shape[-2]), int(emb.shape[-1])
+                for i, (height, width) in zip(batch.indices, batch.sizes, strict=True):
+                    path = isinstance(items[i], (str, os.PathLike))
+                    names.append(str(items[i]) if path else f"image #{first_image + len(names)}")
+                    grids.append((height, width, h, w))
+        if store.overflow:
+            warnings.warn(
+                "training features exceed float16's range (|x| > 65504): stored in float32 "
+                "instead (feature_dtype='float32' avoids the switch)",
+                UserWarning,
+                stacklevel=3,
+            )
+        if store.rows == 0:
+            raise ValueError(
+                f"no readable training images: all {len(items)} failed, e.g. "
+                f"{skipped[0].name}: {skipped[0].reason}"
+            )
+        dtype = str(store.dtype).removeprefix("torch.")
+        return TrainingFeatures(store.result(), dtype, grids, names, skipped)
 
     def _set_fitted(self, state: FittedState, extractor: FeatureExtractor) -> None:
         """Install a fitted state (from fit or a model file) and build the search index."""

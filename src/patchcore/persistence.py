@@ -2,7 +2,7 @@
 
 Layout (format ``"patchcore"``, version :data:`FORMAT_VERSION`)::
 
-    {"format": "patchcore", "format_version": 1,
+    {"format": "patchcore", "format_version": 1 or 2,
      "config": {constructor arguments..., "layers": [...], "mean": [...], "std": [...]},
      "memory_bank": (M, D) float32, "backbone_state": {name: tensor},
      "state": {"threshold", "threshold_method", "n_train_images", "n_train_patches",
@@ -14,6 +14,13 @@ at load, so one flipped byte anywhere is a :class:`ModelFileError` naming the fi
 before the digest existed (same format version) still load, with one warning per process that
 damage to them cannot be detected. Every field is validated (types, shapes, finiteness,
 version) with a message naming the file and the field.
+
+Optional entries (absent from older files, which load with their defaults): ``"provenance"``,
+an (M, 3) int32 tensor (training image, patch row, patch column of each bank row; in the digest
+when present), and the state fields ``train_names``, ``train_grids`` and ``updates`` (written
+only when set, so a file without them is written back key for key as it was read). A file with
+``"provenance"`` is format version 2 (readers of version 1 refuse its extra top-level entry, so
+they must say "newer patchcore: upgrade", not "damaged"); one without it stays version 1.
 
 Files are read with ``torch.load(weights_only=True)``: no pickled code runs. ``feature_dtype``
 is absent from files written before it existed (read as ``"float32"``); ``backbone_dtype`` is left
@@ -57,7 +64,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "patchcore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  #: the newest version written and read; see the module docstring
 
 _STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are not saved)
     "threshold",
@@ -77,7 +84,10 @@ _STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are 
 #: Optional "state" entries: left out of the file when None (older files lack them).
 _OPTIONAL_STATE = ("calibration", "normalization", "region_threshold", "region_threshold_method")
 
+_OPTIONAL_STATE_KEYS = ("train_names", "train_grids", "updates")  # written only when set
+
 _KEYS = ("format", "format_version", "config", "memory_bank", "backbone_state", "state")
+_OPTIONAL_KEYS = ("provenance",)  # top-level entries a file may lack (older writers)
 _legacy_warned = False
 
 
@@ -100,6 +110,8 @@ def digest(payload: dict[str, Any]) -> str:
 
     text([payload["format"], payload["format_version"], payload["config"], payload["state"]])
     tensor("memory_bank", payload["memory_bank"])
+    if "provenance" in payload:  # absent from older files: their digests are unchanged
+        tensor("provenance", payload["provenance"])
     for name in sorted(payload["backbone_state"]):
         tensor(f"backbone_state.{name}", payload["backbone_state"][name])
     return h.hexdigest()
@@ -138,7 +150,8 @@ def save(det: PatchCore, path: str | os.PathLike) -> Path:
     state = det.state_
     payload = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        # version 2 only where needed: version-1 readers refuse the "provenance" entry
+        "format_version": FORMAT_VERSION if state.provenance is not None else 1,
         "config": config(det),
         "memory_bank": state.memory_bank.cpu(),
         "backbone_state": {k: v.cpu() for k, v in det.extractor_.state_dict().items()},
@@ -148,6 +161,12 @@ def save(det: PatchCore, path: str | os.PathLike) -> Path:
             if not (k in _OPTIONAL_STATE and getattr(state, k) is None)
         },
     }
+    for k in _OPTIONAL_STATE_KEYS:
+        value = getattr(state, k)
+        if value:  # None or empty: left out, as older writers did
+            payload["state"][k] = [list(v) for v in value] if k == "train_grids" else value
+    if state.provenance is not None:
+        payload["provenance"] = state.provenance.cpu().to(torch.int32).contiguous()
     payload["digest"] = {"algorithm": "sha256", "value": digest(payload)}
     path.parent.mkdir(parents=True, exist_ok=True)
     # a fresh name in the same folder (so the rename is atomic), created with the umask's mode
@@ -191,7 +210,7 @@ def _read(path: Path) -> dict[str, Any]:
     missing = [k for k in _KEYS if k not in payload]
     if missing:
         raise ModelFileError(f"{path}: incomplete model file (missing {missing[0]!r})")
-    unknown = sorted(str(k) for k in set(payload) - {*_KEYS, "digest"})
+    unknown = sorted(str(k) for k in set(payload) - {*_KEYS, *_OPTIONAL_KEYS, "digest"})
     if unknown:
         raise ModelFileError(f"{path}: unexpected entries {unknown} (damaged file)")
     _check_types(path, payload)
@@ -297,6 +316,53 @@ def _check_types(path: Path, payload: dict[str, Any]) -> None:
                 f"state 'normalization' maps threshold {mapping['threshold']!r} to 0.5, but "
                 f"the threshold is {t!r}"
             )
+    _check_provenance(bad, payload, saved)
+
+
+def _check_provenance(bad: Any, payload: dict[str, Any], saved: dict[str, Any]) -> None:
+    """The optional provenance tensor, training names, grids and update records, or ``bad``."""
+    names = saved.get("train_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+    ):
+        raise bad("state 'train_names' is not a list of strings")
+    grids = saved.get("train_grids")
+    if grids is not None and not (
+        isinstance(grids, list)
+        and all(
+            isinstance(g, (list, tuple))
+            and len(g) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g)
+            for g in grids
+        )
+    ):
+        raise bad("state 'train_grids' is not a list of (H, W, h, w) positive integers")
+    if names is not None and grids is not None and len(names) != len(grids):
+        raise bad(f"state has {len(names)} 'train_names' but {len(grids)} 'train_grids'")
+    updates = saved.get("updates")
+    if updates is not None and not (
+        isinstance(updates, list) and all(isinstance(u, dict) for u in updates)
+    ):
+        raise bad("state 'updates' is not a list of records")
+    if "provenance" not in payload:
+        return
+    prov, bank = payload["provenance"], payload["memory_bank"]
+    if not (
+        isinstance(prov, torch.Tensor)
+        and prov.dtype == torch.int32
+        and prov.ndim == 2
+        and prov.shape[1] == 3
+    ):
+        raise bad(f"provenance is not an ({bank.shape[0]}, 3) int32 tensor")
+    if prov.numel() and int(prov.min()) < 0:
+        raise bad("provenance holds negative indices")
+    if grids is not None and prov.numel():
+        g = torch.tensor(grids, dtype=torch.int64).view(-1, 4)
+        img = prov[:, 0].long()
+        if int(img.max()) >= g.shape[0]:
+            raise bad(f"provenance names training image {int(img.max())} of {g.shape[0]}")
+        if bool((prov[:, 1].long() >= g[img, 2]).any() | (prov[:, 2].long() >= g[img, 3]).any()):
+            raise bad("provenance holds a patch outside its training image's grid")
 
 
 def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = None) -> PatchCore:
@@ -338,6 +404,13 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
             metadata=dict(saved.get("metadata") or {}),
             region_threshold=saved.get("region_threshold"),  # absent from older files
             region_threshold_method=saved.get("region_threshold_method"),
+            # optional: older files have none of these
+            provenance=payload.get("provenance"),
+            train_names=saved.get("train_names"),
+            train_grids=[tuple(g) for g in saved["train_grids"]]
+            if saved.get("train_grids") is not None
+            else None,
+            updates=list(saved.get("updates") or []),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete model file (missing {exc})") from None
@@ -376,6 +449,12 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
         raise ModelFileError(
             f"{path}: invalid model file: memory_bank has {state.memory_bank.shape[1]} "
             f"features per row, the backbone gives {want}"
+        )
+    prov = state.provenance  # rows checked after the bank's own shape (its message first)
+    if prov is not None and prov.shape[0] != state.memory_bank.shape[0]:
+        raise ModelFileError(
+            f"{path}: invalid model file: provenance is not an "
+            f"({state.memory_bank.shape[0]}, 3) int32 tensor (it has {prov.shape[0]} rows)"
         )
     det._set_fitted(state, extractor)
     return det

@@ -27,6 +27,8 @@ __all__ = [
     "anomaly_map_overlay",
     "confusion_matrix_plot",
     "draw_regions",
+    "crop_around",
+    "explanation_pair",
     "gallery_tile",
     "per_type_recall_plot",
     "roc_plot",
@@ -565,3 +567,69 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str
     while text and draw.textlength(text + "...", font=font) > max_width:
         text = text[:-1]
     return text + "..."
+
+
+def crop_around(
+    image: np.ndarray, box: tuple[int, int, int, int], *, context: float = 2.0, min_side: int = 48
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A crop of ``image`` around ``box`` (``(top, left, bottom, right)``, pixels).
+
+    The crop is ``context`` times the box's larger side (at least ``min_side``), square where
+    the image allows, clipped to it.
+
+    Returns:
+        the crop (uint8, RGB) and the box in the crop's coordinates.
+    """
+    rgb = _as_rgb(image)
+    top, left, bottom, right = box
+    height, width = rgb.shape[:2]
+    side = max(min_side, int(round(context * max(bottom - top, right - left))))
+    cy, cx = (top + bottom) // 2, (left + right) // 2
+    y0 = int(np.clip(cy - side // 2, 0, max(0, height - side)))
+    x0 = int(np.clip(cx - side // 2, 0, max(0, width - side)))
+    crop = rgb[y0 : y0 + side, x0 : x0 + side]
+    return crop, (top - y0, left - x0, bottom - y0, right - x0)
+
+
+def explanation_pair(
+    image: np.ndarray,
+    box: tuple[int, int, int, int],
+    train_image: np.ndarray | None,
+    train_box: tuple[int, int, int, int] | None,
+    *,
+    height: int = 160,
+    gap: int = 4,
+) -> np.ndarray:
+    """The worst patch of an image beside the nearest normal training patch, as two crops.
+
+    Args:
+        image: the inspected image, uint8 ``(H, W)`` or ``(H, W, 3)``.
+        box: its worst patch, ``(top, left, bottom, right)`` in its pixels (outlined red).
+        train_image: the training image holding the nearest bank row; None when it cannot be
+            shown (not reachable, or no provenance): a grey panel takes its place.
+        train_box: that patch in the training image's pixels (outlined green).
+        height: both crops are resized to this height.
+
+    Returns:
+        uint8 ``(height, W1 + gap + W2, 3)``.
+    """
+    panels = []
+    for img, b, colour in ((image, box, BAD_RGB), (train_image, train_box, OK_RGB)):
+        if img is None or b is None:
+            panels.append(np.full((height, height, 3), 200, dtype=np.uint8))
+            continue
+        crop, (t, left, bottom, right) = crop_around(img, b)
+        scale = height / crop.shape[0]
+        w = max(1, round(crop.shape[1] * scale))
+        canvas = Image.fromarray(crop).resize((w, height), Image.Resampling.BILINEAR)
+        draw = ImageDraw.Draw(canvas)
+        draw.rectangle(
+            [left * scale, t * scale, right * scale - 1, bottom * scale - 1],
+            outline=colour,
+            width=2,
+        )
+        panels.append(np.asarray(canvas))
+    out = np.full((height, panels[0].shape[1] + gap + panels[1].shape[1], 3), 255, np.uint8)
+    out[:, : panels[0].shape[1]] = panels[0]
+    out[:, panels[0].shape[1] + gap :] = panels[1]
+    return out

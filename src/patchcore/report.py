@@ -108,6 +108,9 @@ figure.fig img { max-width: 100%; height: auto; }
 .tile .frame img { display: block; max-width: 100%; max-height: 100%; }
 .tile figcaption { padding: 6px 9px 8px; font-size: 12.5px; }
 .tile .cap { display: block; overflow-wrap: anywhere; }
+.tile .frame.nn { height: 110px; border-top: 1px solid var(--line); }
+.tile .nn-cap { display: block; padding: 4px 9px 0; font-size: 11.5px; color: var(--muted);
+  overflow-wrap: anywhere; }
 .tile .score { display: block; font-variant-numeric: tabular-nums; color: var(--muted); }
 .tile .score b.hi { color: var(--bad); }
 .tile .score b.lo { color: var(--low); }
@@ -414,9 +417,17 @@ def _gallery_section(
                     )
                 else:
                     score_html = f'<span class="score">score <b>{_esc(_fmt(score))}</b></span>'
+            nearest = ""
+            if item.get("explanation_path"):  # the worst patch beside the nearest normal one
+                nn_src = _src(out_dir, item["explanation_path"], f"{heading} explanation {i}")
+                nn_cap = str(item.get("explanation_caption", ""))
+                nearest = (
+                    f'<div class="frame nn"><img src="{nn_src}" alt="{_esc(nn_cap)}" '
+                    f'loading="lazy"></div><span class="nn-cap">{_esc(nn_cap)}</span>'
+                )
             tiles.append(
                 f'<figure class="tile"><div class="frame">'
-                f'<img src="{src}" alt="{_esc(caption)}" loading="lazy"></div>'
+                f'<img src="{src}" alt="{_esc(caption)}" loading="lazy"></div>{nearest}'
                 f'<figcaption><span class="cap">{_esc(caption)}</span>{score_html}'
                 "</figcaption></figure>"
             )
@@ -431,7 +442,8 @@ def _gallery_section(
         "".join(blocks),
         "galleries",
         "Each tile: the image, then its anomaly map (shared colour scale, blue = low, "
-        "red = high); ground-truth defects outlined where available.",
+        "red = high); ground-truth defects outlined where available. Flagged images also "
+        "show their worst patch (red) beside the nearest normal training patch (green).",
     )
 
 

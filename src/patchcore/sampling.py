@@ -43,6 +43,7 @@ __all__ = [
     "chunked_greedy_coreset",
     "coreset_size",
     "coverage_radius",
+    "extend_coreset",
     "greedy_coreset",
     "random_projection",
     "random_subsample",
@@ -249,25 +250,139 @@ def chunked_greedy_coreset(
     return _repair(x, picked, n_repair, progress)
 
 
+def extend_coreset(
+    features: torch.Tensor,
+    n: int,
+    *,
+    bank: torch.Tensor,
+    chunk_rows: int = 2048,
+    oversample: float = 10.0,
+    repair_fraction: float = 0.1,
+    progress: bool = False,
+) -> CoresetSelection:
+    """Continue the greedy k-center from an existing selection ``bank`` into new ``features``.
+
+    The greedy as if ``bank``'s rows had been selected first: every new row starts at its
+    squared distance to the nearest bank row (one scan, bfloat16 where the CPU has it natively,
+    with its error bound; exact float32 for every row that could be among the
+    ``oversample * n`` farthest), and the picks are the new rows
+    the greedy would take next, in the three stages of :func:`chunked_greedy_coreset` (each
+    chunk's greedy and the union's start from those distances; no random start is needed: the
+    first pick is the farthest row). Time: one (N, M) distance scan against the bank plus the
+    coreset's own cost, both linear in the new rows N. When ``oversample * n >= N`` every row
+    is in the union and the picks are the plain continued greedy's (to the rounding of the
+    distance expansions).
+
+    Args:
+        features: (N, D) new rows (float16 read in place, converted a block at a time).
+        n: new rows to select, 1 <= n <= N.
+        bank: (M, D) the rows selected before (any float dtype).
+        chunk_rows, oversample, repair_fraction, progress: as :func:`chunked_greedy_coreset`.
+
+    Returns:
+        :class:`CoresetSelection`: indices (n,) into ``features`` in selection order, and the
+        coverage radius of ``bank`` plus the picks over ``features``.
+    """
+    if features.ndim != 2 or bank.ndim != 2 or features.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"features (N, D) and bank (M, D) must be 2-D with the same D, got "
+            f"{tuple(features.shape)} and {tuple(bank.shape)}"
+        )
+    num = features.shape[0]
+    if not (1 <= n <= num):
+        raise ValueError(f"n must be in [1, N={num}] (number of new features), got {n!r}")
+    if bank.shape[0] < 1:
+        raise ValueError("bank is empty: use chunked_greedy_coreset for a first selection")
+    if chunk_rows < 2:
+        raise ValueError(f"chunk_rows must be >= 2, got {chunk_rows!r}")
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1, got {oversample!r}")
+    if not (0 <= repair_fraction <= 0.5):
+        raise ValueError(f"repair_fraction must be in [0, 0.5], got {repair_fraction!r}")
+    x = features.detach()
+    _check_finite(x)
+    _check_finite(bank.detach())
+    init, upper = _bank_distances(x, bank, int(min(num, math.ceil(oversample * n))))
+    keep = min(1.0, oversample * n / num)
+    with _OneThread():
+        if keep >= 1.0:
+            union = torch.arange(num, device=x.device)
+        else:
+            union = _chunk_selections(x, keep, chunk_rows, None, progress, u2_init=init)
+    n_repair = int(round(repair_fraction * n)) if union.numel() < num else 0
+    n_repair = min(n_repair, num - n)
+    u0 = init[union]
+    local = _greedy_batched(x[union], n - n_repair, int(u0.argmax()), progress=progress, u2_init=u0)
+    return _repair(x, union[local], n_repair, progress, u2_init=upper)
+
+
+def _bank_distances(x: torch.Tensor, bank: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """Squared distances of the rows of ``x`` to their nearest ``bank`` row: ``(d2, upper)``.
+
+    One scan in bfloat16 where the CPU has it natively (float32 otherwise), with its error
+    bound; every row that could be among the ``top`` farthest is re-computed in float32, so
+    ``d2`` is exact (float32) there and within the bound elsewhere, and ``upper`` is exact
+    there and an upper bound elsewhere (for a certified radius).
+    """
+    num = x.shape[0]
+    b = bank.detach().float()
+    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device))
+    d2, err = torch.empty(num), torch.empty(num)
+    step = 16384
+    for lo in range(0, num, step):
+        part, e = index.min_sq_bounded(x[lo : lo + step])
+        d2[lo : lo + step], err[lo : lo + step] = part.clamp_(min=0.0), e
+    upper = d2 + err
+    if index.precision == "float32":
+        return d2, d2.clone()
+    floor = torch.topk(d2 - err, max(1, min(num, top))).values[-1]
+    check = (upper >= floor).nonzero().squeeze(1)
+    for lo in range(0, check.numel(), step):
+        rows = check[lo : lo + step]
+        exact = index.exact_min_distances(x[rows]).double().square().float()
+        d2[rows], upper[rows] = exact, exact
+    return d2, upper
+
+
 def _chunk_selections(
-    x: torch.Tensor, keep: float, chunk_rows: int, gen: torch.Generator, progress: bool
+    x: torch.Tensor,
+    keep: float,
+    chunk_rows: int,
+    gen: torch.Generator | None,
+    progress: bool,
+    u2_init: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage 1: the greedy selection of ``ceil(keep * rows)`` rows of each chunk, as indices."""
+    """Stage 1: the greedy selection of ``ceil(keep * rows)`` rows of each chunk, as indices.
+
+    With ``u2_init`` (N,) (squared distances to centres selected before), each chunk's greedy
+    continues from them (its first pick is the chunk's farthest row; ``gen`` is not used).
+    """
     num = x.shape[0]
     out = []
     bar = tqdm(total=num, desc="coreset: chunks", unit="row", disable=not progress, mininterval=0.5)
     for lo in range(0, num, chunk_rows):
         part = x[lo : lo + chunk_rows]
         m = max(1, math.ceil(part.shape[0] * keep))
-        start = int(torch.randint(part.shape[0], (1,), generator=gen).item())
-        out.append(lo + _greedy_naive(part, m, start))
+        if u2_init is None:
+            assert gen is not None
+            start = int(torch.randint(part.shape[0], (1,), generator=gen).item())
+            out.append(lo + _greedy_naive(part, m, start))
+        else:
+            init = u2_init[lo : lo + chunk_rows]
+            out.append(lo + _greedy_naive(part, m, int(init.argmax()), u2_init=init))
         bar.update(part.shape[0])
     bar.close()
     return torch.cat(out)
 
 
 def _greedy_batched(
-    x: torch.Tensor, n: int, start: int, *, candidates: int = 512, progress: bool = False
+    x: torch.Tensor,
+    n: int,
+    start: int,
+    *,
+    candidates: int = 512,
+    progress: bool = False,
+    u2_init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy k-center with its distance updates batched into matrix products.
 
@@ -282,6 +397,8 @@ def _greedy_batched(
 
     Args:
         x: (N, d) rows (any float dtype; converted to float32 once). n: picks. start: first pick.
+        u2_init: optional (N,) squared distances of the rows to centres selected before (the
+            greedy then continues from those centres); default: none selected (infinity).
 
     Returns:
         (n,) int64 row indices in selection order.
@@ -290,7 +407,7 @@ def _greedy_batched(
     z = z - z.mean(0)
     sq = (z * z).sum(1)
     num = z.shape[0]
-    u2 = torch.full((num,), math.inf)
+    u2 = torch.full((num,), math.inf) if u2_init is None else u2_init.float().clone()
     picked = [start]
     batch = [start]
     bar = tqdm(total=n, desc="coreset: union", unit="pt", disable=not progress, mininterval=0.5)
@@ -347,7 +464,11 @@ def _greedy_among(
 
 
 def _repair(
-    x: torch.Tensor, picked: torch.Tensor, n_repair: int, progress: bool
+    x: torch.Tensor,
+    picked: torch.Tensor,
+    n_repair: int,
+    progress: bool,
+    u2_init: torch.Tensor | None = None,
 ) -> CoresetSelection:
     """Stage 3 of :func:`chunked_greedy_coreset`: continue the greedy among the farthest rows.
 
@@ -356,7 +477,8 @@ def _repair(
     bound ``d2 + err`` get exact distances and the last ``n_repair`` greedy picks. The reported
     radius is then certified: the rows left out whose upper bound still exceeds it are
     re-checked exactly against the final selection (at most ``_RECHECK_ROWS`` of them; beyond
-    that their upper bound is reported).
+    that their upper bound is reported). ``u2_init`` (N,): exact squared distances of the rows
+    to centres selected before ``picked`` (they count as selected, for the picks and radius).
     """
     num = x.shape[0]
     if picked.numel() == num:
@@ -372,10 +494,14 @@ def _repair(
         upper[lo : lo + step] = d2.add_(err)
         bar.update(min(step, num - lo))
     bar.close()
+    if u2_init is not None:  # exact already: the smaller bound of the two
+        torch.minimum(upper, u2_init.float(), out=upper)
     size = min(num, max(1, 20 * n_repair))
     rows = torch.topk(upper, size).indices
     z = x[rows].float()
     u2 = index.exact_min_distances(z).double().square().float()
+    if u2_init is not None:
+        u2 = torch.minimum(u2, u2_init[rows].float())
     extra = _continue_greedy(z, u2, n_repair)
     indices = torch.cat([picked, rows[torch.tensor(extra, dtype=torch.long)]])
     radius2 = float(u2.max())
@@ -385,7 +511,10 @@ def _repair(
         return CoresetSelection(indices, math.sqrt(max(radius2, float(upper.max()))))
     if doubt.numel():
         final = NearestNeighborIndex(x[indices].float())
-        radius2 = max(radius2, float(final.min_distances(x[doubt]).max()) ** 2)
+        d2 = final.min_distances(x[doubt]).double().square()
+        if u2_init is not None:
+            d2 = torch.minimum(d2, u2_init[doubt].double())
+        radius2 = max(radius2, float(d2.max()))
     return CoresetSelection(indices, math.sqrt(radius2))
 
 
@@ -564,12 +693,22 @@ class _OneThread:
         torch.set_num_threads(self.threads)
 
 
-def _greedy_naive(z: torch.Tensor, n: int, start: int, *, progress: bool = False) -> torch.Tensor:
-    """The plain loop (one full matrix-vector product per step), same semantics as the tree."""
+def _greedy_naive(
+    z: torch.Tensor,
+    n: int,
+    start: int,
+    *,
+    progress: bool = False,
+    u2_init: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The plain loop (one full matrix-vector product per step), same semantics as the tree.
+
+    ``u2_init`` (N,): squared distances to centres selected before (default: infinity).
+    """
     z = z.to(_work_dtype(z.dtype))
     z = z - z.mean(0)
     sq = (z * z).sum(1)
-    u2 = torch.full_like(sq, math.inf)
+    u2 = torch.full_like(sq, math.inf) if u2_init is None else u2_init.to(sq.dtype).clone()
     d2 = torch.empty_like(sq)
     pos = start
     picked = [pos]

@@ -285,6 +285,44 @@ class BatchInspection(BaseModel):
     total_ms: float
 
 
+class PatchBox(BaseModel):
+    """A patch's pixels, (top, left) inclusive, (bottom, right) exclusive."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+
+
+class NearestPatch(BaseModel):
+    """The normal training patch nearest to the worst patch (from the bank's provenance)."""
+
+    bank_row: int
+    training_image: int | None = Field(None, description="training image index; None: unknown")
+    training_file: str | None = Field(None, description="its file name (no folders)")
+    box: PatchBox | None = Field(None, description="in the training image's own pixels")
+
+
+class ExplanationResult(BaseModel):
+    """Why one image scored what it did. Scores: higher = more anomalous."""
+
+    filename: str | None = None
+    width: int
+    height: int
+    score: float = Field(description="image anomaly score, as /v1/inspect gives it")
+    threshold: float
+    verdict: Literal["pass", "fail"] = Field(description="fail when score >= threshold")
+    distance: float = Field(description="the worst patch's distance to the nearest bank row")
+    worst_patch: PatchBox = Field(description="the image's worst patch, in its pixels")
+    nearest: NearestPatch
+    note: str | None = Field(None, description="why the training side is missing, if it is")
+    inference_ms: float
+
+
+def _box(b: Any) -> PatchBox:
+    return PatchBox(top=b[0], left=b[1], bottom=b[2], right=b[3])
+
+
 # ---------------------------------------------------------------------- state
 
 
@@ -628,6 +666,48 @@ class _Service:
                     )
         return [results[i] for i in range(len(blobs))]
 
+    def explain(self, name: str, data: bytes) -> ExplanationResult | InputError:
+        """Decode one upload and explain its score (:meth:`PatchCore.explain`)."""
+        det = self.detector
+        assert det is not None
+        try:
+            image = decode_image(
+                data,
+                self.limits.max_pixels,
+                name,
+                max_aspect_ratio=self.limits.max_aspect_ratio,
+                processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
+                max_processed_pixels=self.limits.max_processed_pixels,
+            )
+        except InputError as exc:
+            return exc
+        t = time.perf_counter()
+        try:
+            [e] = det.explain([image], progress=False)
+        except ImageReadError as exc:
+            return InputError(400, f"{name}: {exc.problem}")
+        if not math.isfinite(e.score):  # fail closed, never a pass
+            return InputError(500, f"{name}: scored {e.score!r}, so no verdict (verdict error)")
+        anomalous = e.score >= self.threshold
+        return ExplanationResult(
+            filename=None if name == "body" else name,
+            width=int(image.shape[1]),
+            height=int(image.shape[0]),
+            score=e.score,
+            threshold=self.threshold,
+            verdict="fail" if anomalous else "pass",
+            distance=e.distance,
+            worst_patch=_box(e.box),
+            nearest=NearestPatch(
+                bank_row=int(e.bank_row),  # type: ignore[arg-type]
+                training_image=e.train_index,
+                training_file=Path(e.train_name).name if e.train_name else None,
+                box=_box(e.train_box) if e.train_box else None,
+            ),
+            note=e.note,
+            inference_ms=round((time.perf_counter() - t) * 1000.0, 2),
+        )
+
     def render(self, item: _Stored, alpha: float) -> bytes:
         from .plots import anomaly_map_overlay
 
@@ -871,6 +951,37 @@ async def _answer(
         )
     url = svc.remember(result) if heatmap == "url" else None
     return svc.inspection(name, result, (time.perf_counter() - t0) * 1000.0, url)
+
+
+@api.post(
+    "/v1/explain",
+    response_model=ExplanationResult,
+    responses={
+        400: {"description": "empty, not an image, damaged or truncated"},
+        401: {"description": "token required"},
+        413: {"description": "request or image too large"},
+        415: {"description": "unsupported Content-Type"},
+        503: {"description": "busy or not ready; see Retry-After"},
+    },
+    summary="Explain one image's score",
+    openapi_extra=_INSPECT_BODY,
+)
+async def explain(request: Request, svc: ServiceDep) -> ExplanationResult:
+    """The image's worst patch and the nearest normal training patch: which training image,
+    where in its pixels, how far. The same body as `/v1/inspect`."""
+    ctype = _content_type(request)
+    multipart = ctype == "multipart/form-data"
+    if not (multipart or ctype == "" or ctype.startswith(RAW_CONTENT_TYPES)):
+        raise _wrong_type(ctype, batch=False)
+    async with svc.receiving():
+        name, data = await svc.receive(
+            _one_upload(request, multipart, svc.limits.max_request_bytes)
+        )
+        async with svc.admitted(svc.gate), svc.free_workers:
+            result = await svc.run(svc.pool, svc.explain, name or "body", data)
+    if isinstance(result, InputError):
+        raise _Reject(result.status, result.detail, verdict=result.status >= 500)
+    return result
 
 
 @api.post(

@@ -49,6 +49,15 @@ class FittedState:
         region_threshold_method: how ``region_threshold`` was chosen.
         metadata: plain JSON-able facts a caller stores with the model (data spec, names...).
         skipped: training inputs that could not be read (not saved).
+        provenance: (M, 3) int32, per bank row the training image index (into
+            ``train_names``), patch row and patch column on that image's feature grid; None in
+            files written before it existed.
+        train_names: the training images read, in order (their paths as given, or
+            ``"image #i"`` for in-memory images, i = the training image index); None in older
+            files.
+        train_grids: per training image ``(H, W, h, w)``: its own size and its feature grid.
+        updates: one record per :meth:`~patchcore.PatchCore.partial_fit` (UTC time, images and
+            patches added, bank rows added and dropped, seconds, names), oldest first.
     """
 
     memory_bank: torch.Tensor
@@ -67,6 +76,10 @@ class FittedState:
     region_threshold: float | None = None
     region_threshold_method: str | None = None
     skipped: list[Skipped] = field(default_factory=list)
+    provenance: torch.Tensor | None = None
+    train_names: list[str] | None = None
+    train_grids: list[tuple[int, int, int, int]] | None = None
+    updates: list[dict[str, Any]] = field(default_factory=list)
 
     def card(self, params: dict[str, Any]) -> dict[str, Any]:
         """Human-readable facts about the model fitted with ``params``."""
@@ -87,6 +100,8 @@ class FittedState:
             "calibration": self.calibration,
             "normalization": self.normalization,
             "fit_seconds": round(float(self.fit_seconds), 3),
+            "provenance": self.provenance is not None,
+            "updates": len(self.updates),
         }
         if self.region_threshold is not None:
             card["region_threshold"] = self.region_threshold
@@ -128,6 +143,9 @@ class FittedAttributes:
     feature_dtype_ = _view("feature_dtype", "How the training features were held in fit.")
     calibration_ = _view("calibration", "Facts of the threshold's choice (dict), or None.")
     normalization_ = _view("normalization", "Raw -> [0, 1] score mapping (dict), or None.")
+    provenance_ = _view("provenance", "(M, 3) int32 bank-row origins (image, row, col), or None.")
+    train_names_ = _view("train_names", "Training images read, in order, or None.")
+    updates_ = _view("updates", "Records of the partial_fit calls, oldest first.")
 
     @property
     def skipped_(self) -> list[tuple[str, str]]:

@@ -21,6 +21,9 @@ parses arguments, calls one of them and prints what it returns. One module per s
 - :mod:`.predict`: :func:`predict_images` streams verdicts, scores, heatmap overlays and
   defect regions; :func:`write_regions` writes the regions as JSON or CSV.
 - :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
+- :mod:`.update`: :func:`update_model` adds normal images to a model file (``partial_fit``).
+- :mod:`.explain`: :func:`explain_images`, each image's worst patch beside the nearest normal
+  training patch.
 
 Every stage makes one call into the detector (``fit``, or one ``iter_score`` stream that also
 drives the caller's progress callback) and asks for anomaly maps at the size it needs.
@@ -60,11 +63,13 @@ from .evaluate import (
     evaluate_model,
     held_out_images,
 )
+from .explain import ExplainedImage, explain_images, explanation_picture
 from .fit import FitSummary, fit_detector, fit_model
 from .model import DISPLAY_TOP, load_model, model_card, require_threshold
 from .predict import Prediction, predict_images, write_regions
 from .regions import RegionCalibration, calibrate_regions_model
 from .reporting import TILE_HEIGHT
+from .update import UpdateSummary, update_model
 
 __all__ = [
     "DISPLAY_TOP",
@@ -76,10 +81,12 @@ __all__ = [
     "DataSource",
     "DemoResult",
     "Evaluation",
+    "ExplainedImage",
     "FitSummary",
     "NormalCalibrationSummary",
     "Prediction",
     "RegionCalibration",
+    "UpdateSummary",
     "ProgressFn",
     "WorkflowError",
     "available_train_images",
@@ -90,6 +97,8 @@ __all__ = [
     "evaluate_detector",
     "evaluate_model",
     "expand_inputs",
+    "explain_images",
+    "explanation_picture",
     "fit_detector",
     "fit_model",
     "held_out_images",
@@ -102,4 +111,5 @@ __all__ = [
     "resolve_data",
     "run_demo",
     "write_regions",
+    "update_model",
 ]

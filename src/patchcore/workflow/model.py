@@ -82,11 +82,25 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         out["region threshold"] = (
             f"{card['region_threshold']:.6g} ({card['region_threshold_method']})"
         )
+    out["updates"] = updates_text(det.updates_)
     if ms_per_image is not None:
         out["scoring time"] = f"{ms_per_image:.1f} ms per image (with anomaly map)"
     out["seed"] = det.seed
     out["patchcore version"] = md.get("patchcore_version", package_version())
     return out
+
+
+def updates_text(updates: Sequence[dict[str, Any]]) -> str:
+    """One line on the model's ``partial_fit`` records."""
+    if not updates:
+        return "none (fitted once)"
+    last = updates[-1]
+    images = sum(int(u.get("images", 0)) for u in updates)
+    return (
+        f"{len(updates)} ({images} images added in all; last {last.get('time', '?')}: "
+        f"{last.get('images', '?')} images, +{last.get('rows_added', '?')} / "
+        f"-{last.get('rows_dropped', '?')} bank rows)"
+    )
 
 
 def _range_text(display: Sequence[float] | None) -> str:

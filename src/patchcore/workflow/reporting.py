@@ -18,6 +18,7 @@ from ..detector import PatchCore
 from ..images import ImageReadError, read_image
 from ..regions import DEFAULT_MIN_AREA, label_regions
 from .evaluate import PIXEL_METRIC_SIDE, ScoredSet
+from .explain import explanation_picture
 from .model import calibration_text, display_range, model_card
 
 #: Height of the panels of a gallery tile, in pixels.
@@ -212,6 +213,7 @@ def _galleries(
             caption = f"{s.name} ({kind}, {len(found)} region{'' if len(found) == 1 else 's'})"
             items.append({"image_path": path, "caption": caption, "score": float(scores[i])})
         galleries[key] = items
+    _add_explanations(det, test, order, galleries, gdir)
     return galleries
 
 
@@ -220,6 +222,49 @@ def _regions(small_map: np.ndarray, cut: float, native: tuple[int, int]) -> list
     default minimum area scaled from the image's native pixels to the map's."""
     shrink = small_map.size / max(1, native[0] * native[1])
     return label_regions(small_map, cut, min_area=max(1, round(DEFAULT_MIN_AREA * shrink)))
+
+
+#: Galleries whose tiles also show the nearest normal training patch (the flagged images).
+EXPLAINED_GALLERIES = ("true_positives", "false_positives")
+
+
+def _add_explanations(
+    det: PatchCore,
+    test: Any,
+    order: dict[str, list[int]],
+    galleries: dict[str, list[dict[str, Any]]],
+    gdir: Path,
+) -> None:
+    """Beside each flagged tile: its worst patch and the nearest normal training patch.
+
+    One :meth:`~patchcore.PatchCore.explain` pass over the shown flagged images; a training
+    image that cannot be read any more (moved, or in-memory at fit) shows as a grey panel.
+    """
+    shown = [(key, rank, i) for key in EXPLAINED_GALLERIES for rank, i in enumerate(order[key])]
+    if not shown:
+        return
+    found = det.explain([test[i].image for _, _, i in shown], on_error="skip", progress=False)
+    by_image = {(key, i): e for (key, _, i), e in zip(shown, found, strict=True)}
+    for key in EXPLAINED_GALLERIES:
+        for rank, item in enumerate(galleries[key]):
+            i = order[key][rank]
+            e = by_image[(key, i)]
+            if e.error is not None:
+                continue
+            try:
+                pic = explanation_picture(e, _pixels(test[i]), height=TILE_HEIGHT // 2)
+            except ImageReadError:
+                continue
+            item["explanation_path"] = plots.save_png(pic, gdir / f"{key}_{rank + 1:02d}_nn.png")
+            item["explanation_caption"] = explanation_caption(e)
+
+
+def explanation_caption(e: Any) -> str:
+    """One line: the nearest normal training patch of an explanation, where and how far."""
+    if e.train_index is None:
+        return f"nearest bank row {e.bank_row} at distance {e.distance:.4g} ({e.note})"
+    where = f"rows {e.train_box[0]}-{e.train_box[2]}, cols {e.train_box[1]}-{e.train_box[3]}"
+    return f"nearest normal patch: {Path(e.train_name).name}, {where}, distance {e.distance:.4g}"
 
 
 def _pixels(sample: Sample) -> np.ndarray:

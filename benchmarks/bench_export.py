@@ -18,6 +18,7 @@ seconds and the peak resident memory above the start (``VmHWM`` after a reset), 
 export (tracing, conversion and the probe check) and the OpenVINO conversion.
 
     python benchmarks/bench_export.py [--sets casting magnetic_tile deeppcb] [--train 100]
+    python benchmarks/bench_export.py --native --train 0   # the default path: all, native
 
 Rows go to benchmarks/out/bench_export.jsonl (with the load average).
 """
@@ -69,6 +70,8 @@ def run(name: str, n_train: int | None, image_size: int | None, scale: float | N
     paths = list(test.images)
     labels = np.asarray(test.labels)
     kw = {"image_size": image_size} if scale is None else {"scale": scale}
+    if image_size is None and scale is None:
+        kw = {}  # the default path: native size, a dynamic export
     t0 = time.perf_counter()
     det = PatchCore(search_precision="float32", progress=False, **kw).fit(train)
     fit_s = time.perf_counter() - t0
@@ -114,7 +117,11 @@ def run(name: str, n_train: int | None, image_size: int | None, scale: float | N
         "machine": machine(),
         "train_images": len(train),
         "test_images": len(paths),
-        "processed": f"image_size={image_size}" if scale is None else f"scale={scale}",
+        "processed": "native"
+        if not kw
+        else f"image_size={image_size}"
+        if scale is None
+        else f"scale={scale}",
         "bank_rows": int(det.memory_bank_.shape[0]),
         "fit_s": round(fit_s, 1),
         "onnx_export_s": round(onnx_s, 1),
@@ -148,12 +155,17 @@ def run(name: str, n_train: int | None, image_size: int | None, scale: float | N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sets", nargs="+", default=list(SETS))
-    ap.add_argument("--train", type=int, default=100, help="training images per set")
+    ap.add_argument("--train", type=int, default=100, help="training images per set; 0 = all")
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument(
+        "--native", action="store_true", help="the default path: native size (dynamic export)"
+    )
     ap.add_argument("--scale", type=float, default=None, help="instead of --image-size")
     args = ap.parse_args()
     for name in args.sets:
-        print(json.dumps(run(name, args.train, args.image_size, args.scale)), flush=True)
+        size = None if args.native else args.image_size
+        row = run(name, args.train or None, size, None if args.native else args.scale)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from ._util import check_fraction, fmt, one_line
 from .metrics import MATLAB_METRICS, THRESHOLD_METHODS
+from .presets import PRESETS, preset_params
 
 app = typer.Typer(
     name="patchcore",
@@ -53,6 +55,7 @@ Sampling = _choices("Sampling", ("greedy", "greedy_exact", "random"))
 BackboneDtype = _choices("BackboneDtype", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "json", "csv"))
 CellType = _choices("CellType", ("mono", "poly", "all"))
+Preset = _choices("Preset", tuple(PRESETS))  # one definition, in presets.py
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -266,6 +269,7 @@ DeviceOpt = Annotated[
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     data: DataArg,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Model file to write.", dir_okay=False)
@@ -327,6 +331,14 @@ def fit(
             "few percent (opt-in, see benchmarks/RESULTS.md)."
         ),
     ] = BackboneDtype.float32,
+    preset: Annotated[
+        Preset | None,
+        typer.Option(
+            help="Named configuration (fast, balanced, accurate; see the README's table); "
+            "options given explicitly override it.",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
@@ -335,22 +347,33 @@ def fit(
 
     if scale is not None and image_size is not None:
         raise typer.BadParameter("give --scale or --image-size, not both", param_hint="--scale")
+    params = {
+        "backbone": backbone,
+        "layers": layer or None,
+        "image_size": image_size,
+        "scale": scale,
+        "coreset_ratio": coreset_ratio,
+        "max_bank_size": max_bank_size or None,
+        "sampling": sampling.value,
+        "backbone_dtype": backbone_dtype.value,
+    }
+    if preset is not None:
+        option = {"layers": "layer"}  # parameter -> the option's name where they differ
+        given = {
+            k
+            for k in params
+            if ctx.get_parameter_source(option.get(k, k)) != click.core.ParameterSource.DEFAULT
+        }
+        params.update({k: v for k, v in preset_params(preset.value).items() if k not in given})
     with _errors():
         s = workflow.fit_model(
             data,
             out,
             train_fraction=train_fraction,
             seed=seed,
-            backbone=backbone,
-            layers=layer or None,
-            image_size=image_size,
-            scale=scale,
-            coreset_ratio=coreset_ratio,
-            max_bank_size=max_bank_size or None,
-            sampling=sampling.value,
             device=device,
             progress=not quiet,
-            backbone_dtype=backbone_dtype.value,
+            **params,
         )
     size = s.card.get("image_size")
     if size:
@@ -369,7 +392,7 @@ def fit(
     typer.echo(f"  training images: {s.training_images} of {s.available_images} ({why}), {shape}")
     typer.echo(
         f"  memory bank:     {s.bank_size:,} of {s.train_patches:,} patches x {s.feature_dim} "
-        f"features (coreset ratio {coreset_ratio:g}, {sampling.value})"
+        f"features (coreset ratio {params['coreset_ratio']:g}, {params['sampling']})"
     )
     typer.echo(
         f"  time:            {s.seconds:.1f} s (features {s.feature_seconds:.1f} s, "

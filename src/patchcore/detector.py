@@ -143,6 +143,19 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
 
     # ------------------------------------------------------------------ parameters
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> PatchCore:
+        """A detector with preset ``name``'s parameters (:mod:`patchcore.presets`), then
+        ``overrides`` on top: ``PatchCore.from_preset("balanced", seed=1)``.
+
+        Raises:
+            ValueError: an unknown preset name.
+            TypeError: an override that is not a PatchCore parameter.
+        """
+        from .presets import preset_params
+
+        return cls(**{**preset_params(name), **overrides})
+
     def _validate(self) -> None:
         validate_params(self)
 

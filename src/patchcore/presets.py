@@ -1,0 +1,52 @@
+"""Named detector configurations: each preset only fills :class:`~patchcore.PatchCore` keywords.
+
+A preset names an outcome (``fast``, ``balanced``, ``accurate``) and is nothing but a dict of
+constructor arguments, so a detector built from one has the usual ``get_params`` and saves,
+loads and clones like any other: ``PatchCore.from_preset("balanced", seed=1)`` equals
+``PatchCore(**preset_params("balanced"), seed=1)``. The figures quoted are image AUROC means over
+3 seeds on all training and test images of the shared sets and the ELPV mono cells, measured by
+``benchmarks/search_accuracy.py`` (benchmarks/RESULTS.md, "Accuracy search" and "Presets").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of PatchCore keyword arguments and what it was measured to give."""
+
+    name: str
+    params: MappingProxyType = field(repr=False)
+    summary: str
+
+
+def _preset(name: str, summary: str, **params: Any) -> Preset:
+    return Preset(name, MappingProxyType(params), summary)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        _preset(
+            "fast",
+            "today's defaults: efficientnet-lite0, stage3 + stage5, native resolution",
+        ),
+    )
+}
+"""Every preset, by name: the one place they are listed."""
+
+
+def preset_params(name: str) -> dict[str, Any]:
+    """The PatchCore keyword arguments of preset ``name`` (a new dict each call).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    try:
+        return dict(PRESETS[name].params)
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

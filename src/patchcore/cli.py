@@ -334,7 +334,7 @@ def fit(
     preset: Annotated[
         Preset | None,
         typer.Option(
-            help="Named configuration (fast, balanced, accurate; see the README's table); "
+            help="Named configuration (fast, accurate; see the README's presets table); "
             "options given explicitly override it.",
             show_default=False,
         ),

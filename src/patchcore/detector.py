@@ -151,7 +151,7 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> PatchCore:
         """A detector with preset ``name``'s parameters (:mod:`patchcore.presets`), then
-        ``overrides`` on top: ``PatchCore.from_preset("balanced", seed=1)``.
+        ``overrides`` on top: ``PatchCore.from_preset("accurate", seed=1)``.
 
         Raises:
             ValueError: an unknown preset name.

@@ -38,6 +38,7 @@ from patchcore import PatchCore, sampling
 from patchcore.datasets import ImageDataset, elpv_benchmark_split, load_elpv
 from patchcore.embedding import flatten_patches
 from patchcore.metrics import auroc
+from patchcore.presets import PRESETS, preset_params
 from patchcore.search import NearestNeighborIndex, patch_scores, resolve_precision
 
 OUT = ROOT / "benchmarks" / "out" / "search"
@@ -61,6 +62,22 @@ CANDIDATES: dict[str, dict] = {
 
 VARIANTS = ("eq7", "max", "top3", "top10")
 TOPK = {"top3": 3, "top10": 10}
+PRESET_ROWS = {"fast": ("lite0_s35", "eq7"), "accurate": ("lite0_s35", "top10")}
+"""Which search runs measure each preset: (candidate, image score)."""
+
+
+def check_presets() -> None:
+    """Every preset in patchcore.presets is measured here by exactly its parameters."""
+    if set(PRESET_ROWS) != set(PRESETS):
+        raise SystemExit(f"presets {sorted(PRESETS)} but rows for {sorted(PRESET_ROWS)}")
+    for name, (cand, variant) in PRESET_ROWS.items():
+        want = dict(CANDIDATES[cand], **({"top_k": TOPK[variant]} if variant in TOPK else {}))
+        if preset_params(name) != want:
+            raise SystemExit(
+                f"preset {name}: {preset_params(name)} is not what {cand}/{variant} ran"
+            )
+
+
 RATIO, MAX_BANK, NEIGHBOURS = 0.01, 16384, 9
 
 
@@ -308,6 +325,25 @@ def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
             if rs:
                 cells = [_pm([r[v] for r in rs]) for v in VARIANTS]
                 lines.append(f"| {c} | {s} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### Presets (`patchcore.presets`; the rows above that measure them)",
+        "",
+        "| preset | settings | " + " | ".join(SETS) + " | mean, 4 sets | ms/image |",
+        "|---|---|" + "---:|" * (len(SETS) + 2),
+    ]
+    check_presets()
+    for name, (c, v) in PRESET_ROWS.items():
+        cells, means = [], []
+        for s in SETS:
+            rs = [r for r in by.get((c, s), []) if v in r]
+            cells.append(f"{_pm([r[v] for r in rs])} ({len(rs)})" if rs else "—")
+            if rs:
+                means.append(np.mean([r[v] for r in rs]))
+        full = f"**{np.mean(means):.4f}**" if len(means) == len(SETS) else "—"
+        ms = "; ".join(f"{_cost(by[(c, s)], 'ms'):.0f}" for s in SETS if (c, s) in by)
+        p = ", ".join(f"{k}={x}" for k, x in preset_params(name).items()) or "defaults"
+        lines.append(f"| {name} | {p} | " + " | ".join(cells) + f" | {full} | {ms} |")
     lines += [
         "",
         "### Ensembles (members' eq. 7 scores min-max normalised over the test images, then "

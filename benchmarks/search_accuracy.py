@@ -62,7 +62,11 @@ CANDIDATES: dict[str, dict] = {
 
 VARIANTS = ("eq7", "max", "top3", "top10")
 TOPK = {"top3": 3, "top10": 10}
-PRESET_ROWS = {"fast": ("lite0_s35", "eq7"), "accurate": ("lite0_s35", "top10")}
+PRESET_ROWS = {
+    "fast": ("lite0_s35", "eq7"),
+    "balanced": ("lite0_s35", "top10"),
+    "accurate": ("lite1_s35", "top10"),
+}
 """Which search runs measure each preset: (candidate, image score)."""
 
 

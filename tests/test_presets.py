@@ -55,7 +55,7 @@ def test_cli_fit_with_a_preset_saves_its_parameters(name: str, tiny: Path, tmp_p
     assert r.exit_code == 0, r.output
     got = PatchCore.load(model).get_params()
     want = PatchCore.from_preset(name, image_size=int(SIZE)).get_params()
-    for key in ("backbone", "kernel_size", "scale", "image_size", "coreset_ratio"):
+    for key in ("backbone", "kernel_size", "scale", "image_size", "coreset_ratio", "top_k"):
         assert got[key] == want[key], key
     layers = want["layers"] or get_spec(want["backbone"]).default_layers
     assert list(got["layers"]) == list(layers)

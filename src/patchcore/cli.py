@@ -22,7 +22,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from ._util import check_fraction, fmt, one_line
@@ -334,7 +333,7 @@ def fit(
     preset: Annotated[
         Preset | None,
         typer.Option(
-            help="Named configuration (fast, accurate; see the README's presets table); "
+            help="Named configuration (fast, balanced, accurate; see the README's presets table); "
             "options given explicitly override it.",
             show_default=False,
         ),
@@ -359,11 +358,11 @@ def fit(
     }
     if preset is not None:
         option = {"layers": "layer"}  # parameter -> the option's name where they differ
-        given = {
-            k
-            for k in params
-            if ctx.get_parameter_source(option.get(k, k)) != click.core.ParameterSource.DEFAULT
+        # by name: typer's context may come from its own copy of click (another enum class)
+        sources = {
+            k: getattr(ctx.get_parameter_source(option.get(k, k)), "name", "") for k in params
         }
+        given = {k for k, v in sources.items() if v not in ("DEFAULT", "DEFAULT_MAP")}
         params.update({k: v for k, v in preset_params(preset.value).items() if k not in given})
     with _errors():
         s = workflow.fit_model(

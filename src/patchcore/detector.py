@@ -85,7 +85,7 @@ class PatchCore(ParamsMixin, FittedAttributes, VerdictMixin):
         num_neighbors: neighbours for the paper's image-score reweighting; 1 disables it.
         top_k: the image score is the mean of the ``top_k`` largest patch distances (each
             re-checked in float32); 1 (default) = the largest, reweighted by eq. 7 (not applied
-            when ``top_k > 1``). 10 (the ``accurate`` preset) gave a mean image AUROC over the
+            when ``top_k > 1``). 10 (the ``balanced`` preset) gave a mean image AUROC over the
             four real sets of 0.9542 against 0.9492 (3 seeds; 0.0010 lower on deeppcb, whose
             defects cover one or two patches; benchmarks/RESULTS.md, "Accuracy search").
         embed_dim: optional smaller patch dimension (channel averaging).

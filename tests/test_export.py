@@ -139,6 +139,15 @@ def test_fixed_export_of_a_scale_model_is_refused(dynamic, tmp_path):
         export(det, tmp_path, dynamic=False)
 
 
+def test_top_k_model_is_refused_not_exported_wrong(dynamic, tmp_path):
+    det, _ = dynamic
+    other = PatchCore(**{**det.get_params(), "top_k": 10})
+    other._set_fitted(det.state_, det.extractor_)
+    with pytest.raises(ExportError, match="top_k=10"):
+        export(other, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_damaged_export_fails_closed(fixed, tmp_path):
     _, out = fixed
     copy = tmp_path / "copy"

@@ -27,6 +27,7 @@ import typer
 
 from ._util import check_fraction, fmt, one_line
 from .metrics import MATLAB_METRICS, THRESHOLD_METHODS
+from .presets import PRESETS, preset_params
 from .regions import DEFAULT_MIN_AREA, REGION_METHODS
 
 app = typer.Typer(
@@ -56,6 +57,7 @@ Sampling = _choices("Sampling", ("greedy", "greedy_exact", "random"))
 BackboneDtype = _choices("BackboneDtype", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "json", "csv"))
 CellType = _choices("CellType", ("mono", "poly", "all"))
+Preset = _choices("Preset", tuple(PRESETS))  # one definition, in presets.py
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -269,6 +271,7 @@ DeviceOpt = Annotated[
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     data: DataArg,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Model file to write.", dir_okay=False)
@@ -330,6 +333,14 @@ def fit(
             "few percent (opt-in, see benchmarks/RESULTS.md)."
         ),
     ] = BackboneDtype.float32,
+    preset: Annotated[
+        Preset | None,
+        typer.Option(
+            help="Named configuration (fast, balanced, accurate; see the README's presets table); "
+            "options given explicitly override it.",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     ray: Annotated[
         bool,
@@ -355,6 +366,24 @@ def fit(
 
     if scale is not None and image_size is not None:
         raise typer.BadParameter("give --scale or --image-size, not both", param_hint="--scale")
+    params = {
+        "backbone": backbone,
+        "layers": layer or None,
+        "image_size": image_size,
+        "scale": scale,
+        "coreset_ratio": coreset_ratio,
+        "max_bank_size": max_bank_size or None,
+        "sampling": sampling.value,
+        "backbone_dtype": backbone_dtype.value,
+    }
+    if preset is not None:
+        option = {"layers": "layer"}  # parameter -> the option's name where they differ
+        # by name: typer's context may come from its own copy of click (another enum class)
+        sources = {
+            k: getattr(ctx.get_parameter_source(option.get(k, k)), "name", "") for k in params
+        }
+        given = {k for k, v in sources.items() if v not in ("DEFAULT", "DEFAULT_MAP")}
+        params.update({k: v for k, v in preset_params(preset.value).items() if k not in given})
     with _errors():
         s = workflow.fit_model(
             data,
@@ -362,16 +391,9 @@ def fit(
             train_fraction=train_fraction,
             seed=seed,
             ray={"workers": workers, "address": address} if ray else None,
-            backbone=backbone,
-            layers=layer or None,
-            image_size=image_size,
-            scale=scale,
-            coreset_ratio=coreset_ratio,
-            max_bank_size=max_bank_size or None,
-            sampling=sampling.value,
             device=device,
             progress=not quiet,
-            backbone_dtype=backbone_dtype.value,
+            **params,
         )
     size = s.card.get("image_size")
     if size:
@@ -390,7 +412,7 @@ def fit(
     typer.echo(f"  training images: {s.training_images} of {s.available_images} ({why}), {shape}")
     typer.echo(
         f"  memory bank:     {s.bank_size:,} of {s.train_patches:,} patches x {s.feature_dim} "
-        f"features (coreset ratio {coreset_ratio:g}, {sampling.value})"
+        f"features (coreset ratio {params['coreset_ratio']:g}, {params['sampling']})"
     )
     typer.echo(
         f"  time:            {s.seconds:.1f} s (features {s.feature_seconds:.1f} s, "

@@ -7,7 +7,7 @@ patch. :meth:`ExplainMixin.explain` then answers, for an image, which normal tra
 nearest to its worst patch: which image, where (in that image's own pixels) and how far.
 
 Mixed into :class:`patchcore.PatchCore` (as :mod:`patchcore.verdicts`): it needs the
-estimator's ``_batches``, ``_embed``, ``_reweight``, ``_index`` and ``state_``.
+estimator's ``_batches``, ``_embed``, ``_image_scores``, ``_index`` and ``state_``.
 """
 
 from __future__ import annotations
@@ -159,9 +159,8 @@ class ExplainMixin:
         b, _, h, w = emb.shape
         patches = flatten_patches(emb).float().view(b, h * w, -1)
         index = self._index  # type: ignore[attr-defined]
-        _, image_max, arg = search.patch_scores(index, patches)
-        k = min(int(self.num_neighbors), len(index))  # type: ignore[attr-defined]
-        scores = self._reweight(patches, arg, image_max, k) if k > 1 else image_max  # type: ignore[attr-defined]
+        patch_scores, image_max, arg = search.patch_scores(index, patches)
+        scores = self._image_scores(patches, patch_scores, image_max, arg)  # type: ignore[attr-defined]
         worst = patches[torch.arange(b, device=patches.device), arg]
         dist, nearest = index.search(worst, k=1)
         state = self.state_  # type: ignore[attr-defined]

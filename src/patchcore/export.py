@@ -353,6 +353,12 @@ def export(
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if int(block_rows) < 1:
         raise ExportError(f"block_rows must be >= 1, got {block_rows!r}")
+    if int(getattr(det, "top_k", 1)) != 1:
+        raise ExportError(
+            f"the exported graph scores an image by its largest patch distance (with eq. 7); "
+            f"this model has top_k={det.top_k} (the 'balanced'/'accurate' presets), which it "
+            "does not implement yet: export a model fitted with top_k=1 (the default)"
+        )
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,7 @@ def config(det: PatchCore) -> dict[str, Any]:
         ("backbone_dtype", "float32"),
         ("search_precision", "auto"),
         ("max_bank_size", 16384),
+        ("top_k", 1),
     ):
         if p[key] == default:
             p.pop(key)

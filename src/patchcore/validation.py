@@ -47,6 +47,8 @@ def validate_params(det: Any) -> None:
             )
     if int(det.num_neighbors) < 1:
         raise ValueError(f"num_neighbors must be >= 1, got {det.num_neighbors!r}")
+    if isinstance(det.top_k, bool) or int(det.top_k) != det.top_k or det.top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {det.top_k!r}")
     if int(det.batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {det.batch_size!r}")
     if det.sigma < 0:

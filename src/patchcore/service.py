@@ -604,6 +604,17 @@ class _Service:
 
     # -- work (runs in the worker threads)
 
+    def _decode(self, det: Any, name: str, data: bytes) -> np.ndarray:
+        """One upload decoded under the service's limits (raises InputError)."""
+        return decode_image(
+            data,
+            self.limits.max_pixels,
+            name,
+            max_aspect_ratio=self.limits.max_aspect_ratio,
+            processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
+            max_processed_pixels=self.limits.max_processed_pixels,
+        )
+
     def score(self, blobs: list[tuple[str, bytes]], admitted: float) -> list[_Scored | InputError]:
         """Decode and score several uploads in one detector call; bad ones become InputError."""
         started = time.perf_counter()
@@ -615,16 +626,7 @@ class _Service:
         for name, data in blobs:
             t = time.perf_counter()
             try:
-                decoded.append(
-                    decode_image(
-                        data,
-                        self.limits.max_pixels,
-                        name,
-                        max_aspect_ratio=self.limits.max_aspect_ratio,
-                        processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
-                        max_processed_pixels=self.limits.max_processed_pixels,
-                    )
-                )
+                decoded.append(self._decode(det, name, data))
             except InputError as exc:
                 decoded.append(exc)
             decode_ms.append((time.perf_counter() - t) * 1000.0)
@@ -671,14 +673,7 @@ class _Service:
         det = self.detector
         assert det is not None
         try:
-            image = decode_image(
-                data,
-                self.limits.max_pixels,
-                name,
-                max_aspect_ratio=self.limits.max_aspect_ratio,
-                processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
-                max_processed_pixels=self.limits.max_processed_pixels,
-            )
+            image = self._decode(det, name, data)
         except InputError as exc:
             return exc
         t = time.perf_counter()

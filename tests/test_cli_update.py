@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_set
+from conftest import data_set, link, link_first
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -29,14 +29,9 @@ def tiles(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "tiles"
     good = sorted((src / "train" / "good").iterdir())
     for i, f in enumerate(good[:7]):
-        dst = root / ("train/good" if i < 4 else "new") / f.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(f)
+        link(f, root / ("train/good" if i < 4 else "new") / f.name)
     for label in ("good", "blowhole"):
-        for f in sorted((src / "test" / label).iterdir())[:4]:
-            dst = root / "test" / label / f.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(f)
+        link_first(src / "test" / label, root / "test" / label, 4)
     return root
 
 

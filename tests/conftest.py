@@ -26,6 +26,15 @@ def data_set(name: str = "") -> Path:
     return root
 
 
+def run_cli(*args: object, env: dict[str, str] | None = None):
+    """``patchcore ARGS`` in this process (typer's ``CliRunner``); arguments are ``str``-ed."""
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
 def link(src: Path, dst: Path) -> None:
     """A symbolic link ``dst`` to ``src`` (its folders made)."""
     dst.parent.mkdir(parents=True, exist_ok=True)

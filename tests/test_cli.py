@@ -19,20 +19,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_set, link, link_first
+from conftest import run_cli as run
 from PIL import Image
-from typer.testing import CliRunner
 
-from patchcore.cli import METRIC_COLUMNS, app
+from patchcore.cli import METRIC_COLUMNS
 from patchcore.detector import FORMAT_NAME, PatchCore
 
 SIZE = "96"
 
 pytestmark = pytest.mark.slow
-
-
-def run(*args: str, env: dict[str, str] | None = None):
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import data_set, link, link_first
-from typer.testing import CliRunner
+from conftest import run_cli as run
 
-from patchcore.cli import app
 from patchcore.detector import PatchCore
 from patchcore.normalization import fit_normalization
 
 pytestmark = pytest.mark.slow
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import data_set, link, link_first
+from conftest import run_cli as run
 from PIL import Image
-from typer.testing import CliRunner
 
-from patchcore.cli import app
 from patchcore.detector import PatchCore
 from patchcore.update import BEFORE_UPDATE
 
 pytestmark = pytest.mark.slow
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -230,8 +230,8 @@ class Timing(BaseModel):
     total_ms: float = Field(description="from admission to the answer")
 
 
-class Inspection(BaseModel):
-    """The verdict on one image. Scores: higher = more anomalous."""
+class _ImageVerdict(BaseModel):
+    """The fields an inspection and an explanation of one image open with."""
 
     filename: str | None = None
     width: int
@@ -239,6 +239,11 @@ class Inspection(BaseModel):
     score: float = Field(description="image anomaly score")
     threshold: float
     verdict: Literal["pass", "fail"] = Field(description="fail when score >= threshold")
+
+
+class Inspection(_ImageVerdict):
+    """The verdict on one image. Scores: higher = more anomalous."""
+
     normalized_score: float = Field(
         description="score mapped onto [0, 1] with the threshold at 0.5, linear between the "
         "lowest / highest calibration score and the threshold, clipped (a mapping, not a "
@@ -303,15 +308,10 @@ class NearestPatch(BaseModel):
     box: PatchBox | None = Field(None, description="in the training image's own pixels")
 
 
-class ExplanationResult(BaseModel):
+class ExplanationResult(_ImageVerdict):
     """Why one image scored what it did. Scores: higher = more anomalous."""
 
-    filename: str | None = None
-    width: int
-    height: int
     score: float = Field(description="image anomaly score, as /v1/inspect gives it")
-    threshold: float
-    verdict: Literal["pass", "fail"] = Field(description="fail when score >= threshold")
     distance: float = Field(description="the worst patch's distance to the nearest bank row")
     worst_patch: PatchBox = Field(description="the image's worst patch, in its pixels")
     nearest: NearestPatch

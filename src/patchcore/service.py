@@ -844,6 +844,15 @@ api = APIRouter(dependencies=[Depends(require_token)])
 #: Health, readiness and the page: always open.
 public = APIRouter()
 
+#: The error answers of the routes that take one uploaded image (/v1/inspect, /v1/explain).
+_UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "empty, not an image, damaged or truncated"},
+    401: {"description": "token required"},
+    413: {"description": "request or image too large"},
+    415: {"description": "unsupported Content-Type"},
+    503: {"description": "busy or not ready; see Retry-After"},
+}
+
 _BINARY = {"type": "string", "format": "binary"}
 _INSPECT_BODY = {
     "requestBody": {
@@ -892,11 +901,7 @@ async def _one_upload(request: Request, multipart: bool, limit: int) -> tuple[st
     response_model=Inspection,
     responses={
         200: {"content": {"image/png": {}}, "description": "JSON, or the PNG overlay"},
-        400: {"description": "empty, not an image, damaged or truncated"},
-        401: {"description": "token required"},
-        413: {"description": "request or image too large"},
-        415: {"description": "unsupported Content-Type"},
-        503: {"description": "busy or not ready; see Retry-After"},
+        **_UPLOAD_ERRORS,
     },
     summary="Inspect one image",
     openapi_extra=_INSPECT_BODY,
@@ -951,13 +956,7 @@ async def _answer(
 @api.post(
     "/v1/explain",
     response_model=ExplanationResult,
-    responses={
-        400: {"description": "empty, not an image, damaged or truncated"},
-        401: {"description": "token required"},
-        413: {"description": "request or image too large"},
-        415: {"description": "unsupported Content-Type"},
-        503: {"description": "busy or not ready; see Retry-After"},
-    },
+    responses={**_UPLOAD_ERRORS},
     summary="Explain one image's score",
     openapi_extra=_INSPECT_BODY,
 )

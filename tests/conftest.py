@@ -26,6 +26,30 @@ def data_set(name: str = "") -> Path:
     return root
 
 
+def run_cli(*args: object, env: dict[str, str] | None = None):
+    """``patchcore ARGS`` in this process (typer's ``CliRunner``); arguments are ``str``-ed."""
+    from typer.testing import CliRunner
+
+    from patchcore.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def link(src: Path, dst: Path) -> None:
+    """A symbolic link ``dst`` to ``src`` (its folders made)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(src)
+
+
+def link_first(src: Path, dst: Path, n: int) -> list[Path]:
+    """Links in folder ``dst`` to the first ``n`` files of folder ``src`` (sorted by name);
+    returns those files (nothing is copied)."""
+    files = sorted(src.iterdir())[:n]
+    for f in files:
+        link(f, dst / f.name)
+    return files
+
+
 @pytest.fixture
 def real_data() -> Path:
     """``../shared/data``, see :func:`data_set`."""

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import data_set
+from conftest import data_set, link, link_first
+from conftest import run_cli as run
 from PIL import Image
-from typer.testing import CliRunner
 
-from patchcore.cli import METRIC_COLUMNS, app
+from patchcore.cli import METRIC_COLUMNS
 from patchcore.detector import FORMAT_NAME, PatchCore
 
 SIZE = "96"
@@ -30,30 +30,17 @@ SIZE = "96"
 pytestmark = pytest.mark.slow
 
 
-def run(*args: str, env: dict[str, str] | None = None):
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    return result
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """magnetic_tile subset: 6 train, 6 normal + 4 crack + 4 blowhole test images, masks."""
     src = data_set("magnetic_tile")
     root = tmp_path_factory.mktemp("data") / "tiles"
-    for f in sorted((src / "train" / "good").iterdir())[:6]:
-        _link(f, root / "train" / "good" / f.name)
-    for f in sorted((src / "test" / "good").iterdir())[:6]:
-        _link(f, root / "test" / "good" / f.name)
+    link_first(src / "train" / "good", root / "train" / "good", 6)
+    link_first(src / "test" / "good", root / "test" / "good", 6)
     for defect in ("crack", "blowhole"):
-        for f in sorted((src / "test" / defect).iterdir())[:4]:
-            _link(f, root / "test" / defect / f.name)
+        for f in link_first(src / "test" / defect, root / "test" / defect, 4):
             mask = src / "ground_truth" / defect / f"{f.stem}_mask.png"
-            _link(mask, root / "ground_truth" / defect / mask.name)
+            link(mask, root / "ground_truth" / defect / mask.name)
     return root
 
 
@@ -393,9 +380,9 @@ def test_model_file_from_another_version(tmp_path: Path, tiny: Path) -> None:
 def test_evaluate_on_other_data_refuses(calibrated: Path, tmp_path: Path, tiny: Path) -> None:
     other = tmp_path / "other"
     for f in sorted((tiny / "test" / "good").iterdir())[:2]:
-        _link(f.resolve(), other / "test" / "good" / f.name)
+        link(f.resolve(), other / "test" / "good" / f.name)
     for f in sorted((tiny / "test" / "crack").iterdir())[:2]:
-        _link(f.resolve(), other / "test" / "crack" / f.name)
+        link(f.resolve(), other / "test" / "crack" / f.name)
     r = run("evaluate", calibrated, other)
     assert r.exit_code == 2
     assert "held-out test images" in _one_clean_line(r)
@@ -404,7 +391,7 @@ def test_evaluate_on_other_data_refuses(calibrated: Path, tmp_path: Path, tiny: 
 def test_calibrate_needs_both_labels(fitted: Path, tmp_path: Path, tiny: Path) -> None:
     only_good = tmp_path / "only_good"
     for f in sorted((tiny / "test" / "good").iterdir()):
-        _link(f.resolve(), only_good / "test" / "good" / f.name)
+        link(f.resolve(), only_good / "test" / "good" / f.name)
     model = tmp_path / "m.pt"
     model.write_bytes(fitted.read_bytes())
     r = run("calibrate", model, only_good)

@@ -14,35 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_set
-from typer.testing import CliRunner
+from conftest import data_set, link, link_first
+from conftest import run_cli as run
 
-from patchcore.cli import app
 from patchcore.detector import PatchCore
 from patchcore.normalization import fit_normalization
 
 pytestmark = pytest.mark.slow
 
 
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src)
-
-
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory) -> Path:
     src = data_set("magnetic_tile")
     root = tmp_path_factory.mktemp("data") / "tiles"
-    for f in sorted((src / "train" / "good").iterdir())[:30]:
-        _link(f, root / "train" / "good" / f.name)
-    for f in sorted((src / "test" / "good").iterdir())[:3]:
-        _link(f, root / "test" / "good" / f.name)
-    for f in sorted((src / "test" / "crack").iterdir())[:3]:
-        _link(f, root / "test" / "crack" / f.name)
+    link_first(src / "train" / "good", root / "train" / "good", 30)
+    link_first(src / "test" / "good", root / "test" / "good", 3)
+    link_first(src / "test" / "crack", root / "test" / "crack", 3)
     return root
 
 
@@ -109,7 +96,7 @@ def test_a_copy_of_a_fitting_image_in_another_folder_is_left_out(model: Path, tm
         p for p in sorted((root / "train" / "good").iterdir()) if f"train/good/{p.name}" not in used
     ]
     for p in rest[:19]:
-        _link(p.resolve(), other / p.name)
+        link(p.resolve(), other / p.name)
     (other / "renamed.png").write_bytes(fitted_on.read_bytes())  # same bytes, another name
     path = tmp_path / "m.pt"
     path.write_bytes(model.read_bytes())

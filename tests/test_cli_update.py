@@ -7,19 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_set
+from conftest import data_set, link, link_first
+from conftest import run_cli as run
 from PIL import Image
-from typer.testing import CliRunner
 
-from patchcore.cli import app
 from patchcore.detector import PatchCore
 from patchcore.update import BEFORE_UPDATE
 
 pytestmark = pytest.mark.slow
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +24,9 @@ def tiles(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "tiles"
     good = sorted((src / "train" / "good").iterdir())
     for i, f in enumerate(good[:7]):
-        dst = root / ("train/good" if i < 4 else "new") / f.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(f)
+        link(f, root / ("train/good" if i < 4 else "new") / f.name)
     for label in ("good", "blowhole"):
-        for f in sorted((src / "test" / label).iterdir())[:4]:
-            dst = root / "test" / label / f.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(f)
+        link_first(src / "test" / label, root / "test" / label, 4)
     return root
 
 

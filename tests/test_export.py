@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,12 +52,19 @@ def images() -> list[Path]:
     return [p for name in ("casting", "magnetic_tile", "deeppcb") for p in _few(data_set(name))]
 
 
+def _thresholded(images: list[Path], n_train: int, **settings: Any) -> PatchCore:
+    """Fitted on the first ``n_train`` casting normals; threshold: the median score of
+    ``images``."""
+    train = sorted((data_set("casting") / "train" / "good").iterdir())[:n_train]
+    det = PatchCore(**settings, search_precision="float32", progress=False).fit(train)
+    det.set_threshold(float(np.median(det.score_samples(images))))
+    return det
+
+
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory, images) -> tuple[PatchCore, Path]:
     """image_size=96 model with a threshold, exported (OpenVINO where it installs)."""
-    train = sorted((data_set("casting") / "train" / "good").iterdir())[:6]
-    det = PatchCore(image_size=96, search_precision="float32", progress=False).fit(train)
-    det.set_threshold(float(np.median(det.score_samples(images))))
+    det = _thresholded(images, 6, image_size=96)
     out = tmp_path_factory.mktemp("export_fixed")
     export(det, out, format="openvino" if HAS_OPENVINO else "onnx")
     return det, out
@@ -65,9 +73,7 @@ def fixed(tmp_path_factory, images) -> tuple[PatchCore, Path]:
 @pytest.fixture(scope="module")
 def dynamic(tmp_path_factory, images) -> tuple[PatchCore, Path]:
     """scale=0.4 model saved to a file and exported by the CLI (a dynamic-size graph)."""
-    train = sorted((data_set("casting") / "train" / "good").iterdir())[:4]
-    det = PatchCore(scale=0.4, search_precision="float32", progress=False).fit(train)
-    det.set_threshold(float(np.median(det.score_samples(images))))
+    det = _thresholded(images, 4, scale=0.4)
     tmp = tmp_path_factory.mktemp("export_dynamic")
     det.save(tmp / "model.pt")
     result = CliRunner().invoke(app, ["export", str(tmp / "model.pt"), "--out", str(tmp / "x")])

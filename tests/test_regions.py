@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_set, textured
+from conftest import run_cli as _cli
 
 from patchcore.detector import ModelFileError, NotFittedError, PatchCore
 from patchcore.metrics import pixel_threshold, region_scores
@@ -292,14 +293,6 @@ def model_and_images(fitted, toy_images, tmp_path_factory):
         Image.fromarray(img).save(folder / f"good{i}.png")
     Image.fromarray(_blob(5)[0]).save(folder / "blob.png")
     return model, folder, det
-
-
-def _cli(*args):
-    from typer.testing import CliRunner
-
-    from patchcore.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_predict_writes_regions_as_json_and_csv(model_and_images, tmp_path) -> None:

@@ -1,7 +1,8 @@
 """Small helpers shared by the application modules (one copy each).
 
-Argument checks, the package version, one-line messages, display formatting and the resizing
-of float maps and boolean masks. Nothing here knows about detectors or data sets.
+Argument checks, the package version, one-line messages, display formatting, the resizing of
+float maps and boolean masks, and a bounded thread-pool map. Nothing here knows about detectors
+or data sets, and nothing imports torch (the torch-free runtime uses it).
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -106,3 +110,23 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         (width, height), Image.Resampling.NEAREST
     )
     return np.asarray(resized) > 127
+
+
+def bounded_map(
+    pool: ThreadPoolExecutor, fn: Callable[[int], Any], items: Iterable[int], lookahead: int
+) -> Iterator[Any]:
+    """Like ``pool.map`` but keeps at most ``lookahead`` results in flight (bounded memory).
+
+    Futures not yet consumed are cancelled when the consumer stops early.
+    """
+    queue: deque[Future] = deque()
+    try:
+        for x in items:
+            queue.append(pool.submit(fn, x))
+            if len(queue) >= lookahead:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+    finally:
+        for f in queue:
+            f.cancel()

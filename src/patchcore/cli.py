@@ -246,6 +246,20 @@ def _echo_skipped(skipped: list[tuple[str, str]]) -> None:
             typer.echo(f"    {path}: {problem}", err=True)
 
 
+def _echo_calibration_tail(s: Any) -> None:
+    """The lines both ``calibrate`` modes end with: display range, time, skipped images,
+    warnings (stderr) and the model written."""
+    typer.echo(
+        f"  heatmap display range: [{s.display_range[0]:.4g}, {s.display_range[1]:.4g}] "
+        f"(min, 0.7 x max over the calibration maps)"
+    )
+    typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
+    _echo_skipped(s.skipped)
+    for w in s.warnings:
+        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(f"Model updated: {s.model_path}")
+
+
 # ------------------------------------------------------------------------------ commands
 
 
@@ -513,15 +527,7 @@ def calibrate(
         f"  held out for evaluate: {s.test_images} ({s.test_normal} normal, "
         f"{s.test_anomalous} anomalous)"
     )
-    typer.echo(
-        f"  heatmap display range: [{s.display_range[0]:.4g}, {s.display_range[1]:.4g}] "
-        f"(min, 0.7 x max over the calibration maps)"
-    )
-    typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
-    _echo_skipped(s.skipped)
-    for w in s.warnings:
-        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"Model updated: {s.model_path}")
+    _echo_calibration_tail(s)
     typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 
 
@@ -557,15 +563,7 @@ def _calibrate_normal(model: Path, data: str, max_fpr: float, device: str, quiet
         if s.test_images
         else "  no labelled test images held out (evaluate needs DATA/test/good and defects)"
     )
-    typer.echo(
-        f"  heatmap display range: [{s.display_range[0]:.4g}, {s.display_range[1]:.4g}] "
-        f"(min, 0.7 x max over the calibration maps)"
-    )
-    typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
-    _echo_skipped(s.skipped)
-    for w in s.warnings:
-        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
-    typer.echo(f"Model updated: {s.model_path}")
+    _echo_calibration_tail(s)
     if s.test_images:
         typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from ._util import bounded_map
 from .datasets import ImageDataset
 from .images import ImageInput, ImageReadError, as_tensor, input_limits, resize
 
@@ -98,26 +98,6 @@ def _decode(image: ImageInput, index: int) -> torch.Tensor:
         raise ImageReadError(input_name(image, index), str(exc)) from None
 
 
-def _bounded_map(
-    pool: ThreadPoolExecutor, fn: Callable[[int], Any], items: Iterable[int], lookahead: int
-) -> Iterator[Any]:
-    """Like ``pool.map`` but keeps at most ``lookahead`` results in flight (bounded memory).
-
-    Futures not yet consumed are cancelled when the consumer stops early.
-    """
-    queue: deque[Future] = deque()
-    try:
-        for x in items:
-            queue.append(pool.submit(fn, x))
-            if len(queue) >= lookahead:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
-    finally:
-        for f in queue:
-            f.cancel()
-
-
 def iter_batches(
     items: list[Any],
     *,
@@ -168,7 +148,7 @@ def iter_batches(
     pending: list[torch.Tensor] = []
     try:
         results = (
-            _bounded_map(pool, load, range(len(items)), 4 * bs)
+            bounded_map(pool, load, range(len(items)), 4 * bs)
             if pool is not None
             else map(load, range(len(items)))
         )

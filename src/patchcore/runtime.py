@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from . import normalization
+from ._util import bounded_map
 from .pixels import (
     ImageReadError,
     input_limits,
@@ -302,17 +302,7 @@ class ExportedModel:
             return
         lookahead = 4 * self.batch_size
         with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-            queue: deque[Future] = deque()
-            try:
-                for i in range(len(items)):
-                    queue.append(pool.submit(load, i))
-                    if len(queue) >= lookahead:
-                        yield queue.popleft().result()
-                while queue:
-                    yield queue.popleft().result()
-            finally:
-                for f in queue:
-                    f.cancel()
+            yield from bounded_map(pool, load, range(len(items)), lookahead)
 
     def _batches(self, items: list[Any], on_error: str) -> Iterator[tuple[list, list, list]]:
         """(indices, pixels list, own sizes) of consecutive same-size inputs; skipped inline."""

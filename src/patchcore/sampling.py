@@ -225,12 +225,7 @@ def chunked_greedy_coreset(
     num = features.shape[0]
     if not (1 <= n <= num):
         raise ValueError(f"n must be in [1, N={num}] (number of features), got {n!r}")
-    if chunk_rows < 2:
-        raise ValueError(f"chunk_rows must be >= 2, got {chunk_rows!r}")
-    if oversample < 1:
-        raise ValueError(f"oversample must be >= 1, got {oversample!r}")
-    if not (0 <= repair_fraction <= 0.5):
-        raise ValueError(f"repair_fraction must be in [0, 0.5], got {repair_fraction!r}")
+    _check_stages(chunk_rows, oversample, repair_fraction)
     x = features.detach()
     _check_finite(x)
     gen = torch.Generator().manual_seed(seed)
@@ -293,12 +288,7 @@ def extend_coreset(
         raise ValueError(f"n must be in [1, N={num}] (number of new features), got {n!r}")
     if bank.shape[0] < 1:
         raise ValueError("bank is empty: use chunked_greedy_coreset for a first selection")
-    if chunk_rows < 2:
-        raise ValueError(f"chunk_rows must be >= 2, got {chunk_rows!r}")
-    if oversample < 1:
-        raise ValueError(f"oversample must be >= 1, got {oversample!r}")
-    if not (0 <= repair_fraction <= 0.5):
-        raise ValueError(f"repair_fraction must be in [0, 0.5], got {repair_fraction!r}")
+    _check_stages(chunk_rows, oversample, repair_fraction)
     x = features.detach()
     _check_finite(x)
     _check_finite(bank.detach())
@@ -314,6 +304,16 @@ def extend_coreset(
     u0 = init[union]
     local = _greedy_batched(x[union], n - n_repair, int(u0.argmax()), progress=progress, u2_init=u0)
     return _repair(x, union[local], n_repair, progress, u2_init=upper)
+
+
+def _check_stages(chunk_rows: int, oversample: float, repair_fraction: float) -> None:
+    """The stage arguments of :func:`chunked_greedy_coreset` and :func:`extend_coreset`."""
+    if chunk_rows < 2:
+        raise ValueError(f"chunk_rows must be >= 2, got {chunk_rows!r}")
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1, got {oversample!r}")
+    if not (0 <= repair_fraction <= 0.5):
+        raise ValueError(f"repair_fraction must be in [0, 0.5], got {repair_fraction!r}")
 
 
 def _bank_distances(x: torch.Tensor, bank: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:

@@ -230,8 +230,8 @@ class Timing(BaseModel):
     total_ms: float = Field(description="from admission to the answer")
 
 
-class Inspection(BaseModel):
-    """The verdict on one image. Scores: higher = more anomalous."""
+class _ImageVerdict(BaseModel):
+    """The fields an inspection and an explanation of one image open with."""
 
     filename: str | None = None
     width: int
@@ -239,6 +239,11 @@ class Inspection(BaseModel):
     score: float = Field(description="image anomaly score")
     threshold: float
     verdict: Literal["pass", "fail"] = Field(description="fail when score >= threshold")
+
+
+class Inspection(_ImageVerdict):
+    """The verdict on one image. Scores: higher = more anomalous."""
+
     normalized_score: float = Field(
         description="score mapped onto [0, 1] with the threshold at 0.5, linear between the "
         "lowest / highest calibration score and the threshold, clipped (a mapping, not a "
@@ -303,15 +308,10 @@ class NearestPatch(BaseModel):
     box: PatchBox | None = Field(None, description="in the training image's own pixels")
 
 
-class ExplanationResult(BaseModel):
+class ExplanationResult(_ImageVerdict):
     """Why one image scored what it did. Scores: higher = more anomalous."""
 
-    filename: str | None = None
-    width: int
-    height: int
     score: float = Field(description="image anomaly score, as /v1/inspect gives it")
-    threshold: float
-    verdict: Literal["pass", "fail"] = Field(description="fail when score >= threshold")
     distance: float = Field(description="the worst patch's distance to the nearest bank row")
     worst_patch: PatchBox = Field(description="the image's worst patch, in its pixels")
     nearest: NearestPatch
@@ -604,6 +604,17 @@ class _Service:
 
     # -- work (runs in the worker threads)
 
+    def _decode(self, det: Any, name: str, data: bytes) -> np.ndarray:
+        """One upload decoded under the service's limits (raises InputError)."""
+        return decode_image(
+            data,
+            self.limits.max_pixels,
+            name,
+            max_aspect_ratio=self.limits.max_aspect_ratio,
+            processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
+            max_processed_pixels=self.limits.max_processed_pixels,
+        )
+
     def score(self, blobs: list[tuple[str, bytes]], admitted: float) -> list[_Scored | InputError]:
         """Decode and score several uploads in one detector call; bad ones become InputError."""
         started = time.perf_counter()
@@ -615,16 +626,7 @@ class _Service:
         for name, data in blobs:
             t = time.perf_counter()
             try:
-                decoded.append(
-                    decode_image(
-                        data,
-                        self.limits.max_pixels,
-                        name,
-                        max_aspect_ratio=self.limits.max_aspect_ratio,
-                        processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
-                        max_processed_pixels=self.limits.max_processed_pixels,
-                    )
-                )
+                decoded.append(self._decode(det, name, data))
             except InputError as exc:
                 decoded.append(exc)
             decode_ms.append((time.perf_counter() - t) * 1000.0)
@@ -671,14 +673,7 @@ class _Service:
         det = self.detector
         assert det is not None
         try:
-            image = decode_image(
-                data,
-                self.limits.max_pixels,
-                name,
-                max_aspect_ratio=self.limits.max_aspect_ratio,
-                processed=lambda h, w: output_size(h, w, det.image_size, det.scale),
-                max_processed_pixels=self.limits.max_processed_pixels,
-            )
+            image = self._decode(det, name, data)
         except InputError as exc:
             return exc
         t = time.perf_counter()
@@ -849,6 +844,15 @@ api = APIRouter(dependencies=[Depends(require_token)])
 #: Health, readiness and the page: always open.
 public = APIRouter()
 
+#: The error answers of the routes that take one uploaded image (/v1/inspect, /v1/explain).
+_UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "empty, not an image, damaged or truncated"},
+    401: {"description": "token required"},
+    413: {"description": "request or image too large"},
+    415: {"description": "unsupported Content-Type"},
+    503: {"description": "busy or not ready; see Retry-After"},
+}
+
 _BINARY = {"type": "string", "format": "binary"}
 _INSPECT_BODY = {
     "requestBody": {
@@ -897,11 +901,7 @@ async def _one_upload(request: Request, multipart: bool, limit: int) -> tuple[st
     response_model=Inspection,
     responses={
         200: {"content": {"image/png": {}}, "description": "JSON, or the PNG overlay"},
-        400: {"description": "empty, not an image, damaged or truncated"},
-        401: {"description": "token required"},
-        413: {"description": "request or image too large"},
-        415: {"description": "unsupported Content-Type"},
-        503: {"description": "busy or not ready; see Retry-After"},
+        **_UPLOAD_ERRORS,
     },
     summary="Inspect one image",
     openapi_extra=_INSPECT_BODY,
@@ -956,13 +956,7 @@ async def _answer(
 @api.post(
     "/v1/explain",
     response_model=ExplanationResult,
-    responses={
-        400: {"description": "empty, not an image, damaged or truncated"},
-        401: {"description": "token required"},
-        413: {"description": "request or image too large"},
-        415: {"description": "unsupported Content-Type"},
-        503: {"description": "busy or not ready; see Retry-After"},
-    },
+    responses={**_UPLOAD_ERRORS},
     summary="Explain one image's score",
     openapi_extra=_INSPECT_BODY,
 )

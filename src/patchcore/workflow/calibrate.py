@@ -107,12 +107,16 @@ def _check_settings(method: str, max_fpr: float | None, fraction: float) -> None
 
 
 def _score_for_calibration(
-    det: PatchCore, calib: ImageDataset, progress: ProgressFn | None
-) -> tuple[np.ndarray, tuple[float, float], list[tuple[str, str]]]:
-    """Scores, the (min, max) over the anomaly maps and the skipped images, in one pass.
+    det: PatchCore, calib: ImageDataset, progress: ProgressFn | None, total: ProgressFn | None
+) -> tuple[np.ndarray, tuple[float, float], list[tuple[str, str]], float]:
+    """Scores, the (min, max) over the anomaly maps, the skipped images and the seconds the
+    pass took, in one pass (``total`` is told the number of images first).
 
     Maps are asked at the processed size: only their extremes are kept.
     """
+    if total:
+        total(len(calib))
+    t0 = time.perf_counter()
     scores = np.full(len(calib), np.nan)
     lo, hi = math.inf, -math.inf
     skipped: list[tuple[str, str]] = []
@@ -124,7 +128,7 @@ def _score_for_calibration(
             skipped.append((r.name, r.error))
         if progress:
             progress(1)
-    return scores, (lo, hi), skipped
+    return scores, (lo, hi), skipped, time.perf_counter() - t0
 
 
 def calibrate_detector(
@@ -163,11 +167,7 @@ def calibrate_detector(
     """
     _check_settings(method, max_fpr, calibration_fraction)
     calib, test = split_for_calibration(pool, calibration_fraction, seed, data_spec)
-    if total:
-        total(len(calib))
-    t0 = time.perf_counter()
-    scores, (lo, hi), skipped = _score_for_calibration(det, calib, progress)
-    seconds = time.perf_counter() - t0
+    scores, (lo, hi), skipped, seconds = _score_for_calibration(det, calib, progress, total)
     ok = np.isfinite(scores)
     y = calib.labels
     if len(set(y[ok].tolist())) < 2:
@@ -374,11 +374,7 @@ def calibrate_normal_model(
             f"({left_out} more were fitted on): add normal images, fit on fewer "
             f"(--train-fraction), or ask for a rate of at least {1 / (len(pool) + 1):.3g}"
         )
-    if total:
-        total(len(pool))
-    t0 = time.perf_counter()
-    scores, (lo, hi), skipped = _score_for_calibration(det, pool, progress)
-    seconds = time.perf_counter() - t0
+    scores, (lo, hi), skipped, seconds = _score_for_calibration(det, pool, progress, total)
     ok = np.isfinite(scores)
     if int((~ok).sum()) > len(skipped):  # readable images scored NaN: fail closed
         raise WorkflowError(

@@ -145,13 +145,14 @@ def test_fixed_export_of_a_scale_model_is_refused(dynamic, tmp_path):
         export(det, tmp_path, dynamic=False)
 
 
-def test_top_k_model_is_refused_not_exported_wrong(dynamic, tmp_path):
+def test_top_k_score_is_exported(dynamic, images, tmp_path):
     det, _ = dynamic
     other = PatchCore(**{**det.get_params(), "top_k": 10})
     other._set_fitted(det.state_, det.extractor_)
-    with pytest.raises(ExportError, match="top_k=10"):
-        export(other, tmp_path)
-    assert not any(tmp_path.iterdir())  # nothing written
+    export(other, tmp_path)
+    model = ExportedModel(tmp_path)
+    _check_parity(other, model, images[:2])
+    assert not np.allclose(model.score(images[:2]).scores, det.score(images[:2]).scores)
 
 
 def test_damaged_export_fails_closed(fixed, tmp_path):

@@ -14,7 +14,8 @@ decodes and resizes in numpy exactly like the torch path, :mod:`patchcore.pixels
 4. the image score, each image's largest patch distance, reweighted as the paper's eq. 7
    (:meth:`patchcore.detector.PatchCore._reweight`): the worst patch's nearest bank row m* by
    one (B x M) product, m*'s k nearest rows looked up in a table computed here at export time
-   (the bank's own k-NN, so the graph only gathers);
+   (the bank's own k-NN, so the graph only gathers); or, for ``top_k > 1`` (the ``balanced``
+   and ``accurate`` presets), the mean of the ``top_k`` largest patch distances;
 5. the anomaly map: for a fixed processed size the two axis operators of
    :func:`patchcore.anomaly_map.upsample_blur` as constants (``A_h @ grid @ A_w.T``); for dynamic
    sizes bilinear upsampling then the separable Gaussian blur with reflected borders (what the
@@ -161,6 +162,7 @@ class ScoringGraph(nn.Module):
         bank = det.state_.memory_bank.detach().float().cpu().contiguous()
         m = bank.shape[0]
         self.k = min(int(det.num_neighbors), m)
+        self.top_k = int(det.top_k)  # > 1: the image score is the mean of the top_k distances
         centre = bank.mean(0)
         centred = bank - centre
         bank_ext = torch.cat([-2.0 * centred, (centred * centred).sum(1, keepdim=True)], 1)
@@ -227,7 +229,9 @@ class ScoringGraph(nn.Module):
         patches = emb.permute(0, 2, 3, 1).reshape(b, h * w, d)
         dist = self._min_sq(patches.reshape(b * h * w, d)).clamp(min=0.0).sqrt().view(b, h * w)
         scores, arg = dist.max(1)
-        if self.k > 1:
+        if self.top_k > 1:  # as PatchCore._top_k_mean (float32 here throughout)
+            scores = dist.topk(self.top_k, dim=1).values.mean(1)
+        elif self.k > 1:
             worst = torch.gather(patches, 1, arg.view(b, 1, 1).expand(b, 1, d))[:, 0]  # (B, D)
             support = self.knn[self._nearest_row(worst)]  # (B, k)
             near = self.bank[support]  # (B, k, D)
@@ -353,12 +357,6 @@ def export(
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if int(block_rows) < 1:
         raise ExportError(f"block_rows must be >= 1, got {block_rows!r}")
-    if int(getattr(det, "top_k", 1)) != 1:
-        raise ExportError(
-            f"the exported graph scores an image by its largest patch distance (with eq. 7); "
-            f"this model has top_k={det.top_k} (the 'balanced'/'accurate' presets), which it "
-            "does not implement yet: export a model fitted with top_k=1 (the default)"
-        )
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -271,3 +271,14 @@ def test_parity_measure():
     assert p["score_rel"] == pytest.approx(1e-4)
     assert p["map_rel"] == pytest.approx(0.002, rel=1e-3)  # of the first map's maximum, 1.0
     assert torch.__version__  # the export side needs torch; the runtime tests above do not
+
+
+def test_runtime_maps_at_a_size_given_as_a_list(fixed, images):
+    _, out = fixed
+    model = ExportedModel(out)
+    as_list, as_tuple = (
+        model.score(images[:1], maps=[40, 50]),
+        model.score(images[:1], maps=(40, 50)),
+    )
+    assert as_list.maps[0].shape == (40, 50)
+    np.testing.assert_array_equal(as_list.maps[0], as_tuple.maps[0])

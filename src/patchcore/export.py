@@ -29,7 +29,6 @@ the torch path in float32 on probe images and refuses to write an export that do
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from torch import nn
 from ._util import package_version
 from .anomaly_map import _axis_operator, _blur_mode, gaussian_kernel1d
 from .embedding import embed
+from .runtime import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, file_sha256
 
 if TYPE_CHECKING:
     from .detector import PatchCore
@@ -63,9 +63,6 @@ __all__ = [
     "file_sha256",
 ]
 
-EXPORT_FORMAT = "patchcore-export"
-EXPORT_VERSION = 1
-MANIFEST = "patchcore-export.json"
 FORMATS = ("onnx", "openvino")
 OPSET = 18
 #: Parity an export must reach on its probe images (relative to the torch path in float32).
@@ -166,15 +163,15 @@ class ScoringGraph(nn.Module):
         centre = bank.mean(0)
         centred = bank - centre
         bank_ext = torch.cat([-2.0 * centred, (centred * centred).sum(1, keepdim=True)], 1)
-        self.register_buffer("bank", bank)
         self.register_buffer("bank_mean", centre)
         self.n_blocks = max(1, math.ceil(m / int(block_rows)))
         step = math.ceil(m / self.n_blocks)
         for i in range(self.n_blocks):  # (D + 1, rows) each: q_ext @ block = |b|^2 - 2 q.b
             self.register_buffer(f"block{i}", bank_ext[i * step : (i + 1) * step].T.contiguous())
-        if self.k > 1:  # m*'s k nearest rows, computed once here (the index is float32)
+        if self.k > 1 and self.top_k == 1:  # eq. 7: m*'s k nearest rows, computed once here
             from .search import NearestNeighborIndex
 
+            self.register_buffer("bank", bank)
             _, table = NearestNeighborIndex(bank).search(bank, k=self.k)
             self.register_buffer("knn", table)
         self.size = size
@@ -246,15 +243,6 @@ def _grid_size(det: PatchCore, size: tuple[int, int]) -> tuple[int, int]:
     with torch.inference_mode():
         emb = det._embed(torch.zeros(1, 3, *size))
     return int(emb.shape[-2]), int(emb.shape[-1])
-
-
-def file_sha256(paths: list[Path]) -> str:
-    """SHA-256 (hex) over the bytes of ``paths`` in order (each length-prefixed)."""
-    h = hashlib.sha256()
-    for p in paths:
-        data = Path(p).read_bytes()
-        h.update(len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -370,10 +358,9 @@ def export(
         )
     size = None if dynamic else fixed
     graph = ScoringGraph(det, size, block_rows=block_rows).eval()
-    probes = _probes(fixed if fixed is not None else None)
+    probes = _probes(fixed)
     onnx_path = out / "model.onnx"
     example = probes[0]  # batch 2: torch.export specialises dimensions of size 1
-    shapes = None
     if dynamic:
         dims = {
             0: torch.export.Dim("batch", min=1, max=4096),

@@ -52,7 +52,7 @@ __all__ = [
     "open_session",
 ]
 
-EXPORT_FORMAT = "patchcore-export"  # the same values as patchcore.export (which imports torch)
+EXPORT_FORMAT = "patchcore-export"  # patchcore.export (which imports torch) imports these
 EXPORT_VERSION = 1
 MANIFEST = "patchcore-export.json"
 BACKENDS = ("onnxruntime", "openvino")
@@ -63,12 +63,13 @@ class ExportFileError(ValueError):
     """An export folder that cannot be used; the message names the file and the problem."""
 
 
-def _sha256(paths: list[Path]) -> str:
+def file_sha256(paths: list[Path]) -> str:
+    """SHA-256 (hex) over the bytes of ``paths`` in order (each length-prefixed)."""
     import hashlib
 
     h = hashlib.sha256()
     for p in paths:
-        data = p.read_bytes()
+        data = Path(p).read_bytes()
         h.update(len(data).to_bytes(8, "little") + data)
     return h.hexdigest()
 
@@ -100,7 +101,7 @@ def load_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     missing = [f for f in files if not f.is_file()]
     if not files or missing:
         raise ExportFileError(f"{path}: graph file(s) missing: {', '.join(map(str, missing))}")
-    if _sha256(files) != info.get("sha256"):
+    if file_sha256(files) != info.get("sha256"):
         raise ExportFileError(
             f"{path}: {', '.join(f.name for f in files)} do not match the manifest's SHA-256 "
             "(damaged or replaced): export again"
@@ -350,6 +351,7 @@ class ExportedModel:
         scores = np.full(len(items), np.nan)
         out: list[np.ndarray | None] = [None] * len(items)
         skipped: list[RuntimeSkipped] = []
+        fixed = tuple(int(v) for v in maps) if _is_size(maps) else None  # a list works too
         for idx, pix, sizes in self._batches(items, on_error):
             if not sizes:  # one unreadable input
                 skipped.append(RuntimeSkipped(idx[0], names[idx[0]], pix[0].problem))
@@ -364,7 +366,7 @@ class ExportedModel:
             scores[idx] = s.astype(np.float64)
             if maps is not None:
                 for j, i in enumerate(idx):
-                    want = {"processed": m.shape[-2:], "native": sizes[j]}.get(maps, maps)
+                    want = fixed or (m.shape[-2:] if maps == "processed" else sizes[j])
                     out[i] = resize_maps(m[j], tuple(int(v) for v in want))
         mapping = self.normalization
         normed = None if mapping is None else normalization.normalize(scores, mapping)

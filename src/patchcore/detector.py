@@ -23,7 +23,15 @@ from .backbones import BACKBONE_DTYPES, FeatureExtractor, resolve_device
 from .embedding import FEATURE_DTYPES, FeatureStore, embed, flatten_patches
 from .explain import ExplainMixin, Explanation, bank_provenance
 from .images import ImageInput, output_size
-from .inputs import Batch, Skipped, as_list, check_on_error, iter_batches, warn_skipped
+from .inputs import (
+    Batch,
+    Skipped,
+    as_list,
+    check_on_error,
+    input_name,
+    iter_batches,
+    warn_skipped,
+)
 from .params import ParamsMixin
 from .persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from .regions import RegionsMixin
@@ -256,8 +264,7 @@ class PatchCore(
                 store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
                 h, w = int(emb.shape[-2]), int(emb.shape[-1])
                 for i, (height, width) in zip(batch.indices, batch.sizes, strict=True):
-                    path = isinstance(items[i], (str, os.PathLike))
-                    names.append(str(items[i]) if path else f"image #{first_image + len(names)}")
+                    names.append(input_name(items[i], first_image + len(names)))
                     grids.append((height, width, h, w))
         if store.overflow:
             warnings.warn(
@@ -350,9 +357,9 @@ class PatchCore(
         """(B,) image scores from (B, P, D) patches and :func:`search.patch_scores`' outputs:
         the mean of the ``top_k`` largest patch distances, or (``top_k`` 1) the largest with
         the paper's eq. 7 reweighting when ``num_neighbors`` > 1."""
-        k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
         if int(self.top_k) > 1:
             return self._top_k_mean(patches, patch_scores)
+        k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
         return self._reweight(patches, arg, image_max, k) if k > 1 else image_max
 
     def _reweight(

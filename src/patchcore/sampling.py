@@ -332,9 +332,9 @@ def _bank_distances(x: torch.Tensor, bank: torch.Tensor, top: int) -> tuple[torc
     for lo in range(0, num, step):
         part, e = index.min_sq_bounded(x[lo : lo + step])
         d2[lo : lo + step], err[lo : lo + step] = part.clamp_(min=0.0), e
-    upper = d2 + err
     if index.precision == "float32":
         return d2, d2.clone()
+    upper = d2 + err
     floor = torch.topk(d2 - err, max(1, min(num, top))).values[-1]
     check = (upper >= floor).nonzero().squeeze(1)
     for lo in range(0, check.numel(), step):

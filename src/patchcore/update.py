@@ -71,13 +71,13 @@ class UpdateMixin:
         first = len(state.train_names) if state.train_names is not None else state.n_train_images
         t0 = time.perf_counter()
         found = self._features(items, on_error, progress, "update: features", first_image=first)  # type: ignore[attr-defined]
-        return self._extend(found, progress, time.perf_counter() - t0)
+        return self._extend(found, first, progress, time.perf_counter() - t0)
 
-    def _extend(self, found: Any, progress: bool, feature_seconds: float) -> Any:
-        """The bank step of :meth:`partial_fit` on the new images' ``TrainingFeatures``."""
+    def _extend(self, found: Any, first: int, progress: bool, feature_seconds: float) -> Any:
+        """The bank step of :meth:`partial_fit` on the new images' ``TrainingFeatures``
+        (``first``: the training-image index of the first new image)."""
         t1 = time.perf_counter()
         state = self.state_  # type: ignore[attr-defined]
-        first = len(state.train_names) if state.train_names is not None else state.n_train_images
         old = state.memory_bank
         new_idx = self._added_rows(found.features, progress)
         bank = torch.cat([old, found.features[new_idx].float()])
@@ -86,7 +86,7 @@ class UpdateMixin:
             prov = torch.cat([state.provenance, bank_provenance(new_idx, found.grids, first)])
         cap = self.max_bank_size  # type: ignore[attr-defined]
         if cap is not None and bank.shape[0] > int(cap):
-            keep = self._reselect(bank, int(cap), len(state.updates), progress)
+            keep = self._reselect(bank, int(cap), progress)
             bank = bank[keep].contiguous()
             prov = prov[keep] if prov is not None else None
             added = int((keep >= old.shape[0]).sum())
@@ -142,16 +142,17 @@ class UpdateMixin:
         if n >= num:
             return torch.arange(num)
         if self.sampling == "random":  # type: ignore[attr-defined]
-            seed = int(self.seed) + 1 + len(self.state_.updates)  # type: ignore[attr-defined]
-            return sampling.random_subsample(num, n, seed=seed)
+            return sampling.random_subsample(num, n, seed=self._update_seed())
         bank = self.state_.memory_bank  # type: ignore[attr-defined]
         return sampling.extend_coreset(features, n, bank=bank, progress=progress).indices
 
-    def _reselect(
-        self, bank: torch.Tensor, cap: int, n_updates: int, progress: bool
-    ) -> torch.Tensor:
+    def _update_seed(self) -> int:
+        """The seed of this update's sampling: one per update, none equal to fit's."""
+        return int(self.seed) + 1 + len(self.state_.updates)  # type: ignore[attr-defined]
+
+    def _reselect(self, bank: torch.Tensor, cap: int, progress: bool) -> torch.Tensor:
         """``cap`` rows of old bank + new rows, by the greedy (or seeded random subsampling)."""
-        seed = int(self.seed) + 1 + n_updates  # type: ignore[attr-defined]
+        seed = self._update_seed()
         if self.sampling == "random":  # type: ignore[attr-defined]
             keep = sampling.random_subsample(bank.shape[0], cap, seed=seed)
         else:

@@ -14,6 +14,7 @@ from .. import plots
 from ..detector import PatchCore
 from ..explain import Explanation
 from ..images import ImageReadError, read_image
+from .predict import _heatmap_name
 
 
 @dataclass
@@ -58,11 +59,7 @@ def explain_images(
     for e in det.explain(paths, on_error="skip", progress=False):
         crop = None
         if outdir is not None and e.error is None:
-            stem, k = Path(e.name).stem, 2
-            name = f"{stem}_explain.png"
-            while name in used:
-                name, k = f"{stem}_{k}_explain.png", k + 1
-            used.add(name)
+            name = _heatmap_name(Path(e.name), used, "explain")
             pic = explanation_picture(e, read_image(e.name))
             crop = str(plots.save_png(pic, outdir / name))
         out.append(ExplainedImage(e, crop))

@@ -54,12 +54,14 @@ class Prediction:
         return d
 
 
-def _heatmap_name(path: Path, used: set[str]) -> str:
+def _heatmap_name(path: Path, used: set[str], suffix: str = "heatmap") -> str:
+    """A PNG name for ``path``'s picture not yet in ``used``: ``stem_suffix.png``, then
+    ``stem_2_suffix.png``, ... (added to ``used``)."""
     stem = path.stem
-    name = f"{stem}_heatmap.png"
+    name = f"{stem}_{suffix}.png"
     k = 2
     while name in used:
-        name = f"{stem}_{k}_heatmap.png"
+        name = f"{stem}_{k}_{suffix}.png"
         k += 1
     used.add(name)
     return name

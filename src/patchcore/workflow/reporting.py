@@ -192,8 +192,9 @@ def _galleries(
     rng = display_range(det)
     cut = det.region_cut()
     galleries: dict[str, list[dict[str, Any]]] = {}
+    placed: dict[str, list[tuple[int, str]]] = {}  # per gallery: (test index, file stem) per tile
     for key, idx in order.items():
-        items = []
+        items, placed[key] = [], []
         for rank, i in enumerate(idx):
             s, m = test[i], scored.maps.get(i)
             if m is None:
@@ -208,12 +209,14 @@ def _galleries(
                 image, m, rng, float(scores[i]), threshold, s.name, mask,
                 height=TILE_HEIGHT, annotate=False, regions=found,
             )  # fmt: skip
-            path = plots.save_png(tile, gdir / f"{key}_{rank + 1:02d}.png")
+            stem = f"{key}_{rank + 1:02d}"
+            path = plots.save_png(tile, gdir / f"{stem}.png")
+            placed[key].append((i, stem))
             kind = s.defect_type if s.is_anomalous else "normal"
             caption = f"{s.name} ({kind}, {len(found)} region{'' if len(found) == 1 else 's'})"
             items.append({"image_path": path, "caption": caption, "score": float(scores[i])})
         galleries[key] = items
-    _add_explanations(det, test, order, galleries, gdir)
+    _add_explanations(det, test, placed, galleries, gdir)
     return galleries
 
 
@@ -231,7 +234,7 @@ EXPLAINED_GALLERIES = ("true_positives", "false_positives")
 def _add_explanations(
     det: PatchCore,
     test: Any,
-    order: dict[str, list[int]],
+    placed: dict[str, list[tuple[int, str]]],
     galleries: dict[str, list[dict[str, Any]]],
     gdir: Path,
 ) -> None:
@@ -240,14 +243,13 @@ def _add_explanations(
     One :meth:`~patchcore.PatchCore.explain` pass over the shown flagged images; a training
     image that cannot be read any more (moved, or in-memory at fit) shows as a grey panel.
     """
-    shown = [(key, rank, i) for key in EXPLAINED_GALLERIES for rank, i in enumerate(order[key])]
+    shown = [(key, i) for key in EXPLAINED_GALLERIES for i, _ in placed[key]]
     if not shown:
         return
-    found = det.explain([test[i].image for _, _, i in shown], on_error="skip", progress=False)
-    by_image = {(key, i): e for (key, _, i), e in zip(shown, found, strict=True)}
-    for key in EXPLAINED_GALLERIES:
-        for rank, item in enumerate(galleries[key]):
-            i = order[key][rank]
+    found = det.explain([test[i].image for _, i in shown], on_error="skip", progress=False)
+    by_image = dict(zip(shown, found, strict=True))
+    for key in EXPLAINED_GALLERIES:  # tiles and placed[key] line up (skipped images in neither)
+        for item, (i, stem) in zip(galleries[key], placed[key], strict=True):
             e = by_image[(key, i)]
             if e.error is not None:
                 continue
@@ -255,7 +257,7 @@ def _add_explanations(
                 pic = explanation_picture(e, _pixels(test[i]), height=TILE_HEIGHT // 2)
             except ImageReadError:
                 continue
-            item["explanation_path"] = plots.save_png(pic, gdir / f"{key}_{rank + 1:02d}_nn.png")
+            item["explanation_path"] = plots.save_png(pic, gdir / f"{stem}_nn.png")
             item["explanation_caption"] = explanation_caption(e)
 
 

@@ -173,6 +173,24 @@ def test_patch_scores_bfloat16_image_max_is_exact():
     torch.testing.assert_close(scores, ref_scores, rtol=0.1, atol=0.2)
 
 
+@pytest.mark.parametrize("k", [3, 10, 150])
+def test_patch_scores_bfloat16_top_k_are_exact(k: int):
+    """With ``k`` the k largest distances of every image are the float32 ones, although the
+    bfloat16 estimates of the other patches differ from them (near-ties included)."""
+    bank = _clustered(3, 1200)
+    patches = _clustered(4, 6 * 150).view(6, 150, -1)
+    ref = patch_scores(NearestNeighborIndex(bank), patches)[0].topk(k, dim=1).values
+    scores, image_max, _ = patch_scores(
+        NearestNeighborIndex(bank, precision="bfloat16"), patches, k
+    )
+    torch.testing.assert_close(scores.topk(k, dim=1).values, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_max, ref[:, 0], rtol=1e-5, atol=1e-5)
+    # without k only the maximum is guaranteed: the other estimates are visibly off
+    plain = patch_scores(NearestNeighborIndex(bank, precision="bfloat16"), patches)[0]
+    full = patch_scores(NearestNeighborIndex(bank), patches)[0]
+    assert (plain - full).abs().max() > 1e-3
+
+
 def test_precision_is_checked():
     with pytest.raises(ValueError, match="precision must be one of"):
         NearestNeighborIndex(torch.randn(4, 3), precision="int8")

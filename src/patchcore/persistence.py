@@ -129,16 +129,22 @@ def config(det: PatchCore) -> dict[str, Any]:
     p["device"] = det.device if det.device != "cuda" else "auto"
     # Fit-time only, and unknown to older readers' constructor: saved in "state" instead.
     p.pop("feature_dtype", None)
-    # defaults unknown to older readers are left out: such files stay readable by them
-    for key, default in (
-        ("backbone_dtype", "float32"),
-        ("search_precision", "auto"),
-        ("max_bank_size", 16384),
-        ("top_k", 1),
-    ):
-        if p[key] == default:
+    # values older readers assume are left out: such files stay readable by them
+    for key, implied in IMPLIED_WHEN_ABSENT.items():
+        if p[key] == implied:
             p.pop(key)
     return p
+
+
+IMPLIED_WHEN_ABSENT: dict[str, Any] = {
+    "backbone_dtype": "float32",
+    "search_precision": "auto",
+    "max_bank_size": 16384,
+    "top_k": 1,  # files from before top_k scored the largest patch (not today's default)
+}
+"""Configuration keys added after the first format: what a file without one of them means.
+:func:`config` leaves a key out when it has this value and :func:`load` fills it back in, so a
+change of a constructor default never changes how an existing file scores."""
 
 
 def save(det: PatchCore, path: str | os.PathLike) -> Path:
@@ -417,6 +423,8 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
         raise ModelFileError(f"{path}: incomplete model file (missing {exc})") from None
     for k in ("mean", "std"):
         cfg.pop(k, None)
+    for k, implied in IMPLIED_WHEN_ABSENT.items():
+        cfg.setdefault(k, implied)
     if isinstance(cfg.get("image_size"), list):
         cfg["image_size"] = tuple(cfg["image_size"])
     if device is not None:

@@ -271,20 +271,23 @@ def nearest_neighbors(
 
 
 def patch_scores(
-    index: NearestNeighborIndex, patches: torch.Tensor
+    index: NearestNeighborIndex, patches: torch.Tensor, k: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch nearest distances and each image's exact maximum.
+    """Per-patch nearest distances and each image's exact maximum (and exact top ``k``).
 
     Args:
         index: the memory bank's index.
         patches: (B, P, D) patch features of B images.
+        k: how many of each image's largest distances must be exact.
 
     Returns:
         ``(scores, image_max, arg)``: (B, P) per-patch distances (the index's precision),
         (B,) the largest nearest distance of each image and (B,) int64 the patch holding it.
-        In bfloat16 precision every patch whose error interval reaches the largest lower bound
-        of its image is re-checked in float32, so ``image_max`` and ``arg`` are those of the
-        float32 search (to float rounding) and the re-checked patches hold exact values.
+        In bfloat16 precision every patch whose error interval reaches the ``k``-th largest
+        lower bound of its image is re-checked in float32. At least ``k`` patches have an exact
+        distance above that bound and every other patch's estimate lies below it, so
+        ``image_max``, ``arg`` and ``scores.topk(k)`` are those of the float32 search (to
+        float rounding).
     """
     b, p, dim = patches.shape
     flat = patches.reshape(b * p, dim)
@@ -295,8 +298,9 @@ def patch_scores(
         return scores, image_max, arg
     d2 = d2.clamp_(min=0.0).view(b, p)
     err = err.view(b, p)
-    floor = (d2 - err).amax(dim=1, keepdim=True)
-    check = (d2 + err >= floor).view(-1).nonzero().squeeze(1)  # could hold the maximum
+    low = d2 - err
+    floor = low.amax(dim=1, keepdim=True) if k <= 1 else low.topk(min(k, p), dim=1).values[:, -1:]
+    check = (d2 + err >= floor).view(-1).nonzero().squeeze(1)  # could be among the k largest
     exact = index.exact_min_distances(flat[check])
     scores = d2.sqrt_().view(-1)
     scores[check] = exact.to(scores.dtype)

@@ -33,7 +33,9 @@ def tiles(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(tiles: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "model.pt"
-    r = run("fit", tiles, "--out", out, "--image-size", "96", "-q")
+    # the paper's score: on these 4 tiny tiles it flags held-out images (the report test needs
+    # flagged tiles to explain); the top-10 mean separates them less at 96 px
+    r = run("fit", tiles, "--out", out, "--image-size", "96", "--top-k", "1", "-q")
     assert r.exit_code == 0, r.output
     return out
 

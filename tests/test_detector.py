@@ -89,13 +89,13 @@ def test_random_sampling_and_bank_size(toy_images) -> None:
 def test_plain_max_equals_nearest_distance_of_worst_patch(fitted: PatchCore, toy_images) -> None:
     """With num_neighbors=1 the image score is max over patches of the brute-force NN distance."""
     _, good, _ = toy_images
-    det = small(num_neighbors=1).fit(toy_images[0])
+    det = small(num_neighbors=1, top_k=1).fit(toy_images[0])
     emb = det._embed(torch.stack([torch.from_numpy(good[0]).permute(2, 0, 1).float() / 255]))
     patches = emb[0].flatten(1).T
     want = torch.cdist(patches.double(), det.memory_bank_.double()).min(1).values.max()
     assert det.score_samples([good[0]])[0] == pytest.approx(float(want), rel=1e-4)
     # reweighting only ever lowers the score
-    rew = small(num_neighbors=3).fit(toy_images[0]).score_samples([good[0]])[0]
+    rew = small(num_neighbors=3, top_k=1).fit(toy_images[0]).score_samples([good[0]])[0]
     assert rew <= float(want) + 1e-6
 
 
@@ -408,17 +408,19 @@ def _naive_eq7_score(det: PatchCore, image: np.ndarray, k: int) -> float:
 @pytest.mark.parametrize("k", [2, 3, 9])
 def test_reweighted_score_equals_a_naive_eq7(toy_images, k: int) -> None:
     train, good, bad = toy_images
-    det = small(num_neighbors=k, coreset_ratio=0.05).fit(train[:3])  # a tiny bank (22 rows)
+    det = small(num_neighbors=k, top_k=1, coreset_ratio=0.05).fit(train[:3])  # 22 bank rows
     assert det.memory_bank_.shape[0] == 22
     got = det.score_samples(good[:2] + bad[:2])
     want = [_naive_eq7_score(det, img, k) for img in good[:2] + bad[:2]]
     np.testing.assert_allclose(got, want, rtol=1e-4)
-    plain = small(num_neighbors=1, coreset_ratio=0.05).fit(train[:3]).score_samples(good[:2])
+    plain = small(num_neighbors=1, top_k=1, coreset_ratio=0.05).fit(train[:3])
+    plain = plain.score_samples(good[:2])
     assert (got[:2] < plain).all()  # the weight is < 1: reweighting lowers the max score
 
 
 def test_reweighting_reads_the_bank_the_index_holds(det: PatchCore, toy_images) -> None:
     """Scoring no longer copies ``memory_bank_`` to the search device per batch."""
+    det.set_params(top_k=1)  # eq. 7 reads the bank rows of each worst patch's neighbours
     images = toy_images[1] + toy_images[2]
     want = det.score_samples(images)
     assert det._index.bank.data_ptr() == det._bank.data_ptr() and det._bank.device == det.device_
@@ -516,8 +518,11 @@ def test_a_file_in_the_58cd285_layout_loads(fitted: PatchCore, toy_images, tmp_p
     assert det.threshold_ == 2.5 and det.threshold_method_ == "max_f1"
     assert det.n_train_images_ == 6 and det.n_train_patches_ == 864 and det.fit_seconds_ == 3.0
     assert det.metadata_ == {"fit_data": "toy"} and det.feature_dtype_ == "float16"
-    assert det.get_params() == {**fitted.get_params(), "layers": list(fitted.layers_)}
-    np.testing.assert_array_equal(det.score_samples(good + bad), fitted.score_samples(good + bad))
+    # a file from before top_k scores as it did then: the largest patch, reweighted by eq. 7
+    paper = copy.deepcopy(fitted).set_params(top_k=1)
+    assert det.top_k == 1 and fitted.top_k == 10  # not today's default
+    assert det.get_params() == {**paper.get_params(), "layers": list(fitted.layers_)}
+    np.testing.assert_array_equal(det.score_samples(good + bad), paper.score_samples(good + bad))
     # and what we write now has the same layout, key for key
     new = torch.load(det.save(tmp_path / "new.pt"), weights_only=True)
     assert list(new) == [*old, "digest"] and new["config"] == old["config"]

@@ -95,8 +95,8 @@ def test_explanation_names_the_nearest_training_patch(toy_images) -> None:
     for e, image in zip(ex[len(good) :], bad, strict=True):
         top, left, bottom, right = e.box
         assert image[top:bottom, left:right].max() == 255
-    # num_neighbors=1: the score is the distance itself
-    one = small(num_neighbors=1).fit(train).explain(bad[:1])[0]
+    # the paper's score without reweighting (top_k=1, num_neighbors=1) is the distance itself
+    one = small(num_neighbors=1, top_k=1).fit(train).explain(bad[:1])[0]
     assert one.score == pytest.approx(one.distance, rel=1e-6)
 
 

@@ -13,10 +13,10 @@ from patchcore.presets import PRESETS, preset_params
 from patchcore.validation import validate_params
 
 
-def test_fast_is_todays_defaults_and_the_others_differ():
-    assert list(PRESETS)[0] == "fast"
-    assert PatchCore.from_preset("fast").get_params() == PatchCore().get_params()
-    for name in list(PRESETS)[1:]:
+def test_balanced_is_the_default_and_the_others_differ():
+    assert list(PRESETS) == ["fast", "balanced", "accurate"]
+    assert PatchCore.from_preset("balanced").get_params() == PatchCore().get_params()
+    for name in ("fast", "accurate"):
         assert PatchCore.from_preset(name).get_params() != PatchCore().get_params(), name
 
 
@@ -38,6 +38,14 @@ def test_overrides_win_and_the_preset_dict_is_not_shared():
     p["seed"] = 99
     assert preset_params(last).get("seed") != 99
     assert PatchCore.from_preset(last).seed == 0
+
+
+def test_an_input_size_given_replaces_the_presets_size_choice():
+    assert preset_params("fast")["scale"] == 0.5
+    det = PatchCore.from_preset("fast", image_size=96)
+    assert det.image_size == 96 and det.scale is None and det.top_k == 10
+    validate_params(det)  # not "give image_size or scale, not both"
+    assert PatchCore.from_preset("fast", scale=0.25).scale == 0.25
 
 
 def test_unknown_preset_and_unknown_override_fail_clearly():

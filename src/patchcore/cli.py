@@ -27,7 +27,7 @@ import typer
 
 from ._util import check_fraction, fmt, one_line
 from .metrics import MATLAB_METRICS, THRESHOLD_METHODS
-from .presets import PRESETS, preset_params
+from .presets import PRESETS, with_preset
 from .regions import DEFAULT_MIN_AREA, REGION_METHODS
 
 app = typer.Typer(
@@ -340,6 +340,15 @@ def fit(
         ),
     ] = Sampling.greedy,
     seed: Annotated[int, typer.Option(help="Seeds the training subset and the coreset.")] = 0,
+    top_k: Annotated[
+        int,
+        typer.Option(
+            "--top-k",
+            help="Image score: the mean of the K largest patch distances; 1 = the paper's "
+            "largest distance with its eq. 7 reweighting.",
+            min=1,
+        ),
+    ] = 10,
     backbone_dtype: Annotated[
         BackboneDtype,
         typer.Option(
@@ -388,6 +397,7 @@ def fit(
         "coreset_ratio": coreset_ratio,
         "max_bank_size": max_bank_size or None,
         "sampling": sampling.value,
+        "top_k": top_k,
         "backbone_dtype": backbone_dtype.value,
     }
     if preset is not None:
@@ -397,7 +407,7 @@ def fit(
             k: getattr(ctx.get_parameter_source(option.get(k, k)), "name", "") for k in params
         }
         given = {k for k, v in sources.items() if v not in ("DEFAULT", "DEFAULT_MAP")}
-        params.update({k: v for k, v in preset_params(preset.value).items() if k not in given})
+        params.update(with_preset(preset.value, {k: params[k] for k in given}))
     with _errors():
         s = workflow.fit_model(
             data,

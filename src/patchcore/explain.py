@@ -85,8 +85,9 @@ class Explanation:
     Attributes:
         index: position in the input. name: its path, or ``"image #<index>"``.
         score: the image score, as :meth:`PatchCore.score` gives it (higher = more anomalous).
-        distance: the worst patch's distance to its nearest bank row (the score before the
-            paper's reweighting).
+        distance: the worst patch's distance to its nearest bank row (the largest of the
+            image's patch distances, whose ``top_k`` largest the score averages; with
+            ``top_k=1`` the score before the paper's reweighting).
         patch: (row, col) of the worst patch on the image's feature grid.
         box: the pixels that patch summarises, ``(top, left, bottom, right)`` in the image's
             own pixels (:func:`cell_box`).
@@ -127,7 +128,7 @@ class ExplainMixin:
     ) -> list[Explanation]:
         """The nearest normal training patch of each image's worst patch.
 
-        One scoring pass (the same embedding, search and reweighting as :meth:`score`, so
+        One scoring pass (the same embedding, search and image score as :meth:`score`, so
         ``score`` matches it); the worst patch's nearest bank row is looked up in float32 and
         traced to its training image through the bank's provenance.
 
@@ -159,7 +160,7 @@ class ExplainMixin:
         b, _, h, w = emb.shape
         patches = flatten_patches(emb).float().view(b, h * w, -1)
         index = self._index  # type: ignore[attr-defined]
-        patch_scores, image_max, arg = search.patch_scores(index, patches)
+        patch_scores, image_max, arg = search.patch_scores(index, patches, int(self.top_k))  # type: ignore[attr-defined]
         scores = self._image_scores(patches, patch_scores, image_max, arg)  # type: ignore[attr-defined]
         worst = patches[torch.arange(b, device=patches.device), arg]
         dist, nearest = index.search(worst, k=1)

@@ -11,11 +11,11 @@ decodes and resizes in numpy exactly like the torch path, :mod:`patchcore.pixels
 3. nearest-bank distances as matrix products against the bank in blocks of ``block_rows`` rows
    (each a ``[-2 b, |b|^2]`` initializer, the expansion of :mod:`patchcore.search` in float32):
    memory is (patches x block_rows) per block, never a broadcast ``cdist``;
-4. the image score, each image's largest patch distance, reweighted as the paper's eq. 7
-   (:meth:`patchcore.detector.PatchCore._reweight`): the worst patch's nearest bank row m* by
-   one (B x M) product, m*'s k nearest rows looked up in a table computed here at export time
-   (the bank's own k-NN, so the graph only gathers); or, for ``top_k > 1`` (the ``balanced``
-   and ``accurate`` presets), the mean of the ``top_k`` largest patch distances;
+4. the image score: for ``top_k > 1`` (the default and every preset) the mean of the
+   ``top_k`` largest patch distances; for ``top_k`` 1 each image's largest patch distance,
+   reweighted as the paper's eq. 7 (:meth:`patchcore.detector.PatchCore._reweight`): the worst
+   patch's nearest bank row m* by one (B x M) product, m*'s k nearest rows looked up in a table
+   computed here at export time (the bank's own k-NN, so the graph only gathers);
 5. the anomaly map: for a fixed processed size the two axis operators of
    :func:`patchcore.anomaly_map.upsample_blur` as constants (``A_h @ grid @ A_w.T``); for dynamic
    sizes bilinear upsampling then the separable Gaussian blur with reflected borders (what the
@@ -469,6 +469,7 @@ def _manifest(
         "layers": list(det.state_.layers),
         "bank_rows": int(det.state_.memory_bank.shape[0]),
         "num_neighbors": int(det.num_neighbors),
+        "top_k": int(det.top_k),
         "search": "float32",
         "backbone_dtype": "float32",  # exported in float32 whatever the model's backbone_dtype
     }

@@ -91,6 +91,7 @@ class FittedState:
             "coreset_ratio": params["coreset_ratio"],
             "sampling": params["sampling"],
             "num_neighbors": params["num_neighbors"],
+            "top_k": params["top_k"],
             "backbone_dtype": params["backbone_dtype"],
             "training_images": self.n_train_images,
             "bank_size": int(self.memory_bank.shape[0]),

@@ -71,6 +71,7 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         "training data": md.get("fit_data", ""),
         "memory bank": f"{card['bank_size']:,} patches x {card['feature_dim']} features",
         "coreset ratio": f"{card['coreset_ratio']:g} ({card['sampling']})",
+        "image score": image_score_text(card["top_k"], card["num_neighbors"]),
         "threshold": card["threshold"],
         "threshold method": card["threshold_method"],
         "calibration": calibration_text(md, card.get("calibration")),
@@ -88,6 +89,15 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
     out["seed"] = det.seed
     out["patchcore version"] = md.get("patchcore_version", package_version())
     return out
+
+
+def image_score_text(top_k: int, num_neighbors: int) -> str:
+    """How the model turns patch distances into an image score, in words."""
+    if top_k > 1:
+        return f"mean of the {top_k} largest patch distances"
+    if num_neighbors > 1:
+        return f"largest patch distance, reweighted by eq. 7 ({num_neighbors} neighbours)"
+    return "largest patch distance"
 
 
 def updates_text(updates: Sequence[dict[str, Any]]) -> str:

@@ -35,6 +35,7 @@ import torch
 from common import ROOT, append_row, machine, subsets, write_results_section
 
 from patchcore import PatchCore, sampling
+from patchcore.backbones import FeatureExtractor
 from patchcore.datasets import ImageDataset, elpv_benchmark_split, load_elpv
 from patchcore.embedding import flatten_patches
 from patchcore.metrics import auroc
@@ -55,17 +56,68 @@ CANDIDATES: dict[str, dict] = {
     "lite0_s235_x0.5": {"layers": S235, "scale": 0.5},
     "lite1_s235_x0.5": {"backbone": "efficientnet-lite1", "layers": S235, "scale": 0.5},
     "lite0_s35_x1.5": {"scale": 1.5},
+    "lite0_s35_x0.5": {"scale": 0.5},
+    "lite0_s35_r256": {"image_size": 256},  # the peers' fixed square input
     "lite0_s34": {"layers": ("stage3", "stage4")},
     "lite0_s345": {"layers": ("stage3", "stage4", "stage5")},
 }
 """Candidate embeddings: PatchCore keyword arguments (everything else at its default)."""
 
+NORMS = ("zscore", "layers")
+"""Feature normalisations tried on a candidate's cached features (``--cands CAND+NORM``), fitted
+on the training patches and applied to bank and test patches alike: ``zscore`` standardises
+every channel (a diagonal Mahalanobis distance); ``layers`` scales each tapped layer's channels
+so that every layer has the same mean squared deviation (the layers weigh equally)."""
+
+
+def base_params(cand: str) -> dict:
+    """PatchCore keyword arguments of a candidate, with its normalisation if any."""
+    base, _, norm = cand.partition("+")
+    return dict(CANDIDATES[base], **({"feature_norm": norm} if norm else {}))
+
+
+def normalise(x: torch.Tensor, test: torch.Tensor, cand: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the candidate's normalisation, fitted on the training patches ``x`` (N, D)."""
+    base, _, norm = cand.partition("+")
+    if not norm:
+        return x, test
+    s1 = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    for start in range(0, x.shape[0], 262144):
+        chunk = x[start : start + 262144].double()
+        s1 += chunk.sum(0)
+        s2 += (chunk**2).sum(0)
+    mean = s1 / x.shape[0]
+    var = (s2 / x.shape[0] - mean**2).clamp_min(1e-12)
+    if norm == "zscore":
+        scale = var.rsqrt()
+    else:  # layers: one factor per tapped layer's block of channels
+        det = PatchCore(**CANDIDATES[base])
+        widths = list(FeatureExtractor(det.backbone, det.layers, None).channels().values())
+        scale = torch.cat(
+            [
+                torch.full((w,), float(v.sum().rsqrt()))
+                for w, v in zip(widths, var.split(widths), strict=True)
+            ]
+        )
+        scale = scale / scale.mean()
+    scale, mean = scale.float(), mean.float()
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(t)
+        for start in range(0, t.shape[0], 262144):
+            out[start : start + 262144] = (t[start : start + 262144].float() - mean) * scale
+        return out
+
+    return apply(x), apply(test)
+
+
 VARIANTS = ("eq7", "max", "top3", "top10")
 TOPK = {"top3": 3, "top10": 10}
 PRESET_ROWS = {
-    "fast": ("lite0_s35", "eq7"),
+    "fast": ("lite0_s35_x0.5", "top10"),
     "balanced": ("lite0_s35", "top10"),
-    "accurate": ("lite1_s35", "top10"),
+    "accurate": ("lite2_s35", "top10"),
 }
 """Which search runs measure each preset: (candidate, image score)."""
 
@@ -162,12 +214,22 @@ def image_scores(
 
 
 def run(name: str, cand: str, seed: int) -> dict:
-    f = features(name, cand)
+    tr, te = split(name, seed)
+    return append_row(ROWS, evaluate(name, cand, seed, tr, te))
+
+
+def evaluate(name: str, cand: str, seed: int, tr: np.ndarray, te: np.ndarray) -> dict:
+    """Fit on images ``tr`` and score images ``te`` (indices into :func:`set_images`).
+
+    The coreset and search are the detector's; the image scores go to ``scores/`` and the
+    row (accuracy of every image score, costs) is returned.
+    """
+    f = features(name, cand.partition("+")[0])
     counts = f["counts"].numpy()
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    tr, te = split(name, seed)
     x = torch.cat([f["feats"][offsets[i] : offsets[i + 1]] for i in tr])
     test = torch.cat([f["feats"][offsets[i] : offsets[i + 1]] for i in te])
+    x, test = normalise(x, test, cand)
     n = min(sampling.coreset_size(x.shape[0], RATIO), MAX_BANK)
     t0 = time.perf_counter()
     idx = sampling.chunked_greedy_coreset(x, n, seed=seed).indices
@@ -179,13 +241,14 @@ def run(name: str, cand: str, seed: int) -> dict:
     scores = image_scores(index, bank, test, counts[te].tolist())
     search_ms = (time.perf_counter() - t0) / len(te) * 1000
     labels = f["labels"].numpy()[te]
-    path = OUT / "scores" / f"{name}__{cand}__s{seed}.npz"
+    tag = "" if len(tr) == len(split(name, seed)[0]) else f"__n{len(tr)}"
+    path = OUT / "scores" / f"{name}__{cand}__s{seed}{tag}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, labels=labels, **scores)
     row = {
         "set": name,
         "cand": cand,
-        "params": CANDIDATES[cand],
+        "params": base_params(cand),
         "seed": seed,
         "train": len(tr),
         "test": len(te),
@@ -199,7 +262,7 @@ def run(name: str, cand: str, seed: int) -> dict:
         "search_ms": round(search_ms, 1),
         **{v: round(auroc(labels, s), 4) for v, s in scores.items()},
     }
-    return append_row(ROWS, row)
+    return row
 
 
 # --------------------------------------------------------------------------- tables
@@ -263,6 +326,42 @@ def _cost(rs: list[dict], key: str) -> str:
     return f"{value:.0f}{mark}"
 
 
+E2E = {  # row label: evaluate_sets.py tag (the detector end to end, seed 0)
+    "fast": "e2e-lite0-x0.5-top10",
+    "balanced (the defaults)": "e2e-lite0-top10",
+    "efficientnet-lite1, top_k=10": "e2e-lite1-top10",
+    "accurate": "e2e-lite2-top10",
+    "the paper's score (top_k=1), earlier defaults": "quiet",
+}
+
+
+def _end_to_end() -> list[str]:
+    """The presets through the detector (``evaluate_sets.py --tag ...``): fit and scoring
+    costs on the user's path, and image AUROC of seed 0 as a check of the search's rows."""
+    out = ROOT / "benchmarks" / "out"
+    folder_sets = [s for s in SETS if s != "elpv_mono"]
+    lines = [
+        "### Presets end to end (`evaluate_sets.py --tag TAG --params ...`: `PatchCore` fitted "
+        "on every training image, every test image scored with its native-size map; seed 0, "
+        "one run each, nothing else running; per set: fit s / ms per image / image AUROC)",
+        "",
+        "| configuration | tag | " + " | ".join(folder_sets) + " | 1-min load at the ends |",
+        "|---|---|" + "---:|" * len(folder_sets) + "---|",
+    ]
+    for label, tag in E2E.items():
+        rows = {s: out / f"evaluate_{tag}_{s}_s0.json" for s in folder_sets}
+        if not all(p.exists() for p in rows.values()):
+            continue
+        rs = {s: json.loads(p.read_text()) for s, p in rows.items()}
+        cells = [
+            f"{r['fit_s']:.0f} / {r['ms_per_image']:.0f} / {r['image_auroc']:.4f}"
+            for r in rs.values()
+        ]
+        loads = ", ".join(r["load"].split(" / ")[0] for r in rs.values())
+        lines.append(f"| {label} | {tag} | " + " | ".join(cells) + f" | {loads} |")
+    return lines
+
+
 def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
     rows = _rows()
     by: dict[tuple[str, str], list[dict]] = {}
@@ -275,36 +374,39 @@ def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
         if r["seed"] not in {x["seed"] for x in have}:
             from_detector.add((r["cand"], r["set"]))
             have.append(r)
-    cands = [c for c in CANDIDATES if any((c, s) in by for s in SETS)]
+    cands = list(dict.fromkeys(r["cand"] for r in rows))  # in the order they were run
     loads = sorted({float(r["load"].split(" / ")[0]) for v in by.values() for r in v})
     head = (
         "| candidate | settings | "
         + " | ".join(SETS)
-        + f" | mean, 4 sets | mean, {' + '.join(screen)} | fit s | ms/image | bank MiB |"
+        + f" | mean, 4 sets | mean, {' + '.join(screen)} | fit s | ms/image | bank MiB | load |"
     )
     lines = [
         "## Accuracy search (`benchmarks/search_accuracy.py`, issue #12)",
         "",
-        f"Machine: {machine()}; shared with other engineers' jobs: 1-min load average "
-        f"{loads[0]:.1f}-{loads[-1]:.1f} over the rows (so every second below is inflated "
-        "several times over the quiet figures in 'Defaults on full data, quieter machine'; "
-        "compare costs within this table only). All training images and all test images of each "
-        "set at the candidate's resolution; ELPV: mono cells, a seeded half of the 588 normal "
-        "cells to fit on (294), the other 294 and all 313 defective cells to test on (the seed "
-        "moves that draw and the coreset start; the folder sets have fixed splits and the seed "
-        "moves the coreset start). Coreset ratio 0.01 capped at 16,384 rows (the detector's), "
-        "bfloat16 search with the exact re-check of each image's maximum. Accuracy: image "
-        "AUROC, mean ± sample std over the seeds (count in brackets). Costs, medians over the "
-        "same runs, one figure per set in column order: fit s = feature extraction of the "
-        "training images + coreset; ms/image = extraction + search per test image (batched, no "
-        "maps); bank = rows x dim x 4 bytes. † = seeds the search lacks taken from the detector "
-        "end to end (`evaluate_sets.py`, 'Defaults on full data': the same code path, whose "
-        "casting seeds 0-2 the search reproduced exactly; fit s and ms/image there include maps).",
+        f"Machine: {machine()}; 1-min load average {loads[0]:.1f}-{loads[-1]:.1f} over the "
+        "rows, the median per candidate in the last column: the first rows (lite0_s35, "
+        "lite0_s235_x0.5) ran while other jobs shared the 2 cores (load 7-22), so their "
+        "seconds are inflated several times (quiet defaults: 'Defaults on full data, quieter "
+        "machine'); the later rows ran alone (load 2-3 is this job's own 2 threads). All "
+        "training images and all test images of each set at the candidate's resolution; ELPV: "
+        "mono cells, a seeded half of the 588 normal cells to fit on (294), the other 294 and "
+        "all 313 defective cells to test on (the seed moves that draw and the coreset start; "
+        "the folder sets have fixed splits and the seed moves the coreset start). Coreset ratio "
+        "0.01 capped at 16,384 rows (the detector's), bfloat16 search with the exact re-check "
+        "of each image's maximum (the top-3/top-10 means here average bfloat16 estimates below "
+        "the maximum, the detector's are exact: see the notes). Accuracy: image AUROC, mean ± "
+        "sample std over the seeds (count in brackets). Costs, medians over the same runs, one "
+        "figure per set in column order: fit s = feature extraction of the training images + "
+        "coreset; ms/image = extraction + search per test image (batched, no maps); bank = rows "
+        "x dim x 4 bytes. † = seeds the search lacks taken from the detector end to end "
+        "(`evaluate_sets.py`, 'Defaults on full data': the same code path, whose casting seeds "
+        "0-2 the search reproduced exactly; fit s and ms/image there include maps).",
         "",
-        "### Embeddings (image score: eq. 7, the detector's)",
+        "### Embeddings (image score: the paper's max + eq. 7)",
         "",
         head,
-        "|---|---|" + "---:|" * (len(SETS) + 5),
+        "|---|---|" + "---:|" * (len(SETS) + 6),
     ]
     for c in cands:
         cells, means = [], {}
@@ -324,9 +426,11 @@ def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
         fit = "; ".join(_cost(by[(c, s)], "fit_s") for s in have)
         ms = "; ".join(_cost(by[(c, s)], "ms") for s in have)
         bank = "; ".join(str(by[(c, s)][0].get("bank_mb", "—")) for s in have)
-        p = ", ".join(f"{k}={v}" for k, v in CANDIDATES[c].items()) or "defaults"
+        p = ", ".join(f"{k}={v}" for k, v in base_params(c).items()) or "defaults"
+        load = np.median([float(r["load"].split(" / ")[0]) for s in have for r in by[(c, s)]])
         lines.append(
-            f"| {c} | {p} | " + " | ".join(cells) + f" | {full} | {part} | {fit} | {ms} | {bank} |"
+            f"| {c} | {p} | " + " | ".join(cells) + f" | {full} | {part} | {fit} | {ms} | {bank} "
+            f"| {load:.1f} |"
         )
     lines += [
         "",
@@ -361,38 +465,48 @@ def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
         ms = "; ".join(_cost(by[(c, s)], "ms") for s in SETS if (c, s) in by)
         p = ", ".join(f"{k}={x}" for k, x in preset_params(name).items()) or "defaults"
         lines.append(f"| {name} | {p} | " + " | ".join(cells) + f" | {full} | {ms} |")
+    lines += ["", *_end_to_end()]
     lines += [
         "",
-        "### Ensembles (members' eq. 7 scores min-max normalised over the test images, then "
+        "### Ensembles (members' scores min-max normalised over the test images, then "
         "averaged: the paper's protocol, which needs the test set's range; same seeds)",
         "",
-        "| members | " + " | ".join(SETS) + " | ms/image (sum) |",
-        "|---|" + "---:|" * (len(SETS) + 1),
+        "| members | member score | " + " | ".join(SETS) + " | mean, 4 sets | ms/image (sum) |",
+        "|---|---|" + "---:|" * (len(SETS) + 2),
     ]
-    for members in ensembles:
-        cells, have = [], []
+    for members, variant in itertools.product(ensembles, ("eq7", "top10")):
+        cells, have, means = [], [], []
         for s in SETS:
             seeds = sorted(
                 set.intersection(*[{r["seed"] for r in by.get((m, s), [])} for m in members])
             )
-            vals = [ensemble_auroc(s, members, k, "eq7") for k in seeds]
+            vals = [ensemble_auroc(s, members, k, variant) for k in seeds]
             vals = [v for v in vals if v is not None]
             cells.append(f"{_pm(vals)} ({len(vals)})" if vals else "—")
             if vals:
                 have.append(s)
+                means.append(np.mean(vals))
         if not have:
             continue
+        full = f"**{np.mean(means):.4f}**" if len(means) == len(SETS) else "—"
         ms = "; ".join(
             f"{sum(_cost_value(by[(m, s)], 'ms')[0] for m in members):.0f}" for s in have
         )
-        lines.append(f"| {' + '.join(members)} | " + " | ".join(cells) + f" | {ms} |")
+        lines.append(
+            f"| {' + '.join(members)} | {variant} | " + " | ".join(cells) + f" | {full} | {ms} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS)
-    ap.add_argument("--cands", nargs="*", default=["lite0_s35"], choices=list(CANDIDATES))
+    ap.add_argument(
+        "--cands",
+        nargs="*",
+        default=["lite0_s35"],
+        choices=list(CANDIDATES) + [f"{c}+{n}" for c in CANDIDATES for n in NORMS],
+    )
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--table", action="store_true", help="write RESULTS.md from the saved rows")
     ap.add_argument(

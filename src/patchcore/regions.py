@@ -11,8 +11,8 @@ regions per image) and :meth:`~RegionsMixin.calibrate_regions` (a map threshold 
 images with ground-truth masks: max region F1 by default, or max pixel F1). Which threshold the
 map is cut at: the calibrated region threshold when the model has one, the image threshold
 otherwise. The image threshold finds the worst defect of an image but misses the others on
-boards with many (deeppcb: recall 0.14 at the image threshold, 0.57 at the region cut;
-benchmarks/RESULTS.md, "Defect regions").
+boards with many (deeppcb: recall 0.31 at the image threshold of the default top-10 score,
+0.57 at the region cut; benchmarks/RESULTS.md, "Defect regions").
 """
 
 from __future__ import annotations

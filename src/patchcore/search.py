@@ -283,11 +283,11 @@ def patch_scores(
     Returns:
         ``(scores, image_max, arg)``: (B, P) per-patch distances (the index's precision),
         (B,) the largest nearest distance of each image and (B,) int64 the patch holding it.
-        In bfloat16 precision every patch whose error interval reaches the ``k``-th largest
-        lower bound of its image is re-checked in float32. At least ``k`` patches have an exact
-        distance above that bound and every other patch's estimate lies below it, so
-        ``image_max``, ``arg`` and ``scores.topk(k)`` are those of the float32 search (to
-        float rounding).
+        In bfloat16 precision each image's ``2 k`` best estimates are re-checked in float32;
+        the ``k``-th largest of those exact distances bounds the image's true ``k``-th largest
+        from below, and every other patch whose error interval reaches it is re-checked too.
+        The patches left lie below the bound (true distance and estimate), so ``image_max``,
+        ``arg`` and ``scores.topk(k)`` are those of the float32 search (to float rounding).
     """
     b, p, dim = patches.shape
     flat = patches.reshape(b * p, dim)
@@ -298,14 +298,25 @@ def patch_scores(
         return scores, image_max, arg
     d2 = d2.clamp_(min=0.0).view(b, p)
     err = err.view(b, p)
-    low = d2 - err
-    floor = low.amax(dim=1, keepdim=True) if k <= 1 else low.topk(min(k, p), dim=1).values[:, -1:]
-    check = (d2 + err >= floor).view(-1).nonzero().squeeze(1)  # could be among the k largest
-    exact = index.exact_min_distances(flat[check])
+    k = max(1, min(int(k), p))
+    rows = torch.arange(b, device=d2.device)[:, None]
+    # 1. each image's 2k best estimates, exactly: their k-th largest exact distance is a lower
+    #    bound of the image's true k-th largest
+    first = d2.topk(min(2 * k, p), dim=1).indices  # (B, m)
+    first_flat = (rows * p + first).view(-1)
+    exact1 = index.exact_min_distances(flat[first_flat]).to(d2.dtype)
+    floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]
+    # 2. every other patch whose error interval reaches that bound, exactly; the rest lie below
+    #    it (true distance and estimate alike), so they cannot be among the k largest
+    reach = d2 + err >= floor.square() * (1 - 1e-6)  # the slack covers sqrt/square rounding
+    reach[rows, first] = False
+    second = reach.view(-1).nonzero().squeeze(1)
     scores = d2.sqrt_().view(-1)
-    scores[check] = exact.to(scores.dtype)
-    scores = scores.view(b, p)
-    masked = torch.full_like(scores, -1.0).view(-1)
-    masked[check] = scores.view(-1)[check]
+    scores[first_flat] = exact1
+    if second.numel():
+        scores[second] = index.exact_min_distances(flat[second]).to(scores.dtype)
+    masked = torch.full_like(scores, -1.0)
+    masked[first_flat] = scores[first_flat]
+    masked[second] = scores[second]
     image_max, arg = masked.view(b, p).max(dim=1)
-    return scores, image_max, arg
+    return scores.view(b, p), image_max, arg

@@ -36,7 +36,7 @@ PRESETS: dict[str, Preset] = {
             "the defaults at half resolution (scale 0.5: a quarter of the patches and of the "
             "search); for defects many pixels wide only: image AUROC (3 seeds) casting 0.9725, "
             "magnetic_tile 0.9283, ELPV mono 0.9438, but deeppcb 0.6240 (its defects are a "
-            "few pixels wide and vanish at half resolution): mean 0.8672",
+            "few pixels wide and vanish at half resolution): mean 0.8671",
             scale=0.5,
             top_k=10,
         ),

@@ -21,6 +21,7 @@ import torch
 from common import ROOT, machine, subsets, write_results_section
 
 from patchcore import PatchCore, search
+from patchcore.embedding import flatten_patches
 
 OUT = ROOT / "benchmarks" / "out" / "top_k.jsonl"
 
@@ -39,8 +40,7 @@ def rechecked(det: PatchCore, images: list, k: int) -> float:
         for b in det._batches(images, "raise", False, "score"):
             emb = det._embed(b.pixels)
             n, _, h, w = emb.shape
-            patches = emb.permute(0, 2, 3, 1).reshape(n, h * w, -1).float()
-            search.patch_scores(det._index, patches, k)
+            search.patch_scores(det._index, flatten_patches(emb).float().view(n, h * w, -1), k)
     finally:
         det._index.exact_min_distances = original  # type: ignore[method-assign]
     return sum(counts) / len(images)

@@ -139,7 +139,7 @@ def run_peer(name: str, backbone: str, seed: int, tr: np.ndarray, te: np.ndarray
 
 
 def run_ours(name: str, backbone: str, seed: int, tr: np.ndarray, te: np.ndarray) -> dict:
-    row = evaluate(name, CAND[backbone], seed, tr, te)
+    row = evaluate(name, CAND[backbone], seed, tr, te, tag=f"__n{len(tr)}")
     keep = ("train", "test", "patches", "bank", "coreset_s", "eq7", "max", "top3", "top10")
     return {
         "system": "ours",

@@ -166,7 +166,7 @@ def features(name: str, cand: str) -> dict:
     """Cached float16 patch features of every image of ``name`` for candidate ``cand``."""
     path = OUT / "features" / f"{name}__{cand}.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, mmap=True)  # lazy: callers read only the images they slice
     ds, labels = set_images(name)
     det = PatchCore(progress=False, **CANDIDATES[cand]).fit(ds[:1])
     feats, counts = [], []
@@ -218,11 +218,14 @@ def run(name: str, cand: str, seed: int) -> dict:
     return append_row(ROWS, evaluate(name, cand, seed, tr, te))
 
 
-def evaluate(name: str, cand: str, seed: int, tr: np.ndarray, te: np.ndarray) -> dict:
+def evaluate(
+    name: str, cand: str, seed: int, tr: np.ndarray, te: np.ndarray, tag: str = ""
+) -> dict:
     """Fit on images ``tr`` and score images ``te`` (indices into :func:`set_images`).
 
-    The coreset and search are the detector's; the image scores go to ``scores/`` and the
-    row (accuracy of every image score, costs) is returned.
+    The coreset and search are the detector's; the image scores go to
+    ``scores/{name}__{cand}__s{seed}{tag}.npz`` and the row (accuracy of every image score,
+    costs) is returned.
     """
     f = features(name, cand.partition("+")[0])
     counts = f["counts"].numpy()
@@ -241,7 +244,6 @@ def evaluate(name: str, cand: str, seed: int, tr: np.ndarray, te: np.ndarray) ->
     scores = image_scores(index, bank, test, counts[te].tolist())
     search_ms = (time.perf_counter() - t0) / len(te) * 1000
     labels = f["labels"].numpy()[te]
-    tag = "" if len(tr) == len(split(name, seed)[0]) else f"__n{len(tr)}"
     path = OUT / "scores" / f"{name}__{cand}__s{seed}{tag}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, labels=labels, **scores)

@@ -338,12 +338,10 @@ class PatchCore(
         assert batch.pixels is not None
         emb = self._embed(batch.pixels)
         b, _, h, w = emb.shape
-        patches = flatten_patches(emb).float()
+        patches = flatten_patches(emb).float().view(b, h * w, -1)
         # distances only: the nearest index is looked up for each image's worst patch alone
-        patch_scores, image_max, arg = search.patch_scores(
-            self._index, patches.view(b, h * w, -1), int(self.top_k)
-        )
-        image_scores = self._image_scores(patches.view(b, h * w, -1), patch_scores, image_max, arg)
+        patch_scores, image_max, arg = search.patch_scores(self._index, patches, int(self.top_k))
+        image_scores = self._image_scores(patches, patch_scores, image_max, arg)
         out: list[np.ndarray] = []
         if maps is not None:
             processed = (int(batch.pixels.shape[-2]), int(batch.pixels.shape[-1]))
@@ -362,7 +360,7 @@ class PatchCore(
         the mean of the ``top_k`` largest patch distances, or (``top_k`` 1) the largest with
         the paper's eq. 7 reweighting when ``num_neighbors`` > 1."""
         if int(self.top_k) > 1:
-            return self._top_k_mean(patches, patch_scores)
+            return self._top_k_mean(patch_scores)
         k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
         return self._reweight(patches, arg, image_max, k) if k > 1 else image_max
 
@@ -383,12 +381,12 @@ class PatchCore(
         weights = 1.0 - torch.softmax(d, dim=1)[:, 0]
         return weights * scores
 
-    def _top_k_mean(self, patches: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _top_k_mean(self, scores: torch.Tensor) -> torch.Tensor:
         """(B,) mean of each image's ``top_k`` largest patch distances.
 
         Args:
-            patches: (B, P, D) patch features; scores: (B, P) their nearest distances from
-                ``search.patch_scores(..., k=top_k)``, whose ``top_k`` largest are exact.
+            scores: (B, P) nearest distances from ``search.patch_scores(..., k=top_k)``, whose
+                ``top_k`` largest are exact.
         """
         k = min(int(self.top_k), scores.shape[1])
         return scores.topk(k, dim=1).values.float().mean(dim=1)

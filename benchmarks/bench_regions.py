@@ -26,7 +26,7 @@ from patchcore.core.metrics import (
     region_scores,
     region_threshold,
 )
-from patchcore.core.regions import label_regions, region_mask
+from patchcore.lean.regions import label_regions, region_mask
 
 MASK_SETS = ("magnetic_tile", "deeppcb")
 MIN_AREAS = (1, 16, 64, 256)

@@ -14,7 +14,7 @@ from conftest import run_cli as _cli
 
 from patchcore.core.detector import ModelFileError, NotFittedError, PatchCore
 from patchcore.core.metrics import pixel_threshold, region_scores
-from patchcore.core.regions import DEFAULT_MIN_AREA, Region, label_regions, region_mask
+from patchcore.lean.regions import DEFAULT_MIN_AREA, Region, label_regions, region_mask
 
 
 def naive_regions(a: np.ndarray, t: float, min_area: int) -> list[Region]:

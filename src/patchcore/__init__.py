@@ -29,8 +29,8 @@ _EXPORTS = {
     "BackboneWeightsError": "core.backbones",
     "BACKBONES": "core.backbones",
     "ImageReadError": "core.images",
-    "Region": "core.regions",
-    "ImageRegions": "core.regions",
+    "Region": "lean.regions",
+    "ImageRegions": "lean.regions",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -183,7 +183,7 @@ def draw_regions(
 
     Args:
         image: uint8 ``(H, W)`` or ``(H, W, 3)``.
-        regions: :class:`patchcore.core.regions.Region` records (anything with ``x0, y0, x1,
+        regions: :class:`patchcore.lean.regions.Region` records (anything with ``x0, y0, x1,
             y1``) in the pixels of a map of ``map_shape``; boxes are scaled to the image.
         map_shape: ``(h, w)`` of the map the regions were found on.
         color: RGB of the boxes.

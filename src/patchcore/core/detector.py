@@ -32,6 +32,7 @@ from patchcore.core.inputs import (
     iter_batches,
     warn_skipped,
 )
+from patchcore.core.inspection import InspectMixin
 from patchcore.core.params import ParamsMixin
 from patchcore.core.persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from patchcore.core.regions import RegionsMixin
@@ -68,7 +69,13 @@ class TrainingFeatures:
 
 
 class PatchCore(
-    ParamsMixin, FittedAttributes, VerdictMixin, RegionsMixin, ExplainMixin, UpdateMixin
+    ParamsMixin,
+    FittedAttributes,
+    VerdictMixin,
+    RegionsMixin,
+    InspectMixin,
+    ExplainMixin,
+    UpdateMixin,
 ):
     """PatchCore anomaly detector (Roth et al., 2022).
 

@@ -789,7 +789,7 @@ def region_scores(masks, predicted, *, min_overlap: float = 0.0) -> RegionScores
     Args:
         masks: sequence of ``(H_i, W_i)`` bool masks (nonzero = defect; empty for normals).
         predicted: sequence of ``(H_i, W_i)`` bool predictions, e.g. the pixels of the kept
-            regions (:func:`patchcore.core.regions.region_mask`).
+            regions (:func:`patchcore.lean.regions.region_mask`).
         min_overlap: in ``[0, 1)``: share of a ground-truth region's pixels that must be
             covered (strictly more than it) for the region to count as found.
 
@@ -829,7 +829,7 @@ def region_threshold(
     """The map threshold of maximum region F1: found regions against false regions.
 
     For each candidate threshold (evenly spaced between the lowest and the highest per-image
-    map maximum) the maps are cut into regions (:func:`patchcore.core.regions.region_mask`, at
+    map maximum) the maps are cut into regions (:func:`patchcore.lean.regions.region_mask`, at
     least ``min_area`` pixels) and scored with :func:`region_scores`: region recall =
     found / ground-truth regions, region precision = 1 - false / predicted regions, F1 their
     harmonic mean. Ties keep the highest threshold.
@@ -844,7 +844,7 @@ def region_threshold(
     Raises:
         ValueError: no ground-truth region, mismatched shapes, non-finite maps.
     """
-    from patchcore.core.regions import region_mask
+    from patchcore.lean.regions import region_mask
 
     pairs = _masks_and_maps(masks, maps)
     if int(num_thresholds) != num_thresholds or num_thresholds < 2:

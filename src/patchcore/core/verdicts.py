@@ -15,13 +15,9 @@ import numpy as np
 from patchcore.core.results import Classification
 from patchcore.core.state import NotFittedError
 from patchcore.lean.normalization import fit_normalization, normalize
+from patchcore.lean.record import NonFiniteScoreError
 
 __all__ = ["NonFiniteScoreError", "VerdictMixin", "nonfinite_parts"]
-
-
-class NonFiniteScoreError(ValueError):
-    """A readable image scored NaN or infinite: the model (bank, backbone) holds non-finite
-    values or overflowed. Never read as a verdict: ``NaN >= threshold`` would be "normal"."""
 
 
 def nonfinite_parts(

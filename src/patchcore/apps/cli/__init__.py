@@ -27,7 +27,7 @@ import typer
 
 from patchcore.core.metrics import MATLAB_METRICS, THRESHOLD_METHODS
 from patchcore.core.presets import PRESETS, with_preset
-from patchcore.core.regions import DEFAULT_MIN_AREA, REGION_METHODS
+from patchcore.lean.regions import DEFAULT_MIN_AREA, REGION_METHODS
 from patchcore.lean.util import check_fraction, fmt, one_line
 
 app = typer.Typer(

@@ -62,9 +62,9 @@ from starlette.requests import ClientDisconnect
 
 from patchcore.core.detector import PatchCore
 from patchcore.core.images import ImageReadError, InputLimits, output_size
-from patchcore.core.regions import Region, label_regions
 from patchcore.lean.decode import IMAGE_FORMATS as IMAGE_FORMATS
 from patchcore.lean.decode import ImageTooLargeError, decode_bytes
+from patchcore.lean.regions import Region, label_regions
 from patchcore.lean.util import one_line, package_version
 
 logger = logging.getLogger("patchcore.apps.service")

@@ -17,7 +17,7 @@ from patchcore.apps import plots
 from patchcore.apps.workflow.model import display_range, require_threshold
 from patchcore.core.detector import PatchCore
 from patchcore.core.images import read_image
-from patchcore.core.regions import DEFAULT_MIN_AREA, REGION_FIELDS, Region, label_regions
+from patchcore.lean.regions import DEFAULT_MIN_AREA, REGION_FIELDS, Region, label_regions
 
 
 @dataclass
@@ -86,7 +86,7 @@ def predict_images(
     reads the file's pixels itself (the detector does not hand them back).
 
     With ``regions``, each prediction lists the defect regions of its native-size map
-    (:func:`patchcore.core.regions.label_regions` cut at ``det.region_cut(region_threshold)``:
+    (:func:`patchcore.lean.regions.label_regions` cut at ``det.region_cut(region_threshold)``:
     ``region_threshold``, else the model's calibrated region threshold, else its image
     threshold; at least ``min_area`` pixels), and the overlays draw their boxes.
 

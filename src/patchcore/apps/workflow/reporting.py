@@ -21,7 +21,7 @@ from patchcore.core import datasets, metrics
 from patchcore.core.datasets import Sample
 from patchcore.core.detector import PatchCore
 from patchcore.core.images import ImageReadError, read_image
-from patchcore.core.regions import DEFAULT_MIN_AREA, label_regions
+from patchcore.lean.regions import DEFAULT_MIN_AREA, label_regions
 
 #: Height of the panels of a gallery tile, in pixels.
 TILE_HEIGHT = 240

@@ -315,7 +315,9 @@ def test_an_export_without_a_threshold_is_refused(tmp_path):
     info["threshold"] = None
     manifest.write_text(json.dumps(info))
     backend = RuntimeBackend(folder)
-    with pytest.raises(ValueError, match="has no threshold, so it cannot give verdicts"):
+    # refused by the service ("has no threshold, so it cannot give verdicts") or, where the
+    # manifest's fields are checked against each other, already by the runtime
+    with pytest.raises(ValueError, match="threshold"):
         backend.load()
     with pytest.raises(TypeError, match="fixed at export"):
         create_app(folder, threshold=1.0)

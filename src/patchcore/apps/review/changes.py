@@ -86,7 +86,11 @@ def summary(
     session: ReviewSession, items: list[Item], before: dict[int, Any], skip: set, t: float
 ) -> dict[str, Any]:
     """What an update changed at threshold ``t`` on the images the metrics count."""
-    rows = [it for it in session.items if it.digest not in skip]
+    rows = [
+        it for it in session.items
+        if it.digest not in skip and before[it.index] is not None
+        and session.record(it)["score"] is not None
+    ]  # fmt: skip
     old = _anomalous([before[it.index] for it in rows], t)
     new = _anomalous([session.record(it)["score"] for it in rows], t)
     label = np.array([it.label for it in rows], dtype=bool)

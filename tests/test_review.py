@@ -256,7 +256,9 @@ def test_metrics_js_agrees_with_the_library():
         f"const items = {json.dumps(items)}; const p = M.prepare(items);"
         f"const ts = {json.dumps(thresholds)};"
         "console.log(JSON.stringify({auroc: p.roc.auroc, fpr: p.roc.fpr, tpr: p.roc.tpr,"
-        " at: ts.map((t) => M.evaluateAt(p, t)), stops: M.stops(p)}));"
+        " at: ts.map((t) => M.evaluateAt(p, t)), stops: M.stops(p),"
+        " same: [...ts, 0.37, 1.234, 2.5].map((t) => M.evaluateAt(p, M.stops(p)[M.stopIndex(p, t)])"
+        ".FalsePositives === M.evaluateAt(p, t).FalsePositives)}));"
     )
     y, s, ty = labels[keep], scores[keep], types[keep]
     assert got["auroc"] == pytest.approx(metrics.auroc(y, s), abs=1e-12)
@@ -275,6 +277,7 @@ def test_metrics_js_agrees_with_the_library():
     stops = np.array(got["stops"])
     distinct = np.unique(s)
     assert stops.size == distinct.size + 1
+    assert all(got["same"]), "stopIndex must give the stop with the threshold's verdicts"
     flagged = [int((s >= v).sum()) for v in stops]
     assert flagged == sorted(flagged, reverse=True) and len(set(flagged)) == len(flagged)
 

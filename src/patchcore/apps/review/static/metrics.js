@@ -146,11 +146,12 @@ function stops(prep) {
   return out;
 }
 
-/** Position of threshold t among the stops (the stop whose verdicts t gives). */
-function stopIndex(stopList, t) {
-  const k = lowerBound(stopList, t);
-  if (k < stopList.length && stopList[k] === t) return k;
-  return Math.max(0, k - 1);
+/**
+ * The stop that gives threshold t's verdicts: t flags the scores >= the first distinct score
+ * d_k >= t, and so does stop k (which lies in (d_{k-1}, d_k]).
+ */
+function stopIndex(prep, t) {
+  return lowerBound(prep.distinct, t);
 }
 
 const ReviewMetrics = { ANOMALOUS, NORMAL, ERROR, judge, lowerBound, flagged, prepare,

@@ -115,7 +115,7 @@ function setThreshold(t, method, choice) {
 function update() {
   const ev = M.evaluateAt(S.prep, S.t);
   S.ev = ev;
-  $("t-range").value = String(M.stopIndex(S.stops, S.t));
+  $("t-range").value = String(M.stopIndex(S.prep, S.t));
   if (document.activeElement !== $("t-value")) $("t-value").value = String(S.t);
   $("t-method").textContent = S.method ? `(${S.method})` : "";
   renderMetrics(ev);
@@ -184,17 +184,31 @@ function histogram() {
   return { lo, hi, normal, anomalous, top: Math.max(1, ...normal, ...anomalous) };
 }
 
-function histGeometry(canvas) {
-  return { left: 40, right: canvas.width - 10, top: 10, bottom: canvas.height - 28 };
+// A canvas drawn at the screen's resolution: its size in CSS pixels, the context scaled.
+function sharp(c) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = c.clientWidth || c.width;
+  const h = c.clientHeight || c.height;
+  if (c.width !== Math.round(w * dpr) || c.height !== Math.round(h * dpr)) {
+    c.width = Math.round(w * dpr);
+    c.height = Math.round(h * dpr);
+  }
+  const ctx = c.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  return { ctx, w, h };
+}
+
+function histGeometry(w, h) {
+  return { left: 40, right: w - 10, top: 10, bottom: h - 28 };
 }
 
 function drawHistogram() {
   const c = $("hist");
-  const ctx = c.getContext("2d");
-  ctx.clearRect(0, 0, c.width, c.height);
+  const { ctx, w: cw, h: ch } = sharp(c);
   const h = S.hist;
   if (!h) return;
-  const g = histGeometry(c);
+  const g = histGeometry(cw, ch);
   const xOf = (s) => g.left + ((s - h.lo) / (h.hi - h.lo)) * (g.right - g.left);
   const tx = Math.max(g.left, Math.min(g.right, xOf(S.t)));
   ctx.fillStyle = "#c6282812";
@@ -229,16 +243,15 @@ function drawHistogram() {
   ctx.fillText(`threshold ${fmt(S.t)}`, tx + (ctx.textAlign === "left" ? 5 : -5), g.top + 8);
   ctx.textAlign = "center";
   ctx.fillStyle = "#667085";
-  ctx.fillText("image score (higher = more anomalous)", (g.left + g.right) / 2, c.height - 2);
+  ctx.fillText("image score (higher = more anomalous)", (g.left + g.right) / 2, ch - 2);
 }
 
 function drawRoc(ev) {
   const c = $("roc");
-  const ctx = c.getContext("2d");
-  ctx.clearRect(0, 0, c.width, c.height);
+  const { ctx, h: ch } = sharp(c);
   const roc = S.prep.roc;
   const p = 34;
-  const w = c.width - p - 10;
+  const w = ch - p - 10;
   const X = (f) => p + f * w;
   const Y = (r) => 10 + (1 - r) * w;
   ctx.strokeStyle = "#d9dee7";
@@ -249,7 +262,7 @@ function drawRoc(ev) {
   ctx.fillStyle = "#667085";
   ctx.font = "11px system-ui, sans-serif";
   ctx.textAlign = "center";
-  ctx.fillText("false positive rate", X(0.5), c.height - 2);
+  ctx.fillText("false positive rate", X(0.5), ch - 2);
   ctx.save(); ctx.translate(10, Y(0.5)); ctx.rotate(-Math.PI / 2); ctx.fillText("recall (true positive rate)", 0, 0); ctx.restore();
   if (!roc.fpr.length) {
     $("roc-text").textContent = "needs normal and anomalous images";
@@ -514,7 +527,7 @@ async function exportReport() {
 // ------------------------------------------------------------------ wiring
 
 function moveStop(delta) {
-  const k = Math.max(0, Math.min(S.stops.length - 1, M.stopIndex(S.stops, S.t) + delta));
+  const k = Math.max(0, Math.min(S.stops.length - 1, M.stopIndex(S.prep, S.t) + delta));
   setThreshold(S.stops[k], "manual");
 }
 
@@ -522,8 +535,8 @@ function wireHistogram() {
   const c = $("hist");
   const toT = (ev) => {
     const r = c.getBoundingClientRect();
-    const g = histGeometry(c);
-    const x = ((ev.clientX - r.left) / r.width) * c.width;
+    const g = histGeometry(r.width, r.height);
+    const x = ev.clientX - r.left;
     const f = Math.max(0, Math.min(1, (x - g.left) / (g.right - g.left)));
     return S.hist.lo + f * (S.hist.hi - S.hist.lo);
   };
@@ -531,7 +544,7 @@ function wireHistogram() {
   c.addEventListener("pointerdown", (ev) => {
     if (!S.hist) return;
     dragging = true;
-    c.setPointerCapture(ev.pointerId);
+    try { c.setPointerCapture(ev.pointerId); } catch { /* a synthetic pointer */ }
     setThreshold(toT(ev), "manual");
   });
   c.addEventListener("pointermove", (ev) => { if (dragging) setThreshold(toT(ev), "manual"); });

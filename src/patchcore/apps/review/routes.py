@@ -25,8 +25,8 @@ from patchcore.lean.record import NonFiniteScoreError
 __all__ = ["create_app", "review_router"]
 
 JS = "text/javascript"
-STATIC = {"review.js": JS, "metrics.js": JS, "viewer.js": JS, "review.css": "text/css",
-          "index.html": "text/html"}  # fmt: skip
+STATIC = {"review.js": JS, "metrics.js": JS, "viewer.js": JS, "panels.js": JS,
+          "review.css": "text/css", "index.html": "text/html"}  # fmt: skip
 NO_STORE = {"Cache-Control": "no-store"}
 
 

@@ -63,7 +63,18 @@ def state(session: ReviewSession) -> dict[str, Any]:
     job, the last update and the last comparison."""
     excluded = session.excluded()
     cols: dict[str, list[Any]] = {
-        k: [] for k in ("name", "label", "type", "score", "verdict", "error", "mask", "excluded")
+        k: []
+        for k in (
+            "name",
+            "label",
+            "type",
+            "score",
+            "verdict",
+            "error",
+            "mask",
+            "excluded",
+            "pending",
+        )
     }
     for it in session.items:
         r = session.record(it)
@@ -75,6 +86,7 @@ def state(session: ReviewSession) -> dict[str, Any]:
         cols["error"].append(r["error"])
         cols["mask"].append(it.mask is not None)
         cols["excluded"].append(it.digest in excluded)
+        cols["pending"].append(it.digest is not None and it.digest not in session.entries)
     return {
         "model": model_info(session),
         "data": {"path": str(session.data_path), "count": len(session.items)},

@@ -69,7 +69,7 @@ function apply(st) {
   S.errors = [];
   S.marked = [];
   for (let i = 0; i < sc.length; i++) {
-    if (sc[i] === null) S.errors.push(i);
+    if (sc[i] === null && !S.items.pending[i]) S.errors.push(i);
     else if (S.items.excluded[i]) S.marked.push(i);
   }
   S.hist = histogram();
@@ -377,6 +377,7 @@ function tile(i, list) {
 async function poll() {
   if (S.polling) return;
   S.polling = true;
+  let ticks = 0;
   try {
     for (;;) {
       const st = await api("api/status");
@@ -389,6 +390,7 @@ async function poll() {
         break;
       }
       await new Promise((r) => setTimeout(r, 500));
+      if (j.what === "scoring" && ++ticks % 10 === 0) apply(await api("api/state"));
     }
   } finally {
     S.polling = false;

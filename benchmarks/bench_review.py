@@ -15,6 +15,7 @@ page and the cache, not the model:
   a forced layout), over ``--moves`` moves to random positions; median, p95 and max.
 
     python benchmarks/bench_review.py [--images 2000] [--moves 300] [--out benchmarks/out]
+    python benchmarks/bench_review.py --model mt.pt --data data/magnetic_tile   # a real review
 
 Prints one JSON line with the figures, the CPU, the load and the date (benchmarks/RESULTS.md,
 "Review page").
@@ -193,7 +194,8 @@ def write_section() -> None:
     """Rewrite the "Review page" section of RESULTS.md from every row measured so far."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     lines = [
-        f"| {r['date']} | {r['machine']} | {r['load']} | {r['images']} | {r['session_s']:.2f} | "
+        f"| {r['date']} | {r['machine']} | {r['load']} | {r['images']}{r.get('set', '')} | "
+        f"{r['session_s']:.2f} | "
         f"{r['state_s']:.3f} | {r['page_load_s']:.2f} | {r['slider_median_ms']:.1f} / "
         f"{r['slider_p95_ms']:.1f} / {r['slider_max_ms']:.1f} | {r['histogram_median_ms']:.1f} / "
         f"{r['histogram_p95_ms']:.1f} / {r['histogram_max_ms']:.1f} |"
@@ -208,11 +210,18 @@ def main() -> None:
     p.add_argument("--moves", type=int, default=300)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "bench_review")
     p.add_argument("--no-write", action="store_true", help="do not rewrite RESULTS.md")
+    p.add_argument("--model", type=Path, help="a model already reviewed on --data (its cache full)")
+    p.add_argument("--data", type=Path, help="the labelled images of --model (real images)")
     a = p.parse_args()
-    root = a.out / f"n{a.images}"
-    root.mkdir(parents=True, exist_ok=True)
-    model, data = build(root, a.images)
-    result = {"images": a.images, "moves": a.moves, "machine": machine(),
+    if a.model is not None:
+        model, data = a.model, a.data
+        a.images = len(load_data(data))
+    else:
+        root = a.out / f"n{a.images}"
+        root.mkdir(parents=True, exist_ok=True)
+        model, data = build(root, a.images)
+    which = f" ({a.data.name})" if a.model is not None else " (generated)"
+    result = {"images": a.images, "moves": a.moves, "set": which, "machine": machine(),
               **reopen(model, data), **browser(model, data, a.moves)}  # fmt: skip
     row = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     if a.no_write:

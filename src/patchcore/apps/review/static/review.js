@@ -213,6 +213,7 @@ function drawHistogram() {
   ctx.textAlign = "center";
   for (let k = 0; k <= 4; k++) {
     const s = h.lo + (k / 4) * (h.hi - h.lo);
+    ctx.textAlign = k === 0 ? "left" : k === 4 ? "right" : "center";
     ctx.fillText(fmt(s), xOf(s), g.bottom + 14);
   }
   ctx.textAlign = "right";

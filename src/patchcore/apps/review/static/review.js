@@ -186,6 +186,7 @@ function histGeometry(w, h) {
 
 function drawHistogram() {
   const c = $("hist");
+  c.setAttribute("aria-valuetext", `threshold ${fmt(S.t)}`);
   const { ctx, w: cw, h: ch } = sharp(c);
   const h = S.hist;
   if (!h) return;

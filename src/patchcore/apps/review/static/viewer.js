@@ -48,13 +48,13 @@
     img.hidden = true;
     text.textContent = "finding the nearest normal training patch…";
     try {
-      const resp = await fetch(`api/explain/${i}`);
+      const resp = await fetch(`api/explain/${i}`, { cache: "no-store" });
       const e = await resp.json();
       if (token !== V.token) return;
       if (!resp.ok) { text.textContent = e.detail || "no explanation"; return; }
       text.textContent = `${e.caption}; worst patch rows ${e.box[0]}-${e.box[2]}, cols ${e.box[1]}-${e.box[3]}`;
       if (e.picture) {
-        img.src = `api/explain/${i}/picture`;
+        img.src = `api/explain/${i}/picture?m=${window.Review.S.state.model.digest.slice(0, 12)}`;
         img.hidden = false;
       }
     } catch (err) {
@@ -69,7 +69,7 @@
     const t = R.t;
     $("v-pos").textContent = `${V.pos + 1} of ${V.list.length}`;
     $("v-name").textContent = R.items.name[i];
-    const resp = await fetch(`api/item/${i}?threshold=${encodeURIComponent(t)}`);
+    const resp = await fetch(`api/item/${i}?threshold=${encodeURIComponent(t)}`, { cache: "no-store" });
     const r = await resp.json();
     if (token !== V.token) return;
     const verdict = r.verdict || "error";

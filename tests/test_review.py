@@ -289,3 +289,26 @@ def test_judge_js_is_record_judge():
     py = rec.judge([v if not isinstance(v, str) else float(v) for v in values], 1.0)
     assert got == list(py)
     assert math.isfinite(1.0)
+
+
+def test_router_mounts_under_a_prefix(built, tmp_path):
+    """The service mounts the review under /review: page, assets and API all answer there."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from patchcore.apps.review import review_router
+
+    model, data = fresh(built, tmp_path)
+    s = session_of(model, data)
+    app = FastAPI()
+    app.include_router(review_router(s), prefix="/review")
+    c = TestClient(app)
+    page = c.get("/review/")
+    assert page.status_code == 200 and 'src="static/review.js"' in page.text
+    assert "://" not in page.text  # offline: nothing from another host
+    for name in ("review.js", "metrics.js", "viewer.js", "panels.js", "review.css"):
+        asset = c.get(f"/review/static/{name}")
+        assert asset.status_code == 200 and "://" not in asset.text, name
+    assert c.get("/review/static/../routes.py").status_code == 404
+    assert c.get("/review/api/state").json()["data"]["count"] == len(s.items)
+    assert c.get("/review", follow_redirects=False).status_code in (307, 308)

@@ -312,3 +312,24 @@ def test_router_mounts_under_a_prefix(built, tmp_path):
     assert c.get("/review/static/../routes.py").status_code == 404
     assert c.get("/review/api/state").json()["data"]["count"] == len(s.items)
     assert c.get("/review", follow_redirects=False).status_code in (307, 308)
+
+
+def test_the_service_serves_the_review_under_review(built, tmp_path):
+    """``patchcore serve MODEL --review DATA``: the inspection page at /, the review at
+    /review/ (the service's create_app mounts the review's router)."""
+    from fastapi.testclient import TestClient
+
+    from patchcore.apps.review import MOUNT, service_router
+    from patchcore.apps.service import create_app as service_app
+    from patchcore.apps.service.main import serve
+
+    model, data = fresh(built, tmp_path)
+    app = service_app(model, routers=[service_router(model, data)])
+    with TestClient(app) as c:
+        assert "patchcore inspection" in c.get("/").text
+        page = c.get(f"{MOUNT}/")
+        assert page.status_code == 200 and "patchcore review" in page.text
+        st = c.get(f"{MOUNT}/api/state").json()
+        assert st["data"]["count"] == 13 and st["model"]["path"] == str(model)
+    with pytest.raises(ValueError, match="local use"):
+        serve(model, review=data, token="secret")

@@ -18,10 +18,22 @@ import os
 import threading
 import webbrowser
 
+from fastapi import APIRouter
+
 from patchcore.apps.review.routes import create_app, review_router
 from patchcore.apps.review.session import ReviewSession
 
-__all__ = ["ReviewSession", "create_app", "review_router", "run"]
+__all__ = ["MOUNT", "ReviewSession", "create_app", "review_router", "run", "service_router"]
+
+#: Where ``patchcore serve --review DATA`` mounts the review page.
+MOUNT = "/review"
+
+
+def service_router(model: str | os.PathLike, data: str | os.PathLike) -> APIRouter:
+    """The review of ``model`` on ``data`` as routes under :data:`MOUNT`, for the inspection
+    service (``create_app(..., routers=[service_router(model, data)])``); scoring starts in
+    the background, progress on the page."""
+    return review_router(ReviewSession(model, data), prefix=MOUNT)
 
 
 def run(

@@ -190,10 +190,11 @@ def _action_routes(router: APIRouter, session: ReviewSession) -> None:
         return FileResponse(target)
 
 
-def review_router(session: ReviewSession) -> APIRouter:
-    """The review's routes for ``session`` (mount with ``app.include_router(router,
-    prefix="/review")``); starts scoring what the cache lacks."""
-    router = APIRouter()
+def review_router(session: ReviewSession, prefix: str = "") -> APIRouter:
+    """The review's routes for ``session``, under ``prefix`` (e.g. ``"/review"``: the page at
+    ``/review/``); starts scoring what the cache lacks. Mount it with ``app.include_router``
+    (or pass it to the service's ``create_app(..., routers=[...])``)."""
+    router = APIRouter(prefix=prefix)
     _page_routes(router)
 
     @router.get("/api/state")

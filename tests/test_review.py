@@ -333,3 +333,28 @@ def test_the_service_serves_the_review_under_review(built, tmp_path):
         assert st["data"]["count"] == 13 and st["model"]["path"] == str(model)
     with pytest.raises(ValueError, match="local use"):
         serve(model, review=data, token="secret")
+
+
+def test_cli_review_command_runs_the_page(monkeypatch, tmp_path):
+    """``patchcore review MODEL DATA`` (and ``serve --review``) call the review with the
+    arguments given; a missing model is a one-line error."""
+    from conftest import run_cli
+
+    import patchcore.apps.review as page
+    from patchcore.apps import service
+
+    seen = {}
+    monkeypatch.setattr(page, "run", lambda *a, **k: seen.update(args=a, kwargs=k))
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x")
+    r = run_cli("review", model, tmp_path, "--port", 9123, "--no-browser", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert seen["args"] == (model, tmp_path)
+    assert seen["kwargs"] == {"host": "127.0.0.1", "port": 9123, "open_browser": False,
+                              "cache_dir": None, "device": "cpu"}  # fmt: skip
+    monkeypatch.setattr(service, "serve", lambda *a, **k: seen.update(serve=k))
+    assert run_cli("serve", model, "--review", tmp_path).exit_code == 0
+    assert seen["serve"]["review"] == tmp_path
+    monkeypatch.undo()
+    bad = run_cli("review", tmp_path / "none.pt", tmp_path, "--no-browser")
+    assert bad.exit_code != 0 and "none.pt" in bad.output

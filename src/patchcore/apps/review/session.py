@@ -174,14 +174,14 @@ class ReviewSession:
         self.cache = Cache(self.model_path, cache_dir)
         self.lock = threading.RLock()
         self.job = Job()
-        self.dataset = load_data(self.data_path)
-        self.items = items_of(self.dataset)
         self.compare: dict[str, Any] | None = None
         self.last_update: dict[str, Any] | None = None
         self.det: PatchCore
         self.model_digest = ""
         self.entries: dict[str, dict[str, Any]] = {}
-        self.reload_model()
+        self.reload_model()  # a bad model file fails first
+        self.dataset = load_data(self.data_path)
+        self.items = items_of(self.dataset)
 
     # ------------------------------------------------------------------ model and entries
 

@@ -871,10 +871,17 @@ def batch(
     threshold: Annotated[
         float | None,
         typer.Option(
-            help="Verdict threshold instead of the model's (without either: no verdict).",
+            help="Verdict threshold instead of the model's (a finite number).",
             show_default=False,
         ),
     ] = None,
+    scores_only: Annotated[
+        bool,
+        typer.Option(
+            "--scores-only",
+            help="Scores and map maxima without verdicts (a model without a threshold needs it).",
+        ),
+    ] = False,
     block_size: Annotated[
         int, typer.Option(help="Images per block (one Ray task, one Parquet file).", min=1)
     ] = 256,
@@ -887,7 +894,7 @@ def batch(
     device: Annotated[str, typer.Option(help="Where the actors compute: cpu, cuda.")] = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
-    """Score stored images on Ray into Parquet: path, score, verdict, map maximum, error.
+    """Score stored images on Ray into Parquet: one inspection record a row (image, verdict...).
 
     Unreadable images are rows with their error; a re-run with the same --out resumes (after a
     crash or Ctrl-C) and writes every image once. Needs the ray extra: pip install
@@ -895,20 +902,23 @@ def batch(
     """
     import logging
 
-    from patchcore.scale import distributed
+    from patchcore import scale
+    from patchcore.apps import plots
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     bar = _Bar("batch", quiet)
     with _errors():
         try:
-            s = distributed.batch_score(
+            s = scale.batch_score(
                 model,
                 sources,
                 out,
                 workers=workers,
                 address=address,
                 threshold=threshold,
+                scores_only=scores_only,
                 heatmaps=heatmaps,
+                overlay=plots.anomaly_map_overlay if heatmaps is not None else None,
                 block_size=block_size,
                 threads_per_worker=threads,
                 recursive=recursive,

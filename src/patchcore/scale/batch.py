@@ -327,13 +327,10 @@ def batch_score(
         heatmaps: folder for an overlay PNG per image (a shared folder on a cluster), drawn by
             ``overlay`` in the colour range of :func:`patchcore.lean.record.display_range`.
         overlay: the overlay function (:data:`Overlay`); needed with ``heatmaps``.
-        block_size: images per block (one Ray task and one Parquet file), rounded up to a
-            multiple of the model's ``batch_size`` so that a fresh run batches images as one
-            single-process ``score`` call does (its scores are then equal bit for bit; where
-            batches differ -- a resumed run, images of several sizes -- or the torch
-            thread count differs -- the convolutions may sum in another order: scores within
-            float32 rounding, see benchmarks/RESULTS.md); a crash loses at most
-            the blocks in flight.
+        block_size: images per block (one Ray task, one Parquet file; a crash loses at most
+            the blocks in flight), rounded up to a multiple of the model's ``batch_size``: a
+            fresh run batches as one ``score`` call does, so its scores are equal bit for bit
+            (other batches or thread counts: within float32 rounding, benchmarks/RESULTS.md).
         threads_per_worker: torch threads (and Ray CPUs) per actor.
         recursive: also list sub-folders of folder sources.
         device: where the actors compute (``"cpu"``, ``"cuda"``, ``None`` = as saved).
@@ -352,26 +349,18 @@ def batch_score(
         ModelFileError: the model file cannot be used.
         WorkerLostError: a block's worker died :data:`BLOCK_TRIES` times.
     """
-    if workers < 1 or threads_per_worker < 1 or block_size < 1:
-        raise BatchError(
-            f"workers, threads_per_worker and block_size must be >= 1, got {workers}, "
-            f"{threads_per_worker}, {block_size}"
-        )
+    if min(workers, threads_per_worker, block_size) < 1:
+        got = f"{workers}, {threads_per_worker}, {block_size}"
+        raise BatchError(f"workers, threads_per_worker and block_size must be >= 1, got {got}")
     if heatmaps is not None and overlay is None:
         raise BatchError("heatmaps need an overlay function (patchcore.apps.plots has one)")
-    model = Path(model)
+    model, out = Path(model), Path(out)
     per_batch = _check_model(model, threshold, scores_only)
     block_size = -(-int(block_size) // per_batch) * per_batch
     data = model.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     keys = list_sources(sources, recursive=recursive)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BatchError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise BatchError(f"{out}: the output folder is not writable")
-    done = _done(out, digest)
+    done = _prepare_out(out, digest)
     todo = [(i, k) for i, k in enumerate(keys) if k not in done]
     if total is not None:
         total(len(todo))
@@ -389,17 +378,24 @@ def batch_score(
     if todo:
         blocks = [todo[lo : lo + block_size] for lo in range(0, len(todo), block_size)]
         with Session(address, workers * threads_per_worker, object_store_memory) as session:
+            gpus, threads = gpus_per_worker, threads_per_worker
             actors = session.actors(
-                BlockScorer,
-                (settings,),
-                count=workers,
-                num_cpus=threads_per_worker,
-                num_gpus=gpus_per_worker,
+                BlockScorer, (settings,), count=workers, num_cpus=threads, num_gpus=gpus
             )
             model_ref = [session.ray.put(data)]  # in a list: the bytes stay in the store
             _write_blocks(session.ray, actors, model_ref, blocks, out, done, summary, progress)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _prepare_out(out: Path, digest: str) -> set[str]:
+    """The output folder made and writable; the images this model already wrote there."""
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise BatchError(f"{out}: the output folder is not writable")
+    return _done(out, digest)
 
 
 def _write_blocks(

@@ -81,21 +81,12 @@ def batch(
     bar = base.Bar("batch", quiet)
     with base.errors():
         try:
+            ray = {"workers": workers, "address": address, "threads_per_worker": threads}
+            scoring = {"threshold": threshold, "heatmaps": heatmaps, "block_size": block_size}
             s = distributed.batch_score(
-                model,
-                sources,
-                out,
-                workers=workers,
-                address=address,
-                threshold=threshold,
-                heatmaps=heatmaps,
-                block_size=block_size,
-                threads_per_worker=threads,
-                recursive=recursive,
-                device=device,
-                progress=bar.update,
-                total=bar.total,
-            )
+                model, sources, out, recursive=recursive, device=device, progress=bar.update,
+                total=bar.total, **ray, **scoring,
+            )  # fmt: skip
         finally:
             bar.close()
     typer.echo(

@@ -9,16 +9,15 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from patchcore.core import persistence, sampling, search
-from patchcore.core.anomaly_map import maps_at_sizes
+from patchcore.core import persistence, sampling, scoring, search
 from patchcore.core.backbones import BACKBONE_DTYPES, FeatureExtractor, resolve_device
 from patchcore.core.embedding import FEATURE_DTYPES, FeatureStore, embed, flatten_patches
 from patchcore.core.explain import ExplainMixin, Explanation, bank_provenance
@@ -66,6 +65,18 @@ class TrainingFeatures:
     grids: list[tuple[int, int, int, int]]
     names: list[str]
     skipped: list[Skipped]
+
+
+class PatchDistances(NamedTuple):
+    """A batch's patches and their nearest-bank distances (:meth:`PatchCore._distances`):
+    patches (B, P, D) float32, distances (B, P) (each image's ``top_k`` largest exact),
+    image_max / arg (B,) the exact largest distance and its patch, grid the (h, w) patch grid."""
+
+    patches: torch.Tensor
+    distances: torch.Tensor
+    image_max: torch.Tensor
+    arg: torch.Tensor
+    grid: tuple[int, int]
 
 
 class PatchCore(
@@ -340,63 +351,53 @@ class PatchCore(
         return embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
 
     @torch.inference_mode()
+    def _distances(self, pixels: torch.Tensor) -> PatchDistances:
+        """Embed (B, 3, H, W) pixels and search the bank (distances only: the nearest row is
+        looked up for each image's worst patch alone, in :func:`search.patch_scores`)."""
+        emb = self._embed(pixels)
+        b, _, h, w = emb.shape
+        patches = flatten_patches(emb).float().view(b, h * w, -1)
+        distances, image_max, arg = search.patch_scores(self._index, patches, int(self.top_k))
+        return PatchDistances(patches, distances, image_max, arg, (h, w))
+
+    @torch.inference_mode()
     def _score_batch(self, batch: Batch, maps: MapSize) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image scores (B,) float64 and, unless ``maps`` is None, B float32 maps."""
         assert batch.pixels is not None
-        emb = self._embed(batch.pixels)
-        b, _, h, w = emb.shape
-        patches = flatten_patches(emb).float().view(b, h * w, -1)
-        # distances only: the nearest index is looked up for each image's worst patch alone
-        patch_scores, image_max, arg = search.patch_scores(self._index, patches, int(self.top_k))
-        image_scores = self._image_scores(patches, patch_scores, image_max, arg)
+        found = self._distances(batch.pixels)
+        image_scores = self._image_scores(found)
         out: list[np.ndarray] = []
         if maps is not None:
+            b, (h, w) = len(image_scores), found.grid
             processed = (int(batch.pixels.shape[-2]), int(batch.pixels.shape[-1]))
             want = {"processed": [processed] * b, "native": batch.sizes}.get(maps, [maps] * b)
-            out = maps_at_sizes(patch_scores.view(b, 1, h, w), processed, want, self.sigma)
+            grid = found.distances.view(b, 1, h, w)
+            out = scoring.maps_at_sizes(grid, processed, want, self.sigma)
         return image_scores.double().cpu().numpy(), out
 
-    def _image_scores(
-        self,
-        patches: torch.Tensor,
-        patch_scores: torch.Tensor,
-        image_max: torch.Tensor,
-        arg: torch.Tensor,
-    ) -> torch.Tensor:
-        """(B,) image scores from (B, P, D) patches and :func:`search.patch_scores`' outputs:
-        the mean of the ``top_k`` largest patch distances, or (``top_k`` 1) the largest with
-        the paper's eq. 7 reweighting when ``num_neighbors`` > 1."""
-        if int(self.top_k) > 1:
-            return self._top_k_mean(patch_scores)
+    def _image_scores(self, found: PatchDistances) -> torch.Tensor:
+        """(B,) image scores by the one rule (:func:`patchcore.core.scoring.image_scores`)."""
+        return scoring.image_scores(
+            found.distances,
+            int(self.top_k),
+            patches=found.patches,
+            best=(found.image_max, found.arg),
+            support=self._eq7_support(),
+        )
+
+    def _eq7_support(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """(B, D) worst patches -> (B, k, D): the ``num_neighbors`` bank rows around each one's
+        nearest row m* (eq. 7's support), or None where eq. 7 does not apply."""
         k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
-        return self._reweight(patches, arg, image_max, k) if k > 1 else image_max
+        if int(self.top_k) > 1 or k <= 1:
+            return None
+        bank, index = self._bank, self._index  # the bank on the index's device
 
-    def _reweight(
-        self,
-        patches: torch.Tensor,
-        arg: torch.Tensor,
-        scores: torch.Tensor,
-        k: int,
-    ) -> torch.Tensor:
-        """The paper's eq. 7: damp the max-patch score where its neighbourhood is dense."""
-        rows = torch.arange(patches.shape[0], device=patches.device)
-        worst = patches[rows, arg]  # (B, D) most anomalous patch per image
-        bank = self._bank  # on the index's device (was a full copy per batch on GPUs)
-        nearest = bank[self._index.search(worst, k=1)[1][:, 0]]  # (B, D) m*, its nearest row
-        _, support = self._index.search(nearest, k=k)  # (B, k) neighbours of m*
-        d = torch.linalg.vector_norm(worst[:, None, :] - bank[support], dim=-1)  # (B, k)
-        weights = 1.0 - torch.softmax(d, dim=1)[:, 0]
-        return weights * scores
+        def support(worst: torch.Tensor) -> torch.Tensor:
+            nearest = bank[index.search(worst, k=1)[1][:, 0]]  # (B, D) m*, its nearest row
+            return bank[index.search(nearest, k=k)[1]]  # (B, k, D) the neighbours of m*
 
-    def _top_k_mean(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B,) mean of each image's ``top_k`` largest patch distances.
-
-        Args:
-            scores: (B, P) nearest distances from ``search.patch_scores(..., k=top_k)``, whose
-                ``top_k`` largest are exact.
-        """
-        k = min(int(self.top_k), scores.shape[1])
-        return scores.topk(k, dim=1).values.float().mean(dim=1)
+        return support
 
     # ------------------------------------------------------------------ inference
 

@@ -32,7 +32,7 @@ from patchcore.core.inputs import (
     warn_skipped,
 )
 from patchcore.core.inspection import InspectMixin
-from patchcore.core.params import ParamsMixin
+from patchcore.core.params import ParamsMixin, check_settable
 from patchcore.core.persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from patchcore.core.regions import RegionsMixin
 from patchcore.core.results import Classification, ImageResult, MapSize, ScoreResult, check_maps
@@ -210,6 +210,26 @@ class PatchCore(
         from patchcore.core.presets import with_preset
 
         return cls(**with_preset(name, overrides))
+
+    def set_params(self, **params: Any) -> PatchCore:
+        """Set constructor arguments by name, as far as a fitted model allows.
+
+        Fit-shaping parameters (:data:`~patchcore.core.params.FIT_PARAMS`: backbone, layers,
+        weights, sizes, bank and sampling settings, feature and backbone dtypes, embed_dim,
+        kernel_size, seed) are refused on a fitted model, and those that change what a score or
+        map means (:data:`~patchcore.core.params.SCORE_PARAMS`: top_k, num_neighbors, sigma)
+        once a threshold exists: a ``ValueError`` names the parameter and what to do (fit
+        again, or :meth:`clear_threshold` and calibrate again). Scoring settings (batch_size,
+        device, progress, search_precision) apply from the next call.
+
+        Returns:
+            self
+        """
+        check_settable(self, params)
+        super().set_params(**params)
+        if hasattr(self, "state_") and {"device", "search_precision"} & params.keys():
+            self._set_fitted(self.state_, self.extractor_)  # bank and index moved / rebuilt
+        return self
 
     def _validate(self) -> None:
         validate_params(self)

@@ -187,7 +187,9 @@ class ScoringGraph(nn.Module):
 
 
 def grid_size(det: PatchCore, size: tuple[int, int]) -> tuple[int, int]:
-    """The patch grid (h, w) the detector produces for a processed ``size`` (one dry run)."""
+    """The patch grid (h, w) the detector produces for a processed ``size``: the first tapped
+    layer's grid (the embedding keeps it), from one dry run of the feature extractor."""
     with torch.inference_mode():
-        emb = det._embed(torch.zeros(1, 3, *size))
-    return int(emb.shape[-2]), int(emb.shape[-1])
+        feats = det.extractor_(torch.zeros(1, 3, *size))
+    first = feats[det.state_.layers[0]]
+    return int(first.shape[-2]), int(first.shape[-1])

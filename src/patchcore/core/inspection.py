@@ -81,7 +81,7 @@ class InspectMixin:
             if r.error is not None:
                 yield r, rec.error_record(r.name, r.index, r.error, threshold=threshold)
                 continue
-            yield r, rec.inspection(
+            record = rec.inspection(
                 r.name,
                 r.index,
                 r.score,
@@ -91,3 +91,4 @@ class InspectMixin:
                 region_cut=cut,
                 min_area=min_area,
             )
+            yield r, record

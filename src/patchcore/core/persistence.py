@@ -68,7 +68,17 @@ __all__ = [
 FORMAT_NAME = "patchcore"
 FORMAT_VERSION = 2  #: the newest version written and read; see the module docstring
 
-_STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are not saved)
+#: Optional "state" entries: left out of the file when None (older files lack them).
+_OPTIONAL_STATE = (
+    "calibration",
+    "normalization",
+    "region_threshold",
+    "region_threshold_method",
+    "map_scale",
+    "display_range",
+)
+#: FittedState fields written under "state" (skipped inputs are not saved).
+_STATE_KEYS = (
     "threshold",
     "threshold_method",
     "n_train_images",
@@ -78,21 +88,7 @@ _STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are 
     "fit_seconds",
     "feature_dtype",
     "metadata",
-    "calibration",
-    "normalization",
-    "region_threshold",
-    "region_threshold_method",
-    "map_scale",
-    "display_range",
-)
-#: Optional "state" entries: left out of the file when None (older files lack them).
-_OPTIONAL_STATE = (
-    "calibration",
-    "normalization",
-    "region_threshold",
-    "region_threshold_method",
-    "map_scale",
-    "display_range",
+    *_OPTIONAL_STATE,
 )
 
 _OPTIONAL_STATE_KEYS = ("train_names", "train_grids", "updates")  # written only when set

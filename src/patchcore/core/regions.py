@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from patchcore.core.metrics import pixel_threshold, region_threshold
+from patchcore.core.pixel_metrics import pixel_threshold, region_threshold
 from patchcore.core.state import NotFittedError
 from patchcore.lean.record import ANOMALOUS, ERROR, NonFiniteScoreError
 from patchcore.lean.regions import DEFAULT_MIN_AREA, REGION_METHODS, ImageRegions, check_cut
@@ -113,8 +113,9 @@ class RegionsMixin:
                 mask of another size is resized with nearest neighbour; all False for a
                 normal image), e.g. ``patchcore.core.datasets.load_mask(sample)``.
             method: ``"max_region_f1"`` (default: found regions against false regions,
-                :func:`patchcore.core.metrics.region_threshold` with ``min_area``) or
-                ``"max_pixel_f1"`` (pooled pixels, :func:`patchcore.core.metrics.pixel_threshold`).
+                :func:`patchcore.core.pixel_metrics.region_threshold` with ``min_area``) or
+                ``"max_pixel_f1"`` (pooled pixels,
+                :func:`patchcore.core.pixel_metrics.pixel_threshold`).
             min_area: the minimum region area the threshold is chosen for.
 
         Returns:

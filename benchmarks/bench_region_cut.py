@@ -15,6 +15,7 @@ halves (seed 0), calibrate (max F1) on one half, inspect the other. Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -69,12 +70,15 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=30)
     ap.add_argument("--sizes", nargs="+", default=["native", "224"])
     args = ap.parse_args()
-    rows = []
     for name in args.sets:
         for size in args.sizes:
             row = append_row(OUT, run(name, args.train, None if size == "native" else int(size)))
             print(row, flush=True)
-            rows.append(row)
+    latest = {}  # the newest row of every (set, size, train) measured so far
+    for line in OUT.read_text().splitlines():
+        row = json.loads(line)
+        latest[(row["set"], str(row["size"]), row["train"])] = row
+    rows = list(latest.values())
     lines = [
         "Flagged test images that need the peak-region fallback (no region of >= 16 pixels at "
         "the cut), at the image threshold (the old default cut) and at the calibrated map-scale "

@@ -61,8 +61,9 @@ def test_reused_scores_take_map_extremes_or_one_more_pass(fitted, toy_images) ->
 def test_display_range_rule_and_older_files(fitted, tmp_path) -> None:
     det = copy.deepcopy(fitted)
     assert det.display_range_ is None  # no threshold, no calibration: each map its own
-    det.set_threshold(2.0)
-    assert det.display_range_ == record.display_range(None, 2.0) == (1.0, 2.5)
+    det.set_threshold(2.0)  # none chosen on maps: the rule's threshold fallback
+    assert det.display_range_ is None
+    assert record.display_range(det.display_range_, det.threshold_) == (1.0, 2.5)
     # a file from before the state had it: the workflow's metadata range is read
     det.metadata_ = {"display_range": [0.25, 3.0]}
     raw = torch.load(det.save(tmp_path / "m.pt"), weights_only=True)

@@ -14,8 +14,10 @@ Chosen once, on the calibration images' scores and maps, and stored in the fitte
   ``calibrate_normal`` and ``set_threshold(value, images=...)`` all set it, and a later
   ``set_threshold(value)`` without images keeps it (the cut follows the new threshold).
 - **the display range** (:func:`display_range`): the heatmap colours' ``[lo, hi]``,
-  ``[min, DISPLAY_TOP x max]`` over the calibration maps, read through
-  :func:`patchcore.lean.record.display_range` (``PatchCore.display_range_``).
+  ``[min, DISPLAY_TOP x max]`` over the calibration maps, stored as
+  ``PatchCore.display_range_``; every surface draws with the one rule
+  ``patchcore.lean.record.display_range(det.display_range_, det.threshold_)`` (the stored
+  range, else the threshold's fallback).
 
 numpy only.
 """

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from patchcore.core.inputs import Skipped
-from patchcore.lean.record import display_range
 
 __all__ = ["FittedAttributes", "FittedState", "NotFittedError"]
 
@@ -163,12 +162,11 @@ class FittedAttributes:
     updates_ = _view("updates", "Records of the partial_fit calls, oldest first.")
     map_scale_ = _view("map_scale", "Map max / score at calibration (region cut), or None.")
 
-    @property
-    def display_range_(self) -> tuple[float, float] | None:
-        """The heatmap colour range ``(lo, hi)`` every surface draws with: the range chosen at
-        calibration, else the threshold's fallback, else None (each map its own), by the one
-        rule :func:`patchcore.lean.record.display_range`."""
-        return display_range(self.state_.display_range, self.state_.threshold)
+    display_range_ = _view(
+        "display_range",
+        "Heatmap colour range (lo, hi) chosen at calibration, or None; every surface draws "
+        "with record.display_range(display_range_, threshold_).",
+    )
 
     @property
     def skipped_(self) -> list[tuple[str, str]]:

@@ -45,15 +45,21 @@ def test_calibration_stores_the_map_scale_and_display_range(fitted, toy_images, 
     assert normal.map_scale_ == pytest.approx(det.map_scale_) and normal.display_range_
 
 
-def test_reused_scores_take_map_extremes_or_one_more_pass(fitted, toy_images) -> None:
+def test_reused_scores_take_map_extremes_or_keep_the_map_facts(fitted, toy_images) -> None:
     _, good, bad = toy_images
     images, labels = good + bad, [0] * len(good) + [1] * len(bad)
     r = fitted.score(images, maps="native")
     extremes = np.array([(m.min(), m.max()) for m in r.maps])
     a = copy.deepcopy(fitted).calibrate(images, labels)
     b = copy.deepcopy(fitted).calibrate(images, labels, scores=r.scores, map_extremes=extremes)
-    c = copy.deepcopy(fitted).calibrate(images, labels, scores=r.scores)
-    assert a.map_scale_ == b.map_scale_ == c.map_scale_ and a.threshold_ == b.threshold_
+    assert a.map_scale_ == b.map_scale_ and a.display_range_ == b.display_range_
+    assert a.threshold_ == b.threshold_
+    # scores alone: the images are not read (names will do) and the map facts are kept
+    names = [f"not a file {i}" for i in range(len(images))]
+    c = copy.deepcopy(fitted).calibrate(names, labels, scores=r.scores)
+    assert c.threshold_ == a.threshold_ and c.map_scale_ is None and c.display_range_ is None
+    a.calibrate_normal(None, max_fpr=0.2, scores=r.scores[: len(good)] + 0.0)
+    assert a.map_scale_ == b.map_scale_ and a.threshold_method_ == "conformal"
     with pytest.raises(ValueError, match=r"map_extremes must have shape \(8, 2\)"):
         copy.deepcopy(fitted).calibrate(images, labels, scores=r.scores, map_extremes=extremes[:3])
 

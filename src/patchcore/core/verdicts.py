@@ -157,7 +157,7 @@ class VerdictMixin:
             raise ValueError(f"threshold must be a finite number, got {value!r}")
         facts = None
         if images is not None:
-            facts = map_facts(*self._calibration_pass(images, None, None, progress))
+            facts = self._calibration_pass(images, None, None, progress)[1]
         self._set_threshold(
             float(value), method, None, fit_normalization(None, float(value)), facts
         )
@@ -192,25 +192,25 @@ class VerdictMixin:
 
     def _calibration_pass(
         self, images: Any, scores: Any, map_extremes: Any, progress: bool | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(N,) scores and (N, 2) anomaly-map minimum / maximum of ``images``: those given, the
-        rest from one scoring pass with native-size maps (unreadable images raise). With
-        ``scores`` and no ``images`` the extremes are unknown (NaN: no map facts)."""
-        s = None if scores is None else np.asarray(scores, dtype=np.float64)
-        e = None if map_extremes is None else np.asarray(map_extremes, dtype=np.float64)
-        if e is None and images is None and s is not None:
-            e = np.full((len(s), 2), np.nan)
-        if s is None or e is None:
-            items = as_list(images)
-            s_new, e_new = np.full(len(items), np.nan), np.full((len(items), 2), np.nan)
-            for r in self.iter_score(items, maps="native", progress=progress):
-                s_new[r.index] = r.score
-                e_new[r.index] = extremes_of([r.map])[0]
-            s = s_new if s is None else s
-            e = e_new if e is None else e
-        if e.shape != (len(s), 2):
-            raise ValueError(f"map_extremes must have shape ({len(s)}, 2), got {e.shape}")
-        return s, e
+    ) -> tuple[np.ndarray, MapFacts | None]:
+        """(N,) scores of ``images`` and the map facts of the calibration maps: from one
+        scoring pass with native-size maps when no ``scores`` are given (unreadable images
+        raise); from ``map_extremes`` when given; else None (``scores`` alone: ``images`` are
+        not read, and the map facts chosen before are kept)."""
+        if scores is not None:
+            s = np.asarray(scores, dtype=np.float64)
+            if map_extremes is None:
+                return s, None
+            e = np.asarray(map_extremes, dtype=np.float64)
+            if e.shape != (len(s), 2):
+                raise ValueError(f"map_extremes must have shape ({len(s)}, 2), got {e.shape}")
+            return s, map_facts(s, e)
+        items = as_list(images)
+        s, e = np.full(len(items), np.nan), np.full((len(items), 2), np.nan)
+        for r in self.iter_score(items, maps="native", progress=progress):
+            s[r.index] = r.score
+            e[r.index] = extremes_of([r.map])[0]
+        return s, map_facts(s, e)
 
     def normalize(self, scores: Any) -> np.ndarray:
         """Normalised scores: raw ``scores`` (or maps) mapped onto [0, 1] with the threshold at
@@ -260,16 +260,16 @@ class VerdictMixin:
             method, max_fpr, max_fnr: see :func:`patchcore.core.metrics.anomaly_threshold`.
             scores: (N,) already computed scores of ``images``, to reuse a pass.
             map_extremes: (N, 2) each image's anomaly-map minimum and maximum from that pass
-                (:func:`patchcore.core.calibration.extremes_of`); with ``scores`` and without
-                them, ``images`` are scored once more for their maps (``images=None``: no map
-                scale or display range is chosen).
+                (:func:`patchcore.core.calibration.extremes_of`): the map scale and display
+                range are chosen on them. ``scores`` without them: ``images`` are not read
+                and the map scale and display range chosen before are kept.
             progress: progress bar while scoring.
         """
         self._check_fitted("calibrate")
         y = np.asarray(list(labels)).astype(int)
         if scores is not None and len(scores) != len(y):
             raise ValueError(f"{len(scores)} images but {len(y)} labels")
-        s, e = self._calibration_pass(images, scores, map_extremes, progress)
+        s, maps = self._calibration_pass(images, scores, map_extremes, progress)
         if len(s) != len(y):
             raise ValueError(f"{len(s)} images but {len(y)} labels")
         ok = np.isfinite(s)
@@ -280,7 +280,7 @@ class VerdictMixin:
             "max_fpr": None if max_fpr is None else float(max_fpr),
             "max_fnr": None if max_fnr is None else float(max_fnr),
         }
-        self._set_threshold(t, method, facts, fit_normalization(s[ok], t), map_facts(s, e))
+        self._set_threshold(t, method, facts, fit_normalization(s[ok], t), maps)
         return self
 
     def calibrate_normal(
@@ -318,13 +318,8 @@ class VerdictMixin:
             ValueError: a rate outside (0, 1), or non-finite scores (fails closed).
         """
         self._check_fitted("calibrate_normal")
-        s, e = self._calibration_pass(images, scores, map_extremes, progress)
+        s, maps = self._calibration_pass(images, scores, map_extremes, progress)
         c = conformal_threshold(s, max_fpr)
-        self._set_threshold(
-            c.threshold,
-            "conformal",
-            c.as_dict(),
-            fit_normalization(s, c.threshold),
-            map_facts(s, e),
-        )
+        mapping = fit_normalization(s, c.threshold)
+        self._set_threshold(c.threshold, "conformal", c.as_dict(), mapping, maps)
         return self

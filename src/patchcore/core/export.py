@@ -31,9 +31,15 @@ the torch path in float32 on probe images and refuses to write an export that do
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
 import json
 import math
 import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +51,20 @@ import torch
 import torch.nn.functional as F
 
 from patchcore.core.graph import ExportError, ScoringGraph
-from patchcore.lean.runtime import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, file_sha256
+from patchcore.lean import record
+from patchcore.lean.manifest import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    MANIFEST,
+    MAX_BATCH,
+    MAX_SIDE,
+    MIN_SIDE,
+    export_kind,
+    file_entry,
+    load_export,
+    seal,
+)
+from patchcore.lean.runtime import open_session
 from patchcore.lean.util import package_version
 
 if TYPE_CHECKING:
@@ -60,7 +79,6 @@ __all__ = [
     "ExportResult",
     "ScoringGraph",
     "export",
-    "file_sha256",
 ]
 
 FORMATS = ("onnx", "openvino")
@@ -144,35 +162,47 @@ def export(
     dynamic: bool | None = None,
     block_rows: int = 4096,
     source: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Export ``det``'s scoring graph and the manifest the runtime reads into folder ``out``.
 
+    The export is written into a new sibling folder, checked there (parity and the runtime's
+    own reading of the manifest) and then swapped in for ``out`` in one step: an export that
+    is interrupted or fails leaves what ``out`` held before untouched.
+
     Args:
         det: a fitted detector.
-        out: folder to write (created; existing export files in it are replaced).
+        out: the export folder (created; a previous export there is replaced).
         format: ``"onnx"`` (``model.onnx``) or ``"openvino"`` (``model.xml`` / ``model.bin``,
             converted from the ONNX graph by OpenVINO; ``model.onnx`` is kept beside it).
         dynamic: graph for any image size; ``None``: dynamic unless the model has a fixed
             ``image_size``. A fixed-size graph refuses other sizes.
         block_rows: bank rows per distance block (memory per block: patches x rows x 4 bytes).
         source: the model file exported (its name and size go into the manifest).
+        force: replace ``out`` even when it is not an export (a file, or a folder holding
+            other files).
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
-        ExportError: unsupported format or model, or the export differs from the torch path on
-            the probe images by more than 1e-4 (scores, relative) or 1e-3 (maps, relative to the
-            map's largest value).
+        ExportError: unsupported format or model, a non-finite threshold, ``out`` holds
+            something else than an export (without ``force``), or the export differs from the
+            torch path on the probe images by more than 1e-4 (scores, relative) or 1e-3 (maps,
+            relative to the map's largest value).
     """
     det._check_fitted("export")
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if int(block_rows) < 1:
         raise ExportError(f"block_rows must be >= 1, got {block_rows!r}")
-    t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if export_kind(out) == "other" and not force:
+        raise ExportError(
+            f"{out} exists and is not a patchcore export: choose another folder, or force the "
+            "replacement (patchcore export --force)"
+        )
+    t0 = time.perf_counter()
     fixed = _processed_size(det)
     if dynamic is None:
         dynamic = fixed is None
@@ -181,20 +211,53 @@ def export(
             "a fixed-size export needs a model fitted with image_size=; this one resizes by "
             "scale or keeps each image's size: export it with dynamic=True"
         )
-    size = None if dynamic else fixed
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        probes = _probes(fixed)
+        size = None if dynamic else fixed
+        files = _write_graph(det, work, format, size, int(block_rows), probes[0])
+        info = _manifest(det, dynamic, fixed, files, source)
+        _write_manifest(work, {**info, "probe_parity": {}, "export_seconds": 0.0})
+        session = open_session(load_export(work))  # read back as the runtime reads it
+        checks = [parity(_torch_reference(det, p), session.run(p.numpy())) for p in probes]
+        result = {k: max(c[k] for c in checks) for k in ("score_rel", "map_rel")}
+        if not (result["score_rel"] <= SCORE_RTOL and result["map_rel"] <= MAP_RTOL):
+            raise ExportError(
+                f"the exported graph does not reproduce the torch path on the probe images "
+                f"(score {result['score_rel']:.3g} relative, limit {SCORE_RTOL:g}; map "
+                f"{result['map_rel']:.3g}, limit {MAP_RTOL:g}); nothing was written"
+            )
+        seconds = time.perf_counter() - t0
+        _write_manifest(work, {**info, "probe_parity": result, "export_seconds": round(seconds, 3)})
+        load_export(work)
+        _swap_in(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the new files on failure, the old on success
+    names = [f.name for f in files]
+    return ExportResult(out / MANIFEST, tuple(out / n for n in names), seconds, result)
+
+
+def _write_graph(
+    det: PatchCore,
+    folder: Path,
+    format: str,
+    size: tuple[int, int] | None,
+    block_rows: int,
+    example: torch.Tensor,
+) -> list[Path]:
+    """Trace the scoring graph to ``folder/model.onnx`` (and convert it for OpenVINO)."""
     graph = ScoringGraph(det, size, block_rows=block_rows).eval()
-    probes = _probes(fixed)
-    onnx_path = out / "model.onnx"
-    example = probes[0]  # batch 2: torch.export specialises dimensions of size 1
-    if dynamic:
+    onnx_path = folder / "model.onnx"
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if size is None:  # example: batch 2, as torch.export specialises dimensions of size 1
         dims = {
-            0: torch.export.Dim("batch", min=1, max=4096),
-            2: torch.export.Dim("height", min=32, max=16384),
-            3: torch.export.Dim("width", min=32, max=16384),
+            0: batch,
+            2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+            3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE),
         }
-        shapes = {"pixels": dims}
     else:
-        shapes = {"pixels": {0: torch.export.Dim("batch", min=1, max=4096)}}
+        dims = {0: batch}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -205,7 +268,7 @@ def export(
                 dynamo=True,
                 input_names=["pixels"],
                 output_names=["scores", "maps"],
-                dynamic_shapes=shapes,
+                dynamic_shapes={"pixels": dims},
                 opset_version=OPSET,
                 external_data=False,
                 verbose=False,
@@ -214,30 +277,54 @@ def export(
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
     files = [onnx_path]
     if format == "openvino":
-        files += _to_openvino(onnx_path, out)
-    manifest = _manifest(det, dynamic, fixed, files, source)
-    # the parity check runs the files just written through the runtime itself
-    from patchcore.lean.runtime import open_session
+        files += _to_openvino(onnx_path, folder)
+    return files
 
-    session = open_session(out, manifest)
-    checks = [parity(_torch_reference(det, p), session.run(p.numpy())) for p in probes]
-    result = {k: max(c[k] for c in checks) for k in ("score_rel", "map_rel")}
-    if not (result["score_rel"] <= SCORE_RTOL and result["map_rel"] <= MAP_RTOL):
-        for f in files:
-            f.unlink(missing_ok=True)
-        raise ExportError(
-            f"the exported graph does not reproduce the torch path on the probe images "
-            f"(score {result['score_rel']:.3g} relative, limit {SCORE_RTOL:g}; map "
-            f"{result['map_rel']:.3g}, limit {MAP_RTOL:g}); nothing was written"
-        )
-    manifest["probe_parity"] = result
-    seconds = time.perf_counter() - t0
-    manifest["export_seconds"] = round(seconds, 3)
-    path = out / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return ExportResult(path, tuple(files), seconds, result)
+
+def _write_manifest(folder: Path, info: dict[str, Any]) -> None:
+    try:
+        sealed = seal(info)
+    except ValueError as exc:  # a field the runtime would refuse: never write it
+        raise ExportError(f"cannot export this model: its {exc}") from None
+    (folder / MANIFEST).write_text(json.dumps(sealed, indent=2, sort_keys=True))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Put the finished folder ``work`` at ``out``; what ``out`` held ends up at ``work``."""
+    if not os.path.lexists(out):
+        os.replace(work, out)
+        return
+    if _exchange(work, out):
+        return
+    # two renames with Ctrl-C held back in between (the main thread receives the signals)
+    main = threading.current_thread() is threading.main_thread()
+    held = {signal.SIGINT, signal.SIGTERM}
+    if main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        aside = work.with_name(work.name + ".old")
+        os.replace(out, aside)
+        os.replace(work, out)
+        os.replace(aside, work)
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _to_openvino(onnx_path: Path, out: Path) -> list[Path]:
@@ -262,7 +349,10 @@ def _manifest(
 ) -> dict[str, Any]:
     from patchcore.lean import normalization
 
-    threshold = det.state_.threshold
+    try:
+        threshold = record.check_threshold(det.state_.threshold)
+    except record.NonFiniteScoreError as exc:
+        raise ExportError(f"cannot export this model: its {exc}; calibrate it again") from None
     mapping = getattr(det.state_, "normalization", None)
     if mapping is None and threshold is not None:
         mapping = normalization.fit_normalization(None, threshold)
@@ -273,8 +363,7 @@ def _manifest(
         "torch_version": torch.__version__,
         "exporter": "torch.onnx (dynamo)",
         "opset": OPSET,
-        "files": [f.name for f in files],
-        "sha256": file_sha256(files),
+        "files": [file_entry(f) for f in files],
         "input": "pixels",
         "outputs": ["scores", "maps"],
         "dynamic": bool(dynamic),
@@ -297,8 +386,18 @@ def _manifest(
         "top_k": int(det.top_k),
         "search": "float32",
         "backbone_dtype": "float32",  # exported in float32 whatever the model's backbone_dtype
+        # what the record needs besides the threshold: the region cut the torch path uses and
+        # the heatmap colour range stored at calibration (absent in models without one)
+        "region_threshold": None if threshold is None else float(det.region_cut()),
+        "display_range": _stored_range(det),
     }
     if source is not None:
         p = Path(source)
         info["source_model"] = {"name": p.name, "bytes": p.stat().st_size}
     return info
+
+
+def _stored_range(det: PatchCore) -> list[float] | None:
+    """The heatmap colour range stored on the model at calibration, or None (older models)."""
+    stored = getattr(det.state_, "display_range", None)
+    return None if stored is None else [float(v) for v in stored]

@@ -10,7 +10,6 @@ header), as in the full service. Needs fastapi and uvicorn (the ``runtime-serve`
 from __future__ import annotations
 
 import hmac
-import math
 import os
 import time
 from typing import Any
@@ -78,25 +77,24 @@ def create_app(
         try:
             pixels = decode_bytes(data, name=name or "body", max_pixels=MAX_PIXELS)
             t1 = time.perf_counter()
-            r = model.score([pixels], maps="native")
+            (r,) = model.inspect([pixels], regions=False, on_error="raise")
         except ImageTooLargeError as exc:
             raise HTTPException(413, str(exc)) from None
         except ImageReadError as exc:
             raise HTTPException(400, str(exc)) from None
-        except FloatingPointError as exc:
-            raise HTTPException(500, str(exc)) from None
         t2 = time.perf_counter()
-        score, amap = float(r.scores[0]), r.maps[0]  # type: ignore[index]
-        assert amap is not None and math.isfinite(score)
+        if r.verdict == "error":
+            raise HTTPException(500, r.error)
+        score, amap = float(r.score), r.anomaly_map  # type: ignore[arg-type]
         y, x = np.unravel_index(int(np.argmax(amap)), amap.shape)
         threshold = float(model.threshold)  # type: ignore[arg-type]
-        anomalous = score >= threshold
+        anomalous = r.anomalous
         return {
             "filename": name,
             "width": int(pixels.shape[1]),
             "height": int(pixels.shape[0]),
             "score": score,
-            "normalized_score": None if r.normalized is None else float(r.normalized[0]),
+            "normalized_score": r.normalized_score,
             "threshold": threshold,
             "verdict": "fail" if anomalous else "pass",
             "anomalous": bool(anomalous),

@@ -20,31 +20,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from patchcore.lean import record as rec
+from patchcore.lean.inputs import Batch, as_list, decode_input, iter_batches
 from patchcore.lean.manifest import ExportFileError, LoadedExport, load_export
 from patchcore.lean.pixels import (
     ImageReadError,
     input_limits,
     output_size,
-    pil_to_array,
     read_image,
-    resize_array,
     resize_maps,
     to_chw,
 )
 from patchcore.lean.regions import DEFAULT_MIN_AREA
-from patchcore.lean.util import bounded_map, check_on_error
 
 __all__ = ["BACKENDS", "ExportFileError", "ExportedModel", "open_session"]
 
 BACKENDS = ("onnxruntime", "openvino")
-DECODE_THREADS = 2  # as the torch path's input pipeline
 
 
 class _Session:
@@ -116,29 +111,6 @@ def open_session(
     return _Session(export, backend, threads)
 
 
-class _Scored(NamedTuple):
-    """One input's outcome: index, name, score, native-size map, own (H, W), error."""
-
-    index: int
-    name: str
-    score: float
-    map: np.ndarray | None
-    size: tuple[int, int] | None
-    error: str | None
-
-
-def _name(image: Any, index: int) -> str:
-    return str(image) if isinstance(image, (str, os.PathLike)) else f"image #{index}"
-
-
-def _as_list(images: Any) -> list[Any]:
-    if isinstance(images, (str, os.PathLike, Image.Image)) or (
-        isinstance(images, np.ndarray) and images.ndim <= 3
-    ):
-        return [images]
-    return list(images)
-
-
 class ExportedModel:
     """An exported detector, run without torch.
 
@@ -205,50 +177,71 @@ class ExportedModel:
         each with its native-size anomaly map (as ``PatchCore.iter_inspect``).
 
         Args:
-            images: a path, PIL image or numpy array, or a list of them.
+            images: a path, PIL image or numpy array, or a list of them (anything
+                :func:`patchcore.lean.inputs.as_list` takes).
             regions: cut each map into defect regions (needs a threshold).
             min_area: smallest region kept, in pixels.
             on_error: ``"skip"`` (default) gives an unreadable input an ``"error"`` record;
                 ``"raise"`` stops at the first one (:class:`ImageReadError`).
         """
-        check_on_error(on_error)
-        threshold, mapping = self.threshold, self.normalization
+        threshold = self.threshold
         cut = self.region_cut if regions and threshold is not None else None
-        for r in self._iter_scored(_as_list(images), on_error):
-            if r.error is not None:
-                yield rec.error_record(r.name, r.index, r.error, threshold=threshold)
-                continue
-            yield rec.inspection(
-                r.name,
-                r.index,
-                r.score,
-                threshold=threshold,
-                normalization_map=mapping,
-                anomaly_map=r.map,
-                region_cut=cut,
-                min_area=min_area,
-            )
+        for batch in self._batches(images, on_error):
+            records = [
+                rec.error_record(s.name, s.index, s.reason, threshold=threshold)
+                for s in batch.skipped
+            ]
+            if batch.pixels is not None:
+                scores, maps = self.session.run(batch.pixels)
+                for j, i in enumerate(batch.indices):
+                    records.append(
+                        rec.inspection(
+                            batch.names[j],
+                            i,
+                            float(scores[j]),
+                            threshold=threshold,
+                            normalization_map=self.normalization,
+                            anomaly_map=resize_maps(maps[j], batch.sizes[j]),
+                            region_cut=cut,
+                            min_area=min_area,
+                        )
+                    )
+            yield from sorted(records, key=lambda r: r.index)
 
     def inspect(self, images: Any, **kwargs: Any) -> list[rec.Inspection]:
         """``list(iter_inspect(images, **kwargs))``: one record per input, in input order."""
         return list(self.iter_inspect(images, **kwargs))
 
     def score_samples(self, images: Any) -> np.ndarray:
-        """(N,) float64 raw scores, higher = more anomalous (unreadable inputs raise)."""
-        items = _as_list(images)
-        return np.array([r.score for r in self._iter_scored(items, "raise", maps=False)])
+        """(N,) float64 raw scores, higher = more anomalous (no maps; unreadable inputs
+        raise :class:`ImageReadError`)."""
+        parts = [self.session.run(b.pixels)[0] for b in self._batches(images, "raise")]
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
     def anomaly_map(self, image: Any) -> np.ndarray:
         """Per-pixel anomaly map of one image, float32 HxW at the image's own size."""
-        (r,) = self._iter_scored([image], "raise")
-        return r.map  # type: ignore[return-value]
+        (r,) = self.inspect([image], regions=False, on_error="raise")
+        if r.anomaly_map is None:
+            raise FloatingPointError(f"{r.image}: {r.error}")
+        return r.anomaly_map
 
     # ------------------------------------------------------------------ the pipeline
+    def _batches(self, images: Any, on_error: str) -> Iterator[Batch]:
+        """The one input pipeline (:func:`patchcore.lean.inputs.iter_batches`) at this
+        export's processed sizes."""
+        return iter_batches(
+            as_list(images),
+            batch_size=self.batch_size,
+            target_size=lambda h, w: self._target("image", h, w),
+            decode=self._decode,
+            on_error=on_error,
+        )
+
     def _target(self, name: str, h: int, w: int) -> tuple[int, int]:
         """The processed size of an (h, w) input; refuses sizes the graph cannot take."""
-        size, info = self.info["image_size"], self.info
+        info = self.info
+        size = info["image_size"]
         target = output_size(h, w, tuple(size) if size else None, info["scale"])
-        input_limits().check_processed(name, *target)
         fixed = info["processed_size"]
         if fixed is not None and tuple(target) != tuple(fixed):
             raise ImageReadError(name, f"processed size {target} differs from the export's {fixed}")
@@ -261,72 +254,14 @@ class ExportedModel:
             )
         return target
 
-    def _decode(self, image: Any, index: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """One input -> (3, H, W) float32 at the processed size and its own (H, W)."""
-        name = _name(image, index)
-        if isinstance(image, (str, os.PathLike)):
-            arr = read_image(image, check_size=lambda h, w: self._target(name, h, w))
-        elif isinstance(image, Image.Image):
-            arr = pil_to_array(image)
-        elif isinstance(image, np.ndarray):
-            arr = image
-        else:
-            raise ImageReadError(
-                name,
-                f"unsupported input type {type(image).__name__}; give a path, PIL image or "
-                "numpy array",
-            )
-        chw = to_chw(arr, name)
-        size = (int(chw.shape[1]), int(chw.shape[2]))
-        return resize_array(chw, self._target(name, *size)), size
+    def _decode(self, image: Any) -> np.ndarray:
+        """One input -> float32 (3, H, W); a file's processed size is checked from its header,
+        before its pixels are decoded."""
+        if not isinstance(image, (str, os.PathLike)):
+            return decode_input(image)
+        name = str(image)
 
-    def _decoded(self, items: list[Any]) -> Iterator[tuple[int, Any]]:
-        """(index, (pixels, size) or the ImageReadError) in input order; files decoded in
-        :data:`DECODE_THREADS` threads ahead of the graph (at most 4 batches in flight)."""
+        def check(h: int, w: int) -> None:
+            input_limits().check_processed(name, *self._target(name, h, w))
 
-        def load(i: int) -> tuple[int, Any]:
-            try:
-                return i, self._decode(items[i], i)
-            except ImageReadError as exc:
-                return i, exc
-
-        if len(items) < 2:
-            yield from map(load, range(len(items)))
-            return
-        with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-            yield from bounded_map(pool, load, range(len(items)), 4 * self.batch_size)
-
-    def _iter_scored(self, items: list[Any], on_error: str, maps: bool = True) -> Iterator[_Scored]:
-        """Decode, batch consecutive same-size inputs, run the graph; one result per input, in
-        input order (an unreadable input waits for the batch around it)."""
-        idx: list[int] = []
-        pix: list[np.ndarray] = []
-        sizes: list[tuple[int, int]] = []
-        failed: list[_Scored] = []
-        for i, decoded in self._decoded(items):
-            if isinstance(decoded, ImageReadError):
-                if on_error == "raise":
-                    raise decoded
-                name = _name(items[i], i)
-                failed.append(_Scored(i, name, float("nan"), None, None, decoded.problem))
-                continue
-            x, size = decoded
-            if pix and (pix[0].shape != x.shape or len(pix) >= self.batch_size):
-                yield from self._run(items, idx, pix, sizes, maps, failed)
-                idx, pix, sizes, failed = [], [], [], []
-            idx.append(i)
-            pix.append(x)
-            sizes.append(size)
-        yield from self._run(items, idx, pix, sizes, maps, failed)
-
-    def _run(
-        self, items: list[Any], idx: list[int], pix: list, sizes: list, maps: bool, failed: list
-    ) -> Iterator[_Scored]:
-        """One graph call on a batch; its results and the failures met while it filled."""
-        done = list(failed)
-        if idx:
-            scores, out = self.session.run(np.stack(pix))
-            for j, i in enumerate(idx):
-                m = resize_maps(out[j], sizes[j]) if maps else None
-                done.append(_Scored(i, _name(items[i], i), float(scores[j]), m, sizes[j], None))
-        yield from sorted(done, key=lambda r: r.index)
+        return to_chw(read_image(image, check_size=check), name)

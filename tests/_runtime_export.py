@@ -8,6 +8,7 @@ channel mean (B, H, W) and ``scores`` = each map's maximum: a white image scores
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,13 @@ def edit_manifest(folder: Path, reseal: bool = False, **changes: Any) -> None:
     if reseal:
         info["digest"] = digest(info)
     path.write_text(json.dumps(info))
+
+
+def damaged_dds(path: Path) -> Path:
+    """A DDS image with an unknown pixel format, named .png: Pillow's DDS decoder raised
+    NotImplementedError on it and stopped the runtime."""
+    header = bytearray(124)
+    struct.pack_into("<IIIIIII", header, 0, 124, 0x1007, 64, 64, 0, 0, 1)
+    struct.pack_into("<II4s", header, 72, 32, 4, b"ZZZZ")
+    path.write_bytes(b"DDS " + bytes(header) + bytes(64 * 64))
+    return path

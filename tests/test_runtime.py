@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _runtime_export import synthetic_export
+from _runtime_export import damaged_dds, synthetic_export
 from PIL import Image
 
 from patchcore.lean.pixels import ImageReadError
@@ -38,16 +37,6 @@ def _png(path: Path, value: int, size: tuple[int, int] = (48, 64)) -> Path:
     a = np.full((*size, 3), 30, np.uint8)
     a[size[0] // 2 - 4 : size[0] // 2 + 4, 10:20] = value  # a bright patch: the "defect"
     Image.fromarray(a).save(path)
-    return path
-
-
-def damaged_dds(path: Path) -> Path:
-    """A DDS image with an unknown pixel format, named .png: Pillow's DDS decoder raised
-    NotImplementedError on it and stopped the runtime."""
-    header = bytearray(124)
-    struct.pack_into("<IIIIIII", header, 0, 124, 0x1007, 64, 64, 0, 0, 1)
-    struct.pack_into("<II4s", header, 72, 32, 4, b"ZZZZ")
-    path.write_bytes(b"DDS " + bytes(header) + bytes(64 * 64))
     return path
 
 

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _runtime_export import synthetic_export
+from _runtime_export import damaged_dds, synthetic_export
 from conftest import data_set
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_runtime import damaged_dds
 
 from patchcore.lean.pixels import (
     SURFACE_LIMITS,

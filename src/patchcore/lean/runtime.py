@@ -26,7 +26,7 @@ import numpy as np
 
 from patchcore.lean import record as rec
 from patchcore.lean.inputs import Batch, as_list, decode_input, iter_batches
-from patchcore.lean.manifest import ExportFileError, LoadedExport, load_export
+from patchcore.lean.manifest import MANIFEST, ExportFileError, LoadedExport, load_export
 from patchcore.lean.pixels import (
     ImageReadError,
     input_limits,
@@ -37,7 +37,7 @@ from patchcore.lean.pixels import (
 )
 from patchcore.lean.regions import DEFAULT_MIN_AREA
 
-__all__ = ["BACKENDS", "ExportFileError", "ExportedModel", "open_session"]
+__all__ = ["BACKENDS", "MANIFEST", "ExportFileError", "ExportedModel", "open_session"]
 
 BACKENDS = ("onnxruntime", "openvino")
 

@@ -113,8 +113,9 @@ def test_a_folder_that_is_not_an_export_is_kept_unless_forced(model, tmp_path):
     with pytest.raises(ExportError, match="exists and is not a patchcore export"):
         export(det, file)
     assert file.read_text() == "keep me too" and _work_dirs(file) == []
-    export(det, notes, force=True)
-    assert {f.name for f in notes.iterdir()} == {MANIFEST, "model.onnx"}
+    export(det, notes, force=True)  # writes into it, keeping its other files
+    assert {f.name for f in notes.iterdir()} == {MANIFEST, "model.onnx", "todo.txt"}
+    assert (notes / "todo.txt").read_text() == "keep me"
     empty = tmp_path / "empty"
     empty.mkdir()
     export(det, empty)  # an empty folder is fine

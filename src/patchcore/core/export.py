@@ -172,15 +172,16 @@ def export(
 
     Args:
         det: a fitted detector.
-        out: the export folder (created; a previous export there is replaced).
+        out: the export folder (created; a previous export there is replaced, other files in
+            it stay).
         format: ``"onnx"`` (``model.onnx``) or ``"openvino"`` (``model.xml`` / ``model.bin``,
             converted from the ONNX graph by OpenVINO; ``model.onnx`` is kept beside it).
         dynamic: graph for any image size; ``None``: dynamic unless the model has a fixed
             ``image_size``. A fixed-size graph refuses other sizes.
         block_rows: bank rows per distance block (memory per block: patches x rows x 4 bytes).
         source: the model file exported (its name and size go into the manifest).
-        force: replace ``out`` even when it is not an export (a file, or a folder holding
-            other files).
+        force: write into ``out`` even when it is not an export: a folder keeps its other
+            files (the export's own are replaced), a file is replaced by the folder.
 
     Returns:
         :class:`ExportResult`.
@@ -197,7 +198,8 @@ def export(
     if int(block_rows) < 1:
         raise ExportError(f"block_rows must be >= 1, got {block_rows!r}")
     out = Path(out)
-    if export_kind(out) == "other" and not force:
+    kind = export_kind(out)
+    if kind == "other" and not force:
         raise ExportError(
             f"{out} exists and is not a patchcore export: choose another folder, or force the "
             "replacement (patchcore export --force)"
@@ -231,6 +233,8 @@ def export(
         seconds = time.perf_counter() - t0
         _write_manifest(work, {**info, "probe_parity": result, "export_seconds": round(seconds, 3)})
         load_export(work)
+        if out.is_dir() and not out.is_symlink():  # the folder's other files stay
+            _keep_others(out, work)
         _swap_in(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the new files on failure, the old on success
@@ -287,6 +291,24 @@ def _write_manifest(folder: Path, info: dict[str, Any]) -> None:
     except ValueError as exc:  # a field the runtime would refuse: never write it
         raise ExportError(f"cannot export this model: its {exc}") from None
     (folder / MANIFEST).write_text(json.dumps(sealed, indent=2, sort_keys=True))
+
+
+def _keep_others(old: Path, new: Path) -> None:
+    """Copy what folder ``old`` holds besides an export's files (its manifest and the files
+    that manifest lists) into ``new``, before the swap: an interruption leaves ``old`` as it
+    was, and a previous export's graphs do not linger beside the new ones."""
+    try:
+        listed = json.loads((old / MANIFEST).read_text()).get("files", [])
+        own = {e["name"] if isinstance(e, dict) else str(e) for e in listed}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        own = set()
+    for entry in old.iterdir():
+        if entry.name in own or os.path.lexists(new / entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _exchange(a: Path, b: Path) -> bool:

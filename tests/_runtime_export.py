@@ -45,6 +45,7 @@ def manifest_fields(files: list[Path], **overrides: Any) -> dict[str, Any]:
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "files": [file_entry(f) for f in files],
+        "graphs": [{"size": None, "onnx": files[0].name, "openvino": None}],
         "input": "pixels",
         "outputs": ["scores", "maps"],
         "dynamic": True,

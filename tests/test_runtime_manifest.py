@@ -68,6 +68,13 @@ def test_a_threshold_that_is_not_a_finite_number_is_refused(export, value, messa
         ("region_threshold", math.nan, "region_threshold must be a finite number"),
         ("display_range", [3.0, 1.0], "display_range must be .* low < high"),
         ("surprise", 1, "unknown field"),
+        ("search", "int4", "search must be one of 'float32', 'int8'"),
+        ("graphs", [{"size": None, "onnx": "other.onnx", "openvino": None}],
+         "graphs name files the manifest does not list"),
+        ("graphs", [{"size": [300, 300], "onnx": "model.onnx", "openvino": None}],
+         "graphs must start with the export's own graph"),
+        ("graphs", [{"size": None, "onnx": "../model.onnx", "openvino": None}],
+         "graphs entry 0: must name a file inside the export folder"),
     ],
 )  # fmt: skip
 def test_every_field_is_checked_and_named(export, field, value, message):

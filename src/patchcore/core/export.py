@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from patchcore.core.export_search import Int8ScoringGraph, translation_table
 from patchcore.core.graph import ExportError, ScoringGraph
 from patchcore.lean import record
 from patchcore.lean.manifest import (
@@ -59,12 +61,14 @@ from patchcore.lean.manifest import (
     MAX_BATCH,
     MAX_SIDE,
     MIN_SIDE,
+    LoadedExport,
     export_kind,
     file_entry,
     load_export,
     seal,
 )
-from patchcore.lean.runtime import open_session
+from patchcore.lean.pixels import output_size
+from patchcore.lean.runtime import open_sessions
 from patchcore.lean.util import package_version
 
 if TYPE_CHECKING:
@@ -82,10 +86,14 @@ __all__ = [
 ]
 
 FORMATS = ("onnx", "openvino")
+SEARCHES = ("auto", "int8", "float32")
 OPSET = 18
 #: Parity an export must reach on its probe images (relative to the torch path in float32).
 SCORE_RTOL = 1e-4
 MAP_RTOL = 1e-3
+#: ... with the int8 scan: map values are exact distances to the row the scan found (the
+#: torch path's default bfloat16 search carries map errors of this order too).
+INT8_MAP_RTOL = 2e-2
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,8 @@ def export(
     *,
     format: str = "onnx",
     dynamic: bool | None = None,
+    search: str = "auto",
+    sizes: Sequence[tuple[int, int]] | None = None,
     block_rows: int = 4096,
     source: str | os.PathLike | None = None,
     force: bool = False,
@@ -178,6 +188,14 @@ def export(
             converted from the ONNX graph by OpenVINO; ``model.onnx`` is kept beside it).
         dynamic: graph for any image size; ``None``: dynamic unless the model has a fixed
             ``image_size``. A fixed-size graph refuses other sizes.
+        search: the graph's nearest-row search: ``"float32"`` (exact maps), ``"int8"`` (an
+            int8 scan with the exact float32 re-check of :mod:`patchcore.core.export_search`:
+            scores as float32's, map values within the scan's error) or ``"auto"``: int8 for
+            ``format="onnx"`` (onnxruntime's int8 GEMM), float32 for OpenVINO (its int8 path
+            was slower here; benchmarks/RESULTS.md).
+        sizes: processed (H, W) sizes that get a fixed-size graph beside a dynamic one (no
+            shape arithmetic, padding folded into the convolutions: faster); ``None``: the
+            sizes of at least a fifth of the training images (at most :data:`MAX_FIXED`).
         block_rows: bank rows per distance block (memory per block: patches x rows x 4 bytes).
         source: the model file exported (its name and size go into the manifest).
         force: write into ``out`` even when it is not an export: a folder keeps its other
@@ -187,24 +205,72 @@ def export(
         :class:`ExportResult`.
 
     Raises:
-        ExportError: unsupported format or model, a non-finite threshold, ``out`` holds
+        ExportError: unsupported format, search or model, a non-finite threshold, ``out`` holds
             something else than an export (without ``force``), or the export differs from the
-            torch path on the probe images by more than 1e-4 (scores, relative) or 1e-3 (maps,
-            relative to the map's largest value).
+            torch path on the probe images by more than :data:`SCORE_RTOL` (scores, relative)
+            or :data:`MAP_RTOL` (maps, relative to the map's largest value; int8:
+            :data:`INT8_MAP_RTOL`).
     """
+    t0 = time.perf_counter()
+    plan = _plan(det, Path(out), format, dynamic, search, sizes, block_rows, force)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        graphs = [_write_graph(det, work, plan, size) for size in plan.sizes]
+        info = _manifest(det, plan, graphs, work, source)
+        _write_manifest(work, {**info, "probe_parity": {}, "export_seconds": 0.0})
+        result = _check_parity(det, load_export(work), plan)  # read as the runtime reads it
+        seconds = time.perf_counter() - t0
+        _write_manifest(work, {**info, "probe_parity": result, "export_seconds": round(seconds, 3)})
+        files = [e["name"] for e in load_export(work).info["files"]]
+        if out.is_dir() and not out.is_symlink():  # the folder's other files stay
+            _keep_others(out, work)
+        _swap_in(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the new files on failure, the old on success
+    return ExportResult(out / MANIFEST, tuple(out / n for n in files), seconds, result)
+
+
+#: At most this many fixed-size graphs beside a dynamic one.
+MAX_FIXED = 2
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`export` writes: the format, the search, each graph's size (``None``: any)
+    and the model's own fixed processed size."""
+
+    format: str
+    search: str
+    sizes: tuple[tuple[int, int] | None, ...]
+    fixed: tuple[int, int] | None
+    block_rows: int
+
+
+def _plan(
+    det: PatchCore,
+    out: Path,
+    format: str,
+    dynamic: bool | None,
+    search: str,
+    sizes: Sequence[tuple[int, int]] | None,
+    block_rows: int,
+    force: bool,
+) -> _Plan:
+    """Check the arguments (before any work) and decide the graphs."""
     det._check_fitted("export")
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if search not in SEARCHES:
+        raise ExportError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     if int(block_rows) < 1:
         raise ExportError(f"block_rows must be >= 1, got {block_rows!r}")
-    out = Path(out)
-    kind = export_kind(out)
-    if kind == "other" and not force:
+    if export_kind(out) == "other" and not force:
         raise ExportError(
             f"{out} exists and is not a patchcore export: choose another folder, or force the "
             "replacement (patchcore export --force)"
         )
-    t0 = time.perf_counter()
     fixed = _processed_size(det)
     if dynamic is None:
         dynamic = fixed is None
@@ -213,62 +279,64 @@ def export(
             "a fixed-size export needs a model fitted with image_size=; this one resizes by "
             "scale or keeps each image's size: export it with dynamic=True"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
-        probes = _probes(fixed)
-        size = None if dynamic else fixed
-        files = _write_graph(det, work, format, size, int(block_rows), probes[0])
-        info = _manifest(det, dynamic, fixed, files, source)
-        _write_manifest(work, {**info, "probe_parity": {}, "export_seconds": 0.0})
-        session = open_session(load_export(work))  # read back as the runtime reads it
-        checks = [parity(_torch_reference(det, p), session.run(p.numpy())) for p in probes]
-        result = {k: max(c[k] for c in checks) for k in ("score_rel", "map_rel")}
-        if not (result["score_rel"] <= SCORE_RTOL and result["map_rel"] <= MAP_RTOL):
-            raise ExportError(
-                f"the exported graph does not reproduce the torch path on the probe images "
-                f"(score {result['score_rel']:.3g} relative, limit {SCORE_RTOL:g}; map "
-                f"{result['map_rel']:.3g}, limit {MAP_RTOL:g}); nothing was written"
-            )
-        seconds = time.perf_counter() - t0
-        _write_manifest(work, {**info, "probe_parity": result, "export_seconds": round(seconds, 3)})
-        load_export(work)
-        if out.is_dir() and not out.is_symlink():  # the folder's other files stay
-            _keep_others(out, work)
-        _swap_in(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # the new files on failure, the old on success
-    names = [f.name for f in files]
-    return ExportResult(out / MANIFEST, tuple(out / n for n in names), seconds, result)
+    if search == "auto":
+        search = "int8" if format == "onnx" else "float32"
+    extra = _common_sizes(det) if sizes is None else [tuple(map(int, s)) for s in sizes]
+    for s in extra:
+        if len(s) != 2 or not all(MIN_SIDE <= v <= MAX_SIDE for v in s):
+            raise ExportError(f"sizes must be (height, width) in [{MIN_SIDE}, {MAX_SIDE}], got {s}")
+    graphs = (None, *dict.fromkeys(extra)) if dynamic else (fixed,)
+    return _Plan(format, search, graphs[: 1 + MAX_FIXED], fixed, int(block_rows))
+
+
+def _common_sizes(det: PatchCore) -> list[tuple[int, int]]:
+    """Processed sizes of at least a fifth of the training images, most common first."""
+    grids = getattr(det.state_, "train_grids", None) or []
+    counts: dict[tuple[int, int], int] = {}
+    for h, w, *_ in grids:
+        size = output_size(int(h), int(w), det.image_size, det.scale)
+        counts[size] = counts.get(size, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return [s for s, n in ranked if 5 * n >= len(grids)][:MAX_FIXED]
+
+
+def _graph_name(size: tuple[int, int] | None, plan: _Plan) -> str:
+    return "model" if size is None or size == plan.fixed else f"model-{size[0]}x{size[1]}"
 
 
 def _write_graph(
-    det: PatchCore,
-    folder: Path,
-    format: str,
-    size: tuple[int, int] | None,
-    block_rows: int,
-    example: torch.Tensor,
-) -> list[Path]:
-    """Trace the scoring graph to ``folder/model.onnx`` (and convert it for OpenVINO)."""
-    graph = ScoringGraph(det, size, block_rows=block_rows).eval()
-    onnx_path = folder / "model.onnx"
+    det: PatchCore, folder: Path, plan: _Plan, size: tuple[int, int] | None
+) -> dict[str, Any]:
+    """Trace one graph (``size`` None: any size) to ONNX, convert it for OpenVINO; its
+    manifest entry."""
+    name = _graph_name(size, plan)
+    graph = _trace(det, folder / f"{name}.onnx", size, plan.search, plan.block_rows)
+    xml = None
+    if plan.format == "openvino":
+        xml = _to_openvino(graph, folder / f"{name}.xml")
+    return {"size": None if size is None else list(size), "onnx": graph.name, "openvino": xml}
+
+
+def _trace(
+    det: PatchCore, path: Path, size: tuple[int, int] | None, search: str, block_rows: int
+) -> Path:
+    """The scoring graph (int8 search: :class:`Int8ScoringGraph`) traced to ONNX at ``path``."""
+    kind = Int8ScoringGraph if search == "int8" else ScoringGraph
+    graph = kind(det, size, block_rows=block_rows).eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    if size is None:  # example: batch 2, as torch.export specialises dimensions of size 1
-        dims = {
-            0: batch,
-            2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
-            3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE),
-        }
-    else:
-        dims = {0: batch}
+    dims: dict[int, Any] = {0: batch}
+    if size is None:
+        dims[2] = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+        dims[3] = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    example = _probes(size or (224, 224))[0]  # batch 2: export specialises dimensions of 1
+    table = translation_table() if search == "int8" else None
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 graph,
                 (example,),
-                str(onnx_path),
+                str(path),
                 dynamo=True,
                 input_names=["pixels"],
                 output_names=["scores", "maps"],
@@ -276,13 +344,30 @@ def _write_graph(
                 opset_version=OPSET,
                 external_data=False,
                 verbose=False,
+                custom_translation_table=table,
             )
         except Exception as exc:  # noqa: BLE001 - the exporter's many error types
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-    files = [onnx_path]
-    if format == "openvino":
-        files += _to_openvino(onnx_path, folder)
-    return files
+    return path
+
+
+def _check_parity(det: PatchCore, export: LoadedExport, plan: _Plan) -> dict[str, float]:
+    """Every graph of the export, run by the runtime, against the torch path in float32 on
+    probe images of its sizes; ExportError beyond the limits."""
+    checks = []
+    for backend in ("onnxruntime", "openvino")[: 2 if plan.format == "openvino" else 1]:
+        for size, session in open_sessions(export, backend=backend).items():
+            for p in _probes(size):
+                checks.append(parity(_torch_reference(det, p), session.run(p.numpy())))
+    result = {k: max(c[k] for c in checks) for k in ("score_rel", "map_rel")}
+    map_limit = INT8_MAP_RTOL if plan.search == "int8" else MAP_RTOL
+    if not (result["score_rel"] <= SCORE_RTOL and result["map_rel"] <= map_limit):
+        raise ExportError(
+            f"the exported graph does not reproduce the torch path on the probe images "
+            f"(score {result['score_rel']:.3g} relative, limit {SCORE_RTOL:g}; map "
+            f"{result['map_rel']:.3g}, limit {map_limit:g}); nothing was written"
+        )
+    return result
 
 
 def _write_manifest(folder: Path, info: dict[str, Any]) -> None:
@@ -349,28 +434,28 @@ def _swap_in(work: Path, out: Path) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
-def _to_openvino(onnx_path: Path, out: Path) -> list[Path]:
+def _to_openvino(onnx_path: Path, xml: Path) -> str:
+    """Convert an ONNX graph to OpenVINO's IR at ``xml`` (and its .bin); the xml's name."""
     try:
         import openvino as ov
     except ImportError:
         raise ExportError(
             "format 'openvino' needs the openvino package: pip install openvino"
         ) from None
-    model = ov.convert_model(str(onnx_path))
-    xml = out / "model.xml"
-    ov.save_model(model, str(xml), compress_to_fp16=False)
-    return [xml, out / "model.bin"]
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    return xml.name
 
 
 def _manifest(
     det: PatchCore,
-    dynamic: bool,
-    fixed: tuple[int, int] | None,
-    files: list[Path],
+    plan: _Plan,
+    graphs: list[dict[str, Any]],
+    folder: Path,
     source: str | os.PathLike | None,
 ) -> dict[str, Any]:
     from patchcore.lean import normalization
 
+    dynamic, fixed = plan.sizes[0] is None, plan.fixed
     try:
         threshold = record.check_threshold(det.state_.threshold)
     except record.NonFiniteScoreError as exc:
@@ -385,10 +470,11 @@ def _manifest(
         "torch_version": torch.__version__,
         "exporter": "torch.onnx (dynamo)",
         "opset": OPSET,
-        "files": [file_entry(f) for f in files],
+        "files": [file_entry(f) for f in sorted(folder.iterdir()) if f.name != MANIFEST],
+        "graphs": graphs,
         "input": "pixels",
         "outputs": ["scores", "maps"],
-        "dynamic": bool(dynamic),
+        "dynamic": dynamic,
         "processed_size": None if dynamic else list(fixed),  # type: ignore[arg-type]
         "image_size": list(fixed) if fixed is not None else None,
         "scale": det.scale,
@@ -406,7 +492,7 @@ def _manifest(
         "bank_rows": int(det.state_.memory_bank.shape[0]),
         "num_neighbors": int(det.num_neighbors),
         "top_k": int(det.top_k),
-        "search": "float32",
+        "search": plan.search,
         "backbone_dtype": "float32",  # exported in float32 whatever the model's backbone_dtype
         # what the record needs besides the threshold: the region cut the torch path uses and
         # the heatmap colour range stored at calibration (absent in models without one)

@@ -208,6 +208,38 @@ def _files(v: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _choice(*values: str) -> Callable:
+    def check(v: Any) -> str:
+        if v not in values:
+            raise ValueError(f"must be one of {', '.join(map(repr, values))}, got {v!r}")
+        return v
+
+    return check
+
+
+def _graphs(v: Any) -> list[dict[str, Any]]:
+    """The graphs of an export: one for any size (``size`` null) or the fixed size, and
+    fixed-size ones for common sizes; each an ONNX file and optionally an OpenVINO one."""
+    if not isinstance(v, list) or not 1 <= len(v) <= 4:
+        raise ValueError("must be a list of 1 to 4 graphs")
+    out = []
+    for i, g in enumerate(v):
+        if not isinstance(g, dict) or set(g) != {"size", "onnx", "openvino"}:
+            raise ValueError(f"entry {i} must be {{'size', 'onnx', 'openvino'}}")
+        try:
+            size = _optional(_size)(g["size"])
+            onnx, xml = _file_name(g["onnx"]), _optional(_file_name)(g["openvino"])
+        except ValueError as exc:
+            raise ValueError(f"entry {i}: {exc}") from None
+        if not onnx.endswith(".onnx") or not (xml is None or xml.endswith(".xml")):
+            raise ValueError(f"entry {i}: needs a .onnx graph and, if any, a .xml one")
+        out.append({"size": size, "onnx": onnx, "openvino": xml})
+    sizes = [None if g["size"] is None else tuple(g["size"]) for g in out]
+    if len(set(sizes)) != len(sizes):
+        raise ValueError("names one size twice")
+    return out
+
+
 _any_number = _optional(_number())
 #: Every manifest field and its check; ``None`` is allowed only where the check is optional.
 FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
@@ -235,7 +267,8 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "bank_rows": _integer(1),
     "num_neighbors": _integer(1),
     "top_k": _integer(1),
-    "search": _text,
+    "search": _choice("float32", "int8"),
+    "graphs": _graphs,
     "backbone_dtype": _text,
     "package_version": _text,
     "torch_version": _text,
@@ -272,6 +305,14 @@ def _check_fields(info: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("processed_size must be set for a fixed-size export, and only then")
     if not out["dynamic"] and out["image_size"] != out["processed_size"]:
         raise ValueError("image_size must equal processed_size in a fixed-size export")
+    named = {e["name"] for e in out["files"]}
+    listed = {n for g in out["graphs"] for n in (g["onnx"], g["openvino"]) if n is not None}
+    listed |= {g["openvino"][: -len(".xml")] + ".bin" for g in out["graphs"] if g["openvino"]}
+    if not listed <= named:
+        raise ValueError(f"graphs name files the manifest does not list: {sorted(listed - named)}")
+    main = [g["size"] for g in out["graphs"]][0]
+    if main != out["processed_size"]:
+        raise ValueError("graphs must start with the export's own graph (any size, or its size)")
     return out
 
 
@@ -304,15 +345,12 @@ def file_entry(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- reading
 @dataclass(frozen=True)
 class LoadedExport:
-    """A checked export: its folder, its fields and the bytes of each file (by name)."""
+    """A checked export: its folder, its fields (``info["graphs"]``: each graph's size, ONNX
+    and OpenVINO file) and the bytes of each file (by name)."""
 
     root: Path
     info: dict[str, Any]
     data: dict[str, bytes]
-
-    def graph(self, suffix: str) -> str | None:
-        """The name of the first file ending in ``suffix``, or None."""
-        return next((e["name"] for e in self.info["files"] if e["name"].endswith(suffix)), None)
 
 
 def _regular(root: Path, name: str, what: str) -> Path:

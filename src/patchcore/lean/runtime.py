@@ -37,7 +37,7 @@ from patchcore.lean.pixels import (
 )
 from patchcore.lean.regions import DEFAULT_MIN_AREA
 
-__all__ = ["BACKENDS", "MANIFEST", "ExportFileError", "ExportedModel", "open_session"]
+__all__ = ["BACKENDS", "MANIFEST", "ExportFileError", "ExportedModel", "open_sessions"]
 
 BACKENDS = ("onnxruntime", "openvino")
 
@@ -45,26 +45,26 @@ BACKENDS = ("onnxruntime", "openvino")
 class _Session:
     """One graph ready to run: ``run(pixels (B, 3, H, W) float32) -> (scores (B,), maps)``.
 
-    The graph is built from the bytes :func:`load_export` checked (never re-read from disk).
+    Built from the bytes :func:`load_export` checked (never re-read from disk): ``graph`` is
+    one entry of the manifest's ``graphs`` (its ONNX file, and its OpenVINO one if any).
     """
 
-    def __init__(self, export: LoadedExport, backend: str, threads: int | None) -> None:
+    def __init__(
+        self, export: LoadedExport, graph: dict[str, Any], backend: str, threads: int | None
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if threads is not None and int(threads) < 1:
+        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
             raise ValueError(f"threads must be >= 1 (or None: all cores), got {threads!r}")
         self.backend = backend
-        onnx, xml = export.graph(".onnx"), export.graph(".xml")
         if backend == "onnxruntime":
             import onnxruntime as ort
 
-            if onnx is None:
-                raise ExportFileError(f"{export.root}: no .onnx graph for onnxruntime")
             opts = ort.SessionOptions()
             if threads is not None:
                 opts.intra_op_num_threads = int(threads)
             self._ort = ort.InferenceSession(
-                export.data[onnx], opts, providers=["CPUExecutionProvider"]
+                export.data[graph["onnx"]], opts, providers=["CPUExecutionProvider"]
             )
             return
         try:
@@ -74,13 +74,11 @@ class _Session:
                 "backend 'openvino' needs the openvino package: pip install openvino"
             ) from None
         core = ov.Core()
+        xml = graph["openvino"]
         if xml is not None:
-            weights = export.data.get(xml[: -len(".xml")] + ".bin")
-            if weights is None:
-                raise ExportFileError(f"{export.root}: {xml} has no .bin weights in the manifest")
-            model = core.read_model(export.data[xml], weights)
+            model = core.read_model(export.data[xml], export.data[xml[: -len(".xml")] + ".bin"])
         else:
-            model = core.read_model(export.data[onnx])
+            model = core.read_model(export.data[graph["onnx"]])
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = str(int(threads))
@@ -96,19 +94,24 @@ class _Session:
         return np.asarray(scores), np.asarray(maps)
 
 
-def open_session(
+def open_sessions(
     export: LoadedExport | str | os.PathLike,
     *,
     backend: str | None = None,
     threads: int | None = None,
-) -> _Session:
-    """A session on an export (folder or :class:`LoadedExport`); ``backend`` None: OpenVINO
-    for an OpenVINO export, onnxruntime otherwise."""
+) -> dict[tuple[int, int] | None, _Session]:
+    """A session per graph of an export (folder or :class:`LoadedExport`), by the processed
+    size it takes (``None``: any size); ``backend`` None: OpenVINO for an OpenVINO export,
+    onnxruntime otherwise."""
     if not isinstance(export, LoadedExport):
         export = load_export(export)
+    graphs = export.info["graphs"]
     if backend is None:
-        backend = "openvino" if export.graph(".xml") else "onnxruntime"
-    return _Session(export, backend, threads)
+        backend = "openvino" if graphs[0]["openvino"] else "onnxruntime"
+    return {
+        None if g["size"] is None else tuple(g["size"]): _Session(export, g, backend, threads)
+        for g in graphs
+    }
 
 
 class ExportedModel:
@@ -138,8 +141,8 @@ class ExportedModel:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.export = load_export(folder)
         self.info = self.export.info
-        self.session = open_session(self.export, backend=backend, threads=threads)
-        self.backend = self.session.backend
+        self.sessions = open_sessions(self.export, backend=backend, threads=threads)
+        self.backend = next(iter(self.sessions.values())).backend
         self.batch_size = int(batch_size or self.info["batch_size"])
 
     @property
@@ -192,7 +195,7 @@ class ExportedModel:
                 for s in batch.skipped
             ]
             if batch.pixels is not None:
-                scores, maps = self.session.run(batch.pixels)
+                scores, maps = self.run(batch.pixels)
                 for j, i in enumerate(batch.indices):
                     records.append(
                         rec.inspection(
@@ -215,7 +218,7 @@ class ExportedModel:
     def score_samples(self, images: Any) -> np.ndarray:
         """(N,) float64 raw scores, higher = more anomalous (no maps; unreadable inputs
         raise :class:`ImageReadError`)."""
-        parts = [self.session.run(b.pixels)[0] for b in self._batches(images, "raise")]
+        parts = [self.run(b.pixels)[0] for b in self._batches(images, "raise")]
         return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
     def anomaly_map(self, image: Any) -> np.ndarray:
@@ -224,6 +227,14 @@ class ExportedModel:
         if r.anomaly_map is None:
             raise FloatingPointError(f"{r.image}: {r.error}")
         return r.anomaly_map
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The graph on (B, 3, H, W) float32 pixels at a processed size -> (scores (B,), maps
+        (B, H, W)): the fixed-size graph of that size when the export has one, else the
+        export's own graph."""
+        size = tuple(int(v) for v in pixels.shape[-2:])
+        session = self.sessions.get(size) or next(iter(self.sessions.values()))
+        return session.run(pixels)
 
     # ------------------------------------------------------------------ the pipeline
     def _batches(self, images: Any, on_error: str) -> Iterator[Batch]:

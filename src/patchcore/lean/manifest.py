@@ -184,23 +184,23 @@ def _file_name(v: Any) -> str:
     return v
 
 
-def _files(v: Any) -> list[dict[str, Any]]:
-    if not isinstance(v, list) or not 1 <= len(v) <= 8:
-        raise ValueError("must be a list of 1 to 8 file entries")
+def _entries(v: Any, keys: dict[str, Callable], most: int) -> list[dict[str, Any]]:
+    """A list of 1 to ``most`` objects with exactly ``keys``, each value checked."""
+    if not isinstance(v, list) or not 1 <= len(v) <= most:
+        raise ValueError(f"must be a list of 1 to {most} entries")
     out = []
     for i, entry in enumerate(v):
-        if not isinstance(entry, dict) or set(entry) != {"name", "sha256", "bytes"}:
-            raise ValueError(f"entry {i} must be {{'name', 'sha256', 'bytes'}}")
+        if not isinstance(entry, dict) or set(entry) != set(keys):
+            raise ValueError(f"entry {i} must be {{{', '.join(map(repr, keys))}}}")
         try:
-            out.append(
-                {
-                    "name": _file_name(entry["name"]),
-                    "sha256": _sha(entry["sha256"]),
-                    "bytes": _integer(1)(entry["bytes"]),
-                }
-            )
+            out.append({k: check(entry[k]) for k, check in keys.items()})
         except ValueError as exc:
             raise ValueError(f"entry {i}: {exc}") from None
+    return out
+
+
+def _files(v: Any) -> list[dict[str, Any]]:
+    out = _entries(v, {"name": _file_name, "sha256": _sha, "bytes": _integer(1)}, 16)
     if len({e["name"] for e in out}) != len(out):
         raise ValueError("names a file twice")
     if not any(e["name"].endswith((".onnx", ".xml")) for e in out):
@@ -220,20 +220,11 @@ def _choice(*values: str) -> Callable:
 def _graphs(v: Any) -> list[dict[str, Any]]:
     """The graphs of an export: one for any size (``size`` null) or the fixed size, and
     fixed-size ones for common sizes; each an ONNX file and optionally an OpenVINO one."""
-    if not isinstance(v, list) or not 1 <= len(v) <= 4:
-        raise ValueError("must be a list of 1 to 4 graphs")
-    out = []
-    for i, g in enumerate(v):
-        if not isinstance(g, dict) or set(g) != {"size", "onnx", "openvino"}:
-            raise ValueError(f"entry {i} must be {{'size', 'onnx', 'openvino'}}")
-        try:
-            size = _optional(_size)(g["size"])
-            onnx, xml = _file_name(g["onnx"]), _optional(_file_name)(g["openvino"])
-        except ValueError as exc:
-            raise ValueError(f"entry {i}: {exc}") from None
-        if not onnx.endswith(".onnx") or not (xml is None or xml.endswith(".xml")):
+    keys = {"size": _optional(_size), "onnx": _file_name, "openvino": _optional(_file_name)}
+    out = _entries(v, keys, 4)
+    for i, g in enumerate(out):
+        if not g["onnx"].endswith(".onnx") or not (g["openvino"] or ".xml").endswith(".xml"):
             raise ValueError(f"entry {i}: needs a .onnx graph and, if any, a .xml one")
-        out.append({"size": size, "onnx": onnx, "openvino": xml})
     sizes = [None if g["size"] is None else tuple(g["size"]) for g in out]
     if len(set(sizes)) != len(sizes):
         raise ValueError("names one size twice")

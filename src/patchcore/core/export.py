@@ -1,31 +1,30 @@
 """Export a fitted detector's whole scoring path to ONNX or OpenVINO for
 :mod:`patchcore.lean.runtime`.
 
-The graph takes ``pixels`` (B, 3, H, W) float32 in [0, 1] at the processed size (the runtime
-decodes and resizes in numpy exactly like the torch path, :mod:`patchcore.lean.pixels`) and returns
-``scores`` (B,) and ``maps`` (B, H, W) float32. Inside it:
+The graph (:class:`~patchcore.core.graph.ScoringGraph`) takes ``pixels`` (B, 3, H, W) float32 in
+[0, 1] at the processed size (the runtime decodes and resizes in numpy exactly like the torch
+path, :mod:`patchcore.lean.pixels`) and returns ``scores`` (B,) and ``maps`` (B, H, W) float32:
+the backbone's normalisation and stages (EfficientNet-Lite's TF-style "same" padding rewritten
+with shape arithmetic that exports for any input size), the patch embedding, nearest-bank
+distances as block matrix products, the image score (the top-k mean, or eq. 7 for ``top_k`` 1)
+and the anomaly map (the axis operators at a fixed size; bilinear upsampling and the separable
+blur with reflected borders at any size, where the runtime refuses sides <= the blur radius).
 
-1. the backbone's normalisation, then the backbone up to the deepest tapped layer (the plain
-   modules; EfficientNet-Lite's TF-style "same" padding rewritten with shape arithmetic that
-   exports for any input size);
-2. the patch embedding of :func:`patchcore.core.embedding.embed`;
-3. nearest-bank distances as matrix products against the bank in blocks of ``block_rows`` rows
-   (each a ``[-2 b, |b|^2]`` initializer, the expansion of :mod:`patchcore.core.search` in float32):
-   memory is (patches x block_rows) per block, never a broadcast ``cdist``;
-4. the image score: for ``top_k > 1`` (the default and every preset) the mean of the
-   ``top_k`` largest patch distances; for ``top_k`` 1 each image's largest patch distance,
-   reweighted as the paper's eq. 7 (:meth:`patchcore.core.detector.PatchCore._reweight`): the worst
-   patch's nearest bank row m* by one (B x M) product, m*'s k nearest rows looked up in a table
-   computed here at export time (the bank's own k-NN, so the graph only gathers);
-5. the anomaly map: for a fixed processed size the two axis operators of
-   :func:`patchcore.core.anomaly_map.upsample_blur` as constants (``A_h @ grid @ A_w.T``); for
-   dynamic
-   sizes bilinear upsampling then the separable Gaussian blur with reflected borders (what the
-   operators compute; sizes with a side <= the blur radius are refused by the runtime).
+What :func:`export` writes into the folder:
 
-Next to the graph, ``patchcore-export.json`` holds what the runtime needs (sizes, threshold,
-normalisation, versions, the graph's SHA-256). :func:`export` checks the exported graph against
-the torch path in float32 on probe images and refuses to write an export that does not match.
+- ``model.onnx``: the graph for any size (a dynamic export) or for the model's ``image_size``;
+  its search is ``"int8"`` (:mod:`patchcore.core.export_search`: an int8 scan with the exact
+  float32 re-check; scores as float32's) or ``"float32"``;
+- for a dynamic export, ``model-HxW.onnx`` graphs for the processed sizes most training images
+  had: fixed sizes let onnxruntime fold the padding into the convolutions;
+- for ``format="openvino"``, each graph also as OpenVINO IR (``.xml`` + ``.bin``);
+- ``patchcore-export.json``, the manifest (:mod:`patchcore.lean.manifest`): every field the
+  runtime needs (sizes, threshold, normalisation, region cut, display range, the graphs), each
+  file's SHA-256, and a digest over all of it.
+
+Everything is written into a new sibling folder, read back as the runtime reads it, checked
+against the torch path in float32 on probe images of each graph's sizes, and only then swapped
+in for the destination folder in one step.
 """
 
 from __future__ import annotations

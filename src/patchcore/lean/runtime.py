@@ -61,6 +61,9 @@ class _Session:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
+            # idle worker threads sleep instead of spinning: on a busy 2-core machine spinning
+            # cost a quarter more wall time (benchmarks/RESULTS.md, "Export and runtime")
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if threads is not None:
                 opts.intra_op_num_threads = int(threads)
             self._ort = ort.InferenceSession(

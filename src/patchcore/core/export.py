@@ -33,6 +33,7 @@ import copy
 import ctypes
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -329,6 +330,9 @@ def _trace(
         dims[3] = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
     example = _probes(size or (224, 224))[0]  # batch 2: export specialises dimensions of 1
     table = translation_table() if search == "int8" else None
+    quiet = logging.getLogger("onnx_ir")  # notes on empty attribute lists of torch's own ops
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -347,6 +351,8 @@ def _trace(
             )
         except Exception as exc:  # noqa: BLE001 - the exporter's many error types
             raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            quiet.setLevel(level)
     return path
 
 

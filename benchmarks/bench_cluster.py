@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from bench_ray import casting_links
 from common import DATA, ROOT, append_row, machine
 
@@ -162,18 +163,25 @@ def _kill_one(pattern: str, after: float, cluster: Cluster, killed: list) -> Non
     _, cmds = _processes()
     for pid in sorted(_tree(marks)):
         if re.search(pattern, cmds.get(pid, "")):
+            node = _node_of(pid, cluster.raylets())  # before the kill: then it has no parent
             os.kill(pid, signal.SIGKILL)
-            killed.append((pid, _node_of(pid, cluster.raylets())))
+            killed.append((pid, node))
             return
 
 
-def fit(cluster: Cluster, work: Path, n_train: int, kill: bool) -> tuple[dict, Path]:
-    train = work / "train"
-    src = sorted((DATA / "casting" / "train" / "good").iterdir())[:n_train]
-    train.mkdir()
-    for f in src:
-        (train / f.name).symlink_to(f)
-    model = work / "model.pt"
+def _actors(cluster: Cluster, title: str, seen: dict[int, str]) -> None:
+    """Add the cluster's live processes titled ``title`` (``ray::BlockScorer``...) to ``seen``
+    (pid -> node), while they run: once the job ends they are gone."""
+    _, cmds = _processes()
+    raylets = cluster.raylets()
+    for pid in _tree([str(d) for d in cluster.dirs.values()]):
+        if cmds.get(pid, "").startswith(title) and pid not in seen:
+            seen[pid] = _node_of(pid, raylets)
+
+
+def fit(cluster: Cluster, train: Path, model: Path, kill: bool) -> dict:
+    """``patchcore fit TRAIN --ray --address HEAD --workers 2``; with ``kill``, one FitShard
+    actor SIGKILLed once both hold their features (at the first chunk stage call)."""
     cmd = [*CLI, "fit", str(train), "--out", str(model), "--ray", "--address", cluster.address]
     load0, t0 = _load(), time.perf_counter()
     proc = subprocess.Popen(
@@ -181,33 +189,57 @@ def fit(cluster: Cluster, work: Path, n_train: int, kill: bool) -> tuple[dict, P
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     killed: list = []
-    if kill:  # once both workers hold their features: the first chunk stage call on a shard
-        while proc.poll() is None and not killed:
+    actors: dict[int, str] = {}
+    while proc.poll() is None:
+        _actors(cluster, "ray::FitShard", actors)
+        if kill and not killed:
             _, cmds = _processes()
-            if any("ray::FitShard.chunk_select" in c for c in cmds.values()):
-                _kill_one(r"ray::FitShard", 0.0, cluster, killed)
-            time.sleep(0.2)
+            if any(c.startswith("ray::FitShard.chunk_select") for c in cmds.values()):
+                _kill_one(r"^ray::FitShard", 0.0, cluster, killed)
+        time.sleep(0.2)
     out, err = proc.communicate()
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"fit --ray failed ({proc.returncode}): {err[-3000:]}")
     det = PatchCore.load(model)
-    row = {
+    n = len(list(train.iterdir()))
+    return {
         "run": "fit --ray --address, 2 workers" + (", one killed" if kill else ""),
-        "images": len(src),
+        "images": n,
         "seconds": round(seconds, 1),
-        "images_per_s": round(len(src) / seconds, 2),
+        "images_per_s": round(n / seconds, 2),
         "bank_rows": int(det.memory_bank_.shape[0]),
         "provenance": det.state_.provenance is not None,
         "killed": killed,
+        "workers": {str(pid): node for pid, node in sorted(actors.items())},
+        "restarted": len(actors) > 2,
         "stdout_tail": out.strip().splitlines()[-3:],
         "error_lines": [ln for ln in err.splitlines() if " E " in ln[:40] or "ERROR" in ln],
         "load_start": load0,
     }
+
+
+def fits(cluster: Cluster, work: Path, n_train: int, kill: bool) -> tuple[list[dict], Path]:
+    """The fit (and, with ``kill``, the fit again with a worker killed: its bank must be the
+    quiet fit's, bit for bit); the quiet fit's model gets a threshold for the batch runs."""
+    train = work / "train"
+    src = sorted((DATA / "casting" / "train" / "good").iterdir())[:n_train]
+    train.mkdir()
+    for f in src:
+        (train / f.name).symlink_to(f)
+    model = work / "model.pt"
+    rows = [fit(cluster, train, model, kill=False)]
+    print(json.dumps(rows[-1]), flush=True)
+    det = PatchCore.load(model)
+    if kill:
+        rows.append(fit(cluster, train, work / "model-killed.pt", kill=True))
+        again = PatchCore.load(work / "model-killed.pt")
+        rows[-1]["same_bank"] = bool(torch.equal(det.memory_bank_, again.memory_bank_))
+        print(json.dumps(rows[-1]), flush=True)
     scores = det.score(src[:20], progress=False).scores
     det.set_threshold(float(sorted(scores)[len(scores) // 2]))
     det.save(model)
-    return row, model
+    return rows, model
 
 
 def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int, kill: bool):
@@ -220,15 +252,17 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
         cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     killed: list = []
+    actors: dict[int, str] = {}
     first = None
     while proc.poll() is None:
+        _actors(cluster, "ray::BlockScorer", actors)
         parts = list(out.glob("*.parquet")) if out.is_dir() else []
         if parts and first is None:
             first = time.perf_counter() - t0
         if kill and parts and not killed:
             worker = scale.read_results(out, ["worker"]).column("worker")[0].as_py()
             pid = int(worker.rsplit(":", 1)[1])
-            killed.append((pid, _node_of(pid, cluster.raylets())))
+            killed.append((pid, actors.get(pid) or _node_of(pid, cluster.raylets())))
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
     seconds = time.perf_counter() - t0
@@ -238,7 +272,6 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
     table = scale.read_results(out)
     keys = table.column("image").to_pylist()
     workers = sorted(set(table.column("worker").to_pylist()))
-    raylets = cluster.raylets()
     return {
         "run": "batch --address, 2 workers" + (", one killed" if kill else ""),
         "images": len(paths),
@@ -249,7 +282,7 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
         "seconds": round(seconds, 1),
         "images_per_s": round(len(paths) / seconds, 2),
         "first_part_s": round(first, 1) if first else None,
-        "workers": {w: _node_of(int(w.rsplit(":", 1)[1]), raylets) for w in workers},
+        "workers": {w: actors.get(int(w.rsplit(":", 1)[1]), "?") for w in workers},
         "killed": killed,
         "error_lines": [ln for ln in err.splitlines() if " E " in ln[:40] or "ERROR" in ln],
         "load_start": load0,
@@ -275,17 +308,22 @@ def doc(rows: list[dict]) -> str:
         "--block-size 64",
         "```",
         "",
-        "| run | images | seconds | images/s | rows (distinct) | exactly once | killed "
+        "| run | images | seconds | images/s | rows (distinct) | check | killed "
         "(pid, node) | workers' nodes | ERROR lines | load | date |",
         "|---|---:|---:|---:|---|---|---|---|---:|---|---|",
     ]
     for r in rows:
         rows_txt = f"{r.get('rows', '')} ({r.get('distinct_rows', '')})" if "rows" in r else "-"
         nodes = ", ".join(sorted(set(r.get("workers", {}).values()))) or "-"
-        once = r.get("exactly_once", "-")
+        if "exactly_once" in r:
+            check = f"each input once: {r['exactly_once']}"
+        elif "same_bank" in r:
+            check = f"survived; bank = quiet fit's: {r['same_bank']}"
+        else:
+            check = f"{r['bank_rows']} bank rows"
         lines.append(
             f"| {r['run']} | {r['images']} | {r['seconds']} | {r['images_per_s']} "
-            f"| {rows_txt} | {once} | {r['killed'] or '-'} | {nodes} "
+            f"| {rows_txt} | {check} | {r['killed'] or '-'} | {nodes} "
             f"| {len(r['error_lines'])} | {r['load_start']} | {r['date']} |"
         )
     return "\n".join(lines)
@@ -317,9 +355,8 @@ def main() -> None:
         try:
             cluster.start()
             print(f"cluster up at {cluster.address}: {cluster.raylets()}", flush=True)
-            row, model = fit(cluster, work, args.train_images, args.kill_fit)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            fitted, model = fits(cluster, work, args.train_images, args.kill_fit)
+            rows += fitted
             (work / "images").mkdir()
             paths = casting_links(args.images, work / "images")
             for kill in (False, True):

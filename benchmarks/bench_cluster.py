@@ -17,7 +17,8 @@ Each run checks that every input is in the output exactly once, and which node e
 ran on (the raylet it descends from). At the end only the processes this benchmark started
 are stopped (found by the cluster's temporary folder: ``ray stop`` would stop every Ray on
 the machine). Rows go to benchmarks/out/cluster.jsonl; ``--doc`` writes the run into
-docs/cluster.md.
+docs/cluster.md and benchmarks/RESULTS.md ("Two-node cluster"); ``--table`` does so from the
+last run's rows without running.
 
     python benchmarks/bench_cluster.py [--images 1000] [--train-images 200] [--kill-fit] [--doc]
 
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import torch
 from bench_ray import casting_links
-from common import DATA, ROOT, append_row, machine
+from common import DATA, ROOT, append_row, machine, write_results_section
 
 import patchcore.scale as scale
 from patchcore.core.detector import PatchCore
@@ -289,14 +290,25 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
     }
 
 
-def doc(rows: list[dict]) -> str:
+def doc(rows: list[dict], heading: str) -> str:
+    """The run's table (docs/cluster.md and benchmarks/RESULTS.md)."""
+    batch_rows = [r for r in rows if r["run"].startswith("batch")]
+    fit_rows = [r for r in rows if r["run"].startswith("fit")]
+    command = "python benchmarks/bench_cluster.py"
+    if batch_rows and fit_rows:
+        command += f" --images {batch_rows[0]['images']} --train-images {fit_rows[0]['images']}"
+    command += " --kill-fit" * any("same_bank" in r for r in fit_rows) + " --doc"
     lines = [
-        "## A two-node cluster on one machine (`benchmarks/bench_cluster.py`)",
+        heading,
         "",
-        f"Machine: {machine()}. A head node and a second raylet joined with `ray start "
-        "--address` (1 CPU each, own `--temp-dir`), started by the benchmark; the CLI driven "
-        "as a user would (`--address HEAD:PORT --workers 2`: one actor per node). Load is "
-        "`uptime`'s 1/5/15-minute average at the start of each run (a shared machine).",
+        f"Machine: {rows[0].get('machine') or machine()}. A head node and a second raylet joined "
+        "with `ray start --address` (1 CPU each, own `--temp-dir`), started by the benchmark; "
+        "the CLI driven as a user would (`--address HEAD:PORT --workers 2`: one actor per "
+        "node). Casting images (training: the first of train/good; batch: distinct symbolic "
+        "links cycling over the test images). A worker is killed with SIGKILL: in the fit at "
+        "its first chunk stage call (its features then exist only in it), in the batch once "
+        "the first block is written. Load is `uptime`'s 1/5/15-minute average at the start of "
+        f"each run (a shared machine). Reproduce: `nice -n 10 {command}`.",
         "",
         "```bash",
         "ray start --head --port 6390 --num-cpus 1 --temp-dir /tmp/c/head "
@@ -308,22 +320,24 @@ def doc(rows: list[dict]) -> str:
         "--block-size 64",
         "```",
         "",
-        "| run | images | seconds | images/s | rows (distinct) | check | killed "
-        "(pid, node) | workers' nodes | ERROR lines | load | date |",
+        "| run | images | seconds | images/s | rows (distinct) | check | killed (pid, node) "
+        "| workers (nodes) | ERROR lines | load | date |",
         "|---|---:|---:|---:|---|---|---|---|---:|---|---|",
     ]
     for r in rows:
-        rows_txt = f"{r.get('rows', '')} ({r.get('distinct_rows', '')})" if "rows" in r else "-"
-        nodes = ", ".join(sorted(set(r.get("workers", {}).values()))) or "-"
+        rows_txt = f"{r['rows']} ({r['distinct_rows']})" if "rows" in r else "-"
+        nodes = list(r.get("workers", {}).values())
+        workers = ", ".join(f"{nodes.count(n)} {n}" for n in sorted(set(nodes))) or "-"
         if "exactly_once" in r:
-            check = f"each input once: {r['exactly_once']}"
+            check = f"each input exactly once: {r['exactly_once']}, errors {r['errors']}"
         elif "same_bank" in r:
-            check = f"survived; bank = quiet fit's: {r['same_bank']}"
+            check = f"survived; bank = quiet fit's bit for bit: {r['same_bank']}"
         else:
-            check = f"{r['bank_rows']} bank rows"
+            check = f"{r['bank_rows']:,} bank rows"
+        killed = ", ".join(f"{pid} ({node})" for pid, node in r["killed"]) or "-"
         lines.append(
             f"| {r['run']} | {r['images']} | {r['seconds']} | {r['images_per_s']} "
-            f"| {rows_txt} | {check} | {r['killed'] or '-'} | {nodes} "
+            f"| {rows_txt} | {check} | {killed} | {workers} "
             f"| {len(r['error_lines'])} | {r['load_start']} | {r['date']} |"
         )
     return "\n".join(lines)
@@ -338,6 +352,21 @@ def write_doc(body: str) -> None:
     path.write_text(text)
 
 
+def write_all(rows: list[dict]) -> None:
+    """The run into docs/cluster.md and into benchmarks/RESULTS.md's "Two-node cluster"."""
+    write_doc(doc(rows, "## A two-node cluster on one machine (`benchmarks/bench_cluster.py`)"))
+    write_results_section(
+        "cluster", doc(rows, "## Two-node cluster (`benchmarks/bench_cluster.py`)")
+    )
+
+
+def last_run() -> list[dict]:
+    """The rows of the last run in benchmarks/out/cluster.jsonl (from its first fit on)."""
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
+    first = max(i for i, r in enumerate(rows) if r["run"] == "fit --ray --address, 2 workers")
+    return rows[first:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1000)
@@ -345,8 +374,14 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--port", type=int, default=6390)
     ap.add_argument("--kill-fit", action="store_true", help="kill a fit worker mid-fit too")
-    ap.add_argument("--doc", action="store_true", help="write the run into docs/cluster.md")
+    ap.add_argument(
+        "--doc", action="store_true", help="write the run into docs/cluster.md and RESULTS.md"
+    )
+    ap.add_argument("--table", action="store_true", help="--doc from the last run's rows only")
     args = ap.parse_args()
+    if args.table:
+        write_all(last_run())
+        return
     print(machine(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
@@ -368,7 +403,7 @@ def main() -> None:
     for r in rows:
         append_row(ROWS, {"bench": "cluster", "machine": machine(), **r})
     if args.doc:
-        write_doc(doc(rows))
+        write_all(rows)
 
 
 if __name__ == "__main__":

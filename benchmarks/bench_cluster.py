@@ -184,7 +184,7 @@ def fit(cluster: Cluster, train: Path, model: Path, kill: bool) -> dict:
     """``patchcore fit TRAIN --ray --address HEAD --workers 2``; with ``kill``, one FitShard
     actor SIGKILLed once both hold their features (at the first chunk stage call)."""
     cmd = [*CLI, "fit", str(train), "--out", str(model), "--ray", "--address", cluster.address]
-    load0, t0 = _load(), time.perf_counter()
+    load0, t0, started = _load(), time.perf_counter(), time.strftime("%Y-%m-%d %H:%M")
     proc = subprocess.Popen(
         [*cmd, "--workers", "2", "-q"], env=_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
@@ -217,6 +217,7 @@ def fit(cluster: Cluster, train: Path, model: Path, kill: bool) -> dict:
         "stdout_tail": out.strip().splitlines()[-3:],
         "error_lines": [ln for ln in err.splitlines() if " E " in ln[:40] or "ERROR" in ln],
         "load_start": load0,
+        "started": started,
     }
 
 
@@ -248,7 +249,7 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
     listing.write_text("\n".join(paths) + "\n")
     cmd = [*CLI, "batch", str(model), str(listing), "--out", str(out)]
     cmd += ["--address", cluster.address, "--workers", "2", "--block-size", str(block), "-q"]
-    load0, t0 = _load(), time.perf_counter()
+    load0, t0, started = _load(), time.perf_counter(), time.strftime("%Y-%m-%d %H:%M")
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -272,7 +273,8 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
         raise SystemExit(f"batch failed ({proc.returncode}): {err[-3000:]}")
     table = scale.read_results(out)
     keys = table.column("image").to_pylist()
-    workers = sorted(set(table.column("worker").to_pylist()))
+    per_worker = table.column("worker").to_pylist()
+    workers = sorted(set(per_worker))
     return {
         "run": "batch --address, 2 workers" + (", one killed" if kill else ""),
         "images": len(paths),
@@ -284,9 +286,12 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
         "images_per_s": round(len(paths) / seconds, 2),
         "first_part_s": round(first, 1) if first else None,
         "workers": {w: actors.get(int(w.rsplit(":", 1)[1]), "?") for w in workers},
+        "rows_per_worker": {w: per_worker.count(w) for w in workers},
+        "summary": err.strip().splitlines()[-1:] if err.strip() else [],
         "killed": killed,
         "error_lines": [ln for ln in err.splitlines() if " E " in ln[:40] or "ERROR" in ln],
         "load_start": load0,
+        "started": started,
     }
 
 
@@ -321,13 +326,16 @@ def doc(rows: list[dict], heading: str) -> str:
         "```",
         "",
         "| run | images | seconds | images/s | rows (distinct) | check | killed (pid, node) "
-        "| workers (nodes) | ERROR lines | load | date |",
+        "| actors: pid node (: rows written) | ERROR lines | load | started |",
         "|---|---:|---:|---:|---|---|---|---|---:|---|---|",
     ]
     for r in rows:
         rows_txt = f"{r['rows']} ({r['distinct_rows']})" if "rows" in r else "-"
-        nodes = list(r.get("workers", {}).values())
-        workers = ", ".join(f"{nodes.count(n)} {n}" for n in sorted(set(nodes))) or "-"
+        per = r.get("rows_per_worker", {})
+        workers = ", ".join(
+            f"{w.rsplit(':', 1)[-1]} {node}" + (f": {per[w]}" if w in per else "")
+            for w, node in r.get("workers", {}).items()
+        )
         if "exactly_once" in r:
             check = f"each input exactly once: {r['exactly_once']}, errors {r['errors']}"
         elif "same_bank" in r:
@@ -338,7 +346,7 @@ def doc(rows: list[dict], heading: str) -> str:
         lines.append(
             f"| {r['run']} | {r['images']} | {r['seconds']} | {r['images_per_s']} "
             f"| {rows_txt} | {check} | {killed} | {workers} "
-            f"| {len(r['error_lines'])} | {r['load_start']} | {r['date']} |"
+            f"| {len(r['error_lines'])} | {r['load_start']} | {r.get('started', r['date'])} |"
         )
     return "\n".join(lines)
 
@@ -400,8 +408,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             cluster.stop()
-    for r in rows:
-        append_row(ROWS, {"bench": "cluster", "machine": machine(), **r})
+    rows = [append_row(ROWS, {"bench": "cluster", "machine": machine(), **r}) for r in rows]
     if args.doc:
         write_all(rows)
 

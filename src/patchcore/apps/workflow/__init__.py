@@ -84,8 +84,10 @@ from patchcore.apps.workflow.model import (
     load_model,
     model_card,
     require_threshold,
+    threshold_history,
 )
 from patchcore.apps.workflow.predict import (
+    HEATMAP_LAYOUTS,
     REGION_SUFFIXES,
     inspect_files,
     picture_name,
@@ -134,6 +136,7 @@ __all__ = [
     "fit_model",
     "held_out_images",
     "held_out_normals",
+    "HEATMAP_LAYOUTS",
     "inspect_files",
     "labelled_images",
     "load_model",
@@ -142,6 +145,7 @@ __all__ = [
     "picture_name",
     "regions_file",
     "require_threshold",
+    "threshold_history",
     "resolve_data",
     "run_demo",
     "update_model",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,9 @@ from patchcore.apps.workflow.data import (
     labelled_images,
     resolve_data,
     split_for_calibration,
-    without_training_images,
 )
-from patchcore.apps.workflow.files import file_digest, model_transaction
+from patchcore.apps.workflow.files import model_transaction
+from patchcore.apps.workflow.leakage import leave_out_training
 from patchcore.apps.workflow.model import DISPLAY_TOP, load_model
 from patchcore.core import metrics
 from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
@@ -56,6 +57,7 @@ class CalibrationSummary:
     ms_per_image: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    training_left_out: int = 0
 
 
 #: A threshold that flags more than this share of the normal calibration images is degenerate.
@@ -144,6 +146,7 @@ def calibrate_detector(
     data_spec: str = "",
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    warnings: Sequence[str] = (),
 ) -> tuple[CalibrationSummary, ImageDataset, ImageDataset]:
     """Split ``pool`` per label, choose the threshold on the calibration part.
 
@@ -160,6 +163,8 @@ def calibrate_detector(
         data_spec: stored as ``calibration_data``.
         progress: called with the number of images just scored.
         total: called once, after the checks, with the number of images to score.
+        warnings: about ``pool`` (e.g. training images left out), recorded with the
+            threshold before its own.
 
     Returns:
         (summary, calibration part, held-out test part).
@@ -217,7 +222,7 @@ def calibrate_detector(
         seconds=seconds,
         ms_per_image=ms,
         skipped=skipped,
-        warnings=threshold_warnings(scores[ok], y[ok], threshold),
+        warnings=[*warnings, *threshold_warnings(scores[ok], y[ok], threshold)],
     )
     return summary, calib, test
 
@@ -229,14 +234,18 @@ def calibrate_model(
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    strict: bool = False,
     **settings: Any,
 ) -> CalibrationSummary:
     """Calibrate the threshold of a model file on ``data``'s labelled test images, in place.
 
     Args:
         model: the model file (rewritten with the threshold, split and display range).
-        data: a data spec; images the model was fitted on are left out.
+        data: a data spec; images the model was fitted on are left out
+            (:func:`~patchcore.apps.workflow.leakage.leave_out_training`: with a warning when
+            they are not the fit's own training split).
         device: where to load the model (None: as saved).
+        strict: a training image found in ``data`` by content is an error, not a warning.
         progress: called with the number of images just scored.
         total: called once with the number of images about to be scored.
         **settings: ``method``, ``max_fpr``, ``calibration_fraction``, ``seed``, as in
@@ -245,10 +254,13 @@ def calibrate_model(
     with model_transaction(model) as transaction:
         det = load_model(model, device=device)
         source = resolve_data(data)
-        pool = without_training_images(det, source, labelled_images(source))
+        labelled = labelled_images(source)
+        pool, leaked = leave_out_training(det, source, labelled, what="labelled", strict=strict)
         summary, _, _ = calibrate_detector(
-            det, pool, data_spec=source.spec, progress=progress, total=total, **settings
-        )
+            det, pool, data_spec=source.spec, progress=progress, total=total, warnings=leaked,
+            **settings,
+        )  # fmt: skip
+        summary.training_left_out = len(labelled) - len(pool)
         summary.model_path = str(transaction.save(det))
         return summary
 
@@ -275,21 +287,22 @@ class NormalCalibrationSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-def held_out_normals(det: PatchCore, source: DataSource) -> tuple[ImageDataset, int, list[str]]:
-    """``source``'s normal images that were not used to fit ``det``.
-
-    Same data spec as the fit: left out by the recorded training names. Another spec: left
-    out by content (SHA-256 of the file bytes against the recorded training files), so a copy
-    of a fitting image under another name is caught too.
+def held_out_normals(
+    det: PatchCore, source: DataSource, *, strict: bool = False
+) -> tuple[ImageDataset, int, list[str]]:
+    """``source``'s normal images that were not used to fit ``det``
+    (:func:`~patchcore.apps.workflow.leakage.leave_out_training`: by the recorded training
+    names in the fit's own data, by content anywhere).
 
     Returns:
-        (the normal images, how many were left out as fitting images, warnings when that
-        could not be checked).
+        (the normal images, how many were left out as fitting images, warnings: fitting
+        images found outside the fit's own data, and what could not be checked).
+
+    Raises:
+        WorkflowError: ``strict`` and a fitting image found by content.
     """
     normals = available_train_images(source)
-    md = det.metadata_
-    used = set(md.get("train_names") or [])
-    if not used:
+    if not det.metadata_.get("train_names") and getattr(det, "train_digests_", None) is None:
         return (
             normals,
             0,
@@ -299,23 +312,8 @@ def held_out_normals(det: PatchCore, source: DataSource) -> tuple[ImageDataset, 
                 "images score low and would make false alarms more frequent than asked"
             ],
         )
-    if md.get("fit_data") == source.spec:
-        keep = np.array([n not in used for n in normals.names], dtype=bool)
-        return normals.subset(keep), int((~keep).sum()), []
-    try:
-        fitted_on = available_train_images(resolve_data(md.get("fit_data", "")))
-    except WorkflowError:
-        return (
-            normals,
-            0,
-            [
-                f"the training data {md.get('fit_data')!r} is not readable here, so it cannot be "
-                "checked that DATA's normal images were not used for fitting"
-            ],
-        )
-    digests = {file_digest(s.image) for s in fitted_on if s.name in used} - {None}
-    keep = np.array([file_digest(s.image) not in digests for s in normals], dtype=bool)
-    return normals.subset(keep), int((~keep).sum()), []
+    pool, warnings = leave_out_training(det, source, normals, what="normal", strict=strict)
+    return pool, len(normals) - len(pool), warnings
 
 
 def _labelled_rest(source: DataSource, leave_out: set[str]) -> list[str]:
@@ -337,6 +335,7 @@ def calibrate_normal_model(
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    strict: bool = False,
 ) -> NormalCalibrationSummary:
     """Choose a model file's threshold from ``data``'s normal images alone, in place.
 
@@ -355,7 +354,7 @@ def calibrate_normal_model(
     with model_transaction(model) as transaction:
         det = load_model(model, device=device)
         source = resolve_data(data)
-        pool, left_out, warnings = held_out_normals(det, source)
+        pool, left_out, warnings = held_out_normals(det, source, strict=strict)
         need = normal_images_needed(max_fpr)
         if len(pool) < need:
             raise WorkflowError(

@@ -92,6 +92,29 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
     return out
 
 
+def threshold_history(det: PatchCore) -> list[dict[str, Any]]:
+    """Every threshold the model has had, oldest first, the one in use last (each a dict:
+    ``time`` (UTC), ``method``, ``value``, ``data``, ``seed``, ``images``, ``normal``,
+    ``anomalous``, ``warnings``...). A model file from before the history existed gives one
+    entry rebuilt from its stored split (no time); a model without a threshold, none."""
+    recorded = list(getattr(det, "threshold_history_", None) or [])
+    if recorded or det.threshold_ is None:
+        return recorded
+    md = det.metadata_
+    names = md.get("calibration_names")
+    return [
+        {
+            "time": None,
+            "method": det.threshold_method_,
+            "value": float(det.threshold_),
+            "data": md.get("calibration_data"),
+            "seed": md.get("calibration_seed"),
+            "images": len(names) if names else None,
+            "warnings": [],
+        }
+    ]
+
+
 def image_score_text(top_k: int, num_neighbors: int) -> str:
     """How the model turns patch distances into an image score, in words."""
     if top_k > 1:

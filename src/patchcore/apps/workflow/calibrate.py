@@ -66,21 +66,46 @@ MAX_NORMAL_FLAGGED = 0.5
 MIN_USEFUL_AUROC = 0.65
 
 
-def threshold_warnings(scores: np.ndarray, labels: np.ndarray, threshold: float) -> list[str]:
+#: What to try against a degenerate threshold when nothing is known about the model.
+GENERIC_TIPS = (
+    "try native resolution (no --scale/--image-size), all training images "
+    "(--train-fraction 1), or a larger --coreset-ratio, then calibrate again"
+)
+
+
+def settings_tips(det: PatchCore) -> str:
+    """What to try against a degenerate threshold: only the settings of ``det`` that differ
+    from the defaults measured best (native size, every training image, a bank of at least
+    1 % of the patches, the top-10 score), else a better backbone or more training images."""
+    tips = []
+    if det.scale is not None or det.image_size is not None:
+        tips.append("native resolution (no --scale/--image-size)")
+    if float(det.metadata_.get("train_fraction", 1.0)) < 1.0:
+        tips.append("all training images (--train-fraction 1)")
+    if det.coreset_ratio < 0.01:
+        tips.append("a larger --coreset-ratio (0.01)")
+    if det.top_k == 1:
+        tips.append("the top-10 score (--top-k 10)")
+    if not tips:
+        tips.append("more (and more varied) normal training images or --preset accurate")
+    listed = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + " or " + tips[-1]
+    return f"try {listed}, then fit and calibrate again"
+
+
+def threshold_warnings(
+    scores: np.ndarray, labels: np.ndarray, threshold: float, tips: str = GENERIC_TIPS
+) -> list[str]:
     """Plain-language warnings about a degenerate threshold, each with what to try.
 
     Args:
         scores: (N,) finite calibration scores. labels: (N,) 1 = anomalous.
         threshold: the chosen threshold.
+        tips: what to try (:func:`settings_tips` of the model).
     """
     out: list[str] = []
     normal = scores[labels == 0]
     flagged = float((judge(normal, threshold) == ANOMALOUS).mean()) if normal.size else 0.0
     area = metrics.auroc(labels, scores)
-    tips = (
-        "try native resolution (no --scale/--image-size), all training images "
-        "(--train-fraction 1), or a larger --coreset-ratio, then calibrate again"
-    )
     if flagged > MAX_NORMAL_FLAGGED:
         out.append(
             f"the threshold flags {flagged:.0%} of the normal calibration images as defective: "
@@ -222,7 +247,10 @@ def calibrate_detector(
         seconds=seconds,
         ms_per_image=ms,
         skipped=skipped,
-        warnings=[*warnings, *threshold_warnings(scores[ok], y[ok], threshold)],
+        warnings=[
+            *warnings,
+            *threshold_warnings(scores[ok], y[ok], threshold, settings_tips(det)),
+        ],
     )
     return summary, calib, test
 

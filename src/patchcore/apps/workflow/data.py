@@ -127,14 +127,16 @@ def available_train_images(source: DataSource) -> ImageDataset:
     """All normal images a model could be fitted on (before ``train_fraction``).
 
     Folders: ``DATA/train/good`` (any normal folder under ``DATA/train``), else images directly
-    in ``DATA/train``, else images directly in ``DATA``. ELPV: all normal cells.
+    in ``DATA/train``, else images directly in ``DATA``, else ``DATA/good`` (a labelled folder
+    without a split). ELPV: all normal cells; VisA: the normal ``train`` rows.
     """
     if source.is_elpv or source.visa_object is not None:
         ds = elpv_cells(source) if source.is_elpv else visa_split(source, "train")
         return ds.subset(ds.labels == datasets.NORMAL)
     root = source.root
     assert root is not None
-    if not (root / "train").is_dir() and not list_images(root):
+    labelled_flat = (root / datasets.GOOD).is_dir() and not list_images(root)
+    if not (root / "train").is_dir() and not list_images(root) and not labelled_flat:
         raise WorkflowError(
             f"{root}: no training images: expected {root}/train/good/ with images "
             f"({', '.join(IMAGE_SUFFIXES)}) or a folder of normal images"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -182,43 +183,54 @@ class RuntimeBackend:
         cut = self._info().get("region_threshold")
         return self.threshold if cut is None else float(cut)
 
-    def _records(self, images: list[tuple[str, np.ndarray]], offset: int) -> list:
+    def inspect(self, images: list[tuple[str, np.ndarray]]) -> list[record.Inspection]:
         assert self.model is not None
-        r = self.model.score([a for _, a in images], maps="native", on_error="skip")
+        arrays = [a for _, a in images]
+        if hasattr(self.model, "iter_inspect"):  # ExportedModel's own records (#20)
+            records = list(self.model.iter_inspect(arrays, on_error="skip"))
+        else:  # its score() API of before the records: drop once main has iter_inspect
+            records = self._scored_records(arrays)
+        return [replace(r, image=images[r.index][0]) for r in records]
+
+    def _scored_records(self, arrays: list[np.ndarray]) -> list[record.Inspection]:
+        """Records from ``ExportedModel.score``, which raises on a non-finite result: then
+        each image alone, the failing one an error record."""
+        try:
+            return self._score_to_records(arrays, 0)
+        except FloatingPointError:
+            pass
+        out = []
+        for j, a in enumerate(arrays):
+            try:
+                out += self._score_to_records([a], j)
+            except FloatingPointError:
+                nan = record.inspection(
+                    f"image #{j}", j, math.nan, threshold=self.threshold, size=a.shape[:2]
+                )
+                out.append(nan)
+        return out
+
+    def _score_to_records(self, arrays: list[np.ndarray], offset: int) -> list:
+        assert self.model is not None
+        r = self.model.score(arrays, maps="native", on_error="skip")  # type: ignore[attr-defined]
         skipped = {s.index: s.reason for s in r.skipped}
         out = []
-        for j, (name, _) in enumerate(images):
+        for j in range(len(arrays)):
+            name, i = f"image #{offset + j}", offset + j
             if j in skipped:
-                out.append(
-                    record.error_record(name, offset + j, skipped[j], threshold=self.threshold)
-                )
+                out.append(record.error_record(name, i, skipped[j], threshold=self.threshold))
                 continue
             out.append(
                 record.inspection(
                     name,
-                    offset + j,
+                    i,
                     float(r.scores[j]),
                     threshold=self.threshold,
                     normalization_map=self.model.normalization,
-                    anomaly_map=r.maps[j],  # type: ignore[index]
+                    anomaly_map=r.maps[j],
                     region_cut=self.region_cut(),
                 )
             )
-        return out
-
-    def inspect(self, images: list[tuple[str, np.ndarray]]) -> list[record.Inspection]:
-        try:
-            return self._records(images, 0)
-        except FloatingPointError:  # the graph refused a non-finite result: find which
-            pass
-        out = []
-        for j, item in enumerate(images):
-            try:
-                out += self._records([item], j)
-            except FloatingPointError:
-                size = item[1].shape[:2]
-                out.append(record.inspection(item[0], j, math.nan, threshold=self.threshold,
-                                             size=size))  # fmt: skip
         return out
 
     def explain(self, name: str, image: np.ndarray) -> tuple[record.Inspection, dict[str, Any]]:

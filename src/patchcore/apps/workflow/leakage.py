@@ -62,26 +62,27 @@ class Overlap:
 def _stored_digests(det: PatchCore) -> tuple[set[str] | None, str | None]:
     """The digests of ``det``'s training images, and a note when they are not the model's own.
 
-    A model file without digests (written before they existed): the digests of the training
-    images it names, taken now from its training data when that is still readable; else None
-    (names only, and a note saying so).
+    A model file without digests (written before they existed; an update of one records the
+    added images' only): the digests of the training images it names, taken now from its
+    training data when that is still readable; else None (names only, and a note saying so).
     """
     found = getattr(det, "train_digests_", None)
-    if found is not None:
-        return {d for d in found if d}, None
+    known = {d for d in found or () if d}
+    if found is not None and len(known) == len(found):
+        return known, None
     md = det.metadata_
     used = set(md.get("train_names") or [])
     try:
         fitted_on = available_train_images(resolve_data(md.get("fit_data") or ""))
     except WorkflowError:
-        return None, (
+        return known or None, (
             "this model file records no content digests of its training images (written "
             f"before they existed) and its training data {md.get('fit_data')!r} is not "
             "readable here: training images are recognised by their names in that data only; "
             "fit again to check by content"
         )
     taken = {content_digest(s.image) for s in fitted_on if s.name in used}
-    return {d for d in taken if d is not None}, None
+    return known | {d for d in taken if d is not None}, None
 
 
 def training_overlap(det: PatchCore, source: DataSource, pool: ImageDataset) -> Overlap:

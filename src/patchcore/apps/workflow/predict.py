@@ -151,12 +151,15 @@ def _panels(rec: Inspection, colours: tuple[float, float] | None, alpha: float) 
 
 
 def heatmap_caption(rec: Inspection) -> str:
-    """One line on a record: verdict, score against the threshold, regions (as the table)."""
+    """One line on a record: verdict, score against the threshold, regions, and the
+    out-of-distribution hint (as the table)."""
     line = f"{rec.verdict}: score {rec.score:.4g}"
     if rec.threshold is not None:
         line += f" {'>=' if rec.verdict == ANOMALOUS else '<'} threshold {rec.threshold:.4g}"
     if rec.regions is not None:
         line += f", {len(rec.regions)} region{'' if len(rec.regions) == 1 else 's'}"
+    if rec.ood:
+        line += f"; {rec.ood_reason}"
     return line
 
 

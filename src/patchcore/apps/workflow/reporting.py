@@ -66,9 +66,27 @@ def write_evaluation_report(
         colour_bar=figures.colour_bar_figure(display_range(det), out / "figures" / "colours.png"),
         per_type_recall={t: {"recall": r, "n": counts.get(t)} for t, r in recall.items()} or None,
         notes=[*_notes(det, scored, measured, ok, truth, gallery_size), *notes],
-        warnings=[*(history[-1].get("warnings") or [] if history else []), *warnings],
+        warnings=[
+            *(history[-1].get("warnings") or [] if history else []),
+            *warnings,
+            *_unlike_warning(scored),
+        ],
         history=history,
     )
+
+
+def _unlike_warning(scored: ScoredSet) -> list[str]:
+    """One warning on the test images whose out-of-distribution hint fired, else none."""
+    if not scored.unlike:
+        return []
+    n = len(scored.unlike)
+    first = min(scored.unlike)
+    return [
+        f"{n} of the {len(scored.data)} test images {'looks' if n == 1 else 'look'} unlike the "
+        f"training images (out-of-distribution hint), e.g. {scored.data[first].name}: "
+        f"{scored.unlike[first]}; their verdicts may say more about the input than about a "
+        "defect"
+    ]
 
 
 def _figures(
@@ -235,6 +253,8 @@ def _galleries(
             kind = s.defect_type if s.is_anomalous else "normal"
             caption = f"{s.name} ({kind}, {len(found)} region{'' if len(found) == 1 else 's'})"
             items.append({"image_path": path, "caption": caption, "score": float(scores[i])})
+            if i in scored.unlike:
+                items[-1]["note"] = scored.unlike[i]
         galleries[key] = items
     _add_explanations(det, test, placed, galleries, gdir)
     return galleries, totals

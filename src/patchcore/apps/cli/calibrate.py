@@ -41,8 +41,11 @@ def _echo_calibration_tail(s: Any) -> None:
         f"(min, 0.7 x max over the calibration maps)"
     )
     typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
+    before = "none" if s.replaced is None else workflow.entry_text(s.replaced)
+    typer.echo(f"  replaced threshold: {before}")
     _echo_skipped(s.skipped)
-    base.echo_warnings(s.warnings)
+    replaced = workflow.replaced_warning(s.replaced, s.entry)
+    base.echo_warnings([*s.warnings, *([replaced] if replaced else [])])
     typer.echo(f"Model updated: {s.model_path}")
 
 

@@ -45,6 +45,8 @@ def print_evaluation(ev: Any) -> None:
         f"Held-out test images: {m.num_samples} ({m.num_normal} normal, {m.num_anomalous} "
         f"anomalous); threshold {m.threshold:.6g} ({m.threshold_method})"
     )
+    if ev.split:
+        typer.echo(f"  scored: {ev.split}")
     typer.echo("")
     typer.echo(_metrics_table(m.as_dict()))
     typer.echo("")

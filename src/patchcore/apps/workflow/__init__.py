@@ -81,9 +81,12 @@ from patchcore.apps.workflow.fit import FitSummary, fit_detector, fit_model
 from patchcore.apps.workflow.model import (
     DISPLAY_TOP,
     display_range,
+    entry_text,
     load_model,
     model_card,
+    replaced_warning,
     require_threshold,
+    split_entry,
     threshold_history,
 )
 from patchcore.apps.workflow.predict import (
@@ -145,6 +148,9 @@ __all__ = [
     "picture_name",
     "regions_file",
     "require_threshold",
+    "entry_text",
+    "split_entry",
+    "replaced_warning",
     "threshold_history",
     "resolve_data",
     "run_demo",

@@ -29,6 +29,7 @@ from patchcore.apps.workflow.files import model_transaction
 from patchcore.apps.workflow.leakage import leave_out_training
 from patchcore.apps.workflow.model import load_model
 from patchcore.core import metrics
+from patchcore.core.calibration import map_medians
 from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
@@ -58,6 +59,8 @@ class CalibrationSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     training_left_out: int = 0
+    replaced: dict[str, Any] | None = None
+    entry: dict[str, Any] | None = None
 
 
 #: A threshold that flags more than this share of the normal calibration images is degenerate.
@@ -135,30 +138,50 @@ def _check_settings(method: str, max_fpr: float | None, fraction: float) -> None
     )
 
 
+@dataclass
+class CalibrationPass:
+    """One scoring pass over calibration images: scores (NaN where skipped), each anomaly
+    map's (min, max) and median (the ``map_extremes`` and ``map_medians`` of
+    :meth:`PatchCore.calibrate`), the skipped images and the seconds it took."""
+
+    scores: np.ndarray
+    extremes: np.ndarray
+    medians: np.ndarray
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+
 def _score_for_calibration(
     det: PatchCore, calib: ImageDataset, progress: ProgressFn | None, total: ProgressFn | None
-) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], float]:
-    """Scores, each anomaly map's (min, max) (NaN where skipped: the ``map_extremes`` of
-    :meth:`PatchCore.calibrate`), the skipped images and the seconds the pass took, in one pass
-    (``total`` is told the number of images first).
-
-    Maps are asked at the processed size: only their extremes are kept.
-    """
+) -> CalibrationPass:
+    """The :class:`CalibrationPass` of ``calib`` (``total`` is told the number of images
+    first). Maps are asked at the processed size: only their extremes and medians are kept."""
     if total:
         total(len(calib))
     t0 = time.perf_counter()
     scores = np.full(len(calib), np.nan)
     extremes = np.full((len(calib), 2), np.nan)
     skipped: list[tuple[str, str]] = []
+    medians = np.full(len(calib), np.nan)
     for r in det.iter_score(calib.images, maps="processed", on_error="skip", progress=False):
         scores[r.index] = r.score
         if r.map is not None:
             extremes[r.index] = (float(r.map.min()), float(r.map.max()))
+            medians[r.index] = map_medians([r.map])[0]
         if r.error is not None:
             skipped.append((r.name, r.error))
         if progress:
             progress(1)
-    return scores, extremes, skipped, time.perf_counter() - t0
+    return CalibrationPass(scores, extremes, medians, skipped, time.perf_counter() - t0)
+
+
+def replaced_entry(det: PatchCore) -> dict[str, Any] | None:
+    """The history entry of the threshold the last one replaced (None: it replaced none)."""
+    history = det.threshold_history_
+    if len(history) > 1:
+        return dict(history[-2])
+    before = (history[-1].get("replaced") or {}) if history else {}
+    return dict(before) if before.get("value") is not None else None
 
 
 def calibrate_detector(
@@ -200,7 +223,8 @@ def calibrate_detector(
     """
     _check_settings(method, max_fpr, calibration_fraction)
     calib, test = split_for_calibration(pool, calibration_fraction, seed, data_spec)
-    scores, extremes, skipped, seconds = _score_for_calibration(det, calib, progress, total)
+    run = _score_for_calibration(det, calib, progress, total)
+    scores, skipped, seconds = run.scores, run.skipped, run.seconds
     ok = np.isfinite(scores)
     y = calib.labels
     if len(set(y[ok].tolist())) < 2:
@@ -208,12 +232,17 @@ def calibrate_detector(
             f"calibration needs readable normal and anomalous images; {len(skipped)} of "
             f"{len(calib)} could not be read"
         )
-    try:
-        det.calibrate(
-            calib.images, y, method=method, max_fpr=max_fpr, scores=scores, map_extremes=extremes
-        )
+    try:  # the threshold calibrate will install, to record its warnings with it
+        t = float(metrics.anomaly_threshold(y[ok], scores[ok], method=method, max_fpr=max_fpr))
     except ValueError as exc:
         raise WorkflowError(f"cannot choose a threshold: {exc}") from None
+    warned = [*warnings, *threshold_warnings(scores[ok], y[ok], t, settings_tips(det))]
+    context = {"data": data_spec, "seed": int(seed), "fraction": float(calibration_fraction),
+               "split": True, "source": "calibrate", "warnings": warned}  # fmt: skip
+    det.calibrate(
+        calib.images, y, method=method, max_fpr=max_fpr, scores=scores,
+        map_extremes=run.extremes, map_medians=run.medians, context=context,
+    )  # fmt: skip
     threshold = float(det.threshold_)  # type: ignore[arg-type]
     display = det.display_range_ or (math.nan, math.nan)  # chosen by calibrate
     ms = 1000.0 * seconds / max(1, len(calib))
@@ -249,10 +278,9 @@ def calibrate_detector(
         seconds=seconds,
         ms_per_image=ms,
         skipped=skipped,
-        warnings=[
-            *warnings,
-            *threshold_warnings(scores[ok], y[ok], threshold, settings_tips(det)),
-        ],
+        warnings=warned,
+        replaced=replaced_entry(det),
+        entry=dict(det.threshold_history_[-1]),
     )
     return summary, calib, test
 
@@ -315,6 +343,8 @@ class NormalCalibrationSummary:
     ms_per_image: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    replaced: dict[str, Any] | None = None
+    entry: dict[str, Any] | None = None
 
 
 def held_out_normals(
@@ -393,17 +423,21 @@ def calibrate_normal_model(
                 f"({left_out} more were fitted on): add normal images, fit on fewer "
                 f"(--train-fraction), or ask for a rate of at least {1 / (len(pool) + 1):.3g}"
             )
-        scores, extremes, skipped, seconds = _score_for_calibration(det, pool, progress, total)
+        run = _score_for_calibration(det, pool, progress, total)
+        scores, skipped, seconds = run.scores, run.skipped, run.seconds
         ok = np.isfinite(scores)
         if int((~ok).sum()) > len(skipped):  # readable images scored NaN: fail closed
             raise WorkflowError(
                 f"{int((~ok).sum()) - len(skipped)} readable normal images scored NaN or infinite: "
                 "the model holds non-finite values; no threshold (fit it again)"
             )
+        context = {"data": source.spec, "seed": None, "fraction": None, "split": True,
+                   "source": "calibrate --normal-only", "warnings": warnings}  # fmt: skip
         try:
             det.calibrate_normal(
-                None, max_fpr=max_fpr, scores=scores[ok], map_extremes=extremes[ok]
-            )
+                None, max_fpr=max_fpr, scores=scores[ok], map_extremes=run.extremes[ok],
+                map_medians=run.medians[ok], context=context,
+            )  # fmt: skip
         except TooFewNormalImagesError as exc:
             raise WorkflowError(f"{source.spec}: {len(skipped)} unreadable images; {exc}") from None
         c = det.calibration_ or {}
@@ -444,4 +478,6 @@ def calibrate_normal_model(
             ms_per_image=ms,
             skipped=skipped,
             warnings=warnings,
+            replaced=replaced_entry(det),
+            entry=dict(det.threshold_history_[-1]),
         )

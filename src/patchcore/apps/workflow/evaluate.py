@@ -28,7 +28,14 @@ from patchcore.apps.workflow.data import (
 )
 from patchcore.apps.workflow.files import check_folder_target, new_folder
 from patchcore.apps.workflow.leakage import leave_out_training
-from patchcore.apps.workflow.model import load_model, model_card, require_threshold
+from patchcore.apps.workflow.model import (
+    entry_text,
+    load_model,
+    model_card,
+    require_threshold,
+    split_entry,
+    threshold_history,
+)
 from patchcore.apps.workflow.reporting import write_evaluation_report
 from patchcore.apps.workflow.scoring import ScoredSet, score_set
 from patchcore.core import datasets, metrics
@@ -243,11 +250,12 @@ def evaluate_model(
         )
     if total:
         total(len(test))
-    notes = []
+    split = split_text(det)
+    notes = [f"Scored: {split}."]
     stored = det.metadata_.get("calibration_data")
     if stored and stored != source.spec:
         notes.append(f"calibrated on {stored}; held-out images looked up in {source.spec}")
-    return evaluate_detector(
+    ev = evaluate_detector(
         det,
         test,
         report_dir=report_dir,
@@ -258,6 +266,21 @@ def evaluate_model(
         force=force,
         warnings=warnings,
     )
+    return replace(ev, split=split)
+
+
+def split_text(det: PatchCore) -> str:
+    """Which calibration's held-out split ``evaluate`` scores, in words (the split stored by
+    the last calibration that chose a threshold on a split of the data)."""
+    entry, history = split_entry(det), threshold_history(det)
+    if entry is None:
+        return "the held-out split stored at calibration (before the threshold history existed)"
+    text = f"the held-out split of the calibration {entry_text(entry)}"
+    if history and history[-1] is not entry:
+        text += f"; the threshold in use came after it: {entry_text(history[-1])}"
+    else:
+        text += ", the threshold in use"
+    return text
 
 
 def _jsonable(x: Any) -> Any:

@@ -86,3 +86,35 @@ def test_the_record_carries_the_hint_on_every_surface() -> None:
     assert record.FIELD_NAMES[-2:] == ("ood", "ood_reason")
     pa = pytest.importorskip("pyarrow")
     assert record.arrow_schema().field("ood").type == pa.bool_()
+
+
+# ------------------------------------------------------------- a real model, the issue's 3 cases
+@pytest.mark.slow
+def test_real_casting_model_flags_the_three_inputs_and_no_test_image() -> None:
+    """Fitted on 8 casting images, calibrated on 8 more: a 1200x900 upscale, a 20x20 thumbnail
+    and a magnetic tile (another part) are flagged with a reason; other casting test images,
+    good and defective, are not."""
+    from conftest import data_set
+    from PIL import Image
+
+    from patchcore.core.detector import PatchCore
+
+    root, tiles = data_set("casting"), data_set("magnetic_tile")
+    good = sorted((root / "test" / "good").iterdir())
+    bad = sorted(p for d in (root / "test").iterdir() if d.name != "good" for p in d.iterdir())
+    train = sorted((root / "train" / "good").iterdir())[:8]
+    det = PatchCore(coreset_ratio=0.1, progress=False).fit(train)
+    det.calibrate(good[:4] + bad[:4], [0] * 4 + [1] * 4)
+    assert det.input_profile_["map_median"] > 0
+
+    with Image.open(good[10]) as im:
+        grey = im.convert("RGB")
+        up, thumb = np.asarray(grey.resize((1200, 900))), np.asarray(grey.resize((20, 20)))
+    part = sorted((tiles / "test" / "good").iterdir())[0]
+    odd = list(det.iter_inspect([up, thumb, part], progress=False))
+    assert [r.ood for r in odd] == [True, True, True], [r.ood_reason for r in odd]
+    assert "1200x900 px" in odd[0].ood_reason and "20x20 px" in odd[1].ood_reason
+    assert all(r.ood_reason.startswith("unlike the training images: ") for r in odd)
+
+    plain = list(det.iter_inspect(good[4:10] + bad[4:10], progress=False))
+    assert [r.ood for r in plain] == [False] * 12, [r.ood_reason for r in plain if r.ood]

@@ -306,13 +306,17 @@ def test_an_export_is_loaded_in_the_background_and_checked(tmp_path):
 def test_an_export_without_a_threshold_is_refused(tmp_path):
     import json
 
+    from patchcore.lean.manifest import digest
+
     folder = tmp_path / "nothr"
     folder.mkdir()
     for f in toy_export().iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     manifest = folder / "patchcore-export.json"
     info = json.loads(manifest.read_text())
-    info["threshold"] = None
+    info.update(threshold=None, normalization=None, normalization_source=None)
+    info.update(region_threshold=None)
+    info["digest"] = digest(info)  # sealed again: an uncalibrated export
     manifest.write_text(json.dumps(info))
     backend = RuntimeBackend(folder)
     # refused by the service ("has no threshold, so it cannot give verdicts") or, where the

@@ -137,7 +137,16 @@ class ScoringGraph(nn.Module):
         if self.sigma > 0:
             self.register_buffer("kernel", scoring.gaussian_kernel1d(self.sigma, torch.float32))
 
-    def _min_sq(self, q: torch.Tensor) -> torch.Tensor:
+    def patch_distances(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) patch features -> (B, P) distances to the nearest bank row, float32.
+
+        The hook an export's search replaces (:mod:`patchcore.core.export`'s int8 search):
+        whatever it returns must be exact for each image's ``top_k`` largest distances.
+        """
+        b, p, d = patches.shape
+        return self.min_sq(patches.reshape(b * p, d)).clamp(min=0.0).sqrt().view(b, p)
+
+    def min_sq(self, q: torch.Tensor) -> torch.Tensor:
         """(Q, D) -> (Q,) squared distance to the nearest bank row, block by block."""
         qc = q - self.bank_mean
         q_ext = torch.cat([qc, torch.ones_like(qc[:, :1])], 1)
@@ -179,7 +188,7 @@ class ScoringGraph(nn.Module):
         emb = embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
         b, d, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(b, h * w, d)
-        dist = self._min_sq(patches.reshape(b * h * w, d)).clamp(min=0.0).sqrt().view(b, h * w)
+        dist = self.patch_distances(patches)
         eq7 = self._support if self.k > 1 and self.top_k == 1 else None
         scores = scoring.image_scores(dist, self.top_k, patches=patches, support=eq7)
         maps = self._map(dist.view(b, 1, h, w), pixels.shape[-2:])

@@ -185,53 +185,8 @@ class RuntimeBackend:
 
     def inspect(self, images: list[tuple[str, np.ndarray]]) -> list[record.Inspection]:
         assert self.model is not None
-        arrays = [a for _, a in images]
-        if hasattr(self.model, "iter_inspect"):  # ExportedModel's own records (#20)
-            records = list(self.model.iter_inspect(arrays, on_error="skip"))
-        else:  # its score() API of before the records: drop once main has iter_inspect
-            records = self._scored_records(arrays)
-        return [replace(r, image=images[r.index][0]) for r in records]
-
-    def _scored_records(self, arrays: list[np.ndarray]) -> list[record.Inspection]:
-        """Records from ``ExportedModel.score``, which raises on a non-finite result: then
-        each image alone, the failing one an error record."""
-        try:
-            return self._score_to_records(arrays, 0)
-        except FloatingPointError:
-            pass
-        out = []
-        for j, a in enumerate(arrays):
-            try:
-                out += self._score_to_records([a], j)
-            except FloatingPointError:
-                nan = record.inspection(
-                    f"image #{j}", j, math.nan, threshold=self.threshold, size=a.shape[:2]
-                )
-                out.append(nan)
-        return out
-
-    def _score_to_records(self, arrays: list[np.ndarray], offset: int) -> list:
-        assert self.model is not None
-        r = self.model.score(arrays, maps="native", on_error="skip")  # type: ignore[attr-defined]
-        skipped = {s.index: s.reason for s in r.skipped}
-        out = []
-        for j in range(len(arrays)):
-            name, i = f"image #{offset + j}", offset + j
-            if j in skipped:
-                out.append(record.error_record(name, i, skipped[j], threshold=self.threshold))
-                continue
-            out.append(
-                record.inspection(
-                    name,
-                    i,
-                    float(r.scores[j]),
-                    threshold=self.threshold,
-                    normalization_map=self.model.normalization,
-                    anomaly_map=r.maps[j],
-                    region_cut=self.region_cut(),
-                )
-            )
-        return out
+        records = self.model.inspect([a for _, a in images], on_error="skip")
+        return [replace(r, image=name) for r, (name, _) in zip(records, images, strict=True)]
 
     def explain(self, name: str, image: np.ndarray) -> tuple[record.Inspection, dict[str, Any]]:
         raise ExplainUnavailableError(

@@ -344,6 +344,16 @@ def _notes_section(notes: Sequence[str] | None) -> str:
     return section("Notes", f'<ul class="notes">{items}</ul>', "notes")
 
 
+def _check_targets(targets: Mapping[str, float] | None) -> dict[str, float]:
+    """``targets`` as plain floats; an unknown metric name raises ValueError."""
+    for name in targets or {}:
+        if name not in _TARGET_METRICS:
+            raise ValueError(
+                f"unknown target metric {name!r}; use one of {', '.join(_TARGET_METRICS)}"
+            )
+    return {str(k): float(v) for k, v in (targets or {}).items()}
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -407,12 +417,7 @@ def write_report(
     known, others = _split_metrics(metrics)
     if pixel_metrics is None and isinstance(metrics, Metrics) and metrics.pixel_auroc is not None:
         pixel_metrics = {"PixelAUROC": metrics.pixel_auroc, "AUPRO": metrics.aupro}
-    for name in targets or {}:
-        if name not in _TARGET_METRICS:
-            raise ValueError(
-                f"unknown target metric {name!r}; use one of {', '.join(_TARGET_METRICS)}"
-            )
-    target_map = {str(k): float(v) for k, v in (targets or {}).items()}
+    target_map = _check_targets(targets)
     threshold = known.get("Threshold", model_card.get("threshold"))
     named = {k: v for k, v in figures.items() if k in _FIGURES}
     other_figures = {str(k): v for k, v in figures.items() if k not in _FIGURES}

@@ -162,3 +162,26 @@ def test_evaluate_names_the_split_and_the_report_shows_the_history(
     page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     table = page.split('id="history"')[1].split("</section>")[0]
     assert table.count("<tr") == 3 and "manual" in table and "max_f1" in table
+
+
+def test_calibrate_warnings_are_recorded_and_the_report_repeats_them(tmp_path: Path) -> None:
+    """Labels swapped (the "defects" are plain textures, the "good" images carry blobs): the
+    calibration AUROC is near 0, calibrate warns, the warning is stored with the threshold,
+    and ``info`` and the evaluation report repeat it."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "swapped"
+    _write(root / "train" / "good", [textured(rng) for _ in range(6)], "t")
+    _write(root / "test" / "good", [textured(rng, defect=True) for _ in range(6)], "g")
+    _write(root / "test" / "plain", [textured(rng) for _ in range(6)], "p")
+    m = tmp_path / "m.pt"
+    assert run("fit", root, "--out", m, "--image-size", "96", "-q").exit_code == 0
+    r = run("calibrate", m, root, "-q")
+    assert r.exit_code == 0, r.output
+    assert "patchcore: warning: calibration AUROC is 0.00" in r.stderr
+    stored = PatchCore.load(m).threshold_history_[-1]["warnings"]
+    assert any(w.startswith("calibration AUROC is 0.00") for w in stored)
+    assert "warning: calibration AUROC is 0.00" in run("info", m).stdout
+    r = run("evaluate", m, root, "--report", tmp_path / "rep", "-q")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "calibration AUROC is 0.00" in page.split('id="warnings"')[1].split("</section>")[0]

@@ -335,8 +335,8 @@ class VerdictMixin:
         scores: np.ndarray | None = None,
         map_extremes: np.ndarray | None = None,
         map_medians: np.ndarray | None = None,
-        progress: bool | None = None,
         context: Mapping[str, Any] | None = None,
+        progress: bool | None = None,
     ) -> Any:
         """Choose ``threshold_`` from normal images alone, for a false-alarm rate ``max_fpr``.
 
@@ -358,8 +358,8 @@ class VerdictMixin:
             scores: (n,) their scores, to reuse a pass already made; all must be finite.
             map_extremes: (n, 2) their maps' minimum and maximum, as in :meth:`calibrate`.
             map_medians: (n,) their maps' medians, as in :meth:`calibrate`.
-            progress: progress bar while scoring.
             context: facts for the threshold's history entry, as in :meth:`calibrate`.
+            progress: progress bar while scoring.
 
         Raises:
             TooFewNormalImagesError: fewer than ``1 / max_fpr - 1`` images; it says how many.

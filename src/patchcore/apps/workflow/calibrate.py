@@ -175,13 +175,17 @@ def _score_for_calibration(
     return CalibrationPass(scores, extremes, medians, skipped, time.perf_counter() - t0)
 
 
-def replaced_entry(det: PatchCore) -> dict[str, Any] | None:
-    """The history entry of the threshold the last one replaced (None: it replaced none)."""
+def history_facts(det: PatchCore) -> dict[str, Any]:
+    """The summary fields of the threshold just installed: ``entry``, its history entry, and
+    ``replaced``, the entry of the threshold it replaced (None: it replaced none)."""
     history = det.threshold_history_
+    before = dict(history[-1].get("replaced") or {}) if history else {}
     if len(history) > 1:
-        return dict(history[-2])
-    before = (history[-1].get("replaced") or {}) if history else {}
-    return dict(before) if before.get("value") is not None else None
+        before = dict(history[-2])
+    return {
+        "entry": dict(history[-1]) if history else None,
+        "replaced": before if before.get("value") is not None else None,
+    }
 
 
 def calibrate_detector(
@@ -279,8 +283,7 @@ def calibrate_detector(
         ms_per_image=ms,
         skipped=skipped,
         warnings=warned,
-        replaced=replaced_entry(det),
-        entry=dict(det.threshold_history_[-1]),
+        **history_facts(det),
     )
     return summary, calib, test
 
@@ -478,6 +481,5 @@ def calibrate_normal_model(
             ms_per_image=ms,
             skipped=skipped,
             warnings=warnings,
-            replaced=replaced_entry(det),
-            entry=dict(det.threshold_history_[-1]),
+            **history_facts(det),
         )

@@ -16,6 +16,7 @@ import numpy as np
 from patchcore.core.images import ImageInput
 from patchcore.core.inputs import as_list, check_on_error, warn_skipped
 from patchcore.core.results import ImageResult, MapSize, ScoreResult, check_maps
+from patchcore.lean import ood
 
 __all__ = ["ScoreMixin"]
 
@@ -64,9 +65,13 @@ class ScoreMixin:
             ]
             if batch.pixels is not None:
                 scores, out = self._score_batch(batch, maps)  # type: ignore[attr-defined]
+                stats = ood.pixel_stats(batch.pixels.numpy()).tolist()
                 for j, i in enumerate(batch.indices):
                     m = out[j] if maps is not None else None
-                    results.append(ImageResult(i, batch.names[j], float(scores[j]), m, None))
+                    results.append(
+                        ImageResult(i, batch.names[j], float(scores[j]), m, None,
+                                    batch.sizes[j], tuple(stats[j]))
+                    )  # fmt: skip
             yield from sorted(results, key=lambda r: r.index)
 
     def score(

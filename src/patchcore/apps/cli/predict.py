@@ -18,6 +18,8 @@ from patchcore.lean.writers import RecordWriter
 
 __all__ = ["Tally", "predict"]
 
+HeatmapLayout = base.choices("HeatmapLayout", workflow.HEATMAP_LAYOUTS)
+
 
 class Tally:
     """Counts of the verdicts written so far, and the line that sums them up."""
@@ -50,10 +52,18 @@ def predict(
         Path | None,
         base.folder_option(
             "--heatmaps",
-            "Folder for one heatmap overlay PNG per image (<name>_heatmap.png), with the "
-            "defect regions boxed.",
+            "Folder for one heatmap PNG per image (<name>_heatmap.png): the image, its "
+            "anomaly-map overlay with the defect regions boxed, and the colour bar.",
         ),
     ] = None,
+    heatmap_layout: Annotated[
+        HeatmapLayout,  # type: ignore[valid-type]
+        typer.Option(
+            "--heatmap-layout",
+            help="panels: image | overlay | colour bar under a line with the verdict; "
+            "overlay: the overlay alone at the image's size (the earlier pictures).",
+        ),
+    ] = HeatmapLayout.panels,  # type: ignore[attr-defined]
     fmt: base.FormatOpt = base.Format.table,  # type: ignore[attr-defined]
     recursive: base.RecursiveOpt = False,
     threshold: Annotated[
@@ -110,7 +120,7 @@ def predict(
         with out as add_regions:
             stream = workflow.inspect_files(
                 det, files, heatmaps=heatmaps, region_threshold=region_threshold,
-                min_area=min_area, force=force,
+                min_area=min_area, force=force, layout=heatmap_layout.value,
             )  # fmt: skip
             bar = base.Bar("predict", quiet or len(files) < 2)
             bar.total(len(files))

@@ -20,7 +20,9 @@ every image the reference's score (relative 1e-5), verdict, normalised score (th
 its own score), threshold, size, map maximum and its pixel, region cut and region boxes
 (exactly); the truncated file is an ``error`` row in its place, with the reference's message,
 and the images after it are still scored. The services name an upload by its file name, the
-batch job by its absolute path: images are compared by file name.
+batch job by its absolute path: images are compared by file name. Both services' one-image
+route must agree with their batch route: the overlay PNG's ``X-Patchcore-*`` headers carry the
+record, and the truncated file is a 400 whose body opens with its error record.
 """
 
 from __future__ import annotations
@@ -100,20 +102,36 @@ def _predict(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _service(model: Any, inputs: list[Path]) -> list[dict[str, Any]]:
-    """``POST /v1/inspect/batch`` with every input as a file part, once the app is ready."""
+    """``POST /v1/inspect/batch`` with every input as a file part, once the app is ready; the
+    one-image route must say the same (the first image as an overlay PNG whose headers carry
+    the record, the truncated file as a 400 whose body is its error record)."""
     files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in inputs]
+    corrupt = next(p for p in inputs if p.name == CORRUPT)
     with TestClient(create_app(model)) as client:
         end = time.monotonic() + 120
         while (ready := client.get("/readyz")).status_code != 200:
             assert time.monotonic() < end, ready.text
             time.sleep(0.05)
         r = client.post("/v1/inspect/batch", files=files)
+        png = client.post("/v1/inspect", params={"heatmap": "png"}, content=inputs[0].read_bytes())
+        refused = client.post("/v1/inspect", files={"file": (CORRUPT, corrupt.read_bytes())})
     assert r.status_code == 200, r.text
     answer = r.json()
     assert (answer["count"], answer["errors"]) == (len(inputs), 1), answer
-    statuses = [row["status"] for row in answer["results"]]
-    assert statuses == [400 if p.name == CORRUPT else 200 for p in inputs], statuses
-    return answer["results"]
+    rows = answer["results"]
+    assert [row["status"] for row in rows] == [400 if p == corrupt else 200 for p in inputs]
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    first = rows[0]
+    assert png.headers["X-Patchcore-Verdict"] == first["verdict"]
+    assert float(png.headers["X-Patchcore-Score"]) == first["score"]
+    assert float(png.headers["X-Patchcore-Normalized-Score"]) == first["normalized_score"]
+    assert int(png.headers["X-Patchcore-Regions-Count"]) == len(first["regions"])
+    assert refused.status_code == 400, refused.text
+    body = refused.json()
+    assert list(body)[: len(record.FIELD_NAMES)] == list(record.FIELD_NAMES), body
+    bad = rows[inputs.index(corrupt)]
+    assert (body["image"], body["verdict"], body["error"]) == (CORRUPT, "error", bad["error"])
+    return rows
 
 
 def _serve(s: dict[str, Any]) -> list[dict[str, Any]]:

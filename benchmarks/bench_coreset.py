@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from patchcore.sampling import coreset_size, coverage_radius, greedy_coreset, random_projection
-from patchcore.search import NearestNeighborIndex
+from patchcore.core.sampling import coreset_size, coverage_radius, greedy_coreset, random_projection
+from patchcore.core.search import NearestNeighborIndex
 
 OUT = Path(__file__).resolve().parent / "out"
 PEER_PYTHON = Path(__file__).resolve().parent / ".peer-venv" / "bin" / "python"
@@ -64,8 +64,8 @@ def image_features(folder: Path, num: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from patchcore.backbones import FeatureExtractor
-    from patchcore.embedding import embed, flatten_patches
+    from patchcore.core.backbones import FeatureExtractor
+    from patchcore.core.embedding import embed, flatten_patches
 
     count = -(-num // 1024)
     cache = OUT / f"features_{folder.parent.parent.name}_{folder.name}_{count}.pt"

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from common import ROOT, append_row, machine, subsets, write_results_section
 
-from patchcore import PatchCore, sampling
-from patchcore.embedding import flatten_patches
-from patchcore.metrics import auroc
-from patchcore.search import NearestNeighborIndex
+from patchcore import PatchCore
+from patchcore.core import sampling
+from patchcore.core.embedding import flatten_patches
+from patchcore.core.metrics import auroc
+from patchcore.core.search import NearestNeighborIndex
 
 OUT = ROOT / "benchmarks" / "out"
 ROWS = OUT / "coreset_scale.jsonl"

@@ -37,8 +37,8 @@ import numpy as np
 from common import ROOT, SETS, append_row, machine, subsets
 
 from patchcore import PatchCore
-from patchcore.export import export
-from patchcore.runtime import ExportedModel
+from patchcore.core.export import export
+from patchcore.lean.runtime import ExportedModel
 
 ROWS = ROOT / "benchmarks" / "out" / "bench_export.jsonl"
 CHUNK = 32  # images scored per route before the next route (maps are compared, then dropped)

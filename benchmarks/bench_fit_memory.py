@@ -113,7 +113,7 @@ def child_auroc(dtype: str | None, train: int, test: int, size: int) -> dict:
     import torch
 
     from patchcore import PatchCore
-    from patchcore.metrics import auroc
+    from patchcore.core.metrics import auroc
 
     torch.set_num_threads(1)
     root = DATA / "casting"

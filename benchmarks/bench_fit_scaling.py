@@ -24,7 +24,7 @@ sys.path.insert(0, {bench!r})
 from common import subsets
 from patchcore import PatchCore
 train, _ = subsets({name!r}, None, None)
-from patchcore.datasets import sample_fraction
+from patchcore.core.datasets import sample_fraction
 if {fraction} < 1:
     train = sample_fraction(train, {fraction}, seed=0)
 t0 = time.perf_counter()

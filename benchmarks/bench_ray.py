@@ -6,7 +6,7 @@ Scoring: a model fitted on every casting training image (defaults: native 300 x 
 a temporary folder, nothing copied into the repository) with
 
 - ``patchcore predict MODEL DIR --format csv -q`` in a fresh process (its default threads),
-- ``patchcore.distributed.batch_score`` with 1 and 2 workers (one torch thread each) on a
+- ``patchcore.scale.distributed.batch_score`` with 1 and 2 workers (one torch thread each) on a
   local Ray started by the call (its start and the actors' model load are in the wall time;
   the steady rate is measured between the first and the last finished block),
 - 2 workers again with one actor killed (SIGKILL by its pid) after the first finished block:
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from common import DATA, ROOT, append_row, machine, subsets
 
-from patchcore import distributed as D
-from patchcore.detector import PatchCore
-from patchcore.metrics import auroc
+from patchcore.core.detector import PatchCore
+from patchcore.core.metrics import auroc
+from patchcore.scale import distributed as D
 
 RESULTS = ROOT / "benchmarks" / "results" / "ray.jsonl"
 
@@ -61,7 +61,7 @@ def _links(n: int, folder: Path) -> list[str]:
 
 def _predict(model: Path, folder: Path, n: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "patchcore.cli", "predict", str(model), str(folder)]
+    cmd = [sys.executable, "-m", "patchcore.apps.cli", "predict", str(model), str(folder)]
     load0 = _load()
     t0 = time.perf_counter()
     res = subprocess.run([*cmd, "--format", "csv", "-q"], env=env, capture_output=True, text=True)

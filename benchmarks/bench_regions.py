@@ -19,9 +19,14 @@ import numpy as np
 from common import DATA, ROOT, machine, peak_rss_mb, write_results_section
 
 from patchcore import PatchCore
-from patchcore.datasets import ImageDataset, load_folder, load_mask, split_each_label
-from patchcore.metrics import anomaly_threshold, pixel_threshold, region_scores, region_threshold
-from patchcore.regions import label_regions, region_mask
+from patchcore.core.datasets import ImageDataset, load_folder, load_mask, split_each_label
+from patchcore.core.metrics import (
+    anomaly_threshold,
+    pixel_threshold,
+    region_scores,
+    region_threshold,
+)
+from patchcore.lean.regions import label_regions, region_mask
 
 MASK_SETS = ("magnetic_tile", "deeppcb")
 MIN_AREAS = (1, 16, 64, 256)

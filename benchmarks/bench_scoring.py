@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from patchcore.backbones import FeatureExtractor
-from patchcore.detector import PatchCore
-from patchcore.embedding import flatten_patches
-from patchcore.images import read_image
+from patchcore.core.backbones import FeatureExtractor
+from patchcore.core.detector import PatchCore
+from patchcore.core.embedding import flatten_patches
+from patchcore.core.images import read_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "casting"
 

@@ -18,8 +18,8 @@ import time
 import torch
 from bench_coreset_scale import cached_features
 
-from patchcore import sampling
-from patchcore.search import NearestNeighborIndex, patch_scores
+from patchcore.core import sampling
+from patchcore.core.search import NearestNeighborIndex, patch_scores
 
 
 def main() -> None:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from common import ROOT, machine, subsets, write_results_section
 
-from patchcore import PatchCore, search
-from patchcore.embedding import flatten_patches
+from patchcore import PatchCore
+from patchcore.core import search
+from patchcore.core.embedding import flatten_patches
 
 OUT = ROOT / "benchmarks" / "out" / "top_k.jsonl"
 

@@ -37,13 +37,14 @@ import numpy as np
 import torch
 from common import ROOT, SETS, append_row, machine, subsets
 
-from patchcore import PatchCore, metrics
-from patchcore.backbones import FeatureExtractor, resolve_device
-from patchcore.datasets import split_each_label
-from patchcore.detector import TrainingFeatures
-from patchcore.explain import bank_provenance
-from patchcore.search import NearestNeighborIndex, patch_scores, resolve_precision
-from patchcore.state import FittedState
+from patchcore import PatchCore
+from patchcore.core import metrics
+from patchcore.core.backbones import FeatureExtractor, resolve_device
+from patchcore.core.datasets import split_each_label
+from patchcore.core.detector import TrainingFeatures
+from patchcore.core.explain import bank_provenance
+from patchcore.core.search import NearestNeighborIndex, patch_scores, resolve_precision
+from patchcore.core.state import FittedState
 
 OUT = ROOT / "benchmarks" / "out" / "update.jsonl"
 

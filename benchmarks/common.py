@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchcore.datasets import (
+from patchcore.core.datasets import (
     ImageDataset,
     load_folder,
     load_mask,
     sample_fraction,
     split_each_label,
 )
-from patchcore.metrics import anomaly_threshold, aupro, auroc, evaluate, pixel_auroc
+from patchcore.core.metrics import anomaly_threshold, aupro, auroc, evaluate, pixel_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -1,6 +1,7 @@
 """Bounded load test of the inspection service on loopback.
 
-Fits a small real model (efficientnet-lite0 on a few casting images), starts ``patchcore.service``
+Fits a small real model (efficientnet-lite0 on a few casting images), starts
+``patchcore.apps.service``
 in a subprocess on 127.0.0.1, and runs a fixed number of concurrent clients for a fixed time
 against ``POST /v1/inspect`` with real images. Every answer is checked: status 200, the score
 equal (within 1e-5) to the one the library gives for that image, the verdict consistent with
@@ -33,7 +34,7 @@ import httpx
 import numpy as np
 import torch
 
-from patchcore.detector import PatchCore
+from patchcore.core.detector import PatchCore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "casting"
@@ -93,7 +94,7 @@ def build_model(args: argparse.Namespace) -> tuple[Path, list[tuple[str, bytes, 
 
 def start_server(path: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     code = (
-        "from patchcore.service import serve; "
+        "from patchcore.apps.service import serve; "
         f"serve({str(path)!r}, '127.0.0.1', {port}, log_level='warning', "
         f"workers={args.workers}, queue_length={args.queue_length})"
     )

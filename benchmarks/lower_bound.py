@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from patchcore.backbones import FeatureExtractor
-from patchcore.embedding import embed
+from patchcore.core.backbones import FeatureExtractor
+from patchcore.core.embedding import embed
 
 
 def matmul_gflops(

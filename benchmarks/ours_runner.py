@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from patchcore import PatchCore
-from patchcore.backbones import FeatureExtractor
-from patchcore.embedding import flatten_patches
-from patchcore.search import NearestNeighborIndex
+from patchcore.core.backbones import FeatureExtractor
+from patchcore.core.embedding import flatten_patches
+from patchcore.core.search import NearestNeighborIndex
 
 
 def peak_rss_mb() -> float:

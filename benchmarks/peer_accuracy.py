@@ -38,8 +38,8 @@ import torch
 from common import ROOT, append_row, write_results_section
 from search_accuracy import OUT, evaluate, features, set_images, split
 
-from patchcore.backbones import FeatureExtractor, get_spec
-from patchcore.images import as_tensor
+from patchcore.core.backbones import FeatureExtractor, get_spec
+from patchcore.core.images import as_tensor
 
 PEER_PY = ROOT / "benchmarks" / ".peer-venv" / "bin" / "python"
 ROWS = OUT / "peer_rows.jsonl"

@@ -32,7 +32,7 @@ Usage::
                               built and again before the coreset)
     batch_size                default 8
     mean, std                 default: ImageNet, but 127/255 and 128/255 for EfficientNet-Lite
-                              (its TF-Lite preprocessing, as patchcore.backbones uses)
+                              (its TF-Lite preprocessing, as patchcore.core.backbones uses)
     num_threads               torch.set_num_threads, default: leave torch's default
     device                    "cpu" (default) or "cuda"
     repeats                   timed scoring runs, median taken (default 3)
@@ -91,7 +91,7 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# EfficientNet-Lite's own (TF-Lite) preprocessing, as patchcore.backbones uses for it.
+# EfficientNet-Lite's own (TF-Lite) preprocessing, as patchcore.core.backbones uses for it.
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
@@ -333,7 +333,7 @@ def lukemelas_to_timm_efficientnet(state: dict[str, torch.Tensor], timm_model: t
 
 
 def ours_to_lukemelas(state: dict[str, torch.Tensor], stage_lengths: list[int]):
-    """Rename ``patchcore.backbones.FeatureExtractor`` keys of an EfficientNet-Lite.
+    """Rename ``patchcore.core.backbones.FeatureExtractor`` keys of an EfficientNet-Lite.
 
     ``stages.stem.conv/bn`` -> ``_conv_stem/_bn0``; ``stages.stageK.{j}.*`` ->
     ``_blocks.{flat}.*`` with ``flat`` = blocks of stages before K + j.

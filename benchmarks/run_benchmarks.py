@@ -55,15 +55,15 @@ from common import DATA, ROOT, image_metrics, pixel_metrics, subsets
 from lower_bound import backbone_flops, bound_ms, matmul_gflops
 from PIL import Image
 
-from patchcore.backbones import FeatureExtractor, get_spec
-from patchcore.datasets import (
+from patchcore.core.backbones import FeatureExtractor, get_spec
+from patchcore.core.datasets import (
     ImageDataset,
     load_elpv,
     normal_train_split,
     sample_fraction,
     split_each_label,
 )
-from patchcore.images import as_tensor, resize
+from patchcore.core.images import as_tensor, resize
 
 BENCH = ROOT / "benchmarks"
 OUT = BENCH / "out" / "bench"
@@ -1536,7 +1536,7 @@ def render_default_path(doc: dict[str, Any]) -> str:
 
 def main_default_path(args: argparse.Namespace, argv: list[str] | None) -> None:
     """``--default-path``: the issue #9 comparison; writes default_path.json and its section."""
-    from patchcore.search import cpu_has_bf16, resolve_precision
+    from patchcore.core.search import cpu_has_bf16, resolve_precision
 
     results_json = args.out / "default_path.json"
     if args.render:

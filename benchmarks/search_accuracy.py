@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from common import ROOT, append_row, machine, subsets, write_results_section
 
-from patchcore import PatchCore, sampling
-from patchcore.backbones import FeatureExtractor
-from patchcore.datasets import ImageDataset, elpv_benchmark_split, load_elpv, split_each_label
-from patchcore.embedding import flatten_patches
-from patchcore.metrics import auroc
-from patchcore.presets import PRESETS, preset_params
-from patchcore.search import NearestNeighborIndex, patch_scores, resolve_precision
+from patchcore import PatchCore
+from patchcore.core import sampling
+from patchcore.core.backbones import FeatureExtractor
+from patchcore.core.datasets import ImageDataset, elpv_benchmark_split, load_elpv, split_each_label
+from patchcore.core.embedding import flatten_patches
+from patchcore.core.metrics import auroc
+from patchcore.core.presets import PRESETS, preset_params
+from patchcore.core.search import NearestNeighborIndex, patch_scores, resolve_precision
 
 OUT = ROOT / "benchmarks" / "out" / "search"
 ROWS = OUT / "rows.jsonl"
@@ -144,7 +145,7 @@ PRESET_ROWS = {
 
 
 def check_presets() -> None:
-    """Every preset in patchcore.presets is measured here by exactly its parameters."""
+    """Every preset in patchcore.core.presets is measured here by exactly its parameters."""
     if set(PRESET_ROWS) != set(PRESETS):
         raise SystemExit(f"presets {sorted(PRESETS)} but rows for {sorted(PRESET_ROWS)}")
     for name, (cand, variant) in PRESET_ROWS.items():
@@ -528,7 +529,7 @@ def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
                 lines.append(f"| {c} | {s} | {len(rs)} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "### Presets (`patchcore.presets`; the rows above that measure them)",
+        "### Presets (`patchcore.core.presets`; the rows above that measure them)",
         "",
         "| preset | settings | " + " | ".join(SETS) + " | mean, 4 sets | ms/image |",
         "|---|---|" + "---:|" * (len(SETS) + 2),

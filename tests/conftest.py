@@ -30,7 +30,7 @@ def run_cli(*args: object, env: dict[str, str] | None = None):
     """``patchcore ARGS`` in this process (typer's ``CliRunner``); arguments are ``str``-ed."""
     from typer.testing import CliRunner
 
-    from patchcore.cli import app
+    from patchcore.apps.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], env=env)
 

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from patchcore import PatchCore
-from patchcore.decode import decode_bytes
-from patchcore.images import ImageReadError, ImageTooLargeError, read_image, set_input_limits
-from patchcore.service import InputError, ServiceLimits, create_app, decode_image
+from patchcore.apps.service import InputError, ServiceLimits, create_app, decode_image
+from patchcore.core.images import ImageReadError, ImageTooLargeError, read_image, set_input_limits
+from patchcore.lean.decode import decode_bytes
 
 LIMITS = ServiceLimits()
 CASE_SECONDS = 2.0  # one decode of one mutated input, on a busy 2-core machine

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchcore.backbones import BACKBONES, BackboneWeightsError, FeatureExtractor
-from patchcore.embedding import embed, flatten_patches, local_average, reduce_channels
+from patchcore.core.backbones import BACKBONES, BackboneWeightsError, FeatureExtractor
+from patchcore.core.embedding import embed, flatten_patches, local_average, reduce_channels
 
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])

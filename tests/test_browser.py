@@ -48,8 +48,8 @@ def server(tmp_path_factory):
     data_set("casting")
     import uvicorn
 
-    from patchcore.detector import PatchCore
-    from patchcore.service import create_app
+    from patchcore.apps.service import create_app
+    from patchcore.core.detector import PatchCore
 
     train = sorted((DATA / "train" / "good").iterdir())[:4]
     det = PatchCore(

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import textured
 
-from patchcore.conformal import TooFewNormalImagesError
-from patchcore.detector import ModelFileError, NotFittedError, PatchCore
-from patchcore.normalization import fit_normalization
+from patchcore.core.conformal import TooFewNormalImagesError
+from patchcore.core.detector import ModelFileError, NotFittedError, PatchCore
+from patchcore.lean.normalization import fit_normalization
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from conftest import data_set, link, link_first
 from conftest import run_cli as run
 from PIL import Image
 
-from patchcore.cli import METRIC_COLUMNS
-from patchcore.detector import FORMAT_NAME, PatchCore
+from patchcore.apps.cli import METRIC_COLUMNS
+from patchcore.core.detector import FORMAT_NAME, PatchCore
 
 SIZE = "96"
 
@@ -447,10 +447,10 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
 
 
 def test_serve_hands_its_options_to_the_service(monkeypatch, calibrated: Path) -> None:
-    import patchcore.service
+    import patchcore.apps.service
 
     calls = []
-    monkeypatch.setattr(patchcore.service, "serve", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(patchcore.apps.service, "serve", lambda *a, **kw: calls.append((a, kw)))
     r = run("serve", calibrated, "--port", "8123", "--token", "s3cret", "--workers", "2")
     assert r.exit_code == 0, r.output
     ((args, kwargs),) = calls
@@ -459,10 +459,10 @@ def test_serve_hands_its_options_to_the_service(monkeypatch, calibrated: Path) -
 
 
 def test_serve_reads_the_token_from_a_file(monkeypatch, calibrated: Path, tmp_path: Path) -> None:
-    import patchcore.service
+    import patchcore.apps.service
 
     calls = []
-    monkeypatch.setattr(patchcore.service, "serve", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(patchcore.apps.service, "serve", lambda *a, **kw: calls.append((a, kw)))
     (tmp_path / "token.txt").write_text("  s3cret-from-file\n")
     r = run("serve", calibrated, "--token-file", tmp_path / "token.txt")
     assert r.exit_code == 0, r.output

@@ -17,8 +17,8 @@ import pytest
 from conftest import data_set, link, link_first
 from conftest import run_cli as run
 
-from patchcore.detector import PatchCore
-from patchcore.normalization import fit_normalization
+from patchcore.core.detector import PatchCore
+from patchcore.lean.normalization import fit_normalization
 
 pytestmark = pytest.mark.slow
 

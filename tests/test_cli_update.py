@@ -11,8 +11,8 @@ from conftest import data_set, link, link_first
 from conftest import run_cli as run
 from PIL import Image
 
-from patchcore.detector import PatchCore
-from patchcore.update import BEFORE_UPDATE
+from patchcore.core.detector import PatchCore
+from patchcore.core.update import BEFORE_UPDATE
 
 pytestmark = pytest.mark.slow
 

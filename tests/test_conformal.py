@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from patchcore.conformal import (
+from patchcore.core.conformal import (
     TooFewNormalImagesError,
     conformal_rank,
     conformal_threshold,

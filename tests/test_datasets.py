@@ -1,4 +1,4 @@
-"""Tests for patchcore.datasets: loaders on real and fake trees, splits, readability checks."""
+"""Tests for patchcore.core.datasets: loaders on real and fake trees, splits, readability checks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import needs_data
 from PIL import Image
 
-from patchcore.datasets import (
+from patchcore.core.datasets import (
     ImageDataset,
     Sample,
     check_readable,
@@ -27,7 +27,7 @@ from patchcore.datasets import (
     sample_fraction,
     split_each_label,
 )
-from patchcore.images import ImageReadError
+from patchcore.core.images import ImageReadError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 
@@ -528,7 +528,7 @@ def test_visa_converted_layout(tmp_path):
 
 
 def test_a_flat_test_folder_is_refused_with_a_pointer_to_label_folders(tmp_path: Path) -> None:
-    from patchcore.datasets import load_folder
+    from patchcore.core.datasets import load_folder
 
     for split in ("train/good", "test"):
         (tmp_path / split).mkdir(parents=True)

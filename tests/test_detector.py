@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore.detector import FORMAT_VERSION, ModelFileError, NotFittedError, PatchCore
-from patchcore.images import ImageReadError
-from patchcore.normalization import fit_normalization
+from patchcore.core.detector import FORMAT_VERSION, ModelFileError, NotFittedError, PatchCore
+from patchcore.core.images import ImageReadError
+from patchcore.lean.normalization import fit_normalization
 
 
 def small(**kw) -> PatchCore:
@@ -202,7 +202,7 @@ def test_defaults_store_float16_and_select_without_projection() -> None:
 
 
 def test_feature_store_keeps_the_requested_dtype_and_widens_on_overflow() -> None:
-    from patchcore.embedding import FeatureStore
+    from patchcore.core.embedding import FeatureStore
 
     store = FeatureStore(3, torch.float16)
     a = torch.randn(8, 5)
@@ -220,7 +220,7 @@ def test_feature_store_keeps_the_requested_dtype_and_widens_on_overflow() -> Non
 
 
 def test_feature_store_float16_with_varying_sizes() -> None:
-    from patchcore.embedding import FeatureStore
+    from patchcore.core.embedding import FeatureStore
 
     store = FeatureStore(3, torch.float16)
     store.add(torch.ones(4, 2), 1)
@@ -313,8 +313,8 @@ def test_backbone_dtype_is_validated(toy_images, tmp_path: Path) -> None:
 
 
 def test_score_returns_scores_maps_and_skipped_records(fitted: PatchCore, toy_images) -> None:
-    from patchcore.detector import ScoreResult
-    from patchcore.inputs import Skipped
+    from patchcore.core.detector import ScoreResult
+    from patchcore.core.inputs import Skipped
 
     _, good, bad = toy_images
     broken = np.zeros((3, 3), np.uint8)  # too small to be read
@@ -458,7 +458,7 @@ def test_per_call_progress_leaves_the_parameter_alone(toy_images, capsys) -> Non
 
 
 def test_fit_and_load_record_fit_time_facts_in_the_state(toy_images, tmp_path: Path) -> None:
-    from patchcore.state import FittedState
+    from patchcore.core.state import FittedState
 
     train, _, _ = toy_images
     det = small(feature_dtype="float32").fit(train[:2])
@@ -536,7 +536,7 @@ def test_a_file_in_the_58cd285_layout_loads(fitted: PatchCore, toy_images, tmp_p
 def test_save_is_atomic_and_cleans_up_on_interrupt(
     det: PatchCore, tmp_path: Path, monkeypatch
 ) -> None:
-    from patchcore import persistence
+    from patchcore.core import persistence
 
     path = det.save(tmp_path / "m.pt")
     before = path.read_bytes()

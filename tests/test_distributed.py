@@ -1,4 +1,4 @@
-"""Ray scale-out (:mod:`patchcore.distributed`) on a local Ray with 2 CPUs.
+"""Ray scale-out (:mod:`patchcore.scale.distributed`) on a local Ray with 2 CPUs.
 
 Real images (casting and magnetic_tile test images at 96 x 96) plus unreadable ones; one Ray
 session for the module. Batch scoring must give the single-process library's scores bit for
@@ -25,8 +25,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
-from patchcore import distributed as D
-from patchcore.detector import ModelFileError, PatchCore
+from patchcore.core.detector import ModelFileError, PatchCore
+from patchcore.scale import distributed as D
 
 pytestmark = pytest.mark.slow
 SIZE = 96
@@ -252,7 +252,7 @@ def test_distributed_fit_one_worker_is_the_single_process_bank(ray_session, imag
 def test_cli_batch_and_fit_ray(ray_session, model, images, reference, tmp_path):
     from typer.testing import CliRunner
 
-    from patchcore.cli import app
+    from patchcore.apps.cli import app
 
     listing = _listing(tmp_path, images["test"][:4] + images["bad"][:1])
     args = ["batch", str(model), str(listing), "--out", str(tmp_path / "out"), "-q"]

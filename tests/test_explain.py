@@ -10,10 +10,10 @@ import torch
 from conftest import data_set, textured
 from PIL import Image
 
-from patchcore import persistence
-from patchcore.detector import ModelFileError, PatchCore
-from patchcore.explain import NO_PROVENANCE, bank_provenance, cell_box
-from patchcore.images import as_tensor, output_size, resize
+from patchcore.core import persistence
+from patchcore.core.detector import ModelFileError, PatchCore
+from patchcore.core.explain import NO_PROVENANCE, bank_provenance, cell_box
+from patchcore.core.images import as_tensor, output_size, resize
 
 
 def small(**kw) -> PatchCore:

@@ -24,13 +24,13 @@ from conftest import data_set
 from PIL import Image
 from typer.testing import CliRunner
 
-from patchcore import normalization
-from patchcore.cli import app
-from patchcore.detector import PatchCore
-from patchcore.export import MANIFEST, ExportError, export, parity
-from patchcore.images import as_tensor, resize
-from patchcore.pixels import ImageReadError, read_image, resize_array, to_chw
-from patchcore.runtime import ExportedModel, ExportFileError
+from patchcore.apps.cli import app
+from patchcore.core.detector import PatchCore
+from patchcore.core.export import MANIFEST, ExportError, export, parity
+from patchcore.core.images import as_tensor, resize
+from patchcore.lean import normalization
+from patchcore.lean.pixels import ImageReadError, read_image, resize_array, to_chw
+from patchcore.lean.runtime import ExportedModel, ExportFileError
 
 pytestmark = pytest.mark.slow
 
@@ -185,7 +185,7 @@ def test_runtime_runs_without_torch(fixed, images):
         f"""
         import json, sys
         sys.modules["torch"] = None  # any import of torch now raises ImportError
-        from patchcore.runtime import ExportedModel
+        from patchcore.lean.runtime import ExportedModel
         m = ExportedModel({str(out)!r}, backend="onnxruntime")
         r = m.score({[str(p) for p in images]!r}, maps="native")
         assert "torch" not in [k for k, v in sys.modules.items() if v is not None]
@@ -204,7 +204,7 @@ def test_runtime_runs_without_torch(fixed, images):
 
 
 def test_patchcore_run_cli(fixed, images, capsys):
-    from patchcore.runtime_cli import main
+    from patchcore.lean.runtime_cli import main
 
     det, out = fixed
     assert main([str(out), *map(str, images[:2]), "--json", "--backend", "onnxruntime"]) == 0
@@ -221,7 +221,7 @@ def test_patchcore_run_cli(fixed, images, capsys):
 def test_runtime_service_inspect(fixed, images):
     from fastapi.testclient import TestClient
 
-    from patchcore.runtime_service import create_app
+    from patchcore.lean.runtime_service import create_app
 
     det, out = fixed
     client = TestClient(create_app(out, backend="onnxruntime", token="s3cret"))

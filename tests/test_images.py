@@ -5,7 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore.images import ImageReadError, as_tensor, list_images, output_size, read_image, resize
+from patchcore.core.images import (
+    ImageReadError,
+    as_tensor,
+    list_images,
+    output_size,
+    read_image,
+    resize,
+)
 
 
 def test_inputs_of_every_kind_agree(tmp_path: Path) -> None:

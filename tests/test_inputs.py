@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore.datasets import ImageDataset, Sample
-from patchcore.images import ImageReadError
-from patchcore.inputs import Skipped, as_list, check_on_error, iter_batches
+from patchcore.core.datasets import ImageDataset, Sample
+from patchcore.core.images import ImageReadError
+from patchcore.core.inputs import Skipped, as_list, check_on_error, iter_batches
 
 
 def _batches(items, bs=2, on_error="skip"):  # noqa: ANN001, ANN202

@@ -1,4 +1,5 @@
-"""Tests for patchcore.metrics: against scikit-learn, hand-computed cases and naive references."""
+"""Tests for patchcore.core.metrics: against scikit-learn, hand-computed cases and naive
+references."""
 
 import json
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from patchcore import metrics
+from patchcore.core import metrics
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -553,7 +554,7 @@ def test_metrics_object_has_one_key_per_metric():
 
 
 def test_degenerate_thresholds_are_warned_with_what_to_try() -> None:
-    from patchcore.workflow.calibrate import threshold_warnings
+    from patchcore.apps.workflow.calibrate import threshold_warnings
 
     labels = np.array([0] * 50 + [1] * 50)
     rng = np.random.default_rng(0)

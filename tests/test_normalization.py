@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from patchcore.normalization import check_mapping, fit_normalization, normalize
+from patchcore.lean.normalization import check_mapping, fit_normalization, normalize
 
 
 def test_threshold_maps_to_half_and_order_is_kept():

@@ -1,4 +1,4 @@
-"""Tests for patchcore.plots (overlays, figures) and patchcore.report (HTML report)."""
+"""Tests for patchcore.apps.plots (overlays, figures) and patchcore.apps.report (HTML report)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from matplotlib import colormaps
 from PIL import Image
 
-from patchcore import plots, report
+from patchcore.apps import plots, report
 
 
 def _jet(x: float) -> np.ndarray:
@@ -350,7 +350,7 @@ def test_report_minimal_and_targets(tmp_path: Path) -> None:
 
 
 def test_report_takes_a_metrics_object_and_no_aliases(tmp_path: Path) -> None:
-    from patchcore.metrics import Metrics, evaluate
+    from patchcore.core.metrics import Metrics, evaluate
 
     m = Metrics.from_dict(evaluate([1, 0, 1, 0], [1, 0, 0, 0]))
     m = dataclasses.replace(m, auroc=0.75, threshold=0.5, pixel_auroc=0.93, aupro=0.81)

@@ -8,9 +8,9 @@ import pytest
 from test_cli import SIZE, run, tiny  # noqa: F401 - the module fixture is used by name
 
 from patchcore import PatchCore
-from patchcore.backbones import get_spec
-from patchcore.presets import PRESETS, preset_params
-from patchcore.validation import validate_params
+from patchcore.core.backbones import get_spec
+from patchcore.core.presets import PRESETS, preset_params
+from patchcore.core.validation import validate_params
 
 
 def test_balanced_is_the_default_and_the_others_differ():

@@ -12,9 +12,9 @@ import torch
 from conftest import data_set, textured
 from conftest import run_cli as _cli
 
-from patchcore.detector import ModelFileError, NotFittedError, PatchCore
-from patchcore.metrics import pixel_threshold, region_scores
-from patchcore.regions import DEFAULT_MIN_AREA, Region, label_regions, region_mask
+from patchcore.core.detector import ModelFileError, NotFittedError, PatchCore
+from patchcore.core.metrics import pixel_threshold, region_scores
+from patchcore.lean.regions import DEFAULT_MIN_AREA, Region, label_regions, region_mask
 
 
 def naive_regions(a: np.ndarray, t: float, min_area: int) -> list[Region]:
@@ -147,7 +147,7 @@ def test_pixel_threshold_maximises_pooled_pixel_f1() -> None:
 
 
 def test_region_threshold_maximises_region_f1_over_its_candidates() -> None:
-    from patchcore.metrics import region_threshold
+    from patchcore.core.metrics import region_threshold
 
     rng = np.random.default_rng(3)
     masks, maps = [], []
@@ -251,7 +251,7 @@ def test_regions_find_real_magnetic_tile_defects() -> None:
     """Fit on 12 real tiles (native size), cut at the largest map value of 6 normal tiles:
     regions must overlap the masks of 8 blowhole / crack tiles far better than the same
     regions against the masks turned by 180 degrees (measured: 4 of 10 against 0 of 10)."""
-    from patchcore.datasets import load_folder, load_mask
+    from patchcore.core.datasets import load_folder, load_mask
 
     root = data_set("magnetic_tile")
     train = load_folder(root, "train")[:12]
@@ -342,7 +342,7 @@ def test_predict_writes_regions_as_json_and_csv(model_and_images, tmp_path) -> N
 
 
 def test_draw_regions_scales_boxes_from_map_to_image_pixels() -> None:
-    from patchcore.plots import REGION_RGB, draw_regions
+    from patchcore.apps.plots import REGION_RGB, draw_regions
 
     img = np.zeros((40, 80), dtype=np.uint8)
     box = Region(x0=5, y0=2, x1=10, y1=6, area=20, peak=1.0, mean=1.0, peak_x=5, peak_y=2)
@@ -357,9 +357,9 @@ def test_draw_regions_scales_boxes_from_map_to_image_pixels() -> None:
 def test_report_galleries_box_the_regions(fitted, toy_images, tmp_path) -> None:
     from PIL import Image
 
-    from patchcore.datasets import ImageDataset, Sample
-    from patchcore.plots import REGION_RGB
-    from patchcore.workflow import evaluate_detector
+    from patchcore.apps.plots import REGION_RGB
+    from patchcore.apps.workflow import evaluate_detector
+    from patchcore.core.datasets import ImageDataset, Sample
 
     _, good, _ = toy_images
     det = copy.deepcopy(fitted)
@@ -389,7 +389,7 @@ def test_service_answers_with_the_regions_of_the_library(fitted, toy_images) -> 
 
     from fastapi.testclient import TestClient
 
-    from patchcore.service import create_app
+    from patchcore.apps.service import create_app
 
     _, good, _ = toy_images
     det = copy.deepcopy(fitted)
@@ -465,9 +465,9 @@ def test_calibrate_regions_command_uses_the_stored_calibration_masks(toy_images,
 
 
 def test_a_non_finite_map_gives_no_regions(fitted, monkeypatch, tmp_path) -> None:
-    from patchcore.results import ImageResult
-    from patchcore.verdicts import NonFiniteScoreError
-    from patchcore.workflow import predict_images
+    from patchcore.apps.workflow import predict_images
+    from patchcore.core.results import ImageResult
+    from patchcore.core.verdicts import NonFiniteScoreError
 
     det = copy.deepcopy(fitted)
     det.set_threshold(1.0)

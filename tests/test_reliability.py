@@ -20,8 +20,8 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from patchcore import ModelFileError, NonFiniteScoreError, PatchCore
-from patchcore.images import ImageReadError, as_tensor
-from patchcore.service import create_app
+from patchcore.apps.service import create_app
+from patchcore.core.images import ImageReadError, as_tensor
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_one_flipped_byte_anywhere_is_an_error_or_changes_nothing(
 
 
 def test_a_digest_less_file_loads_with_one_warning(fitted: PatchCore, tmp_path) -> None:
-    from patchcore import persistence
+    from patchcore.core import persistence
 
     raw = torch.load(fitted.save(tmp_path / "m.pt"), weights_only=True)
     del raw["digest"]
@@ -245,7 +245,7 @@ def test_a_nan_backbone_tensor_in_a_file_is_refused(fitted: PatchCore, tmp_path)
     raw = torch.load(fitted.save(tmp_path / "m.pt"), weights_only=True)
     name = next(k for k, v in raw["backbone_state"].items() if v.is_floating_point())
     raw["backbone_state"][name].view(-1)[0] = float("nan")
-    from patchcore.persistence import digest
+    from patchcore.core.persistence import digest
 
     raw["digest"]["value"] = digest(raw)  # a file saved from a NaN model: digest is right
     torch.save(raw, tmp_path / "nan.pt")
@@ -297,7 +297,7 @@ def test_native_resolution_work_is_bounded_by_max_processed_pixels(fitted: Patch
 def test_the_library_refuses_strips_and_oversized_work_naming_the_file(
     fitted: PatchCore, tmp_path
 ) -> None:
-    from patchcore.images import ImageTooLargeError, read_image, set_input_limits
+    from patchcore.core.images import ImageTooLargeError, read_image, set_input_limits
 
     tall = tmp_path / "tall.png"
     tall.write_bytes(strip_png(8, 100_000))
@@ -319,7 +319,7 @@ def test_the_library_refuses_strips_and_oversized_work_naming_the_file(
 def test_resizing_a_tall_strip_is_fast_and_the_same_filter() -> None:
     import torch.nn.functional as F
 
-    from patchcore.images import resize
+    from patchcore.core.images import resize
 
     x = torch.rand(3, 300_000, 8)
     t = time.perf_counter()

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchcore import sampling
-from patchcore.sampling import (
+from patchcore.core import sampling
+from patchcore.core.sampling import (
     chunked_greedy_coreset,
     coreset_size,
     coverage_radius,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchcore.search import NearestNeighborIndex, nearest_neighbors, patch_scores
+from patchcore.core.search import NearestNeighborIndex, nearest_neighbors, patch_scores
 
 
 def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):

@@ -22,15 +22,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's notice about httpx2
     from fastapi.testclient import TestClient
 
-from patchcore.detector import PatchCore
-from patchcore.images import read_image
-from patchcore.service import (
-    STATIC_DIR,
-    InputError,
-    ServiceLimits,
-    create_app,
-    decode_image,
-)
+from patchcore.apps.service import STATIC_DIR, InputError, ServiceLimits, create_app, decode_image
+from patchcore.core.detector import PatchCore
+from patchcore.core.images import read_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "casting"
 
@@ -102,7 +96,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def service_logs(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "patchcore.service"]
+    return [r for r in caplog.records if r.name == "patchcore.apps.service"]
 
 
 # ---------------------------------------------------------------------- endpoints
@@ -192,7 +186,7 @@ def test_heatmap_png(client, casting):
 
 
 def test_bad_query_gets_a_one_line_422(client, caplog):
-    with caplog.at_level(logging.WARNING, logger="patchcore.service"):
+    with caplog.at_level(logging.WARNING, logger="patchcore.apps.service"):
         r = client.post("/v1/inspect?heatmap=png&alpha=2", content=b"x")
     assert r.status_code == 422
     assert r.json()["detail"].startswith("invalid request: alpha: ")
@@ -221,7 +215,7 @@ def test_batch(client, model, casting, caplog):
     paths = [casting["good"][0], casting["bad"][0]]
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
     files.insert(1, ("files", ("notes.txt", b"not an image", "text/plain")))
-    with caplog.at_level(logging.WARNING, logger="patchcore.service"):
+    with caplog.at_level(logging.WARNING, logger="patchcore.apps.service"):
         r = client.post("/v1/inspect/batch?heatmap=url", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -305,7 +299,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_a_one_line_4xx_logged_once(client, casting, caplog, case):
     make, ctype, status, words = BAD_INPUTS[case]
-    with caplog.at_level(logging.WARNING, logger="patchcore.service"):
+    with caplog.at_level(logging.WARNING, logger="patchcore.apps.service"):
         r = client.post("/v1/inspect", content=make(casting), headers={"Content-Type": ctype})
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
@@ -323,8 +317,8 @@ def test_multipart_without_a_file(client):
 
 
 def test_decode_bytes_errors_are_typed():
-    from patchcore.decode import ImageTooLargeError, decode_bytes
-    from patchcore.images import ImageReadError
+    from patchcore.core.images import ImageReadError
+    from patchcore.lean.decode import ImageTooLargeError, decode_bytes
 
     buf = io.BytesIO()
     noise = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
@@ -465,7 +459,7 @@ def test_create_app_argument_errors(model, tmp_path):
 
 
 def test_heatmap_colours_use_the_range_chosen_at_calibration(model):
-    from patchcore.service import ServiceLimits, _Service
+    from patchcore.apps.service import ServiceLimits, _Service
 
     det = copy.deepcopy(model[1])
     fallback = _Service(det, ServiceLimits(), None, None, None)

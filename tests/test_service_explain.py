@@ -10,10 +10,10 @@ import pytest
 from conftest import data_set
 from fastapi.testclient import TestClient
 
-from patchcore.detector import PatchCore
-from patchcore.explain import NO_PROVENANCE
-from patchcore.images import read_image
-from patchcore.service import create_app
+from patchcore.apps.service import create_app
+from patchcore.core.detector import PatchCore
+from patchcore.core.explain import NO_PROVENANCE
+from patchcore.core.images import read_image
 
 
 @pytest.fixture(scope="module")

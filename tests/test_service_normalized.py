@@ -13,8 +13,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's notice about httpx2
     from fastapi.testclient import TestClient
 
-from patchcore.detector import PatchCore
-from patchcore.service import STATIC_DIR, create_app
+from patchcore.apps.service import STATIC_DIR, create_app
+from patchcore.core.detector import PatchCore
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore.detector import PatchCore
-from patchcore.embedding import flatten_patches
+from patchcore.core.detector import PatchCore
+from patchcore.core.embedding import flatten_patches
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_bad_top_k_fails_with_its_value(toy_images, bad):
 
 
 def test_the_model_card_names_the_image_score(fitted):
-    from patchcore.workflow.model import image_score_text, model_card
+    from patchcore.apps.workflow.model import image_score_text, model_card
 
     assert fitted.card()["top_k"] == 10
     assert model_card(fitted, None)["image score"] == "mean of the 10 largest patch distances"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import textured
 
-from patchcore import sampling
-from patchcore.detector import NotFittedError, PatchCore
-from patchcore.update import BEFORE_UPDATE
+from patchcore.core import sampling
+from patchcore.core.detector import NotFittedError, PatchCore
+from patchcore.core.update import BEFORE_UPDATE
 
 
 def small(**kw) -> PatchCore:

@@ -16,21 +16,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PatchCore": "detector",
-    "Classification": "results",
-    "ImageResult": "results",
-    "ScoreResult": "results",
-    "Skipped": "inputs",
-    "FittedState": "state",
-    "ModelFileError": "persistence",
-    "NotFittedError": "state",
-    "NonFiniteScoreError": "verdicts",
-    "FeatureExtractor": "backbones",
-    "BackboneWeightsError": "backbones",
-    "BACKBONES": "backbones",
-    "ImageReadError": "images",
-    "Region": "regions",
-    "ImageRegions": "regions",
+    "PatchCore": "core.detector",
+    "Classification": "core.results",
+    "ImageResult": "core.results",
+    "ScoreResult": "core.results",
+    "Skipped": "core.inputs",
+    "FittedState": "core.state",
+    "ModelFileError": "core.persistence",
+    "NotFittedError": "core.state",
+    "NonFiniteScoreError": "core.verdicts",
+    "FeatureExtractor": "core.backbones",
+    "BackboneWeightsError": "core.backbones",
+    "BACKBONES": "core.backbones",
+    "ImageReadError": "core.images",
+    "Region": "lean.regions",
+    "ImageRegions": "lean.regions",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -1,0 +1,115 @@
+"""The reference workflow as library calls: fit, calibrate, evaluate, predict, demo.
+
+These are the steps MATLAB's "Localize Industrial Defects Using PatchCore Anomaly Detector"
+example walks through, one function each, so that the command line (:mod:`patchcore.apps.cli`) only
+parses arguments, calls one of them and prints what it returns. One module per stage:
+
+- :mod:`.data`: data specs (:func:`resolve_data`), the images they hold and the splits.
+- :mod:`.model`: loading a model file, the threshold check, the model card.
+- :mod:`.fit`: :func:`fit_model` fits a :class:`~patchcore.core.detector.PatchCore` on (a seeded
+  fraction of) the normal training images and saves it.
+- :mod:`.calibrate`: :func:`calibrate_model` splits the labelled test images per label into a
+  calibration half and a held-out half, chooses the threshold on the calibration half and
+  remembers the split and a common heatmap display range in the model file;
+  :func:`calibrate_normal_model` chooses it from normal images alone (split conformal, a
+  requested false-alarm rate), leaving every labelled image for ``evaluate``.
+- :mod:`.evaluate`: :func:`evaluate_model` scores exactly the held-out half (never a
+  calibration image), computes the metrics and writes ``metrics.json``;
+  :mod:`.reporting` writes the HTML report.
+- :mod:`.regions`: :func:`calibrate_regions_model` sets the map threshold of defect regions
+  on the stored calibration images that have masks.
+- :mod:`.predict`: :func:`predict_images` streams verdicts, scores, heatmap overlays and
+  defect regions; :func:`write_regions` writes the regions as JSON or CSV.
+- :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
+- :mod:`.update`: :func:`update_model` adds normal images to a model file (``partial_fit``).
+- :mod:`.explain`: :func:`explain_images`, each image's worst patch beside the nearest normal
+  training patch.
+
+Every stage makes one call into the detector (``fit``, or one ``iter_score`` stream that also
+drives the caller's progress callback) and asks for anomaly maps at the size it needs.
+
+Data are named by a *data spec*: a folder (``DATA/train/good``, ``DATA/test/<label>``,
+``DATA/ground_truth/<label>``, or just a folder of normal images for fitting) or
+``elpv[:mono|poly|all]`` for the ELPV solar cells. What a model was fitted and calibrated on is
+stored in ``PatchCore.metadata_`` (see :mod:`.model`).
+"""
+
+from __future__ import annotations
+
+from patchcore.apps.workflow.calibrate import (
+    CalibrationSummary,
+    NormalCalibrationSummary,
+    calibrate_detector,
+    calibrate_model,
+    calibrate_normal_model,
+    held_out_normals,
+)
+from patchcore.apps.workflow.data import (
+    ELPV,
+    DataSource,
+    ProgressFn,
+    WorkflowError,
+    available_train_images,
+    expand_inputs,
+    labelled_images,
+    resolve_data,
+)
+from patchcore.apps.workflow.demo import DemoResult, run_demo
+from patchcore.apps.workflow.evaluate import (
+    GALLERY_SIZE,
+    PIXEL_METRIC_SIDE,
+    Evaluation,
+    evaluate_detector,
+    evaluate_model,
+    held_out_images,
+)
+from patchcore.apps.workflow.explain import ExplainedImage, explain_images, explanation_picture
+from patchcore.apps.workflow.fit import FitSummary, fit_detector, fit_model
+from patchcore.apps.workflow.model import DISPLAY_TOP, load_model, model_card, require_threshold
+from patchcore.apps.workflow.predict import Prediction, predict_images, write_regions
+from patchcore.apps.workflow.regions import RegionCalibration, calibrate_regions_model
+from patchcore.apps.workflow.reporting import TILE_HEIGHT
+from patchcore.apps.workflow.update import UpdateSummary, update_model
+
+__all__ = [
+    "DISPLAY_TOP",
+    "ELPV",
+    "GALLERY_SIZE",
+    "PIXEL_METRIC_SIDE",
+    "TILE_HEIGHT",
+    "CalibrationSummary",
+    "DataSource",
+    "DemoResult",
+    "Evaluation",
+    "ExplainedImage",
+    "FitSummary",
+    "NormalCalibrationSummary",
+    "Prediction",
+    "RegionCalibration",
+    "UpdateSummary",
+    "ProgressFn",
+    "WorkflowError",
+    "available_train_images",
+    "calibrate_detector",
+    "calibrate_model",
+    "calibrate_normal_model",
+    "calibrate_regions_model",
+    "evaluate_detector",
+    "evaluate_model",
+    "expand_inputs",
+    "explain_images",
+    "explanation_picture",
+    "fit_detector",
+    "fit_model",
+    "held_out_images",
+    "held_out_normals",
+    "labelled_images",
+    "load_model",
+    "model_card",
+    "predict_images",
+    "require_threshold",
+    "resolve_data",
+    "run_demo",
+    "write_regions",
+    "update_model",
+]

@@ -1,0 +1,276 @@
+"""The evaluation report: figures, galleries and notes around
+:func:`patchcore.apps.report.write_report`.
+
+The galleries use the anomaly maps kept by the scoring pass (no second detector pass); only
+the few images shown are decoded again, here, for their tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchcore.apps import plots, report
+from patchcore.apps.workflow.evaluate import PIXEL_METRIC_SIDE, ScoredSet
+from patchcore.apps.workflow.explain import explanation_picture
+from patchcore.apps.workflow.model import calibration_text, display_range, model_card
+from patchcore.core import datasets, metrics
+from patchcore.core.datasets import Sample
+from patchcore.core.detector import PatchCore
+from patchcore.core.images import ImageReadError, read_image
+from patchcore.lean.regions import DEFAULT_MIN_AREA, label_regions
+
+#: Height of the panels of a gallery tile, in pixels.
+TILE_HEIGHT = 240
+
+
+def write_evaluation_report(
+    det: PatchCore,
+    scored: ScoredSet,
+    measured: metrics.Metrics,
+    out: Path,
+    title: str,
+    gallery_size: int,
+    notes: Sequence[str],
+) -> Path:
+    """Write ``out/report.html`` with its figures and gallery tiles; returns its path."""
+    ok = np.isfinite(scored.scores)
+    truth = scored.data.labels
+    recall = {t: r for t, r in (measured.defect_type_recall or {}).items() if t != datasets.GOOD}
+    counts = measured.defect_type_counts or {}
+    return report.write_report(
+        out,
+        title=title,
+        model_card=model_card(det, scored.ms_per_image),
+        metrics=measured,
+        figures=_figures(scored, measured, out / "figures", recall),
+        galleries=_galleries(det, scored, out / "gallery", gallery_size),
+        per_type_recall={t: {"recall": r, "n": counts.get(t)} for t, r in recall.items()} or None,
+        notes=[*_notes(det, scored, measured, ok, truth, gallery_size), *notes],
+    )
+
+
+def _figures(
+    scored: ScoredSet, measured: metrics.Metrics, figdir: Path, recall: dict[str, float]
+) -> dict[str, Path]:
+    scores, truth = scored.scores, scored.data.labels
+    ok = np.isfinite(scores)
+    threshold = float(measured.threshold)  # type: ignore[arg-type]
+    figures = {
+        "score_histogram": plots.score_histogram(
+            scores[ok],
+            truth[ok],
+            threshold,
+            figdir / "score_histogram.png",
+            title="Anomaly scores of the held-out test images",
+        )
+    }
+    if measured.auroc is not None:
+        fpr, tpr, _ = metrics.roc_curve(truth[ok], scores[ok])
+        op = (measured.false_positive_rate, measured.recall)
+        figures["roc"] = plots.roc_plot(fpr, tpr, measured.auroc, figdir / "roc.png", op)
+    figures["confusion_matrix"] = plots.confusion_matrix_plot(
+        measured.confusion_matrix, figdir / "confusion_matrix.png"
+    )
+    if recall:
+        figures["per_type_recall"] = plots.per_type_recall_plot(
+            recall, figdir / "per_type_recall.png", counts=measured.defect_type_counts or {}
+        )
+    return figures
+
+
+def _notes(
+    det: PatchCore,
+    scored: ScoredSet,
+    measured: metrics.Metrics,
+    ok: np.ndarray,
+    truth: np.ndarray,
+    gallery_size: int,
+) -> list[str]:
+    display = display_range(det)
+    n_normal = int((truth[ok] == 0).sum())
+    notes = [
+        f"Evaluated on {int(ok.sum())} held-out test images ({n_normal} normal, "
+        f"{int(ok.sum()) - n_normal} anomalous) that were not used to choose the threshold "
+        f"({calibration_text(det.metadata_)}).",
+        "Galleries, up to "
+        f"{gallery_size} each: true positives and false positives by highest score first, "
+        "true negatives and false negatives by lowest score first.",
+        "Heatmaps share one colour scale: [min, 0.7 x max] of the anomaly maps of the "
+        "calibration images"
+        + (
+            f" = [{display[0]:.4g}, {display[1]:.4g}]."
+            if display
+            else " (not stored: each image uses its own range)."
+        ),
+    ]
+    notes += _calibration_notes(det, scored.scores[ok], truth[ok])
+    cut = det.region_cut()
+    notes.append(
+        "Magenta boxes: defect regions, the connected regions of the anomaly map at or above "
+        + (
+            f"the region threshold {cut:.4g} ({det.state_.region_threshold_method})"
+            if det.region_threshold_ is not None
+            else f"the image threshold {cut:.4g}"
+        )
+        + f", at least {DEFAULT_MIN_AREA} native pixels (white outlines: ground-truth masks)."
+    )
+    if measured.pixel_auroc is not None:
+        notes.append(
+            f"Pixel metrics use maps and masks resized to at most {PIXEL_METRIC_SIDE} px on "
+            f"the longer side ({measured.pixel_metric_images} images with known masks); "
+            "AUPRO up to a false positive rate of 0.3."
+        )
+    if scored.skipped:
+        notes.append(
+            f"{len(scored.skipped)} unreadable test image(s) left out: "
+            + "; ".join(f"{p}: {r}" for p, r in scored.skipped[:10])
+        )
+    return notes
+
+
+def _calibration_notes(det: PatchCore, scores: np.ndarray, truth: np.ndarray) -> list[str]:
+    """The conformal guarantee (with the rate measured here) and what the normalised score is."""
+    out = []
+    c = det.calibration_ or {}
+    t = float(det.threshold_)  # type: ignore[arg-type]
+    if det.threshold_method_ == "conformal" and c:
+        lo, hi = c["fpr_bounds"]
+        normal = scores[truth == 0]
+        seen = (
+            f"; measured here on {normal.size} held-out normal test images: "
+            f"{float((normal >= t).mean()):.2%}"
+            if normal.size
+            else ""
+        )
+        out.append(
+            f"Threshold from {c['n']} normal images alone (split conformal, requested "
+            f"false-alarm rate {c['max_fpr']:g}): the expected false-alarm rate on normal "
+            f"images exchangeable with those lies in [{lo:.2%}, {hi:.2%}]{seen}. It says "
+            "nothing about images from a drifted process."
+        )
+    m = det.normalization_
+    if m:
+        out.append(
+            f"Normalised score (CLI `predict`, the service): the raw score mapped onto [0, 1] "
+            f"with the threshold at 0.5, linear from {m['low']:.4g} (0) to the threshold "
+            f"{m['threshold']:.4g} and on to {m['high']:.4g} (1), clipped: a mapping, not a "
+            "probability."
+        )
+    return out
+
+
+def gallery_order(
+    scores: np.ndarray, truth: np.ndarray, pred: np.ndarray, k: int
+) -> dict[str, list[int]]:
+    """Indices of up to ``k`` images per outcome, most telling first.
+
+    True positives: highest scores first (clearest detections); true negatives: lowest first
+    (clearest passes); false positives: highest first (most confidently wrong alarms); false
+    negatives: lowest first (most thoroughly missed defects).
+    """
+    out = {}
+    for key, t, p, descending in (
+        ("true_positives", 1, True, True),
+        ("true_negatives", 0, False, False),
+        ("false_positives", 0, True, True),
+        ("false_negatives", 1, False, False),
+    ):
+        idx = np.flatnonzero((truth == t) & (pred == p) & np.isfinite(scores))
+        order = np.argsort(-scores[idx] if descending else scores[idx], kind="stable")
+        out[key] = idx[order][:k].tolist()
+    return out
+
+
+def _galleries(
+    det: PatchCore, scored: ScoredSet, gdir: Path, k: int
+) -> dict[str, list[dict[str, Any]]]:
+    test, scores = scored.data, scored.scores
+    threshold = float(det.threshold_)  # type: ignore[arg-type]
+    order = gallery_order(scores, test.labels, scores >= threshold, k)
+    rng = display_range(det)
+    cut = det.region_cut()
+    galleries: dict[str, list[dict[str, Any]]] = {}
+    placed: dict[str, list[tuple[int, str]]] = {}  # per gallery: (test index, file stem) per tile
+    for key, idx in order.items():
+        items, placed[key] = [], []
+        for rank, i in enumerate(idx):
+            s, m = test[i], scored.maps.get(i)
+            if m is None:
+                continue
+            try:
+                image = _pixels(s)
+                mask = datasets.load_mask(s) if s.mask is not None else None
+            except ImageReadError:
+                continue
+            found = _regions(m, cut, image.shape[:2])
+            tile = plots.gallery_tile(
+                image, m, rng, float(scores[i]), threshold, s.name, mask,
+                height=TILE_HEIGHT, annotate=False, regions=found,
+            )  # fmt: skip
+            stem = f"{key}_{rank + 1:02d}"
+            path = plots.save_png(tile, gdir / f"{stem}.png")
+            placed[key].append((i, stem))
+            kind = s.defect_type if s.is_anomalous else "normal"
+            caption = f"{s.name} ({kind}, {len(found)} region{'' if len(found) == 1 else 's'})"
+            items.append({"image_path": path, "caption": caption, "score": float(scores[i])})
+        galleries[key] = items
+    _add_explanations(det, test, placed, galleries, gdir)
+    return galleries
+
+
+def _regions(small_map: np.ndarray, cut: float, native: tuple[int, int]) -> list:
+    """Defect regions of a gallery map (shrunk to at most PIXEL_METRIC_SIDE px), with the
+    default minimum area scaled from the image's native pixels to the map's."""
+    shrink = small_map.size / max(1, native[0] * native[1])
+    return label_regions(small_map, cut, min_area=max(1, round(DEFAULT_MIN_AREA * shrink)))
+
+
+#: Galleries whose tiles also show the nearest normal training patch (the flagged images).
+EXPLAINED_GALLERIES = ("true_positives", "false_positives")
+
+
+def _add_explanations(
+    det: PatchCore,
+    test: Any,
+    placed: dict[str, list[tuple[int, str]]],
+    galleries: dict[str, list[dict[str, Any]]],
+    gdir: Path,
+) -> None:
+    """Beside each flagged tile: its worst patch and the nearest normal training patch.
+
+    One :meth:`~patchcore.PatchCore.explain` pass over the shown flagged images; a training
+    image that cannot be read any more (moved, or in-memory at fit) shows as a grey panel.
+    """
+    shown = [(key, i) for key in EXPLAINED_GALLERIES for i, _ in placed[key]]
+    if not shown:
+        return
+    found = det.explain([test[i].image for _, i in shown], on_error="skip", progress=False)
+    by_image = dict(zip(shown, found, strict=True))
+    for key in EXPLAINED_GALLERIES:  # tiles and placed[key] line up (skipped images in neither)
+        for item, (i, stem) in zip(galleries[key], placed[key], strict=True):
+            e = by_image[(key, i)]
+            if e.error is not None:
+                continue
+            try:
+                pic = explanation_picture(e, _pixels(test[i]), height=TILE_HEIGHT // 2)
+            except ImageReadError:
+                continue
+            item["explanation_path"] = plots.save_png(pic, gdir / f"{stem}_nn.png")
+            item["explanation_caption"] = explanation_caption(e)
+
+
+def explanation_caption(e: Any) -> str:
+    """One line: the nearest normal training patch of an explanation, where and how far."""
+    if e.train_index is None:
+        return f"nearest bank row {e.bank_row} at distance {e.distance:.4g} ({e.note})"
+    where = f"rows {e.train_box[0]}-{e.train_box[2]}, cols {e.train_box[1]}-{e.train_box[3]}"
+    return f"nearest normal patch: {Path(e.train_name).name}, {where}, distance {e.distance:.4g}"
+
+
+def _pixels(sample: Sample) -> np.ndarray:
+    """A sample's pixels for its tile (decoded here, once, for the few images shown)."""
+    return read_image(sample.image) if isinstance(sample.image, Path) else sample.image

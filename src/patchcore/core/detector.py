@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchcore.core import augment as augmentation
 from patchcore.core import persistence, sampling, search
 from patchcore.core.anomaly_map import maps_at_sizes
 from patchcore.core.backbones import BACKBONE_DTYPES, FeatureExtractor, resolve_device
@@ -58,14 +59,22 @@ __all__ = [
 
 @dataclass
 class TrainingFeatures:
-    """Patch features of training images: (P, D) rows image by image, and per image its name
-    and ``(H, W, h, w)`` (own size, feature grid); the unreadable inputs."""
+    """Patch features of training images: (P, D) rows piece by piece (an image in one view,
+    :mod:`~patchcore.core.augment`), per image its name and ``(H, W, h, w)`` (own size, feature
+    grid), per piece ``(image, view, h, w)``; the unreadable inputs."""
 
     features: torch.Tensor
     dtype: str
     grids: list[tuple[int, int, int, int]]
     names: list[str]
     skipped: list[Skipped]
+    pieces: list[tuple[int, augmentation.View, int, int]] | None = None  # None: image by image
+
+    def provenance(self, indices: torch.Tensor, first_image: int = 0) -> torch.Tensor:
+        """(M, 3) int32 origins (image, row, column) of the feature rows ``indices``."""
+        if self.pieces is None or all(view == (False, 0) for _, view, _, _ in self.pieces):
+            return bank_provenance(indices, self.grids, first_image)
+        return augmentation.provenance(indices, self.pieces, first_image)
 
 
 class PatchCore(
@@ -85,6 +94,13 @@ class PatchCore(
         weights: ``"imagenet"``, a local weights file, or ``None`` (random; tests only).
         image_size: resize every image to this (int = square, or (H, W)); ``None`` keeps size.
         scale: resize by this factor instead (MATLAB's reference uses 0.4).
+        augment: ``None`` (default), ``"flips"`` or ``"rot90"``: also put the patches of each
+            training image mirrored (left-right and up-down: 3x the training patches) or
+            turned by quarter turns (4x) into the coreset's input (:mod:`patchcore.core.augment`;
+            test images are scored as they are). For parts photographed in any orientation
+            (round castings, tiles, screws); for parts that always lie the same way it adds fit
+            time and bank rows for nothing. What it gained on which set: benchmarks/RESULTS.md,
+            "Leads of issue #23".
         coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]. The
             default 0.01 with every training image reached the exact greedy's 1 % image AUROC
             on every shared set (benchmarks/RESULTS.md, "Defaults on full data").
@@ -145,6 +161,7 @@ class PatchCore(
         weights: str | os.PathLike | None = "imagenet",
         image_size: int | tuple[int, int] | None = None,
         scale: float | None = None,
+        augment: str | None = None,
         coreset_ratio: float = 0.01,
         max_bank_size: int | None = 16384,
         sampling: str = "greedy",
@@ -167,6 +184,7 @@ class PatchCore(
         self.weights = weights
         self.image_size = image_size
         self.scale = scale
+        self.augment = augment
         self.coreset_ratio = coreset_ratio
         self.max_bank_size = max_bank_size
         self.sampling = sampling
@@ -249,7 +267,7 @@ class PatchCore(
             coreset_seconds=t2 - t1,
             fit_seconds=t2 - t0,
             skipped=skipped,
-            provenance=bank_provenance(idx, found.grids),
+            provenance=found.provenance(idx),
             train_names=found.names,
             train_grids=found.grids,
         )
@@ -260,18 +278,25 @@ class PatchCore(
     def _features(
         self, items: list[Any], on_error: str, progress: bool, desc: str, *, first_image: int
     ) -> TrainingFeatures:
-        """Patch features of the readable ``items`` (a float16/float32 store), with each
-        image's name and grid; ``first_image`` numbers the images (``"image #i"`` names)."""
+        """Patch features of the readable ``items`` (a float16/float32 store) in every view of
+        ``augment``, with each image's name and grid; ``first_image`` numbers the images
+        (``"image #i"`` names)."""
         skipped: list[Skipped] = []
         grids: list[tuple[int, int, int, int]] = []
         names: list[str] = []
-        store = FeatureStore(len(items), FEATURE_DTYPES[self.feature_dtype])
+        pieces: list[tuple[int, augmentation.View, int, int]] = []
+        views = augmentation.views(self.augment)
+        store = FeatureStore(len(items) * len(views), FEATURE_DTYPES[self.feature_dtype])
         for batch in self._batches(items, on_error, progress, desc):
             skipped += batch.skipped
             if batch.pixels is not None:
-                emb = self._embed(batch.pixels)
-                store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
-                h, w = int(emb.shape[-2]), int(emb.shape[-1])
+                first = len(names)
+                for view in views:  # the identity first: its grid is the image's own
+                    emb = self._embed(augmentation.apply(batch.pixels, view))
+                    store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
+                    if view == views[0]:
+                        h, w = int(emb.shape[-2]), int(emb.shape[-1])
+                    pieces += [(first + j, view, h, w) for j in range(len(batch.indices))]
                 for i, (height, width) in zip(batch.indices, batch.sizes, strict=True):
                     names.append(input_name(items[i], first_image + len(names)))
                     grids.append((height, width, h, w))
@@ -288,7 +313,7 @@ class PatchCore(
                 f"{skipped[0].name}: {skipped[0].reason}"
             )
         dtype = str(store.dtype).removeprefix("torch.")
-        return TrainingFeatures(store.result(), dtype, grids, names, skipped)
+        return TrainingFeatures(store.result(), dtype, grids, names, skipped, pieces)
 
     def _set_fitted(self, state: FittedState, extractor: FeatureExtractor) -> None:
         """Install a fitted state (from fit or a model file) and build the search index."""

@@ -35,7 +35,7 @@ import torch
 from common import ROOT, append_row, machine, subsets, write_results_section
 
 from patchcore import PatchCore
-from patchcore.core import sampling
+from patchcore.core import augment, sampling
 from patchcore.core.backbones import FeatureExtractor
 from patchcore.core.datasets import ImageDataset, elpv_benchmark_split, load_elpv, split_each_label
 from patchcore.core.embedding import flatten_patches
@@ -74,14 +74,11 @@ every channel (a diagonal Mahalanobis distance); ``layers`` scales each tapped l
 so that every layer has the same mean squared deviation (the layers weigh equally)."""
 
 
-AUGMENTS: dict[str, tuple] = {
-    "flips": (lambda t: t.flip(-1), lambda t: t.flip(-2)),
-    "rot90": tuple((lambda t, k=k: t.rot90(k, (-2, -1))) for k in (1, 2, 3)),
-}
-"""Bank augmentation (``--cands CAND@AUG``): the training images are also embedded after each
-transform (``flips``: left-right and up-down mirror, 3x the training patches; ``rot90``:
-quarter, half and three-quarter turns, 4x) and those patches join the coreset's input; test
-images are scored as they are."""
+AUGMENTS = tuple(augment.AUGMENTS)
+"""Bank augmentation (``--cands CAND@AUG``, ``PatchCore(augment=AUG)``): the training images
+are also embedded in every other view of ``patchcore.core.augment`` (``flips``: left-right and
+up-down mirror, 3x the training patches; ``rot90``: quarter, half and three-quarter turns, 4x),
+cached apart, and join the coreset's input; test images are scored as they are."""
 
 
 def parse(cand: str) -> tuple[str, str, str]:
@@ -227,12 +224,13 @@ def aug_features(name: str, base: str, aug: str) -> dict:
     ds, _ = set_images(name)
     idx = aug_images(name)
     det = PatchCore(progress=False, **CANDIDATES[base]).fit(ds[:1])
-    feats: list[list[torch.Tensor]] = [[] for _ in AUGMENTS[aug]]
-    counts: list[list[int]] = [[] for _ in AUGMENTS[aug]]
+    views = augment.views(aug)[1:]  # the identity's features are the set's own cache
+    feats: list[list[torch.Tensor]] = [[] for _ in views]
+    counts: list[list[int]] = [[] for _ in views]
     t0 = time.perf_counter()
     for b in det._batches([ds.images[i] for i in idx], "raise", False, "features"):
-        for t, transform in enumerate(AUGMENTS[aug]):
-            emb = det._embed(transform(b.pixels).contiguous())
+        for t, view in enumerate(views):
+            emb = det._embed(augment.apply(b.pixels, view))
             feats[t].append(flatten_patches(emb).to(torch.float16))
             counts[t] += [emb.shape[2] * emb.shape[3]] * emb.shape[0]
     seconds = time.perf_counter() - t0

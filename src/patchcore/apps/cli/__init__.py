@@ -57,7 +57,7 @@ Sampling = _choices("Sampling", ("greedy", "greedy_exact", "random"))
 BackboneDtype = _choices("BackboneDtype", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "json", "csv"))
 CellType = _choices("CellType", ("mono", "poly", "all"))
-Preset = _choices("Preset", tuple(PRESETS))  # one definition, in presets.py
+Preset = _choices("Preset", (*PRESETS, "auto"))  # presets.py; auto: core/autoselect.py
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -360,7 +360,17 @@ def fit(
         Preset | None,
         typer.Option(
             help="Named configuration (fast, balanced, accurate; see the README's presets table); "
-            "options given explicitly override it.",
+            "options given explicitly override it. auto: fit each candidate configuration, keep "
+            "the best on the labelled calibration half (DATA/test), calibrate there.",
+            show_default=False,
+        ),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            "--budget",
+            help="With --preset auto: minutes for trying candidates (default: no limit).",
+            min=0.1,
             show_default=False,
         ),
     ] = None,
@@ -407,7 +417,15 @@ def fit(
             k: getattr(ctx.get_parameter_source(option.get(k, k)), "name", "") for k in params
         }
         given = {k for k, v in sources.items() if v not in ("DEFAULT", "DEFAULT_MAP")}
+        if preset.value == "auto":
+            if ray:
+                raise typer.BadParameter("--preset auto fits here, not on Ray", param_hint="--ray")
+            settings = {k: params[k] for k in given}
+            _fit_auto(data, out, budget, train_fraction, seed, device, quiet, settings)
+            return
         params.update(with_preset(preset.value, {k: params[k] for k in given}))
+    if budget is not None:
+        raise typer.BadParameter("--budget goes with --preset auto", param_hint="--budget")
     with _errors():
         s = workflow.fit_model(
             data,
@@ -452,6 +470,59 @@ def fit(
     typer.echo(f"Model written to {s.model_path}")
     labelled = data.lower().startswith("elpv") or (Path(data) / "test").is_dir()
     typer.echo(f"Next: patchcore calibrate {s.model_path} {data if labelled else 'DATA'}")
+
+
+def _fit_auto(
+    data: str,
+    out: Path,
+    budget: float | None,
+    train_fraction: float,
+    seed: int,
+    device: str,
+    quiet: bool,
+    settings: dict[str, Any],
+) -> None:
+    """``fit --preset auto``: run :func:`workflow.fit_auto_model` and print every candidate."""
+    from patchcore.apps import workflow
+
+    def report(line: str) -> None:
+        if not quiet:
+            typer.echo(line, err=True)
+
+    with _errors():
+        a = workflow.fit_auto_model(
+            data,
+            out,
+            budget_minutes=budget,
+            train_fraction=train_fraction,
+            seed=seed,
+            report=report,
+            device=device,
+            progress=not quiet,
+            **settings,
+        )
+    c, s = a.calibration, a.fit
+    limit = "no limit" if a.budget_seconds is None else f"budget {a.budget_seconds / 60:g} min"
+    typer.echo(
+        f"Auto preset: chose {a.chosen} by image AUROC on {c.calibration_images} calibration "
+        f"images ({c.calibration_normal} normal, {c.calibration_anomalous} anomalous) in "
+        f"{a.seconds:.0f} s ({limit})"
+    )
+    for r in a.candidates:
+        area = "—" if r.calibration_auroc is None else f"{r.calibration_auroc:.4f}"
+        cost = f"fit {r.fit_seconds:.0f} s, {r.ms_per_image:.0f} ms/image" if r.fit_seconds else ""
+        typer.echo(f"  {r.name:<16} calibration AUROC {area:>6}  {cost:<28} {r.status}")
+    typer.echo(
+        f"Fitted {s.card['backbone']} ({', '.join(s.card['layers'])}) on {s.data}: "
+        f"{s.training_images} training images, bank {s.bank_size:,} of {s.train_patches:,} "
+        f"patches x {s.feature_dim}"
+    )
+    typer.echo(
+        f"  threshold {c.threshold:.6g} ({c.method}) on the calibration images; "
+        f"{c.test_images} held out for evaluate (none used to choose)"
+    )
+    typer.echo(f"Model written to {s.model_path}")
+    typer.echo(f"Next: patchcore evaluate {s.model_path} {data}")
 
 
 @app.command()

@@ -19,10 +19,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(app, port: int) -> Iterator[uvicorn.Server]:  # noqa: ANN001
-    """Serve ``app`` on 127.0.0.1:``port`` in a thread for the block's duration."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
+    """Serve ``app`` on 127.0.0.1:``port`` in a thread for the block's duration, configured as
+    :func:`patchcore.apps.service.serve` runs it (the header timeout included)."""
+    from patchcore.apps.service.server import server_config
+
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, "warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     end = time.monotonic() + 30
@@ -54,12 +55,16 @@ def status_of(sock: socket.socket) -> int:
     return int(data.split(b" ", 2)[1])
 
 
-def slow_client(port: int, body: bytes, seconds: float, out: list, i: int) -> None:
+def slow_client(
+    port: int, body: bytes, seconds: float, out: list, i: int, source: str = "127.0.0.1"
+) -> None:
     """Send the headers, then the body one byte at a time over ``seconds``; record the status
-    (0: the server closed without an answer; -1: still sending when time ran out)."""
+    (0: the server closed without an answer; -1: still sending when time ran out). ``source``:
+    the client's own address (any 127.x.y.z is this machine: another "client")."""
     raw = request_bytes(port, "/v1/inspect", body)
     head = raw[: len(raw) - len(body)]
-    with socket.create_connection(("127.0.0.1", port), timeout=seconds + 10) as s:
+    address = (source, 0)
+    with socket.create_connection(("127.0.0.1", port), seconds + 10, address) as s:
         s.sendall(head)
         end = time.monotonic() + seconds
         sent = 0
@@ -79,3 +84,26 @@ def slow_client(port: int, body: bytes, seconds: float, out: list, i: int) -> No
             out[i] = status_of(s)
         except OSError:
             out[i] = 0
+
+
+def slow_headers(port: int, seconds: float, out: list, i: int, source: str = "127.0.0.1") -> None:
+    """Send a request's headers one byte a second for up to ``seconds``; record the status the
+    server answers with (0: closed without one, -1: never answered)."""
+    raw = request_bytes(port, "/v1/inspect", b"x" * 10)
+    with socket.create_connection(("127.0.0.1", port), seconds + 10, (source, 0)) as s:
+        s.settimeout(1.0)
+        end = time.monotonic() + seconds
+        out[i] = -1
+        for byte in raw:
+            if time.monotonic() > end:
+                return
+            try:
+                s.sendall(bytes([byte]))
+                data = s.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                out[i] = 0
+                return
+            out[i] = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+            return

@@ -115,13 +115,13 @@ def test_upload_shows_verdict_overlay_and_history(page, tmp_path):
     page.set_input_files("#file", str(defective))
 
     verdict = page.locator("#verdict")
-    expect(verdict).to_have_text(re.compile(r"^(PASS|FAIL)$"), timeout=30_000)
-    expect(page.locator("#result")).to_have_class(re.compile(r"\b(pass|fail)\b"))
+    expect(verdict).to_have_text(re.compile(r"^(ANOMALOUS|NORMAL)$"), timeout=30_000)
+    expect(page.locator("#result")).to_have_class(re.compile(r"\b(anomalous|normal)\b"))
     expect(page.locator("#name")).to_have_text(defective.name)
     score = float(page.locator("#score").inner_text())
     threshold = float(page.locator("#threshold").inner_text())
     assert score > 0 and threshold > 0
-    assert verdict.inner_text() == ("FAIL" if score >= threshold else "PASS")
+    assert verdict.inner_text() == ("ANOMALOUS" if score >= threshold else "NORMAL")
 
     # both panels show decoded pixels: the image and the heatmap layer over it
     for sel in ("#image", "#overlay-base", "#overlay"):
@@ -177,3 +177,40 @@ def test_page_draws_the_defect_regions_of_the_answer(page, server):
     left = float(re.search(r"left: ([0-9.]+)%", style).group(1))
     assert left == pytest.approx(100 * regions[0]["x0"] / answer["width"], abs=0.01)
     expect(page.locator("#region-list li")).to_have_count(len(regions))
+
+
+def test_docs_is_an_interactive_api_page_that_needs_no_internet(page, server):
+    """/docs: Swagger UI from the swagger-ui-bundle package's files, every request to this
+    service (any other is refused and recorded), and "Try it out" really calls the API."""
+    from playwright.sync_api import expect
+
+    outside: list[str] = []
+
+    def route(r):  # noqa: ANN001, ANN202
+        if r.request.url.startswith(server) or r.request.url.startswith("data:"):
+            return r.continue_()
+        outside.append(r.request.url)
+        return r.abort()
+
+    pg = page.context.new_page()
+    pg.route("**/*", route)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(server + "/docs")
+    expect(pg.locator(".swagger-ui .info .title")).to_contain_text(
+        "patchcore inspection service", timeout=30_000
+    )
+    expect(pg.locator(".opblock-summary-path", has_text="/v1/inspect/batch")).to_have_count(1)
+    expect(pg.locator(".btn.authorize")).to_be_visible()  # takes the bearer token
+    path = pg.locator(".opblock-summary-path", has_text="/healthz")
+    health = pg.locator(".opblock", has=path)
+    health.locator(".opblock-summary").click()
+    if not health.locator(".execute").count():
+        health.locator(".try-out__btn").click()
+    health.locator(".execute").click()
+    live = health.locator(".live-responses-table")
+    expect(live.locator("tbody .response-col_status")).to_contain_text("200", timeout=20_000)
+    expect(live).to_contain_text('"status": "ok"')
+    pg.close()
+    assert not errors, errors
+    assert outside == [], outside

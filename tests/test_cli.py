@@ -243,7 +243,7 @@ def test_predict_reports_corrupt_files_and_goes_on(
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     assert len(rows) == 5
-    by_name = {Path(row["path"]).name: row for row in rows}
+    by_name = {Path(row["image"]).name: row for row in rows}
     for bad in ("broken.png", "truncated.jpg"):
         assert by_name[bad]["verdict"] == "error" and by_name[bad]["error"]
         assert by_name[bad]["score"] is None
@@ -254,9 +254,9 @@ def test_predict_reports_corrupt_files_and_goes_on(
         assert row["verdict"] == ("anomalous" if row["score"] >= threshold else "normal")
         with Image.open(row["heatmap"]) as im:
             im.load()
-            src = Image.open(row["path"])
+            src = Image.open(row["image"])
             assert im.size == src.size and im.mode == "RGB"
-    assert "2 unreadable" in r.stderr
+    assert "2 error" in r.stderr
 
 
 def test_predict_takes_a_threshold_and_reports_a_missing_path_as_a_row(
@@ -273,7 +273,7 @@ def test_predict_takes_a_threshold_and_reports_a_missing_path_as_a_row(
     r = run("predict", fitted, missing, good, "--threshold", "0", "--format", "json", "-q")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-    assert [Path(row["path"]).name for row in rows] == ["gone.png", good.name]
+    assert [Path(row["image"]).name for row in rows] == ["gone.png", good.name]
     assert rows[0]["verdict"] == "error" and "no such file" in rows[0]["error"]
     assert rows[1]["verdict"] == "anomalous" and rows[1]["threshold"] == 0.0  # score >= 0
 
@@ -282,7 +282,7 @@ def test_predict_csv_and_table(calibrated: Path, folder_with_corrupt_file: Path)
     r = run("predict", calibrated, folder_with_corrupt_file, "--format", "csv", "-q")
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert len(rows) == 5 and {"path", "verdict", "score"} <= set(rows[0])
+    assert len(rows) == 5 and {"image", "verdict", "score"} <= set(rows[0])
     r = run("predict", calibrated, folder_with_corrupt_file / "broken.png", "-q")
     assert r.exit_code == 1  # nothing could be read
     assert "error" in r.stdout
@@ -308,7 +308,7 @@ def test_fit_refuses_an_unwritable_out_before_fitting(tiny: Path, tmp_path: Path
     (tmp_path / "a_file").write_text("x")
     t = time.perf_counter()
     r = run("fit", tiny, "--out", tmp_path / "a_file" / "m.pt", "--image-size", SIZE)
-    assert r.exit_code != 0 and "cannot write the model there" in _one_clean_line(r)
+    assert r.exit_code != 0 and "cannot write there" in _one_clean_line(r)
     assert "memory bank" not in r.stdout and time.perf_counter() - t < 5  # before fitting
     r = run("fit", tiny, "--out", tmp_path, "--image-size", SIZE)  # a folder: a usage error
     assert r.exit_code == 2 and "is a" in r.stderr and "directory" in r.stderr

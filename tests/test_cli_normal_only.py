@@ -114,7 +114,7 @@ def test_predict_info_and_evaluate_show_the_normalised_score(calibrated, tiles, 
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert len(rows) == 6
     for row in rows:
-        z = float(row["normalized"])
+        z = float(row["normalized_score"])
         assert 0.0 <= z <= 1.0 and (z >= 0.5) == (row["verdict"] == "anomalous")
     r = run("predict", path, tiles / "test" / "crack", "-q")
     assert r.exit_code == 0 and "normalized" in r.stdout.splitlines()[0]

@@ -103,8 +103,8 @@ def test_explain_names_the_training_patch_and_writes_crops(
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     det = PatchCore.load(model)
     for row, path in zip(rows[:2], blowholes, strict=True):
-        assert row["name"] == str(path) and row["error"] is None
-        assert row["train_name"] in det.train_names_
+        assert row["image"] == str(path) and row["error"] is None
+        assert row["train_image"] in det.train_names_
         assert row["score"] == pytest.approx(det.score([path]).scores[0], rel=1e-5)
         png = np.asarray(Image.open(row["crop"]))
         assert png.ndim == 3 and png.shape[0] == 160

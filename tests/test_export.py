@@ -219,27 +219,34 @@ def test_patchcore_run_cli(fixed, images, capsys):
 
 
 def test_runtime_service_inspect(fixed, images):
+    """``patchcore-run serve``'s app: the one service over the runtime backend."""
+    import time
+
     from fastapi.testclient import TestClient
 
-    from patchcore.lean.runtime_service import create_app
+    from patchcore.apps.service import RuntimeBackend, create_app
 
     det, out = fixed
-    client = TestClient(create_app(out, backend="onnxruntime", token="s3cret"))
-    assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.post("/v1/inspect", content=images[0].read_bytes()).status_code == 401
-    auth = {"Authorization": "Bearer s3cret"}
-    r = client.post("/v1/inspect", content=images[0].read_bytes(), headers=auth)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    ref = det.score([images[0]], maps="native")
-    assert body["score"] == pytest.approx(float(ref.scores[0]), rel=SCORE_RTOL)
-    assert body["verdict"] == ("fail" if ref.scores[0] >= det.threshold_ else "pass")
-    assert 0.0 <= body["normalized_score"] <= 1.0
-    assert (body["height"], body["width"]) == ref.maps[0].shape
-    files = {"file": ("part.png", images[0].read_bytes(), "image/png")}
-    assert client.post("/v1/inspect", files=files, headers=auth).json()["filename"] == "part.png"
-    bad = client.post("/v1/inspect", content=b"not an image", headers=auth)
-    assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
+    with TestClient(create_app(RuntimeBackend(out, engine="onnxruntime"), token="s3cret")) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        for _ in range(600):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.post("/v1/inspect", content=images[0].read_bytes()).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        r = c.post("/v1/inspect", content=images[0].read_bytes(), headers=auth)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ref = det.score([images[0]], maps="native")
+        assert body["score"] == pytest.approx(float(ref.scores[0]), rel=SCORE_RTOL)
+        assert body["verdict"] == ("anomalous" if ref.scores[0] >= det.threshold_ else "normal")
+        assert 0.0 <= body["normalized_score"] <= 1.0
+        assert (body["height"], body["width"]) == ref.maps[0].shape
+        files = {"file": ("part.png", images[0].read_bytes(), "image/png")}
+        assert c.post("/v1/inspect", files=files, headers=auth).json()["image"] == "part.png"
+        bad = c.post("/v1/inspect", content=b"not an image", headers=auth)
+        assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
 
 
 def test_numpy_decoding_and_resize_match_the_torch_path(images, tmp_path):

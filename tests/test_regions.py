@@ -306,7 +306,7 @@ def test_predict_writes_regions_as_json_and_csv(model_and_images, tmp_path) -> N
     heat = tmp_path / "heat"
     r = _cli("predict", model, folder, "--format", "json", "--regions", out, "--heatmaps", heat)
     assert r.exit_code == 0, r.output
-    rows = {Path(x["path"]).name: x for x in map(json.loads, r.stdout.splitlines())}
+    rows = {Path(x["image"]).name: x for x in map(json.loads, r.stdout.splitlines())}
     assert rows["good0.png"]["regions"] == [] and rows["good0.png"]["verdict"] == "normal"
     blob = rows["blob.png"]
     assert blob["verdict"] == "anomalous" and blob["region_threshold"] == det.threshold_
@@ -314,8 +314,9 @@ def test_predict_writes_regions_as_json_and_csv(model_and_images, tmp_path) -> N
     want = det.find_regions(files)[0].regions
     assert blob["regions"] == [x.as_dict() for x in want] and want
     doc = json.loads(out.read_text())
-    assert doc["region_threshold"] == det.threshold_ and doc["min_area"] == DEFAULT_MIN_AREA
-    assert [Path(x["path"]).name for x in doc["images"]] == ["blob.png", "good0.png", "good1.png"]
+    assert doc["images"][0]["region_threshold"] == det.threshold_
+    assert doc["min_area"] == DEFAULT_MIN_AREA
+    assert [Path(x["image"]).name for x in doc["images"]] == ["blob.png", "good0.png", "good1.png"]
     assert doc["images"][0]["regions"] == blob["regions"]
     with Image.open(heat / "blob_heatmap.png") as im:  # the boxes are drawn, in magenta
         px = np.asarray(im.convert("RGB"))
@@ -329,9 +330,9 @@ def test_predict_writes_regions_as_json_and_csv(model_and_images, tmp_path) -> N
     table = list(csv.DictReader(r.stdout.splitlines()))
     assert {"regions", "region_threshold"} <= set(table[0])
     per_region = list(csv.DictReader(csv_out.read_text().splitlines()))
-    assert sum(int(x["regions"]) for x in table) == len(per_region) >= 1
+    assert sum(len(json.loads(x["regions"] or "[]")) for x in table) == len(per_region) >= 1
     first = per_region[0]
-    assert Path(first["path"]).name == "blob.png" and first["region"] == "1"
+    assert Path(first["image"]).name == "blob.png" and first["region"] == "1"
     lower = det.find_regions(files, threshold=det.threshold_ * 0.9, min_area=1)[0].regions
     assert int(first["area"]) == lower[0].area >= want[0].area  # a lower cut: a larger region
     r = _cli("predict", model, folder, "--regions", tmp_path / "r.txt")
@@ -465,7 +466,7 @@ def test_calibrate_regions_command_uses_the_stored_calibration_masks(toy_images,
 
 
 def test_a_non_finite_map_gives_no_regions(fitted, monkeypatch, tmp_path) -> None:
-    from patchcore.apps.workflow import predict_images
+    from patchcore.apps.workflow import inspect_files
     from patchcore.core.results import ImageResult
     from patchcore.core.verdicts import NonFiniteScoreError
 
@@ -480,5 +481,5 @@ def test_a_non_finite_map_gives_no_regions(fitted, monkeypatch, tmp_path) -> Non
     monkeypatch.setattr(det, "iter_score", fake)
     with pytest.raises(NonFiniteScoreError, match="no regions"):
         det.find_regions(["x.png"])
-    (p,) = predict_images(det, [tmp_path / "x.png"], regions=True)
-    assert p.verdict == "error" and "NaN" in p.error and p.regions is None
+    ((p, heat),) = inspect_files(det, [tmp_path / "x.png"])
+    assert p.verdict == "error" and "NaN" in p.error and p.regions is None and heat is None

@@ -136,10 +136,12 @@ def test_service_answers_a_nan_score_with_an_error_verdict(
         r = c.post("/v1/inspect", files={"file": ("a.png", png(good[0]), "image/png")})
         assert r.status_code == 500, r.text
         assert r.json()["verdict"] == "error" and "scored nan" in r.json()["detail"]
+        assert r.json()["score"] is None and "scored nan" in r.json()["error"]
         files = [("files", ("a.png", png(good[0]), "image/png"))]
         b = c.post("/v1/inspect/batch", files=files).json()
         assert b["errors"] == 1 and b["results"][0]["verdict"] == "error"
-        assert b["results"][0]["status"] == 500 and b["results"][0]["result"] is None
+        assert b["results"][0]["status"] == 500 and b["results"][0]["score"] is None
+        assert "scored nan" in b["results"][0]["error"] and b["normal"] == 0
 
 
 # ---------------------------------------------------------------- 2. model files verified
@@ -377,18 +379,18 @@ def test_a_disconnect_logs_one_line_and_an_abandoned_request_is_not_scored(
     app = create_app(fitted, workers=1, queue_length=2)
     svc = app.state.service
     calls = []
-    real_score = svc.score
+    real_inspect = svc.backend.inspect
 
-    def slow_score(blobs, admitted):  # noqa: ANN001, ANN202
-        calls.append(blobs[0][0])
+    def slow_inspect(images):  # noqa: ANN001, ANN202
+        calls.append(images[0][0])
         time.sleep(1.0)
-        return real_score(blobs, admitted)
+        return real_inspect(images)
 
     caplog.set_level(logging.INFO)
     with running(app, port):
         while not svc.ready:
             time.sleep(0.05)
-        svc.score = slow_score
+        svc.backend.inspect = slow_inspect
         # 1. a client that goes away half-way through its body
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(request_bytes(port, "/v1/inspect", b"\0" * 1000)[:-500])
@@ -403,7 +405,7 @@ def test_a_disconnect_logs_one_line_and_an_abandoned_request_is_not_scored(
         assert status_of(first) == 200
         first.close()
         time.sleep(1.5)
-    assert calls == ["body"]  # the abandoned one was not scored
+    assert calls == ["image #0"]  # the abandoned one was not scored
     gone = [r.getMessage() for r in caplog.records if "went away" in r.getMessage()]
     assert len(gone) == 2, gone
     assert "after 500 bytes of the body" in gone[0] and "while queued" in gone[1]

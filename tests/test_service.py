@@ -130,13 +130,15 @@ def test_inspect_multipart_matches_the_library(client, model, casting):
         amap = det.anomaly_map(image)
         assert body["score"] == pytest.approx(model[2][path.name], abs=1e-5)
         assert body["threshold"] == pytest.approx(det.threshold_)
-        assert body["anomalous"] == (body["score"] >= body["threshold"])
-        assert body["verdict"] == ("fail" if body["anomalous"] else "pass")
+        anomalous = body["score"] >= body["threshold"]
+        assert body["verdict"] == ("anomalous" if anomalous else "normal")
         assert (body["height"], body["width"]) == image.shape[:2]
         assert body["map_max"] == pytest.approx(float(amap.max()), rel=1e-5)
-        loc = body["map_max_location"]
-        assert amap[loc["y"], loc["x"]] == pytest.approx(float(amap.max()), rel=1e-5)
-        assert body["filename"] == path.name
+        assert amap[body["map_max_y"], body["map_max_x"]] == pytest.approx(
+            float(amap.max()), rel=1e-5
+        )
+        assert body["image"] == path.name and body["index"] == 0 and body["error"] is None
+        assert body["backend"] == "torch"
         t = body["timing"]
         assert 0 <= t["inference_ms"] <= t["total_ms"]
 
@@ -146,7 +148,7 @@ def test_both_verdicts_occur(client, casting):
         client.post("/v1/inspect", content=p.read_bytes()).json()["verdict"]
         for p in casting["good"] + casting["bad"]
     }
-    assert verdicts == {"pass", "fail"}
+    assert verdicts == {"anomalous", "normal"}
 
 
 @pytest.mark.parametrize("ctype", ["image/jpeg", "application/octet-stream", None])
@@ -156,7 +158,7 @@ def test_inspect_raw_body(client, model, casting, ctype):
     r = client.post("/v1/inspect", content=path.read_bytes(), headers=headers)
     assert r.status_code == 200, r.text
     assert r.json()["score"] == pytest.approx(model[2][path.name], abs=1e-5)
-    assert r.json()["filename"] is None
+    assert r.json()["image"] == "image #0"
 
 
 def test_inspect_grey_png_is_scored_like_the_array(client, model):
@@ -175,7 +177,7 @@ def test_heatmap_png(client, casting):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     overlay = np.asarray(Image.open(io.BytesIO(r.content)))
     assert overlay.shape == (*image.shape[:2], 3)
-    assert r.headers["x-patchcore-verdict"] in ("pass", "fail")
+    assert r.headers["x-patchcore-verdict"] in ("anomalous", "normal")
     assert float(r.headers["x-patchcore-score"]) > 0
     # alpha=0 is the image itself, alpha=1 the colour map alone: the blend is really there
     plain = client.post("/v1/inspect?heatmap=png&alpha=0", content=path.read_bytes())
@@ -220,15 +222,17 @@ def test_batch(client, model, casting, caplog):
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["count"], body["errors"]) == (3, 1)
-    ok = [it for it in body["results"] if it["result"]]
-    assert [it["filename"] for it in ok] == [p.name for p in paths]
+    assert [it["index"] for it in body["results"]] == [0, 1, 2]
+    ok = [it for it in body["results"] if it["status"] == 200]
+    assert [it["image"] for it in ok] == [p.name for p in paths]
     for it in ok:
-        assert it["result"]["score"] == pytest.approx(model[2][it["filename"]], abs=1e-5)
-        assert it["result"]["heatmap_url"].startswith("/v1/heatmaps/")
+        assert it["score"] == pytest.approx(model[2][it["image"]], abs=1e-5)
+        assert it["heatmap_url"].startswith("/v1/heatmaps/")
     bad = body["results"][1]
-    assert bad["status"] == 400 and "not an image" in bad["error"] and bad["result"] is None
-    assert body["flagged"] == sum(it["result"]["anomalous"] for it in ok)
-    assert body["failed"] == body["flagged"]  # the older name, kept for compatibility
+    assert bad["status"] == 400 and "not an image" in bad["error"] and bad["score"] is None
+    assert bad["verdict"] == "error" and bad["image"] == "notes.txt"
+    assert body["anomalous"] == sum(it["verdict"] == "anomalous" for it in ok)
+    assert body["anomalous"] + body["normal"] + body["errors"] == body["count"]
     assert len(service_logs(caplog)) == 1
 
 
@@ -251,15 +255,47 @@ def test_batch_request_errors(model, casting):
         assert r.status_code == 400 and "no file parts" in r.json()["detail"]
 
 
-def test_docs_and_openapi(client):
+def test_docs_and_openapi(client, monkeypatch):
     docs = client.get("/docs")
-    assert docs.status_code == 200 and "/v1/inspect/batch" in docs.text
-    assert "/openapi.json" in docs.text
-    assert not re.search(r"""(src|href)=["']?(https?:)?//""", docs.text)  # works offline
+    assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
+    assert "'/openapi.json'" in docs.text
+    assert not re.search(r"""(src|href|url)[=:] *["']?(https?:)?//""", docs.text)  # offline
+    for asset in re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', docs.text):
+        assert client.get(asset).status_code == 200, asset
+    assert client.get("/docs/assets/swagger-ui.css").headers["content-type"].startswith("text/css")
+    # only the three files the page needs: the bundle's own index.html points at a demo online
+    assert client.get("/docs/assets/index.html").status_code == 404
+    assert client.get("/docs/assets/..%2F..%2F__init__.py").status_code == 404
     assert client.get("/redoc").status_code == 404
     paths = client.get("/openapi.json").json()["paths"]
     for p in ("/v1/inspect", "/v1/inspect/batch", "/v1/model", "/healthz", "/readyz"):
         assert p in paths
+    # without the swagger-ui-bundle package: a plain self-contained table of the routes
+    from patchcore.apps.service.routers import docs as docs_router
+
+    monkeypatch.setattr(docs_router, "swagger_ui_dir", lambda: None)
+    plain = client.get("/docs")
+    assert plain.status_code == 200 and "/v1/inspect/batch" in plain.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", plain.text)
+
+
+def test_docs_and_schema_say_nothing_about_the_model(model):
+    """/docs and /openapi.json are open, so they name no backbone, threshold, file or version
+    (the runtime service's schema gave the library version to anyone)."""
+    from patchcore.lean.util import package_version
+
+    with TestClient(create_app(model[1], token="s3cret")) as c:
+        wait_ready(c)
+        schema = c.get("/openapi.json")
+        assert schema.status_code == 200 and c.get("/docs").status_code == 200
+        text = schema.text
+        for secret in ("efficientnet", repr(float(model[1].threshold_)), "tiny.pt"):
+            assert secret not in text, secret
+        assert schema.json()["info"]["version"] == "1" != package_version()
+        assert c.get("/v1/model").status_code == 401
+        bearer = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/model", headers=bearer).json()["backbone"] == "efficientnet-lite0"
+        assert schema.json()["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
 def test_page_is_served_without_external_assets(client):
@@ -362,17 +398,17 @@ def test_full_queue_answers_503_and_health_stays_fast(model, casting):
     svc = app.state.service
     release = threading.Event()
     entered = threading.Event()
-    real_score = svc.score
+    real_inspect = svc.backend.inspect
 
-    def slow_score(*args):
+    def slow_inspect(*args):
         entered.set()
         release.wait(20)
-        return real_score(*args)
+        return real_inspect(*args)
 
     data = casting["good"][0].read_bytes()
     with TestClient(app) as c:
         wait_ready(c)
-        svc.score = slow_score
+        svc.backend.inspect = slow_inspect
         first: list = []
         t = threading.Thread(target=lambda: first.append(c.post("/v1/inspect", content=data)))
         t.start()
@@ -459,15 +495,14 @@ def test_create_app_argument_errors(model, tmp_path):
 
 
 def test_heatmap_colours_use_the_range_chosen_at_calibration(model):
-    from patchcore.apps.service import ServiceLimits, _Service
+    from patchcore.apps.service import TorchBackend
+    from patchcore.apps.service.dependencies import Service
 
     det = copy.deepcopy(model[1])
-    fallback = _Service(det, ServiceLimits(), None, None, None)
-    fallback.detector = det
+    fallback = Service(TorchBackend(det), ServiceLimits(), None, None)
     t = float(det.threshold_)
     assert fallback.display_range() == pytest.approx((0.5 * t, 1.25 * t))
     det.metadata_ = {**det.metadata_, "display_range": [1.5, 9.0]}  # as calibrate stores it
     assert fallback.display_range() == (1.5, 9.0)  # the CLI's and report's colours
-    given = _Service(det, ServiceLimits(), None, None, (0.0, 2.0))
-    given.detector = det
+    given = Service(TorchBackend(det), ServiceLimits(), None, (0.0, 2.0))
     assert given.display_range() == (0.0, 2.0)  # an explicit range still wins

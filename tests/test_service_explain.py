@@ -53,7 +53,7 @@ def test_explain_answers_what_the_library_does(saved, files) -> None:
             [e] = det.explain([read_image(f)])
             assert body["score"] == pytest.approx(e.score, rel=1e-6)
             assert body["distance"] == pytest.approx(e.distance, rel=1e-6)
-            assert body["verdict"] == ("fail" if e.score >= det.threshold_ else "pass")
+            assert body["verdict"] == ("anomalous" if e.score >= det.threshold_ else "normal")
             b = body["worst_patch"]
             assert (b["top"], b["left"], b["bottom"], b["right"]) == e.box
             nn = body["nearest"]
@@ -61,11 +61,13 @@ def test_explain_answers_what_the_library_does(saved, files) -> None:
             assert nn["training_file"] == Path(e.train_name).name  # no server folders
             assert nn["training_file"] in {p.name for p in files["train"]}
             assert 0 <= nn["box"]["top"] < nn["box"]["bottom"] <= 300
-            assert body["filename"] == f.name and body["note"] is None
+            assert body["image"] == f.name and body["note"] is None
+            assert body["normalized_score"] == pytest.approx(float(det.normalize(e.score)))
+            assert (body["width"], body["height"]) == (300, 300) and body["map_max"] is None
         raw = c.post("/v1/explain", content=files["bad"][0].read_bytes())
-        assert raw.status_code == 200 and raw.json()["filename"] is None
+        assert raw.status_code == 200 and raw.json()["image"] == "image #0"
         bad = c.post("/v1/explain", content=b"not an image")
-        assert bad.status_code == 400
+        assert bad.status_code == 400 and bad.json()["verdict"] == "error"
         assert "/v1/explain" in c.get("/openapi.json").json()["paths"]
     finally:
         c.__exit__(None, None, None)

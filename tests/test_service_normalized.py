@@ -41,7 +41,7 @@ def test_inspect_returns_the_normalised_score(served):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["normalized_score"] == pytest.approx(float(det.normalize(body["score"])))
-        assert (body["normalized_score"] >= 0.5) == (body["verdict"] == "fail")
+        assert (body["normalized_score"] >= 0.5) == (body["verdict"] == "anomalous")
     r = client.post("/v1/inspect?heatmap=png", content=Path(images[0]).read_bytes())
     assert float(r.headers["X-Patchcore-Normalized-Score"]) == pytest.approx(
         float(det.normalize(float(r.headers["X-Patchcore-Score"])))

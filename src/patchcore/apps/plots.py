@@ -19,11 +19,14 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from scipy import ndimage
 
+from patchcore.lean.record import ANOMALOUS, judge
 from patchcore.lean.util import resize_map, resize_mask
 
 __all__ = [
+    "PNG_SOFTWARE",
     "anomaly_map_overlay",
     "confusion_matrix_plot",
     "draw_regions",
@@ -37,6 +40,9 @@ __all__ = [
 ]
 
 DPI = 110
+#: The PNG ``Software`` text entry of every picture written here (how a later run knows it may
+#: replace the file).
+PNG_SOFTWARE = "patchcore"
 NORMAL_COLOR = "#2b7bba"
 ANOMALOUS_COLOR = "#d7301f"
 THRESHOLD_COLOR = "#222222"
@@ -210,7 +216,8 @@ def draw_regions(
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 ``(H, W)`` or ``(H, W, 3|4)`` array as PNG; create parent folders."""
+    """Write a uint8 ``(H, W)`` or ``(H, W, 3|4)`` array as PNG (tagged :data:`PNG_SOFTWARE`);
+    create parent folders."""
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"array must be uint8, got dtype {array.dtype}")
@@ -220,7 +227,9 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
         raise ValueError(f"array must have shape (H, W) or (H, W, 3|4), got {array.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG")
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    Image.fromarray(array).save(path, format="PNG", pnginfo=info)
     return path
 
 
@@ -240,7 +249,7 @@ def _style_axes(ax) -> None:
 def _save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, facecolor="white")
+    fig.savefig(path, format="png", dpi=DPI, facecolor="white", metadata={"Software": PNG_SOFTWARE})
     return path
 
 
@@ -547,7 +556,7 @@ def gallery_tile(
     if threshold is None:
         verdict, colour = f"score {score:.4g}", (20, 20, 20)
     else:
-        flagged = score >= threshold
+        flagged = judge([score], threshold)[0] == ANOMALOUS
         verdict = (
             f"{'ANOMALOUS' if flagged else 'normal'}: score {score:.4g} "
             f"{'>=' if flagged else '<'} {threshold:.4g}"

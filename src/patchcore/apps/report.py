@@ -26,6 +26,7 @@ from urllib.parse import quote
 import numpy as np
 
 from patchcore.core.metrics import MATLAB_METRICS, Metrics
+from patchcore.lean.record import ANOMALOUS, judge
 from patchcore.lean.util import fmt, package_version
 
 __all__ = ["MATLAB_METRICS", "write_report"]
@@ -409,7 +410,7 @@ def _gallery_section(
             score_html = ""
             if _is_number(score):
                 if has_threshold:
-                    high = float(score) >= float(threshold)
+                    high = judge([score], threshold)[0] == ANOMALOUS
                     score_html = (
                         f'<span class="score">score <b class="{"hi" if high else "lo"}">'
                         f"{_esc(_fmt(score))}</b> {'&ge;' if high else '&lt;'} threshold "

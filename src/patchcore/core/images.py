@@ -14,20 +14,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-# numpy-only pieces live in .pixels (shared with the torch-free runtime); re-exported here
+# numpy-only pieces live in patchcore.lean.pixels (shared with the torch-free runtime) and are
+# re-exported here: the names users import from this module keep working
 from patchcore.lean.pixels import (
     IMAGE_SUFFIXES,
     ImageReadError,
     ImageTooLargeError,
     InputLimits,
-    _array_to_float,
-    _check_unit_range,
     input_limits,
     list_images,
     output_size,
     pil_to_array,
     read_image,
     set_input_limits,
+    to_chw,
 )
 
 __all__ = [
@@ -50,66 +50,48 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
 def as_tensor(image: ImageInput) -> torch.Tensor:
-    """Convert any accepted input to a float32 tensor 3xHxW with values in [0, 1]."""
+    """Convert any accepted input to a float32 tensor 3xHxW with values in [0, 1].
+
+    Paths, PIL images and arrays follow :func:`patchcore.lean.pixels.to_chw` (the runtime's
+    rules); a tensor (HxW or CxHxW, uint8, bool or float in [0, 1]) is brought to that layout
+    first. A stack of greyscale images given as one image is named as such in the error.
+    """
     name = "image"
     if isinstance(image, (str, os.PathLike)):
         name = str(image)
         image = read_image(image)
     if isinstance(image, Image.Image):
         image = pil_to_array(image)
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
-            raise ImageReadError(name, f"array shape {arr.shape} looks channel-first; give HxWxC")
-        t = torch.from_numpy(np.ascontiguousarray(_array_to_float(arr, name)))
-        if t.ndim == 3:
-            t = t.permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.dtype == torch.uint8:
-            t = t.float() / 255.0
-        elif t.dtype == torch.bool:
-            t = t.float()
-        elif t.is_floating_point():
-            t = t.float()
-            if not bool(torch.isfinite(t).all()):
-                raise ImageReadError(name, "tensor contains NaN or infinite values")
-            _check_unit_range(float(t.min()), float(t.max()), name)
-        else:
-            raise ImageReadError(name, f"unsupported tensor dtype {t.dtype}")
+    if isinstance(image, torch.Tensor):
+        arr, layout = _tensor_as_hwc(image, name), "an (N, 1, H, W) tensor"
+    elif isinstance(image, np.ndarray):
+        arr, layout = image, "an (N, H, W, 1) array"
     else:
         raise TypeError(
             f"unsupported image type {type(image).__name__}; give a path, PIL image, "
             "numpy array or torch tensor"
         )
-    shape = tuple(image.shape)  # as given, for messages
-    if t.ndim == 2:
-        t = t.unsqueeze(0)
-    if t.ndim != 3:
-        raise ImageReadError(name, f"expected HxW, HxWxC or CxHxW, got shape {tuple(t.shape)}")
-    c = t.shape[0]
-    if c == 1:
-        t = t.expand(3, -1, -1)
-    elif c == 4:
-        t = t[:3]
-    elif c == 2:  # grey + alpha
-        t = t[:1].expand(3, -1, -1)
-    elif c != 3:
-        hint = (
-            ""
-            if min(t.shape) <= 4
-            else f"; if this is a stack of {shape[0]} greyscale images, pass a list of them or "
-            + (
-                "an (N, 1, H, W) tensor"
-                if isinstance(image, torch.Tensor)
-                else "an (N, H, W, 1) array"
-            )
+    if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4) and min(arr.shape) > 4:
+        raise ImageReadError(
+            name,
+            f"{arr.shape[2]} channels; expected 1, 3 or 4; if this is a stack of "
+            f"{image.shape[0]} greyscale images, pass a list of them or {layout}",
         )
-        raise ImageReadError(name, f"{c} channels; expected 1, 3 or 4{hint}")
-    if t.shape[1] < 8 or t.shape[2] < 8:
-        raise ImageReadError(name, f"image of {t.shape[1]}x{t.shape[2]} pixels is too small")
-    input_limits().check(name, int(t.shape[1]), int(t.shape[2]))
-    return t.contiguous()
+    return torch.from_numpy(to_chw(arr, name))
+
+
+def _tensor_as_hwc(t: torch.Tensor, name: str) -> np.ndarray:
+    """An HxW or CxHxW tensor as an HxW / HxWxC array (float32 [0, 1] for uint8 and bool)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.uint8:
+        t = t.float() / 255.0
+    elif t.dtype == torch.bool or t.is_floating_point():
+        t = t.float()
+    else:
+        raise ImageReadError(name, f"unsupported tensor dtype {t.dtype}")
+    if t.ndim not in (2, 3):
+        raise ImageReadError(name, f"expected HxW, HxWxC or CxHxW, got shape {tuple(t.shape)}")
+    return (t.permute(1, 2, 0) if t.ndim == 3 else t).numpy()
 
 
 def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

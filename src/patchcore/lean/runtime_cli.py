@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -69,10 +68,10 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from patchcore.lean.runtime_service import serve
+    from patchcore.apps.service import RuntimeBackend, serve  # the one service (runtime-serve)
 
-    serve(args.export, host=args.host, port=args.port, backend=args.backend,
-          threads=args.threads, token=args.token or os.environ.get("PATCHCORE_TOKEN"))  # fmt: skip
+    backend = RuntimeBackend(args.export, engine=args.backend, threads=args.threads)
+    serve(backend, args.host, args.port, token=args.token, token_file=args.token_file)
     return 0
 
 
@@ -88,6 +87,7 @@ def _parser(serve: bool) -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
         p.add_argument("--token", default=None, help="bearer token for /v1/* ($PATCHCORE_TOKEN)")
+        p.add_argument("--token-file", default=None, help="read the token from this file")
     else:
         p.add_argument("images", nargs="+", help="image files or folders of images")
         p.add_argument("--json", action="store_true", help="one JSON object per line")

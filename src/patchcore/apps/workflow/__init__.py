@@ -20,12 +20,15 @@ parses arguments, calls one of them and prints what it returns. One module per s
   :mod:`.reporting` writes the HTML report.
 - :mod:`.regions`: :func:`calibrate_regions_model` sets the map threshold of defect regions
   on the stored calibration images that have masks.
-- :mod:`.predict`: :func:`predict_images` streams verdicts, scores, heatmap overlays and
-  defect regions; :func:`write_regions` writes the regions as JSON or CSV.
+- :mod:`.predict`: :func:`inspect_files` streams one inspection record
+  (:class:`patchcore.lean.record.Inspection`) per file with its heatmap picture;
+  :func:`regions_file` writes the records' regions as JSON or CSV.
 - :mod:`.demo`: :func:`run_demo`, all of the above on the solar cells of ``elpv-dataset``.
 - :mod:`.update`: :func:`update_model` adds normal images to a model file (``partial_fit``).
-- :mod:`.explain`: :func:`explain_images`, each image's worst patch beside the nearest normal
-  training patch.
+- :mod:`.explain`: :func:`explain_images`, each image's record and its worst patch beside the
+  nearest normal training patch.
+- :mod:`.files`: every file written here is written whole or not at all, never over a file of
+  another kind, and model files one update at a time (:func:`model_transaction`).
 
 Every stage makes one call into the detector (``fit``, or one ``iter_score`` stream that also
 drives the caller's progress callback) and asks for anomaly maps at the size it needs.
@@ -60,23 +63,48 @@ from patchcore.apps.workflow.data import (
 from patchcore.apps.workflow.demo import DemoResult, run_demo
 from patchcore.apps.workflow.evaluate import (
     GALLERY_SIZE,
-    PIXEL_METRIC_SIDE,
     Evaluation,
     evaluate_detector,
     evaluate_model,
     held_out_images,
 )
-from patchcore.apps.workflow.explain import ExplainedImage, explain_images, explanation_picture
+from patchcore.apps.workflow.explain import (
+    EXPLAIN_FIELDS,
+    ExplainedImage,
+    explain_images,
+    explanation_picture,
+)
+from patchcore.apps.workflow.files import (
+    ModelChangedError,
+    check_target,
+    check_writable_folder,
+    model_transaction,
+)
 from patchcore.apps.workflow.fit import FitSummary, fit_detector, fit_model
-from patchcore.apps.workflow.model import DISPLAY_TOP, load_model, model_card, require_threshold
-from patchcore.apps.workflow.predict import Prediction, predict_images, write_regions
+from patchcore.apps.workflow.model import (
+    DISPLAY_TOP,
+    display_range,
+    load_model,
+    model_card,
+    require_threshold,
+)
+from patchcore.apps.workflow.predict import (
+    REGION_SUFFIXES,
+    inspect_files,
+    picture_name,
+    regions_file,
+    write_picture,
+)
 from patchcore.apps.workflow.regions import RegionCalibration, calibrate_regions_model
 from patchcore.apps.workflow.reporting import TILE_HEIGHT
+from patchcore.apps.workflow.scoring import PIXEL_METRIC_SIDE
 from patchcore.apps.workflow.update import UpdateSummary, update_model
 
 __all__ = [
     "DISPLAY_TOP",
     "ELPV",
+    "EXPLAIN_FIELDS",
+    "REGION_SUFFIXES",
     "GALLERY_SIZE",
     "PIXEL_METRIC_SIDE",
     "TILE_HEIGHT",
@@ -87,8 +115,8 @@ __all__ = [
     "Evaluation",
     "ExplainedImage",
     "FitSummary",
+    "ModelChangedError",
     "NormalCalibrationSummary",
-    "Prediction",
     "RegionCalibration",
     "UpdateSummary",
     "ProgressFn",
@@ -98,6 +126,9 @@ __all__ = [
     "calibrate_model",
     "calibrate_normal_model",
     "calibrate_regions_model",
+    "check_target",
+    "check_writable_folder",
+    "display_range",
     "evaluate_detector",
     "evaluate_model",
     "expand_inputs",
@@ -108,13 +139,16 @@ __all__ = [
     "fit_model",
     "held_out_images",
     "held_out_normals",
+    "inspect_files",
     "labelled_images",
     "load_model",
     "model_card",
-    "predict_images",
+    "model_transaction",
+    "picture_name",
+    "regions_file",
     "require_threshold",
     "resolve_data",
     "run_demo",
-    "write_regions",
     "update_model",
+    "write_picture",
 ]

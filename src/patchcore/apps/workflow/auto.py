@@ -26,7 +26,8 @@ from patchcore.apps.workflow.data import (
     resolve_data,
     split_for_calibration,
 )
-from patchcore.apps.workflow.fit import FitSummary, check_writable, fit_summary
+from patchcore.apps.workflow.files import MODEL, check_target
+from patchcore.apps.workflow.fit import FitSummary, fit_summary
 from patchcore.core import datasets
 from patchcore.core.autoselect import CandidateResult, auto_select
 from patchcore.core.inputs import input_name
@@ -58,6 +59,7 @@ def fit_auto_model(
     train_fraction: float = 1.0,
     calibration_fraction: float = 0.5,
     seed: int = 0,
+    force: bool = False,
     report: Callable[[str], None] | None = None,
     **params: Any,
 ) -> AutoFitSummary:
@@ -73,6 +75,7 @@ def fit_auto_model(
             cells, so that some are left for the split).
         calibration_fraction: share of each label used to choose and calibrate.
         seed: seeds the split and every candidate's coreset.
+        force: replace ``out`` even when it is not a model file.
         report: called with a line of text as each candidate starts and ends.
         **params: other PatchCore settings for every candidate (``coreset_ratio``,
             ``device``, ``progress``...); none of :data:`AUTO_CHOSEN`.
@@ -88,7 +91,7 @@ def fit_auto_model(
             "pick a named preset"
         )
     check_fraction("train fraction", train_fraction, error=WorkflowError)
-    check_writable(out)
+    check_target(out, MODEL, force=force)
     source = resolve_data(data)
     available = available_train_images(source)
     train = datasets.sample_fraction(available, train_fraction, seed=seed)

@@ -7,7 +7,6 @@ The split (names), the data spec and the heatmap display range are stored in the
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -26,10 +25,13 @@ from patchcore.apps.workflow.data import (
     split_for_calibration,
     without_training_images,
 )
+from patchcore.apps.workflow.files import file_digest, model_transaction
 from patchcore.apps.workflow.model import DISPLAY_TOP, load_model
 from patchcore.core import metrics
+from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
+from patchcore.lean.record import ANOMALOUS, judge
 from patchcore.lean.util import check_fraction
 
 
@@ -71,7 +73,7 @@ def threshold_warnings(scores: np.ndarray, labels: np.ndarray, threshold: float)
     """
     out: list[str] = []
     normal = scores[labels == 0]
-    flagged = float((normal >= threshold).mean()) if normal.size else 0.0
+    flagged = float((judge(normal, threshold) == ANOMALOUS).mean()) if normal.size else 0.0
     area = metrics.auroc(labels, scores)
     tips = (
         "try native resolution (no --scale/--image-size), all training images "
@@ -210,7 +212,7 @@ def calibrate_detector(
         test_anomalous=int(test.labels.sum()),
         display_range=display,
         calibration_metrics=metrics.Metrics.from_dict(
-            metrics.evaluate(scores[ok] >= threshold, y[ok])
+            metrics.evaluate(judge(scores[ok], threshold) == ANOMALOUS, y[ok])
         ),
         seconds=seconds,
         ms_per_image=ms,
@@ -240,14 +242,15 @@ def calibrate_model(
         **settings: ``method``, ``max_fpr``, ``calibration_fraction``, ``seed``, as in
             :func:`calibrate_detector`.
     """
-    det = load_model(model, device=device)
-    source = resolve_data(data)
-    pool = without_training_images(det, source, labelled_images(source))
-    summary, _, _ = calibrate_detector(
-        det, pool, data_spec=source.spec, progress=progress, total=total, **settings
-    )
-    summary.model_path = str(det.save(model))
-    return summary
+    with model_transaction(model) as transaction:
+        det = load_model(model, device=device)
+        source = resolve_data(data)
+        pool = without_training_images(det, source, labelled_images(source))
+        summary, _, _ = calibrate_detector(
+            det, pool, data_spec=source.spec, progress=progress, total=total, **settings
+        )
+        summary.model_path = str(transaction.save(det))
+        return summary
 
 
 @dataclass
@@ -270,18 +273,6 @@ class NormalCalibrationSummary:
     ms_per_image: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def _file_digest(path: Any) -> str | None:
-    """SHA-256 of a file's bytes, None if it is not a readable file."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    except (OSError, TypeError):
-        return None
-    return h.hexdigest()
 
 
 def held_out_normals(det: PatchCore, source: DataSource) -> tuple[ImageDataset, int, list[str]]:
@@ -322,8 +313,8 @@ def held_out_normals(det: PatchCore, source: DataSource) -> tuple[ImageDataset, 
                 "checked that DATA's normal images were not used for fitting"
             ],
         )
-    digests = {_file_digest(s.image) for s in fitted_on if s.name in used} - {None}
-    keep = np.array([_file_digest(s.image) not in digests for s in normals], dtype=bool)
+    digests = {file_digest(s.image) for s in fitted_on if s.name in used} - {None}
+    keep = np.array([file_digest(s.image) not in digests for s in normals], dtype=bool)
     return normals.subset(keep), int((~keep).sum()), []
 
 
@@ -359,69 +350,68 @@ def calibrate_normal_model(
         WorkflowError: a rate outside (0, 1), or fewer held-out normal images than the rate
             needs (the message gives the number).
     """
-    from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
-
     if not 0.0 < max_fpr < 1.0:
         raise WorkflowError(f"max FPR must be in (0, 1) for --normal-only, got {max_fpr!r}")
-    det = load_model(model, device=device)
-    source = resolve_data(data)
-    pool, left_out, warnings = held_out_normals(det, source)
-    need = normal_images_needed(max_fpr)
-    if len(pool) < need:
-        raise WorkflowError(
-            f"{source.spec}: a false-alarm rate of {max_fpr:g} needs at least {need} normal "
-            f"images not used for fitting (n >= 1/rate - 1); it has {len(pool)} "
-            f"({left_out} more were fitted on): add normal images, fit on fewer "
-            f"(--train-fraction), or ask for a rate of at least {1 / (len(pool) + 1):.3g}"
+    with model_transaction(model) as transaction:
+        det = load_model(model, device=device)
+        source = resolve_data(data)
+        pool, left_out, warnings = held_out_normals(det, source)
+        need = normal_images_needed(max_fpr)
+        if len(pool) < need:
+            raise WorkflowError(
+                f"{source.spec}: a false-alarm rate of {max_fpr:g} needs at least {need} normal "
+                f"images not used for fitting (n >= 1/rate - 1); it has {len(pool)} "
+                f"({left_out} more were fitted on): add normal images, fit on fewer "
+                f"(--train-fraction), or ask for a rate of at least {1 / (len(pool) + 1):.3g}"
+            )
+        scores, (lo, hi), skipped, seconds = _score_for_calibration(det, pool, progress, total)
+        ok = np.isfinite(scores)
+        if int((~ok).sum()) > len(skipped):  # readable images scored NaN: fail closed
+            raise WorkflowError(
+                f"{int((~ok).sum()) - len(skipped)} readable normal images scored NaN or infinite: "
+                "the model holds non-finite values; no threshold (fit it again)"
+            )
+        try:
+            det.calibrate_normal(None, max_fpr=max_fpr, scores=scores[ok])
+        except TooFewNormalImagesError as exc:
+            raise WorkflowError(f"{source.spec}: {len(skipped)} unreadable images; {exc}") from None
+        c = det.calibration_ or {}
+        calib_names = [n for n, good in zip(pool.names, ok, strict=True) if good]
+        test_names = _labelled_rest(
+            source, set(det.metadata_.get("train_names") or []) | set(pool.names)
         )
-    scores, (lo, hi), skipped, seconds = _score_for_calibration(det, pool, progress, total)
-    ok = np.isfinite(scores)
-    if int((~ok).sum()) > len(skipped):  # readable images scored NaN: fail closed
-        raise WorkflowError(
-            f"{int((~ok).sum()) - len(skipped)} readable normal images scored NaN or infinite: "
-            "the model holds non-finite values; no threshold (fit it again)"
+        top = DISPLAY_TOP * hi
+        display = (float(lo), float(top if top > lo else hi))
+        ms = 1000.0 * seconds / max(1, len(pool))
+        det.metadata_ = dict(det.metadata_)
+        for k in ("calibration_fraction", "calibration_seed"):
+            det.metadata_.pop(k, None)
+        det.metadata_.update(
+            calibration_data=source.spec,
+            calibration_names=calib_names,
+            test_names=test_names,
+            calibration_method="conformal",
+            calibration_max_fpr=float(max_fpr),
+            display_range=list(display),
+            calibration_skipped=[name for name, _ in skipped],
+            ms_per_image=ms,
         )
-    try:
-        det.calibrate_normal(None, max_fpr=max_fpr, scores=scores[ok])
-    except TooFewNormalImagesError as exc:
-        raise WorkflowError(f"{source.spec}: {len(skipped)} unreadable images; {exc}") from None
-    c = det.calibration_ or {}
-    calib_names = [n for n, good in zip(pool.names, ok, strict=True) if good]
-    test_names = _labelled_rest(
-        source, set(det.metadata_.get("train_names") or []) | set(pool.names)
-    )
-    top = DISPLAY_TOP * hi
-    display = (float(lo), float(top if top > lo else hi))
-    ms = 1000.0 * seconds / max(1, len(pool))
-    det.metadata_ = dict(det.metadata_)
-    for k in ("calibration_fraction", "calibration_seed"):
-        det.metadata_.pop(k, None)
-    det.metadata_.update(
-        calibration_data=source.spec,
-        calibration_names=calib_names,
-        test_names=test_names,
-        calibration_method="conformal",
-        calibration_max_fpr=float(max_fpr),
-        display_range=list(display),
-        calibration_skipped=[name for name, _ in skipped],
-        ms_per_image=ms,
-    )
-    path = det.save(model)
-    return NormalCalibrationSummary(
-        model_path=str(path),
-        data=source.spec,
-        threshold=float(det.threshold_),  # type: ignore[arg-type]
-        max_fpr=float(max_fpr),
-        normal_images=int(c["n"]),
-        rank=int(c["rank"]),
-        fpr_bounds=(float(c["fpr_bounds"][0]), float(c["fpr_bounds"][1])),
-        calibration_fpr=float(c["calibration_fpr"]),
-        images_needed=need,
-        fitting_images_left_out=left_out,
-        test_images=len(test_names),
-        display_range=display,
-        seconds=seconds,
-        ms_per_image=ms,
-        skipped=skipped,
-        warnings=warnings,
-    )
+        path = transaction.save(det)
+        return NormalCalibrationSummary(
+            model_path=str(path),
+            data=source.spec,
+            threshold=float(det.threshold_),  # type: ignore[arg-type]
+            max_fpr=float(max_fpr),
+            normal_images=int(c["n"]),
+            rank=int(c["rank"]),
+            fpr_bounds=(float(c["fpr_bounds"][0]), float(c["fpr_bounds"][1])),
+            images_needed=need,
+            fitting_images_left_out=left_out,
+            test_images=len(test_names),
+            calibration_fpr=float(c["calibration_fpr"]),
+            display_range=display,
+            seconds=seconds,
+            ms_per_image=ms,
+            skipped=skipped,
+            warnings=warnings,
+        )

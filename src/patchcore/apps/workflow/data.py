@@ -137,6 +137,25 @@ def labelled_images(source: DataSource) -> ImageDataset:
         ) from None
 
 
+def stored_images(det: PatchCore, source: DataSource, names: list[str], what: str) -> ImageDataset:
+    """The labelled images of ``source`` named ``names`` (a split stored in ``det``), in that
+    order.
+
+    Raises:
+        WorkflowError: ``source`` lacks some of them (the message names one and the data the
+            model was calibrated on).
+    """
+    pool = labelled_images(source)
+    index = {n: i for i, n in enumerate(pool.names)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise WorkflowError(
+            f"{source.spec} lacks {len(missing)} of the {len(names)} {what} (e.g. {missing[0]}); "
+            f"the model was calibrated on {det.metadata_.get('calibration_data', '?')}"
+        )
+    return pool.subset([index[n] for n in names])
+
+
 def limit_per_label(ds: ImageDataset, limit: int | None, seed: int) -> ImageDataset:
     """At most ``limit`` normal and ``limit`` anomalous samples (seeded choice, order kept)."""
     if limit is None:

@@ -18,6 +18,7 @@ from patchcore.apps.workflow.data import (
     resolve_data,
 )
 from patchcore.apps.workflow.evaluate import Evaluation, evaluate_detector
+from patchcore.apps.workflow.files import check_folder_target
 from patchcore.apps.workflow.fit import FitSummary, fit_detector, fit_summary
 from patchcore.core import datasets
 from patchcore.lean.util import check_fraction
@@ -51,6 +52,7 @@ def run_demo(
     fit_progress: bool = True,
     progress: ProgressFn | None = None,
     stage: Callable[[str, int], None] | None = None,
+    force: bool = False,
 ) -> DemoResult:
     """The whole reference workflow on the ELPV solar cells.
 
@@ -58,7 +60,9 @@ def run_demo(
     ``train_fraction`` of the normal cells is fitted on; the other normal cells and all
     defective ones form the test pool, split per label into a calibration part (threshold) and
     a held-out part (metrics, report). Everything is written to ``out_dir``: ``model.pt``,
-    ``metrics.json``, ``report.html`` and its PNGs.
+    ``metrics.json``, ``report.html`` and its PNGs, as a new folder swapped in at the end
+    (:func:`~patchcore.apps.workflow.files.new_folder`; ``force``: write into an existing
+    folder that patchcore did not write).
 
     Args:
         limit: use at most this many normal and this many defective cells (quick runs).
@@ -67,7 +71,7 @@ def run_demo(
     check_fraction("train fraction", train_fraction, error=WorkflowError)
     if limit is not None and limit < 4:
         raise WorkflowError(f"limit must be at least 4 images per label, got {limit}")
-    out = Path(out_dir)
+    out = check_folder_target(Path(out_dir).resolve(), force=force)  # before any work
     source = resolve_data(f"{ELPV}:{cell_type}")
     cells = limit_per_label(elpv_cells(source), limit, seed)
     normals = cells.subset(cells.labels == datasets.NORMAL)
@@ -76,17 +80,9 @@ def run_demo(
     t0 = time.perf_counter()
     if stage:
         stage("fit", len(train))
-    det = fit_detector(
-        train,
-        backbone=backbone,
-        image_size=image_size,
-        scale=None,
-        coreset_ratio=coreset_ratio,
-        seed=seed,
-        device=device,
-        progress=fit_progress,
-        data_spec=source.spec,
-    )
+    params = {"backbone": backbone, "image_size": image_size, "scale": None}
+    params.update({"coreset_ratio": coreset_ratio, "seed": seed, "device": device})
+    det = fit_detector(train, progress=fit_progress, data_spec=source.spec, **params)
     det.metadata_.update(train_fraction=float(train_fraction), train_seed=int(seed))
     timings["fit"] = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -101,7 +97,7 @@ def run_demo(
         total=(lambda n: stage("calibrate", n)) if stage else None,
     )
     timings["calibrate"] = time.perf_counter() - t1
-    model_path = det.save(out / "model.pt")
+    model_path = out / "model.pt"
     cal.model_path = str(model_path)
     t2 = time.perf_counter()
     if stage:
@@ -114,6 +110,8 @@ def run_demo(
         title=f"PatchCore demo: ELPV solar cells ({cell_type})",
         calibration_names=calib.names,
         progress=progress,
+        force=force,
+        also_write=lambda folder: det.save(folder / model_path.name),
         notes=[
             f"Data: elpv-dataset {cell_type} cells; normal = defect probability 0, anomalous = "
             f"1.0, uncertain cells left out; {len(train)} of {len(normals)} normal cells "

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,20 +22,21 @@ from patchcore.apps.workflow.data import (
     DataSource,
     ProgressFn,
     WorkflowError,
-    labelled_images,
     resolve_data,
     short_spec,
+    stored_images,
 )
+from patchcore.apps.workflow.files import check_folder_target, new_folder
 from patchcore.apps.workflow.model import load_model, model_card, require_threshold
+from patchcore.apps.workflow.reporting import write_evaluation_report
+from patchcore.apps.workflow.scoring import ScoredSet, score_set
 from patchcore.core import datasets, metrics
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
-from patchcore.lean.util import resize_map
+from patchcore.lean.record import ANOMALOUS, judge
 
 #: Gallery tiles per group (true/false positives/negatives).
 GALLERY_SIZE = 6
-#: Longer side of the maps and masks pixel metrics are computed on (bounds memory).
-PIXEL_METRIC_SIDE = 320
 
 
 @dataclass
@@ -58,30 +58,6 @@ class Evaluation:
     measured: metrics.Metrics
 
 
-@dataclass
-class ScoredSet:
-    """One pass of the detector over a data set.
-
-    Attributes:
-        data: the images.
-        scores: (N,) image scores, NaN for unreadable images.
-        maps: index -> anomaly map at most :data:`PIXEL_METRIC_SIDE` px on the longer side
-            (only for the images that needed one).
-        skipped: (name, reason) of the unreadable images.
-        seconds: time spent scoring.
-    """
-
-    data: ImageDataset
-    scores: np.ndarray
-    maps: dict[int, np.ndarray]
-    skipped: list[tuple[str, str]]
-    seconds: float
-
-    @property
-    def ms_per_image(self) -> float:
-        return 1000.0 * self.seconds / max(1, len(self.data))
-
-
 def held_out_images(det: PatchCore, source: DataSource, model_path: Any = None) -> ImageDataset:
     """The held-out test images stored at calibration time, looked up in ``source``.
 
@@ -96,52 +72,13 @@ def held_out_images(det: PatchCore, source: DataSource, model_path: Any = None) 
             f"{model_path or 'model'}: no held-out test split stored (threshold set by hand?); "
             f"run `patchcore calibrate {model_path or 'MODEL'} DATA` first"
         )
-    pool = labelled_images(source)
-    index = {n: i for i, n in enumerate(pool.names)}
-    missing = [n for n in names if n not in index]
-    if missing:
-        stored = det.metadata_.get("calibration_data", "?")
-        raise WorkflowError(
-            f"{source.spec} lacks {len(missing)} of the {len(names)} held-out test images "
-            f"(e.g. {missing[0]}); the model was calibrated on {stored}"
-        )
-    test = pool.subset([index[n] for n in names])
+    test = stored_images(det, source, names, "held-out test images")
     overlap = set(test.names) & set(det.metadata_.get("calibration_names") or [])
     if overlap:  # cannot happen with files written by calibrate; refuse rather than leak
         raise WorkflowError(
             f"{len(overlap)} held-out images are also calibration images; recalibrate the model"
         )
     return test
-
-
-def small_shape(h: int, w: int, side: int = PIXEL_METRIC_SIDE) -> tuple[int, int]:
-    """(H, W) scaled down (never up) so that the longer side is at most ``side``."""
-    f = min(1.0, side / max(h, w))
-    return (max(1, round(h * f)), max(1, round(w * f)))
-
-
-def score_set(
-    det: PatchCore, test: ImageDataset, keep_map: Sequence[bool], progress: ProgressFn | None
-) -> ScoredSet:
-    """Score ``test`` in one detector pass; keep a small map of the images marked in
-    ``keep_map`` (maps are computed only when some image needs one)."""
-    scores = np.full(len(test), np.nan)
-    small: dict[int, np.ndarray] = {}
-    skipped: list[tuple[str, str]] = []
-    # Maps at the image's own size, then shrunk: measuring at the processed size instead would
-    # change the pixel metrics (aspect ratio and mask resolution; AUPRO 0.46 -> 0.32 on 12
-    # magnetic_tile images at 128 px), and the detector takes one map size for all images.
-    want = "native" if any(keep_map) else None
-    t0 = time.perf_counter()
-    for r in det.iter_score(test.images, maps=want, on_error="skip", progress=False):
-        scores[r.index] = r.score
-        if r.error is not None:
-            skipped.append((r.name, r.error))
-        elif r.map is not None and keep_map[r.index]:
-            small[r.index] = resize_map(r.map, small_shape(*r.map.shape))
-        if progress:
-            progress(1)
-    return ScoredSet(test, scores, small, skipped, time.perf_counter() - t0)
 
 
 def measure(
@@ -157,7 +94,7 @@ def measure(
     truth = test.labels
     types = np.asarray(test.defect_types, dtype=object)
     measured = metrics.Metrics.from_dict(
-        metrics.evaluate(scores[ok] >= threshold, truth[ok], types[ok].tolist())
+        metrics.evaluate(judge(scores[ok], threshold) == ANOMALOUS, truth[ok], types[ok].tolist())
     )
     both = 0 < int(truth[ok].sum()) < int(ok.sum())
     measured = replace(
@@ -221,17 +158,23 @@ def evaluate_detector(
     gallery_size: int = GALLERY_SIZE,
     progress: ProgressFn | None = None,
     notes: Sequence[str] = (),
+    force: bool = False,
+    also_write: Callable[[Path], Any] | None = None,
 ) -> Evaluation:
     """Score ``test``, compute metrics, optionally write ``metrics.json`` and the report.
 
     Unreadable images are left out of the metrics and listed. Pixel AUROC / AUPRO are computed
     when some anomalous image has a mask (see :func:`measure`).
-    """
-    from patchcore.apps.workflow.reporting import write_evaluation_report
 
+    The report folder is written whole as a new folder and then swapped in
+    (:func:`~patchcore.apps.workflow.files.new_folder`: an existing folder that patchcore did
+    not write is refused unless ``force``); ``also_write(folder)`` adds files to it first.
+    """
     threshold = require_threshold(det, None)
     if set(calibration_names) & set(test.names):
         raise WorkflowError("evaluation images overlap the calibration images; refusing")
+    if report_dir is not None:
+        check_folder_target(report_dir, force=force)  # before any scoring
     pixel = any(s.is_anomalous and s.mask is not None for s in test)
     keep = [report_dir is not None or (pixel and _pixel_candidate(s)) for s in test]
     scored = score_set(det, test, keep, progress)
@@ -241,14 +184,15 @@ def evaluate_detector(
     payload = _payload(det, scored, measured)
     report_path = metrics_path = None
     if report_dir is not None:
-        out = Path(report_dir).resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        path = write_evaluation_report(
-            det, scored, measured, out, title, gallery_size, [*more_notes, *notes]
-        )
-        report_path = str(path)
-        metrics_path = str(out / "metrics.json")
-        Path(metrics_path).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        final = Path(report_dir).resolve()
+        with new_folder(final, force=force) as out:
+            if also_write is not None:
+                also_write(out)
+            write_evaluation_report(
+                det, scored, measured, out, title, gallery_size, [*more_notes, *notes]
+            )
+            (out / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        report_path, metrics_path = str(final / "report.html"), str(final / "metrics.json")
     return Evaluation(
         metrics=payload,
         scored_names=list(payload["scored_names"]),
@@ -270,8 +214,12 @@ def evaluate_model(
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    force: bool = False,
 ) -> Evaluation:
-    """Evaluate a calibrated model file on the held-out half of ``data`` stored in it."""
+    """Evaluate a calibrated model file on the held-out half of ``data`` stored in it
+    (``report_dir``, ``force``: see :func:`evaluate_detector`)."""
+    if report_dir is not None:
+        check_folder_target(report_dir, force=force)  # before loading and scoring
     det = load_model(model, device=device)
     require_threshold(det, model)
     source = resolve_data(data)
@@ -290,6 +238,7 @@ def evaluate_model(
         calibration_names=det.metadata_.get("calibration_names") or [],
         progress=progress,
         notes=notes,
+        force=force,
     )
 
 

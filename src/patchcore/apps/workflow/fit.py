@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from patchcore.apps.workflow.data import WorkflowError, available_train_images, resolve_data
+from patchcore.apps.workflow.files import MODEL, check_target
 from patchcore.core import datasets
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
@@ -105,6 +105,7 @@ def fit_model(
     *,
     train_fraction: float = 1.0,
     seed: int = 0,
+    force: bool = False,
     **params: Any,
 ) -> FitSummary:
     """Fit on ``data``'s normal training images and save the model to ``out``.
@@ -116,10 +117,15 @@ def fit_model(
             (the reference workflow's 0.2 saved memory that the float16 feature store and the
             linear-time coreset no longer need).
         seed: seeds the training subset and the coreset.
+        force: replace ``out`` even when it is not a model file.
         **params: detector settings for :func:`fit_detector`.
+
+    Raises:
+        WorkflowError: ``out`` is an existing file that is not a model file (and not
+            ``force``), or cannot be written: before any image is read.
     """
     check_fraction("train fraction", train_fraction, error=WorkflowError)
-    check_writable(out)
+    check_target(out, MODEL, force=force)
     source = resolve_data(data)
     available = available_train_images(source)
     train = datasets.sample_fraction(available, train_fraction, seed=seed)
@@ -127,27 +133,6 @@ def fit_model(
     det.metadata_.update(train_fraction=float(train_fraction), train_seed=int(seed))
     path = det.save(out)
     return fit_summary(det, path, source.spec, len(available))
-
-
-def check_writable(out: str | os.PathLike) -> None:
-    """Fail before a long fit, not after it, when ``out`` cannot be written.
-
-    Raises:
-        WorkflowError: naming the path and the reason (a folder, or no permission).
-    """
-    path = Path(out)
-    if path.is_dir():
-        raise WorkflowError(
-            f"{path}: is a folder; give the model file's path, e.g. {path}/model.pt"
-        )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as exc:
-        raise WorkflowError(
-            f"{path}: cannot write the model there ({exc.strerror or exc})"
-        ) from None
 
 
 def fit_summary(det: PatchCore, path: Path | None, spec: str, available: int) -> FitSummary:

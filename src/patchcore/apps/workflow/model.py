@@ -23,6 +23,7 @@ from typing import Any
 
 from patchcore.apps.workflow.data import WorkflowError
 from patchcore.core.detector import PatchCore
+from patchcore.lean import record
 from patchcore.lean.util import package_version
 
 #: Display range of the heatmap colours: [min, DISPLAY_TOP * max] over the calibration maps.
@@ -47,9 +48,9 @@ def require_threshold(det: PatchCore, model_path: str | os.PathLike | None) -> f
 
 
 def display_range(det: PatchCore) -> tuple[float, float] | None:
-    """The stored heatmap colour range, or None (each map then uses its own)."""
-    stored = det.metadata_.get("display_range")
-    return (float(stored[0]), float(stored[1])) if stored else None
+    """The heatmap colour range of ``det``'s pictures: :func:`patchcore.lean.record.
+    display_range` of the range stored at calibration and the threshold."""
+    return record.display_range(det.metadata_.get("display_range"), det.threshold_)
 
 
 def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         "threshold method": card["threshold_method"],
         "calibration": calibration_text(md, card.get("calibration")),
         "normalised score": normalization_text(card.get("normalization")),
-        "heatmap display range": _range_text(md.get("display_range")),
+        "heatmap display range": display_range_text(det),
         "fit time": f"{card['fit_seconds']:.1f} s",
     }
     if card.get("region_threshold") is not None:  # else regions are cut at the threshold
@@ -138,10 +139,17 @@ def updates_text(updates: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def _range_text(display: Sequence[float] | None) -> str:
-    if not display:
-        return "not stored (each heatmap uses its own range)"
-    return f"[{display[0]:.4g}, {display[1]:.4g}] (min, 0.7 x max over the calibration maps)"
+def display_range_text(det: PatchCore) -> str:
+    """One line on the heatmap colour range (:func:`display_range`) and where it comes from."""
+    stored = det.metadata_.get("display_range")
+    shown = display_range(det)
+    if shown is None:
+        return "none (no threshold: each heatmap uses its own range)"
+    lo, hi = shown
+    if stored and (float(stored[0]), float(stored[1])) == shown:
+        return f"[{lo:.4g}, {hi:.4g}] (min, 0.7 x max over the calibration maps)"
+    low, high = record.THRESHOLD_RANGE
+    return f"[{lo:.4g}, {hi:.4g}] ({low:g}-{high:g} x the threshold; none stored)"
 
 
 def normalization_text(mapping: dict[str, Any] | None) -> str:

@@ -1,60 +1,41 @@
-"""Predict: stream a verdict, score and optional heatmap overlay per image file."""
+"""Predict: stream one inspection record (:class:`patchcore.lean.record.Inspection`) per image
+file, with an optional heatmap picture per image and a regions file made from the records."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from patchcore.apps import plots
+from patchcore.apps.workflow.data import WorkflowError
+from patchcore.apps.workflow.files import (
+    PICTURE,
+    REGIONS,
+    REGIONS_CSV_HEADER,
+    REGIONS_FORMAT,
+    atomic_file,
+    check_target,
+    check_writable_folder,
+)
 from patchcore.apps.workflow.model import display_range, require_threshold
 from patchcore.core.detector import PatchCore
 from patchcore.core.images import read_image
-from patchcore.lean.regions import DEFAULT_MIN_AREA, REGION_FIELDS, Region, label_regions
+from patchcore.lean.record import Inspection, check_threshold
+from patchcore.lean.regions import DEFAULT_MIN_AREA, REGION_FIELDS
+
+__all__ = ["REGION_SUFFIXES", "inspect_files", "picture_name", "regions_file", "write_picture"]
+
+#: The regions file formats, by suffix.
+REGION_SUFFIXES = (".json", ".csv")
 
 
-@dataclass
-class Prediction:
-    """One image's result; ``error`` is set (and score is None) for unreadable files.
-
-    ``normalized``: the score mapped onto [0, 1] with the threshold at 0.5 (a mapping, not a
-    probability; see :meth:`PatchCore.normalize`).
-    """
-
-    path: str
-    score: float | None
-    anomalous: bool | None
-    threshold: float
-    heatmap: str | None = None
-    error: str | None = None
-    normalized: float | None = None
-    regions: list[Region] | None = None
-    region_threshold: float | None = None
-
-    @property
-    def verdict(self) -> str:
-        if self.error is not None:
-            return "error"
-        return "anomalous" if self.anomalous else "normal"
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain fields; ``regions`` (a list of dicts) and ``region_threshold`` only when
-        regions were asked."""
-        d = asdict(self)
-        d["verdict"] = self.verdict
-        if self.region_threshold is None:
-            del d["regions"], d["region_threshold"]
-        return d
-
-
-def _heatmap_name(path: Path, used: set[str], suffix: str = "heatmap") -> str:
+def picture_name(path: Path, used: set[str], suffix: str = "heatmap") -> str:
     """A PNG name for ``path``'s picture not yet in ``used``: ``stem_suffix.png``, then
     ``stem_2_suffix.png``, ... (added to ``used``)."""
     stem = path.stem
@@ -67,110 +48,137 @@ def _heatmap_name(path: Path, used: set[str], suffix: str = "heatmap") -> str:
     return name
 
 
-def predict_images(
+def write_picture(array: np.ndarray, path: Path, *, force: bool = False) -> str:
+    """Write a picture atomically; an existing file that patchcore did not write is refused
+    (unless ``force``)."""
+    check_target(path, PICTURE, force=force)
+    with atomic_file(path) as tmp:
+        plots.save_png(array, tmp)
+    return str(path)
+
+
+def inspect_files(
     det: PatchCore,
-    files: Sequence[Path],
+    files: Sequence[str | os.PathLike],
     *,
     heatmaps: str | os.PathLike | None = None,
     alpha: float = 0.5,
-    regions: bool = False,
     region_threshold: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
-) -> Iterator[Prediction]:
-    """Stream one :class:`Prediction` per file, in order, as the detector's batches finish.
+    force: bool = False,
+) -> Iterator[tuple[Inspection, str | None]]:
+    """Stream ``(record, heatmap path or None)`` per file, in order, as the detector's
+    batches finish (:meth:`PatchCore.iter_inspect`, one pass; an unreadable file is an
+    ``"error"`` record and the stream goes on). Records come without their maps.
 
-    One detector pass over all files (it batches and decodes them itself). Unreadable files
-    yield a prediction with ``error`` set. With ``heatmaps``, the anomaly maps are asked at
-    each file's own size and an overlay (``anomaly_map_overlay`` on the model's calibration
-    display range) is written per image as ``<heatmaps>/<stem>_heatmap.png``; the overlay
-    reads the file's pixels itself (the detector does not hand them back).
-
-    With ``regions``, each prediction lists the defect regions of its native-size map
-    (:func:`patchcore.lean.regions.label_regions` cut at ``det.region_cut(region_threshold)``:
-    ``region_threshold``, else the model's calibrated region threshold, else its image
-    threshold; at least ``min_area`` pixels), and the overlays draw their boxes.
+    With ``heatmaps``, an overlay of each native-size map (colours on
+    :func:`~patchcore.apps.workflow.model.display_range`, region boxes drawn) is written per
+    image as ``<heatmaps>/<stem>_heatmap.png``. ``region_threshold`` replaces the model's
+    region cut for this call.
 
     Raises:
-        WorkflowError: the model has no threshold.
+        WorkflowError: the model has no threshold, or ``heatmaps`` cannot be written: before
+            any image is scored.
     """
-    threshold = require_threshold(det, None)
-    det.normalize(threshold)  # a stale score mapping fails here, before any image
-    cut = det.region_cut(region_threshold) if regions else None
-    outdir = Path(heatmaps) if heatmaps is not None else None
-    if outdir is not None:
-        outdir.mkdir(parents=True, exist_ok=True)
-    rng = display_range(det)
-    used: set[str] = set()
+    require_threshold(det, None)
+    cut = None if region_threshold is None else check_threshold(region_threshold, "region cut")
+    outdir = None if heatmaps is None else check_writable_folder(heatmaps, create=True)
     paths = [str(f) for f in files]
-    maps = "native" if outdir is not None or regions else None
-    for r in det.iter_score(paths, maps=maps, on_error="skip", progress=False):
-        path = paths[r.index]
-        if r.error is not None:
-            yield Prediction(path, None, None, threshold, error=r.error)
-            continue
-        if not math.isfinite(r.score):  # fail closed: NaN >= threshold would read "normal"
-            why = f"scored {r.score!r}: no verdict (the model holds non-finite values)"
-            yield Prediction(path, None, None, threshold, error=why)
-            continue
-        if cut is not None and not np.isfinite(r.map).all():  # fail closed: no regions
-            why = "its anomaly map holds NaN/inf: no regions (the model holds non-finite values)"
-            yield Prediction(path, None, None, threshold, error=why)
-            continue
-        found = None if cut is None else label_regions(r.map, cut, min_area=min_area)
-        heat = None
-        if outdir is not None and r.map is not None:
-            overlay = plots.anomaly_map_overlay(read_image(path), r.map, rng, alpha)
-            if found:
-                overlay = plots.draw_regions(overlay, found, r.map.shape)
-            heat = str(plots.save_png(overlay, outdir / _heatmap_name(Path(path), used)))
-        yield Prediction(
-            path,
-            r.score,
-            bool(r.score >= threshold),
-            threshold,
-            heatmap=heat,
-            normalized=float(det.normalize(r.score)),
-            regions=found,
-            region_threshold=cut,
-        )
+    return _inspect(det, paths, outdir, alpha, cut, min_area, force)
 
 
-def write_regions(
-    predictions: Sequence[Prediction], path: str | os.PathLike, *, min_area: int
-) -> Path:
-    """Write the regions of ``predictions`` (made with ``regions=True``) to a .json or .csv file.
+def _inspect(
+    det: PatchCore,
+    paths: list[str],
+    outdir: Path | None,
+    alpha: float,
+    cut: float | None,
+    min_area: int,
+    force: bool,
+) -> Iterator[tuple[Inspection, str | None]]:
+    """The stream of :func:`inspect_files` (its checks done)."""
+    colours = display_range(det)
+    used: set[str] = set()
+    stored = det.region_threshold_
+    try:
+        if cut is not None:
+            det.region_threshold_ = cut  # read once, as the stream starts
+        for rec in det.iter_inspect(paths, regions=True, min_area=min_area, progress=False):
+            heat = None
+            if outdir is not None and rec.anomaly_map is not None:
+                name = picture_name(Path(rec.image), used)
+                heat = write_picture(_overlay(rec, colours, alpha), outdir / name, force=force)
+            yield rec.without_map(), heat
+    finally:
+        det.region_threshold_ = stored
 
-    JSON: ``{"region_threshold", "min_area", "images": [{"path", "verdict", "score",
-    "error", "regions": [{x0, y0, x1, y1, area, peak, mean, peak_x, peak_y}, ...]}]}``, one
-    entry per image in input order. CSV: one row per region (``path, verdict, score, region``
-    (1 = highest peak) and the region's fields); images without regions have no row.
-    Coordinates are the image's native pixels, boxes half-open (``x1``, ``y1`` exclusive).
+
+def _overlay(rec: Inspection, colours: tuple[float, float] | None, alpha: float) -> np.ndarray:
+    """The heatmap picture of a record: its map over the image's pixels, region boxes drawn."""
+    amap = rec.anomaly_map
+    overlay = plots.anomaly_map_overlay(read_image(rec.image), amap, colours, alpha)
+    return plots.draw_regions(overlay, rec.regions, amap.shape) if rec.regions else overlay
+
+
+def _region_rows(rec: Inspection) -> list[list[object]]:
+    head = [rec.image, rec.index, rec.verdict, rec.score, rec.region_threshold]
+    return [
+        [*("" if v is None else v for v in head), k, *(r.as_dict()[f] for f in REGION_FIELDS)]
+        for k, r in enumerate(rec.regions or (), start=1)
+    ]
+
+
+def _region_entry(rec: Inspection) -> dict[str, object]:
+    return {
+        "image": rec.image,
+        "index": rec.index,
+        "verdict": rec.verdict,
+        "score": rec.score,
+        "region_threshold": rec.region_threshold,
+        "error": rec.error,
+        "regions": None if rec.regions is None else [r.as_dict() for r in rec.regions],
+    }
+
+
+@contextlib.contextmanager
+def regions_file(
+    path: str | os.PathLike, *, min_area: int = DEFAULT_MIN_AREA, force: bool = False
+) -> Iterator[Callable[[Inspection], None]]:
+    """Write the regions of records to a .json or .csv file; yields ``add(record)``.
+
+    Rows go to a temporary file as they come; it replaces ``path`` when the block ends
+    without an exception (else it is removed and ``path`` is left as it was). An existing
+    ``path`` that is not a regions file is refused unless ``force``.
+
+    JSON: ``{"format": "patchcore-regions", "format_version": 1, "min_area", "images":
+    [{"image", "index", "verdict", "score", "region_threshold", "error", "regions": [{x0, y0,
+    x1, y1, area, peak, mean, peak_x, peak_y}, ...]}]}``, one entry per record. CSV: one row
+    per region (``image, index, verdict, score, region_threshold, region`` (1 = highest peak)
+    and the region's fields); records without regions have no row. Coordinates are the
+    image's own pixels, boxes half-open (``x1``, ``y1`` exclusive).
+
+    Raises:
+        WorkflowError: another suffix, or a ``path`` that may not be replaced or written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cuts = {p.region_threshold for p in predictions if p.region_threshold is not None}
-    if path.suffix.lower() == ".csv":
-        with path.open("w", newline="") as fh:
+    if path.suffix.lower() not in REGION_SUFFIXES:
+        raise WorkflowError(
+            f"{path}: name a .json or .csv file for the regions (the suffix picks the format)"
+        )
+    check_target(path, REGIONS, force=force)
+    with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        if path.suffix.lower() == ".csv":
             w = csv.writer(fh)
-            w.writerow(["path", "verdict", "score", "region", *REGION_FIELDS])
-            for p in predictions:
-                for k, r in enumerate(p.regions or (), start=1):
-                    d = r.as_dict()
-                    w.writerow([p.path, p.verdict, p.score, k, *(d[f] for f in REGION_FIELDS)])
-        return path
-    doc = {
-        "region_threshold": next(iter(cuts)) if len(cuts) == 1 else None,
-        "min_area": min_area,
-        "images": [
-            {
-                "path": p.path,
-                "verdict": p.verdict,
-                "score": p.score,
-                "error": p.error,
-                "regions": None if p.regions is None else [r.as_dict() for r in p.regions],
-            }
-            for p in predictions
-        ],
-    }
-    path.write_text(json.dumps(doc, indent=1))
-    return path
+            w.writerow([*REGIONS_CSV_HEADER, *REGION_FIELDS])
+            yield lambda rec: w.writerows(_region_rows(rec))
+            return
+        head = {"format": REGIONS_FORMAT, "format_version": 1, "min_area": int(min_area)}
+        fh.write(json.dumps(head)[:-1] + ', "images": [')
+        count = [0]
+
+        def add(rec: Inspection) -> None:
+            fh.write(("," if count[0] else "") + "\n " + json.dumps(_region_entry(rec)))
+            count[0] += 1
+
+        yield add
+        fh.write("\n]}\n")

@@ -11,7 +11,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from patchcore.apps.workflow.data import ProgressFn, WorkflowError, labelled_images, resolve_data
+from patchcore.apps.workflow.data import ProgressFn, WorkflowError, resolve_data, stored_images
+from patchcore.apps.workflow.files import model_transaction
 from patchcore.apps.workflow.model import load_model
 from patchcore.core import datasets
 
@@ -47,52 +48,45 @@ def calibrate_regions_model(
         WorkflowError: the model has no stored calibration split, ``data`` lacks its images,
             or none of them has a ground-truth mask.
     """
-    det = load_model(model, device=device)
-    names = det.metadata_.get("calibration_names")
-    if not names:
-        raise WorkflowError(
-            f"{model}: no calibration split stored; run `patchcore calibrate {model} DATA` first"
+    with model_transaction(model) as transaction:
+        det = load_model(model, device=device)
+        names = det.metadata_.get("calibration_names")
+        if not names:
+            raise WorkflowError(
+                f"{model}: no calibration split stored; run "
+                f"`patchcore calibrate {model} DATA` first"
+            )
+        source = resolve_data(data)
+        calib = stored_images(det, source, names, "calibration images")
+        kept = [s for s in calib if not s.is_anomalous or s.mask is not None]
+        with_masks = sum(s.is_anomalous for s in kept)
+        if with_masks == 0:
+            raise WorkflowError(
+                f"{source.spec}: none of the {len(calib)} calibration images has a ground-truth "
+                "mask (DATA/ground_truth/<label>/<stem>_mask.png); without masks regions are cut "
+                "at the image threshold"
+            )
+        if total:
+            total(len(kept))
+        t0 = time.perf_counter()
+        masks = [datasets.load_mask(s) for s in kept]
+        det.calibrate_regions([s.image for s in kept], masks, method=method, progress=False)
+        seconds = time.perf_counter() - t0
+        if progress:
+            progress(len(kept))
+        det.metadata_["region_calibration"] = {
+            "data": source.spec,
+            "images": len(kept),
+            "with_masks": with_masks,
+        }
+        return RegionCalibration(
+            model_path=str(transaction.save(det)),
+            region_threshold=float(det.region_threshold_),  # type: ignore[arg-type]
+            image_threshold=det.threshold_,
+            method=str(det.state_.region_threshold_method),
+            images=len(kept),
+            normal=len(kept) - with_masks,
+            with_masks=with_masks,
+            left_out=len(calib) - len(kept),
+            seconds=seconds,
         )
-    source = resolve_data(data)
-    pool = labelled_images(source)
-    index = {n: i for i, n in enumerate(pool.names)}
-    missing = [n for n in names if n not in index]
-    if missing:
-        raise WorkflowError(
-            f"{source.spec} lacks {len(missing)} of the {len(names)} calibration images "
-            f"(e.g. {missing[0]}); the model was calibrated on "
-            f"{det.metadata_.get('calibration_data', '?')}"
-        )
-    calib = pool.subset([index[n] for n in names])
-    kept = [s for s in calib if not s.is_anomalous or s.mask is not None]
-    with_masks = sum(s.is_anomalous for s in kept)
-    if with_masks == 0:
-        raise WorkflowError(
-            f"{source.spec}: none of the {len(calib)} calibration images has a ground-truth "
-            "mask (DATA/ground_truth/<label>/<stem>_mask.png); without masks regions are cut "
-            "at the image threshold"
-        )
-    if total:
-        total(len(kept))
-    t0 = time.perf_counter()
-    masks = [datasets.load_mask(s) for s in kept]
-    det.calibrate_regions([s.image for s in kept], masks, method=method, progress=False)
-    seconds = time.perf_counter() - t0
-    if progress:
-        progress(len(kept))
-    det.metadata_["region_calibration"] = {
-        "data": source.spec,
-        "images": len(kept),
-        "with_masks": with_masks,
-    }
-    return RegionCalibration(
-        model_path=str(det.save(model)),
-        region_threshold=float(det.region_threshold_),  # type: ignore[arg-type]
-        image_threshold=det.threshold_,
-        method=str(det.state_.region_threshold_method),
-        images=len(kept),
-        normal=len(kept) - with_masks,
-        with_masks=with_masks,
-        left_out=len(calib) - len(kept),
-        seconds=seconds,
-    )

@@ -14,13 +14,19 @@ from typing import Any
 import numpy as np
 
 from patchcore.apps import plots, report
-from patchcore.apps.workflow.evaluate import PIXEL_METRIC_SIDE, ScoredSet
 from patchcore.apps.workflow.explain import explanation_picture
-from patchcore.apps.workflow.model import calibration_text, display_range, model_card
+from patchcore.apps.workflow.model import (
+    calibration_text,
+    display_range,
+    display_range_text,
+    model_card,
+)
+from patchcore.apps.workflow.scoring import PIXEL_METRIC_SIDE, ScoredSet
 from patchcore.core import datasets, metrics
 from patchcore.core.datasets import Sample
 from patchcore.core.detector import PatchCore
 from patchcore.core.images import ImageReadError, read_image
+from patchcore.lean.record import ANOMALOUS, judge
 from patchcore.lean.regions import DEFAULT_MIN_AREA, label_regions
 
 #: Height of the panels of a gallery tile, in pixels.
@@ -90,7 +96,6 @@ def _notes(
     truth: np.ndarray,
     gallery_size: int,
 ) -> list[str]:
-    display = display_range(det)
     n_normal = int((truth[ok] == 0).sum())
     notes = [
         f"Evaluated on {int(ok.sum())} held-out test images ({n_normal} normal, "
@@ -99,13 +104,7 @@ def _notes(
         "Galleries, up to "
         f"{gallery_size} each: true positives and false positives by highest score first, "
         "true negatives and false negatives by lowest score first.",
-        "Heatmaps share one colour scale: [min, 0.7 x max] of the anomaly maps of the "
-        "calibration images"
-        + (
-            f" = [{display[0]:.4g}, {display[1]:.4g}]."
-            if display
-            else " (not stored: each image uses its own range)."
-        ),
+        f"Heatmaps share one colour scale: {display_range_text(det)}.",
     ]
     notes += _calibration_notes(det, scored.scores[ok], truth[ok])
     cut = det.region_cut()
@@ -142,7 +141,7 @@ def _calibration_notes(det: PatchCore, scores: np.ndarray, truth: np.ndarray) ->
         normal = scores[truth == 0]
         seen = (
             f"; measured here on {normal.size} held-out normal test images: "
-            f"{float((normal >= t).mean()):.2%}"
+            f"{float((judge(normal, t) == ANOMALOUS).mean()):.2%}"
             if normal.size
             else ""
         )
@@ -190,7 +189,7 @@ def _galleries(
 ) -> dict[str, list[dict[str, Any]]]:
     test, scores = scored.data, scored.scores
     threshold = float(det.threshold_)  # type: ignore[arg-type]
-    order = gallery_order(scores, test.labels, scores >= threshold, k)
+    order = gallery_order(scores, test.labels, judge(scores, threshold) == ANOMALOUS, k)
     rng = display_range(det)
     cut = det.region_cut()
     galleries: dict[str, list[dict[str, Any]]] = {}

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patchcore.apps.workflow.data import WorkflowError, expand_inputs
-from patchcore.apps.workflow.fit import check_writable
+from patchcore.apps.workflow.files import MODEL, check_target, model_transaction
 from patchcore.apps.workflow.model import load_model
+from patchcore.core.detector import PatchCore
 
 
 @dataclass
@@ -57,21 +58,35 @@ def update_model(
     recursive: bool = False,
     device: str | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> UpdateSummary:
     """Add the normal images ``inputs`` (files and folders) to ``model`` with ``partial_fit``.
 
     Unreadable images are skipped (and recorded). The model is written to ``out`` (default:
-    in place, atomically). A calibrated threshold is kept with a warning (calibrate again);
-    images that are among the stored calibration or held-out test images are added with a
-    warning, since ``evaluate`` would then score images the bank holds.
+    in place, atomically). Updates of one file are serialised (:func:`~.files.
+    model_transaction`): a second update waits for the first and adds its images to the
+    first one's result, and a file changed by a writer that does not wait is never
+    overwritten. A calibrated threshold is kept with a warning (calibrate again); images
+    that are among the stored calibration or held-out test images are added with a warning,
+    since ``evaluate`` would then score images the bank holds.
 
     Raises:
-        WorkflowError: a missing path, no images, no readable image, or ``out`` not writable.
+        WorkflowError: a missing path, no images, no readable image, ``out`` not writable or
+            an existing file that is not a model file (unless ``force``).
+        ModelChangedError: the target changed on disk during the update (nothing written).
     """
     target = Path(out) if out is not None else Path(model)
-    check_writable(target)
-    det = load_model(model, device=device)
+    check_target(target, MODEL, force=force)
     files = expand_inputs([str(p) for p in inputs], recursive=recursive)
+    with model_transaction(target, exists=out is None) as transaction:
+        det = load_model(model, device=device)
+        summary = _update(det, files, progress)
+        summary.model_path = str(transaction.save(det))
+    return summary
+
+
+def _update(det: PatchCore, files: Sequence[Path], progress: bool) -> UpdateSummary:
+    """``partial_fit`` of ``files`` on ``det`` (in memory) and what it did."""
     held = held_out_overlap(det.metadata_, files)
     if held:
         warnings.warn(
@@ -87,9 +102,8 @@ def update_model(
     rec = det.updates_[-1]
     if "train_names" in det.metadata_:
         det.metadata_["train_names"] = [*det.metadata_["train_names"], *rec["names"]]
-    path = det.save(target)
     return UpdateSummary(
-        model_path=str(path),
+        model_path="",
         images=rec["images"],
         patches=rec["patches"],
         rows_added=rec["rows_added"],

@@ -67,18 +67,22 @@ async function loadModel() {
   const card = await resp.json();
   state.card = card;
   el.classList.remove("bad");
-  const size = card.image_size ? `${card.image_size} px` : card.scale ? `scale ${card.scale}` : "own size";
+  const px = Array.isArray(card.image_size) ? card.image_size.join("×") : card.image_size;
+  const size = px ? `${px} px` : card.scale ? `scale ${card.scale}` : "own size";
   const cal = card.calibration || {};
   const method = !card.threshold_method
     ? ""
     : card.threshold_method === "conformal"
       ? ` (conformal: false alarms ≤ ${fmt(100 * cal.max_fpr)}% from ${cal.n} normal images)`
       : ` (${card.threshold_method})`;
+  const bank = card.bank_size == null ? "" : ` · bank ${card.bank_size.toLocaleString()} rows`;
   el.textContent =
-    `${card.backbone} · ${size} · bank ${card.bank_size.toLocaleString()} patches · ` +
-    `threshold ${fmt(card.threshold)}${method} · v${card.patchcore_version}`;
-  $("legend-lo").textContent = fmt(card.display_range[0]);
-  $("legend-hi").textContent = fmt(card.display_range[1]);
+    `${card.backbone} · ${size}${bank} · ` +
+    `threshold ${fmt(card.threshold)}${method} · ${card.backend} · v${card.patchcore_version}`;
+  // one fixed colour range for every image (record.display_range); null: each map its own
+  const range = card.display_range;
+  $("legend-lo").textContent = range ? fmt(range[0]) : "map min";
+  $("legend-hi").textContent = range ? fmt(range[1]) : "map max";
 }
 
 // ------------------------------------------------------------------ inspecting
@@ -170,9 +174,10 @@ function decodable(url) {
 
 // ------------------------------------------------------------------ presenting
 
+// The record's verdict words: "anomalous" | "normal" | "error" (no verdict).
 function verdictOf(entry) {
   if (entry.error) return "error";
-  return entry.result.verdict; // "pass" | "fail"
+  return entry.result.verdict || "error";
 }
 
 function show(entry) {
@@ -198,7 +203,7 @@ function show(entry) {
     const rel = ((r.score - r.threshold) / Math.abs(r.threshold || 1)) * 100;
     $("margin").textContent =
       rel >= 0 ? `(${rel.toFixed(1)}% above: defect suspected)` : `(${(-rel).toFixed(1)}% below: normal)`;
-    const [dlo, dhi] = state.card ? state.card.display_range : [0, 2 * r.threshold];
+    const [dlo, dhi] = (state.card && state.card.display_range) || [0, 2 * r.threshold];
     const lo = Math.min(dlo, r.score);
     const hi = Math.max(dhi, r.score);
     const pos = (x) => `${(100 * (x - lo)) / (hi - lo || 1)}%`;
@@ -209,10 +214,10 @@ function show(entry) {
     $("overlay").src = entry.heatUrl || "";
     $("overlay").hidden = !entry.heatUrl;
     const m = $("marker");
-    m.style.left = `${(100 * (r.map_max_location.x + 0.5)) / r.width}%`;
-    m.style.top = `${(100 * (r.map_max_location.y + 0.5)) / r.height}%`;
+    m.style.left = `${(100 * (r.map_max_x + 0.5)) / r.width}%`;
+    m.style.top = `${(100 * (r.map_max_y + 0.5)) / r.height}%`;
     m.style.display = "block";
-    m.title = `map maximum ${fmt(r.map_max)} at (${r.map_max_location.x}, ${r.map_max_location.y})`;
+    m.title = `map maximum ${fmt(r.map_max)} at (${r.map_max_x}, ${r.map_max_y})`;
   }
   drawRegions(r);
   for (const li of $("recent").children) {
@@ -264,13 +269,13 @@ function addRecent(entry) {
 function renderRecent() {
   const list = $("recent");
   list.replaceChildren();
-  let pass = 0;
-  let fail = 0;
+  let normal = 0;
+  let anomalous = 0;
   let errors = 0;
   for (const e of state.recent) {
     const v = verdictOf(e);
-    if (v === "pass") pass++;
-    else if (v === "fail") fail++;
+    if (v === "normal") normal++;
+    else if (v === "anomalous") anomalous++;
     else errors++;
     const li = document.createElement("li");
     li.className = v;
@@ -294,14 +299,15 @@ function renderRecent() {
     what.append(n, sub);
     const chip = document.createElement("span");
     chip.className = `chip ${v}`;
-    chip.textContent = v === "error" ? "ERR" : v.toUpperCase();
+    chip.textContent = v === "error" ? "ERR" : v === "anomalous" ? "ANOM" : "OK";
+    chip.title = v;
     li.append(thumb, what, chip);
     li.addEventListener("click", () => show(e));
     list.append(li);
   }
   $("recent-empty").hidden = state.recent.length > 0;
   $("counts").textContent = state.recent.length
-    ? `${pass} pass · ${fail} fail${errors ? ` · ${errors} error` : ""}`
+    ? `${normal} normal · ${anomalous} anomalous${errors ? ` · ${errors} error` : ""}`
     : "";
   if (state.current) {
     for (const li of list.children) {

@@ -102,3 +102,10 @@ def test_augment_survives_save_load_and_update(tiles, tmp_path):
     assert prov.shape[0] == back.memory_bank_.shape[0] and int(prov[:, 0].max()) == 2
     plain = _fit(tiles[:1]).save(tmp_path / "plain.pt")
     assert PatchCore.load(plain).augment is None
+
+
+def test_the_ray_fit_refuses_augmentation_instead_of_ignoring_it():
+    from patchcore.scale.distributed import fit_distributed
+
+    with pytest.raises(ValueError, match="augment='flips' is not supported on Ray"):
+        fit_distributed([np.zeros((64, 64, 3), np.uint8)], augment="flips")

@@ -715,6 +715,10 @@ def fit_distributed(
     params.pop("progress", None)
     det = PatchCore(**params, progress=False)
     det._validate()
+    if det.augment is not None:  # the shards extract the images as they are
+        raise ValueError(
+            f"augment={det.augment!r} is not supported on Ray yet; fit on one machine instead"
+        )
     items = as_list(images)
     if not items:
         raise ValueError("fit needs at least one image, got none")

@@ -6,7 +6,7 @@ Scoring: a model fitted on every casting training image (defaults: native 300 x 
 a temporary folder, nothing copied into the repository) with
 
 - ``patchcore predict MODEL DIR --format csv -q`` in a fresh process (its default threads),
-- ``patchcore.scale.distributed.batch_score`` with 1 and 2 workers (one torch thread each) on a
+- ``patchcore.scale.batch_score`` with 1 and 2 workers (one torch thread each) on a
   local Ray started by the call (its start and the actors' model load are in the wall time;
   the steady rate is measured between the first and the last finished block),
 - 2 workers again with one actor killed (SIGKILL by its pid) after the first finished block:
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from common import DATA, ROOT, append_row, machine, subsets
 
+import patchcore.scale as D
 from patchcore.core.detector import PatchCore
 from patchcore.core.metrics import auroc
-from patchcore.scale import distributed as D
 
 RESULTS = ROOT / "benchmarks" / "results" / "ray.jsonl"
 
@@ -48,7 +48,7 @@ def _load() -> str:
     return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def _links(n: int, folder: Path) -> list[str]:
+def casting_links(n: int, folder: Path) -> list[str]:
     """``n`` distinct paths (symbolic links) cycling over the casting test images."""
     src = sorted(p for p in (DATA / "casting" / "test").rglob("*.jpeg"))
     out = []
@@ -61,7 +61,8 @@ def _links(n: int, folder: Path) -> list[str]:
 
 def _predict(model: Path, folder: Path, n: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "patchcore.apps.cli", "predict", str(model), str(folder)]
+    cli = [sys.executable, "-c", "from patchcore.apps.cli import app; app()"]
+    cmd = [*cli, "predict", str(model), str(folder)]
     load0 = _load()
     t0 = time.perf_counter()
     res = subprocess.run([*cmd, "--format", "csv", "-q"], env=env, capture_output=True, text=True)
@@ -113,7 +114,7 @@ def _batch(model: Path, paths: list[str], out: Path, workers: int, block: int, k
     )
     wall = time.perf_counter() - t0
     table = D.read_results(out)
-    keys = table.column("path").to_pylist()
+    keys = table.column("image").to_pylist()
     steady_images = sum(k for _, k in stamps[1:])
     steady_s = stamps[-1][0] - stamps[0][0] if len(stamps) > 1 else float("nan")
     return {
@@ -155,7 +156,7 @@ def scoring(args: argparse.Namespace, work: Path) -> list[dict]:
     )
     folder = work / "images"
     folder.mkdir()
-    paths = _links(args.images, folder)
+    paths = casting_links(args.images, folder)
     rows = []
     single = _predict(model, folder, len(paths))
     rows.append(single)

@@ -105,7 +105,7 @@ def test_augment_survives_save_load_and_update(tiles, tmp_path):
 
 
 def test_the_ray_fit_refuses_augmentation_instead_of_ignoring_it():
-    from patchcore.scale.distributed import fit_distributed
+    from patchcore.scale.fit import fit_distributed
 
     with pytest.raises(ValueError, match="augment='flips' is not supported on Ray"):
         fit_distributed([np.zeros((64, 64, 3), np.uint8)], augment="flips")

@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchcore.core import sampling
 from patchcore.core.sampling import (
     chunked_greedy_coreset,
     coreset_size,
     coverage_radius,
     greedy_coreset,
+    kcenter,
     random_projection,
     random_subsample,
 )
@@ -50,12 +50,12 @@ def reference(features: torch.Tensor, n: int, projection_dim: int | None, seed: 
 @contextmanager
 def forced(path: str) -> Iterator[None]:
     """Force the pruned tree search ("tree") or the plain loop ("naive") whatever the size."""
-    old = sampling._NAIVE_MAX_BYTES
-    sampling._NAIVE_MAX_BYTES = -1 if path == "tree" else 1 << 62
+    old = kcenter.NAIVE_MAX_BYTES
+    kcenter.NAIVE_MAX_BYTES = -1 if path == "tree" else 1 << 62
     try:
         yield
     finally:
-        sampling._NAIVE_MAX_BYTES = old
+        kcenter.NAIVE_MAX_BYTES = old
 
 
 PATHS = ["tree", "naive"]
@@ -335,12 +335,12 @@ def test_default_selects_on_the_features_themselves():
 
 def test_random_projection_of_half_features_is_float32_and_blockwise():
     x = randn(1000, 40, seed=3, dtype=torch.float16)
-    old = sampling._CHUNK_BYTES
-    sampling._CHUNK_BYTES = 8 * 40 * 64  # 64 rows per block
+    old = kcenter.CHUNK_BYTES
+    kcenter.CHUNK_BYTES = 8 * 40 * 64  # 64 rows per block
     try:
         z = random_projection(x, 16, torch.Generator().manual_seed(5))
     finally:
-        sampling._CHUNK_BYTES = old
+        kcenter.CHUNK_BYTES = old
     whole = random_projection(x.float(), 16, torch.Generator().manual_seed(5))
     assert z.dtype == torch.float32 and torch.allclose(z, whole, rtol=1e-5, atol=1e-5)
 
@@ -362,12 +362,12 @@ def test_tree_streams_in_small_blocks():
     x = manifold(4000, 24).float()
     with forced("tree"):
         a = greedy_coreset(x, 300, seed=1)
-        old = sampling._CHUNK_BYTES
-        sampling._CHUNK_BYTES = 8 * 24 * 300  # 300 rows per block
+        old = kcenter.CHUNK_BYTES
+        kcenter.CHUNK_BYTES = 8 * 24 * 300  # 300 rows per block
         try:
             b = greedy_coreset(x, 300, seed=1)
         finally:
-            sampling._CHUNK_BYTES = old
+            kcenter.CHUNK_BYTES = old
     assert torch.equal(a, b)
 
 
@@ -375,12 +375,12 @@ def test_leaves_bounded_in_blocks_give_the_same_selection():
     x = manifold(4000, 24)
     with forced("tree"):
         a = greedy_coreset(x, 400, seed=1)
-        old = sampling._LEAF_BLOCK
-        sampling._LEAF_BLOCK = 3
+        old = kcenter.LEAF_BLOCK
+        kcenter.LEAF_BLOCK = 3
         try:
             b = greedy_coreset(x, 400, seed=1)
         finally:
-            sampling._LEAF_BLOCK = old
+            kcenter.LEAF_BLOCK = old
     assert torch.equal(a, b) and a.tolist() == reference(x, 400, None, seed=1)
 
 

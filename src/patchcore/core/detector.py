@@ -72,7 +72,7 @@ class TrainingFeatures:
 
     def provenance(self, indices: torch.Tensor, first_image: int = 0) -> torch.Tensor:
         """(M, 3) int32 origins (image, row, column) of the feature rows ``indices``."""
-        if self.pieces is None or all(view == (False, 0) for _, view, _, _ in self.pieces):
+        if self.pieces is None:
             return bank_provenance(indices, self.grids, first_image)
         return augmentation.provenance(indices, self.pieces, first_image)
 
@@ -249,71 +249,18 @@ class PatchCore(
             self.backbone, self.layers, self.weights, dtype=BACKBONE_DTYPES[self.backbone_dtype]
         ).to(self.device_)
         t0 = time.perf_counter()
-        found = self._features(items, on_error, progress, "fit: features", first_image=0)
-        features, skipped = found.features, found.skipped
-        t1 = time.perf_counter()
-        idx = self._select_bank(features, progress)
-        bank = features[idx].float().contiguous()
-        n_patches = int(features.shape[0])
-        del features, found.features
-        t2 = time.perf_counter()
-        state = FittedState(
-            memory_bank=bank,
-            layers=tuple(self.extractor_.layers),
-            n_train_images=len(items) - len(skipped),
-            n_train_patches=n_patches,
-            feature_dtype=found.dtype,
-            feature_seconds=t1 - t0,
-            coreset_seconds=t2 - t1,
-            fit_seconds=t2 - t0,
-            skipped=skipped,
-            provenance=found.provenance(idx),
-            train_names=found.names,
-            train_grids=found.grids,
-        )
-        self._set_fitted(state, self.extractor_)
-        warn_skipped("fit skipped {n} unreadable image(s)", skipped)
+        found = self.extract_features(items, on_error=on_error, progress=progress)
+        self.fit_from_features(found, progress=progress, feature_seconds=time.perf_counter() - t0)
+        warn_skipped("fit skipped {n} unreadable image(s)", found.skipped)
         return self
 
     def _features(
         self, items: list[Any], on_error: str, progress: bool, desc: str, *, first_image: int
     ) -> TrainingFeatures:
-        """Patch features of the readable ``items`` (a float16/float32 store) in every view of
-        ``augment``, with each image's name and grid; ``first_image`` numbers the images
-        (``"image #i"`` names)."""
-        skipped: list[Skipped] = []
-        grids: list[tuple[int, int, int, int]] = []
-        names: list[str] = []
-        pieces: list[tuple[int, augmentation.View, int, int]] = []
-        views = augmentation.views(self.augment)
-        store = FeatureStore(len(items) * len(views), FEATURE_DTYPES[self.feature_dtype])
-        for batch in self._batches(items, on_error, progress, desc):
-            skipped += batch.skipped
-            if batch.pixels is not None:
-                first = len(names)
-                for view in views:  # the identity first: its grid is the image's own
-                    emb = self._embed(augmentation.apply(batch.pixels, view))
-                    store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
-                    if view == views[0]:
-                        h, w = int(emb.shape[-2]), int(emb.shape[-1])
-                    pieces += [(first + j, view, h, w) for j in range(len(batch.indices))]
-                for i, (height, width) in zip(batch.indices, batch.sizes, strict=True):
-                    names.append(input_name(items[i], first_image + len(names)))
-                    grids.append((height, width, h, w))
-        if store.overflow:
-            warnings.warn(
-                "training features exceed float16's range (|x| > 65504): stored in float32 "
-                "instead (feature_dtype='float32' avoids the switch)",
-                UserWarning,
-                stacklevel=3,
-            )
-        if store.rows == 0:
-            raise ValueError(
-                f"no readable training images: all {len(items)} failed, e.g. "
-                f"{skipped[0].name}: {skipped[0].reason}"
-            )
-        dtype = str(store.dtype).removeprefix("torch.")
-        return TrainingFeatures(store.result(), dtype, grids, names, skipped, pieces)
+        """:meth:`extract_features` (the scale-out hooks below), for partial_fit."""
+        return self.extract_features(
+            items, first_image=first_image, on_error=on_error, progress=progress, desc=desc
+        )
 
     def _set_fitted(self, state: FittedState, extractor: FeatureExtractor) -> None:
         """Install a fitted state (from fit or a model file) and build the search index."""
@@ -562,3 +509,186 @@ class PatchCore(
             ModelFileError: the file is missing, damaged, foreign, newer or invalid.
         """
         return persistence.load(cls, path, device=device)
+
+    # ==========================================================================================
+    # Public hooks for scale-out (owned by the scale developer; the rest of this class is the
+    # core's). A fit is extract_features() on the training images (on one process, or on each
+    # worker for its shard), a bank selection (patchcore.core.sampling's stages), then
+    # install_bank(); fit() is these hooks in one process, so a fit across workers
+    # (patchcore.scale) builds the same fitted state, bank provenance included.
+    # ==========================================================================================
+
+    def extract_features(
+        self,
+        images: Any,
+        *,
+        first_image: int = 0,
+        on_error: str = "raise",
+        progress: bool | None = None,
+        allow_empty: bool = False,
+        desc: str = "reading the training images",
+    ) -> TrainingFeatures:
+        """Patch features of training images, as :meth:`fit` extracts them (a detector
+        without a feature extractor, e.g. a fresh one on a worker, builds it first).
+
+        Args:
+            images, on_error, progress: as :meth:`fit` (``skipped`` indexes ``images``).
+            first_image: number of the first readable image (in-memory images are named
+                ``"image #<number>"``); a shard of the training images passes its position.
+            allow_empty: no readable image gives (0, 0) ``features`` instead of a ValueError.
+            desc: the progress bar's words.
+
+        Returns:
+            :class:`TrainingFeatures`: (P, D) float16 (float32: ``feature_dtype``) rows image by
+            image, row-major on each grid; names and ``(H, W, h, w)`` grids of the readable
+            images; the skipped inputs.
+
+        On the CPU, batches run side by side on one torch thread each
+        (:func:`~patchcore.core.sampling.parallel_blocks`: the same features, and no
+        stalls when the cores are shared).
+        """
+        self._validate()
+        check_on_error(on_error)
+        progress = self.progress if progress is None else bool(progress)
+        items = as_list(images)
+        self._extractor_for_hooks()
+        skipped: list[Skipped] = []
+        grids: list[tuple[int, int, int, int]] = []
+        names: list[str] = []
+        pieces: list[tuple[int, augmentation.View, int, int]] = []
+        views = augmentation.views(self.augment)
+        store = FeatureStore(len(items) * len(views), FEATURE_DTYPES[self.feature_dtype])
+        batches = self._batches(items, on_error, progress, desc)
+        workers = None if self.device_.type == "cpu" else 1  # CPU: batches side by side
+
+        def embedded(batch: Batch) -> tuple[Batch, list[torch.Tensor] | None]:
+            if batch.pixels is None:
+                return batch, None
+            return batch, [self._embed(augmentation.apply(batch.pixels, v)) for v in views]
+
+        for batch, embs in sampling.parallel_blocks(embedded, batches, workers):
+            skipped += batch.skipped
+            if embs is not None:
+                h, w = int(embs[0].shape[-2]), int(embs[0].shape[-1])  # the identity view's
+                for view, emb in zip(views, embs, strict=True):
+                    store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
+                    pieces += [(len(names) + j, view, h, w) for j in range(len(batch.indices))]
+                for i, (height, width) in zip(batch.indices, batch.sizes, strict=True):
+                    names.append(input_name(items[i], first_image + len(names)))
+                    grids.append((height, width, h, w))
+        if store.overflow:
+            warnings.warn(
+                "training features exceed float16's range (|x| > 65504): stored in float32 "
+                "instead (feature_dtype='float32' avoids the switch)",
+                UserWarning,
+                stacklevel=3,
+            )
+        dtype = str(store.dtype).removeprefix("torch.")
+        if store.rows == 0:
+            if allow_empty:
+                return TrainingFeatures(torch.empty(0, 0), dtype, grids, names, skipped)
+            raise ValueError(
+                f"no readable training images: all {len(items)} failed, e.g. "
+                f"{skipped[0].name}: {skipped[0].reason}"
+                if skipped
+                else "fit needs at least one image, got none"
+            )
+        return TrainingFeatures(store.result(), dtype, grids, names, skipped, pieces)
+
+    def fit_from_features(
+        self,
+        train: TrainingFeatures,
+        *,
+        progress: bool | None = None,
+        feature_seconds: float = 0.0,
+    ) -> PatchCore:
+        """Select the memory bank from :meth:`extract_features`' result and install it: the
+        rest of :meth:`fit` (which also warns about ``skipped_``). Returns self, fitted."""
+        progress = self.progress if progress is None else bool(progress)
+        t0 = time.perf_counter()
+        idx = self._select_bank(train.features, progress)
+        bank = train.features[idx].float().contiguous()
+        return self.install_bank(
+            bank,
+            idx,
+            names=train.names,
+            grids=train.grids,
+            feature_dtype=train.dtype,
+            skipped=train.skipped,
+            feature_seconds=feature_seconds,
+            coreset_seconds=time.perf_counter() - t0,
+            pieces=train.pieces,
+        )
+
+    def install_bank(
+        self,
+        bank: torch.Tensor,
+        indices: torch.Tensor,
+        *,
+        names: Sequence[str],
+        grids: Sequence[tuple[int, int, int, int]],
+        feature_dtype: str = "float16",
+        skipped: Sequence[Skipped] = (),
+        feature_seconds: float = 0.0,
+        coreset_seconds: float = 0.0,
+        pieces: Sequence[tuple[int, augmentation.View, int, int]] | None = None,
+    ) -> PatchCore:
+        """Make a selected memory bank the fitted state, with its provenance. Returns self.
+
+        Args:
+            bank: (M, D) the selected training patch features (kept as float32).
+            indices: (M,) their positions among all training patches laid out as
+                :meth:`extract_features` gives them: each row's image and grid cell, which
+                :meth:`explain` traces.
+            names, grids: the training images read, in order, and their ``(H, W, h, w)``.
+            feature_dtype, skipped, feature_seconds, coreset_seconds: the fit's facts.
+            pieces: with bank augmentation, the layout of the training patches
+                (:attr:`TrainingFeatures.pieces`); None: image by image, as ``grids``.
+
+        Raises:
+            ValueError: ``bank`` and ``indices`` disagree, or ``names`` and ``grids``.
+        """
+        if bank.ndim != 2 or indices.ndim != 1 or bank.shape[0] != indices.shape[0]:
+            raise ValueError(
+                f"bank (M, D) and indices (M,) must agree, got {tuple(bank.shape)} and "
+                f"{tuple(indices.shape)}"
+            )
+        if len(names) != len(grids):
+            raise ValueError(f"names ({len(names)}) and grids ({len(grids)}) must pair up")
+        self._extractor_for_hooks()
+        state = FittedState(
+            memory_bank=bank.detach().float().cpu().contiguous(),
+            layers=tuple(self.extractor_.layers),
+            n_train_images=len(names),
+            n_train_patches=int(sum(h * w for *_, h, w in (pieces or grids))),
+            feature_dtype=feature_dtype,
+            feature_seconds=feature_seconds,
+            coreset_seconds=coreset_seconds,
+            fit_seconds=feature_seconds + coreset_seconds,
+            skipped=sorted(skipped),
+            provenance=(
+                bank_provenance(indices, grids)
+                if pieces is None
+                else augmentation.provenance(indices, pieces)
+            ),
+            train_names=list(names),
+            train_grids=[tuple(int(v) for v in g) for g in grids],
+        )
+        self._set_fitted(state, self.extractor_)
+        return self
+
+    def bank_size(self, n_patches: int) -> int:
+        """Memory-bank rows a fit keeps of ``n_patches`` training patches (``coreset_ratio``,
+        capped at ``max_bank_size``)."""
+        n = sampling.coreset_size(n_patches, self.coreset_ratio)
+        return n if self.max_bank_size is None else min(n, int(self.max_bank_size))
+
+    def _extractor_for_hooks(self) -> None:
+        """Build the feature extractor from the parameters if the detector has none yet."""
+        if getattr(self, "extractor_", None) is None:
+            self.device_ = resolve_device(self.device)
+            self.extractor_ = FeatureExtractor(
+                self.backbone, self.layers, self.weights, dtype=BACKBONE_DTYPES[self.backbone_dtype]
+            ).to(self.device_)
+
+    # ================================================================ end of the scale-out hooks

@@ -6,7 +6,7 @@ one Typer :data:`app` (the console entry point ``patchcore.apps.cli:app``).
 - :mod:`.options`: options derived from an estimator's signature and docstring (``fit``'s).
 - one module per command: :mod:`.fit`, :mod:`.calibrate` (``calibrate``,
   ``calibrate-regions``), :mod:`.evaluate`, :mod:`.predict`, :mod:`.batch`, :mod:`.update`,
-  :mod:`.explain`, :mod:`.demo`, :mod:`.serve`, :mod:`.info`, :mod:`.export`.
+  :mod:`.explain`, :mod:`.demo`, :mod:`.serve`, :mod:`.review`, :mod:`.info`, :mod:`.export`.
 
 The commands parse their arguments, call one function of :mod:`patchcore.apps.workflow` and
 print what it returns; no algorithm lives here. To add a command: a new module whose function
@@ -27,6 +27,7 @@ from patchcore.apps.cli import (  # noqa: F401 - each import registers its comma
     explain,
     demo,
     serve,
+    review,
     info,
     export,
 )

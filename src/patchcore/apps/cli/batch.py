@@ -1,5 +1,5 @@
 """``patchcore batch``: score stored images on Ray into a Parquet dataset (the scoring itself
-is :func:`patchcore.scale.distributed.batch_score`'s)."""
+is :func:`patchcore.scale.batch_score`'s)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,15 @@ def batch(
     ] = None,
     threshold: Annotated[
         float | None,
-        base.optional("Verdict threshold instead of the model's (without either: no verdict)."),
+        base.optional("Verdict threshold instead of the model's (a finite number)."),
     ] = None,
+    scores_only: Annotated[
+        bool,
+        typer.Option(
+            "--scores-only",
+            help="Scores and map maxima without verdicts (a model without a threshold needs it).",
+        ),
+    ] = False,
     block_size: Annotated[
         int, typer.Option(help="Images per block (one Ray task, one Parquet file).", min=1)
     ] = 256,
@@ -75,20 +82,23 @@ def batch(
     with base.errors():
         # a read-only --out fails now, not after the first block is scored
         workflow.check_writable_folder(out)
-        from patchcore.scale import distributed  # the ray extra: only when asked for
+        from patchcore import scale  # the ray extra: only when asked for
+        from patchcore.apps import plots
 
         logging.getLogger("ray").setLevel(logging.WARNING)
     bar = base.Bar("batch", quiet)
     with base.errors():
         try:
-            s = distributed.batch_score(
+            s = scale.batch_score(
                 model,
                 sources,
                 out,
                 workers=workers,
                 address=address,
                 threshold=threshold,
+                scores_only=scores_only,
                 heatmaps=heatmaps,
+                overlay=plots.anomaly_map_overlay if heatmaps is not None else None,
                 block_size=block_size,
                 threads_per_worker=threads,
                 recursive=recursive,

@@ -45,6 +45,10 @@ def serve(
         typer.Option(help="Override the model's calibrated threshold.", show_default=False),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    review: Annotated[
+        Path | None,
+        base.optional("Also serve `patchcore review MODEL DATA` at /review/ (no token)."),
+    ] = None,
 ) -> None:
     """Serve MODEL over HTTP: an inspection page at / and a JSON API under /v1/."""
     from patchcore.apps import service  # fastapi and uvicorn load for this command only
@@ -63,4 +67,5 @@ def serve(
             log_level=log_level,
             workers=workers,
             queue_length=queue_length,
+            review=review,
         )

@@ -115,6 +115,7 @@ def serve(
     threshold: float | None = None,
     display_range: Sequence[float] | None = None,
     log_level: str = "info",
+    review: str | os.PathLike | None = None,
     **limits: Any,
 ) -> None:
     """Load the model (errors surface here, before the port opens) and run the service.
@@ -129,15 +130,26 @@ def serve(
         threshold: overrides the model's threshold.
         display_range: see :func:`create_app`.
         log_level: the log level.
+        review: a labelled data folder: also serve ``patchcore review MODEL DATA`` at
+            ``/review/`` (a ``.pt`` model; local use, so not with a token).
         **limits: see :class:`ServiceLimits` (``header_timeout_s`` is applied here).
     """
     import uvicorn
 
     token = resolve_token(token, token_file)
     lim = ServiceLimits.from_kwargs(limits)  # fail on a bad limit before loading anything
+    if review is not None and token:  # the review page writes the model file: local use
+        raise ValueError("the review page (review=DATA) is for local use: serve it without a token")
     backend: Backend = open_backend(model, threshold=threshold)
     backend.load()
-    app = create_app(backend, token=token, display_range=display_range, **asdict(lim))
+    routers: list[APIRouter] = []
+    if review is not None:
+        from patchcore.apps.review import service_router  # torch: only when asked for
+
+        routers.append(service_router(model, review))
+    app = create_app(
+        backend, token=token, display_range=display_range, routers=routers, **asdict(lim)
+    )
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
     logger.info(
         "serving %s (%s) on http://%s:%d/ (token %s)",

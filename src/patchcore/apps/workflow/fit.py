@@ -55,7 +55,7 @@ def fit_detector(
         train: the training images.
         progress: show the detector's progress bars while fitting.
         data_spec: stored as ``fit_data``.
-        ray: fit on Ray workers instead (:func:`patchcore.scale.distributed.fit_distributed`'s
+        ray: fit on Ray workers instead (:func:`patchcore.scale.fit_distributed`'s
             ``workers``, ``address``...); its workers and coverage radius go to ``metadata_``
             as ``distributed_fit``.
         **params: :class:`~patchcore.core.detector.PatchCore` parameters (``backbone``,
@@ -74,7 +74,7 @@ def fit_detector(
         if ray is None:
             det.fit(train, on_error="skip", progress=progress)
         else:
-            from patchcore.scale.distributed import fit_distributed
+            from patchcore.scale import fit_distributed
 
             fit = fit_distributed(train, **ray, **params)
             det = fit.detector

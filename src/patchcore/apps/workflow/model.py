@@ -70,7 +70,7 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         "image size": size,
         "training images": card["training_images"],
         "training data": md.get("fit_data", ""),
-        "memory bank": f"{card['bank_size']:,} patches x {card['feature_dim']} features",
+        "memory bank": f"{card['bank_size']:,} rows x {card['feature_dim']} features",
         "coreset ratio": f"{card['coreset_ratio']:g} ({card['sampling']})",
         "bank augmentation": augment_text(card.get("augment")),
         "image score": image_score_text(card["top_k"], card["num_neighbors"]),

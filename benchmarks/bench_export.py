@@ -1,39 +1,40 @@
-"""Exported graph vs the torch path (issue #14): parity, ms per image, export time and memory.
+"""Exported runtimes against torch's default path (issues #14, #24): speed and parity, one command.
 
-Per shared set: a model fitted on ``--train`` training images (seeded subset) at
-``--image-size`` (default 224, fixed-size export) or ``--scale`` (dynamic export), calibrated
-(max F1) on all test images by the torch path in float32; then every test image is scored, with
-maps at each image's own size, by
+Per shared set (all three by default): the default ``PatchCore()`` (native size, bfloat16 search
+with its exact re-check on CPUs with native bfloat16) fitted on every training image (or
+``--train N``, a seeded subset; fitted models are cached in ``--models``), calibrated (max F1)
+on the test set, then exported twice with the defaults of ``patchcore export``: ONNX
+(``search="auto"``: the int8 search with its exact float32 re-check, plus fixed-size graphs for
+the common training sizes) and OpenVINO (float32 search). Every test image is then inspected
+(``iter_inspect``: decode, resize, graph, native-size map, record with regions) by three routes,
+one after the other in chunks of ``--chunk`` images so that every route sees the same load:
 
-- torch, ``search_precision="float32"`` (the parity reference),
-- torch, the default path (``"auto"``: bfloat16 search on CPUs with native bf16),
-- onnxruntime on the exported ONNX graph,
-- OpenVINO on the converted model (where openvino is installed).
+- ``torch``: the default path (``PatchCore.iter_inspect``),
+- ``onnxruntime``: ``ExportedModel(onnx export).iter_inspect``,
+- ``openvino``: ``ExportedModel(openvino export).iter_inspect``.
 
-Parity: per image, the relative score difference and the largest map difference over that map's
-largest value (against torch float32 and against the default path); verdicts compared at the
-calibrated threshold. Speed: wall ms per image of each route end to end (decode, resize, graph,
-maps at the native size), same images, same batch size, one route after the other. Export: wall
-seconds and the peak resident memory above the start (``VmHWM`` after a reset), for the ONNX
-export (tracing, conversion and the probe check) and the OpenVINO conversion.
+Speed: wall ms per image and CPU ms per image (all threads) of each route; each route warms up on
+two images first (not counted). Parity against the torch route: largest and median relative
+score difference, verdicts differing, largest and median map difference (per image: largest
+absolute difference over torch's map maximum), images whose region boxes differ.
 
-    python benchmarks/bench_export.py [--sets casting magnetic_tile deeppcb] [--train 100]
-    python benchmarks/bench_export.py --native --train 0   # the default path: all, native
+    python benchmarks/bench_export.py                      # all sets, full data: the figure
+    python benchmarks/bench_export.py --sets casting --train 100
 
-Rows go to benchmarks/out/bench_export.jsonl (with the load average).
+Rows go to benchmarks/out/bench_export.jsonl (with machine, load average and date); a summary
+table is printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import ROOT, SETS, append_row, machine, subsets
 
 from patchcore import PatchCore
@@ -41,131 +42,143 @@ from patchcore.core.export import export
 from patchcore.lean.runtime import ExportedModel
 
 ROWS = ROOT / "benchmarks" / "out" / "bench_export.jsonl"
-CHUNK = 32  # images scored per route before the next route (maps are compared, then dropped)
+MODELS = ROOT / "benchmarks" / "out" / "models"
 
 
-def _reset_peak() -> float:
-    """Reset the kernel's peak-RSS mark; returns the current RSS in MiB."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    return _status("VmRSS")
-
-
-def _status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _timed_export(det: PatchCore, out: Path, fmt: str) -> tuple[float, float]:
-    start = _reset_peak()
-    t0 = time.perf_counter()
-    export(det, out, format=fmt)
-    return time.perf_counter() - t0, _status("VmHWM") - start
-
-
-def run(name: str, n_train: int | None, image_size: int | None, scale: float | None) -> dict:
+def fitted(name: str, n_train: int | None, models: Path) -> tuple[PatchCore, list, np.ndarray]:
+    """The default detector on ``name`` (cached in ``models``), calibrated; test paths, labels."""
     train, test = subsets(name, n_train, None)
-    paths = list(test.images)
-    labels = np.asarray(test.labels)
-    kw = {"image_size": image_size} if scale is None else {"scale": scale}
-    if image_size is None and scale is None:
-        kw = {}  # the default path: native size, a dynamic export
+    paths, labels = list(test.images), np.asarray(test.labels)
+    path = models / f"{name}-{n_train or 'all'}.pt"
+    if path.is_file():
+        det = PatchCore.load(path)
+    else:
+        t0 = time.perf_counter()
+        det = PatchCore(progress=False).fit(train)
+        det.calibrate(paths, labels)
+        det.metadata_["fit_s"] = round(time.perf_counter() - t0, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        det.save(path)
+    det.progress = False
+    return det, paths, labels
+
+
+def timed_export(det: PatchCore, out: Path, **kw) -> float:
     t0 = time.perf_counter()
-    det = PatchCore(search_precision="float32", progress=False, **kw).fit(train)
-    fit_s = time.perf_counter() - t0
-    det.calibrate(paths, labels)
-    # the same fitted state (bank, threshold) on the default search: a second detector built
-    # with search_precision="auto" and the state installed (refitting could pick another bank)
-    default = PatchCore(search_precision="auto", progress=False, **kw)
-    default._set_fitted(det.state_, det.extractor_)
-    tmp = Path(tempfile.mkdtemp(prefix=f"export-{name}-"))
-    onnx_s, onnx_mb = _timed_export(det, tmp / "onnx", "onnx")
-    routes = {
-        "torch_f32": lambda p: det.score(p, maps="native"),
-        "torch_default": lambda p: default.score(p, maps="native"),
-        "onnxruntime": ExportedModel(tmp / "onnx", backend="onnxruntime").score,
-    }
-    ov_s = ov_mb = None
-    if importlib.util.find_spec("openvino") is not None:
-        ov_s, ov_mb = _timed_export(det, tmp / "ov", "openvino")
-        routes["openvino"] = ExportedModel(tmp / "ov", backend="openvino").score
-    seconds = dict.fromkeys(routes, 0.0)
-    scores = {k: [] for k in routes}
-    map_rel = {k: [] for k in routes if k != "torch_f32"}
-    map_rel_vs_default = {k: [] for k in ("onnxruntime", "openvino") if k in routes}
-    for lo in range(0, len(paths), CHUNK):
-        part = paths[lo : lo + CHUNK]
-        maps = {}
+    export(det, out, **kw)
+    return round(time.perf_counter() - t0, 1)
+
+
+def measure(routes: dict, paths: list, chunk: int) -> tuple[dict, dict, dict]:
+    """Every route on every path, chunk by chunk: ms per image (wall, CPU), the records by
+    route (maps dropped) and each route's per-image map differences from torch's."""
+    for fn in routes.values():
+        list(fn(paths[:2]))  # warm-up: sessions, thread pools, caches
+    wall = dict.fromkeys(routes, 0.0)
+    cpu = dict.fromkeys(routes, 0.0)
+    records: dict[str, list] = {k: [] for k in routes}
+    map_diff: dict[str, list[float]] = {k: [] for k in routes if k != "torch"}
+    for lo in range(0, len(paths), chunk):
+        part = paths[lo : lo + chunk]
+        got = {}
         for k, fn in routes.items():
-            t = time.perf_counter()
-            r = fn(part, maps="native") if k in ("onnxruntime", "openvino") else fn(part)
-            seconds[k] += time.perf_counter() - t
-            scores[k] += list(r.scores)
-            maps[k] = r.maps
-        for k in map_rel:
-            for a, b in zip(maps["torch_f32"], maps[k], strict=True):
-                map_rel[k].append(float(np.abs(b - a).max() / np.abs(a).max()))
-        for k in map_rel_vs_default:
-            for a, b in zip(maps["torch_default"], maps[k], strict=True):
-                map_rel_vs_default[k].append(float(np.abs(b - a).max() / np.abs(a).max()))
-    s = {k: np.asarray(v) for k, v in scores.items()}
-    t = det.threshold_
-    row: dict = {
+            t, c = time.perf_counter(), time.process_time()
+            got[k] = list(fn(part))
+            wall[k] += time.perf_counter() - t
+            cpu[k] += time.process_time() - c
+        for k in map_diff:
+            for a, b in zip(got["torch"], got[k], strict=True):
+                if a.anomaly_map is not None and b.anomaly_map is not None:
+                    diff = np.abs(b.anomaly_map - a.anomaly_map).max() / max(a.map_max, 1e-12)
+                    map_diff[k].append(float(diff))
+        for k in routes:
+            records[k] += [r.without_map() for r in got[k]]
+    n = len(paths)
+    speed = {k: {"wall_ms": round(1000 * wall[k] / n, 1), "cpu_ms": round(1000 * cpu[k] / n, 1)}
+             for k in routes}  # fmt: skip
+    return speed, records, map_diff
+
+
+def parity(records: dict, map_diff: dict) -> dict:
+    ref = records["torch"]
+    s0 = np.array([np.nan if r.score is None else r.score for r in ref])
+    out = {}
+    for k, recs in records.items():
+        if k == "torch":
+            continue
+        s = np.array([np.nan if r.score is None else r.score for r in recs])
+        rel = np.abs(s - s0) / np.abs(s0)
+        boxes = [
+            [(g.x0, g.y0, g.x1, g.y1) for g in (a.regions or ())]
+            != [(g.x0, g.y0, g.x1, g.y1) for g in (b.regions or ())]
+            for a, b in zip(ref, recs, strict=True)
+        ]
+        maps = np.asarray(map_diff[k] or [np.nan])
+        out[k] = {
+            "score_rel_max": float(np.nanmax(rel)),
+            "score_rel_median": float(np.nanmedian(rel)),
+            "verdicts_differ": sum(a.verdict != b.verdict for a, b in zip(ref, recs, strict=True)),
+            "map_rel_max": float(maps.max()),
+            "map_rel_median": float(np.median(maps)),
+            "region_boxes_differ": int(sum(boxes)),
+        }
+    return out
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    det, paths, _ = fitted(name, args.train or None, Path(args.models))
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-export-{name}-"))
+    onnx_s = timed_export(det, tmp / "onnx")
+    routes = {
+        "torch": lambda p: det.iter_inspect(p),
+        "onnxruntime": ExportedModel(tmp / "onnx", threads=args.threads).iter_inspect,
+    }
+    ov_s = None
+    if not args.no_openvino:
+        ov_s = timed_export(det, tmp / "openvino", format="openvino")
+        routes["openvino"] = ExportedModel(tmp / "openvino", threads=args.threads).iter_inspect
+    speed, records, map_diff = measure(routes, paths, args.chunk)
+    info = ExportedModel(tmp / "onnx").info
+    row = {
         "set": name,
         "machine": machine(),
-        "train_images": len(train),
+        "torch_threads": torch.get_num_threads(),
+        "runtime_threads": args.threads,
+        "train_images": det.n_train_images_,
         "test_images": len(paths),
-        "processed": "native"
-        if not kw
-        else f"image_size={image_size}"
-        if scale is None
-        else f"scale={scale}",
         "bank_rows": int(det.memory_bank_.shape[0]),
-        "fit_s": round(fit_s, 1),
-        "onnx_export_s": round(onnx_s, 1),
-        "onnx_export_peak_mb": round(onnx_mb, 0),
-        "openvino_export_s": None if ov_s is None else round(ov_s, 1),
-        "openvino_export_peak_mb": None if ov_mb is None else round(ov_mb, 0),
-        "ms_per_image": {k: round(1000 * v / len(paths), 1) for k, v in seconds.items()},
+        "onnx_graphs": [g["size"] for g in info["graphs"]],
+        "onnx_search": info["search"],
+        "onnx_export_s": onnx_s,
+        "openvino_export_s": ov_s,
+        "ms_per_image": speed,
+        "vs_torch": {
+            k: round(v["wall_ms"] / speed["torch"]["wall_ms"], 3) for k, v in speed.items()
+        },
+        "parity_vs_torch": parity(records, map_diff),
     }
-    for k in s:
-        if k == "torch_f32":
-            continue
-        rel = np.abs(s[k] - s["torch_f32"]) / s["torch_f32"]
-        row[f"{k}_vs_f32"] = {
-            "score_rel_max": float(rel.max()),
-            "score_rel_median": float(np.median(rel)),
-            "map_rel_max": max(map_rel[k]),
-            "map_rel_median": float(np.median(map_rel[k])),
-            "verdicts_differ": int(((s[k] >= t) != (s["torch_f32"] >= t)).sum()),
-        }
-    for k in map_rel_vs_default:
-        rel = np.abs(s[k] - s["torch_default"]) / s["torch_default"]
-        row[f"{k}_vs_default"] = {
-            "score_rel_max": float(rel.max()),
-            "map_rel_max": max(map_rel_vs_default[k]),
-            "map_rel_median": float(np.median(map_rel_vs_default[k])),
-            "verdicts_differ": int(((s[k] >= t) != (s["torch_default"] >= t)).sum()),
-        }
     return append_row(ROWS, row)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=list(SETS))
-    ap.add_argument("--train", type=int, default=100, help="training images per set; 0 = all")
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument(
-        "--native", action="store_true", help="the default path: native size (dynamic export)"
-    )
-    ap.add_argument("--scale", type=float, default=None, help="instead of --image-size")
+    ap.add_argument("--train", type=int, default=0, help="training images per set; 0 = all")
+    ap.add_argument("--models", default=str(MODELS), help="cache of fitted models")
+    ap.add_argument("--threads", type=int, default=None, help="runtime threads (None: default)")
+    ap.add_argument("--chunk", type=int, default=32, help="images per route before the next")
+    ap.add_argument("--no-openvino", action="store_true")
     args = ap.parse_args()
-    for name in args.sets:
-        size = None if args.native else args.image_size
-        row = run(name, args.train or None, size, None if args.native else args.scale)
+    rows = [run(name, args) for name in args.sets]
+    for row in rows:
         print(json.dumps(row), flush=True)
+    print("\n| set | torch ms/img | onnxruntime ms/img (x) | OpenVINO ms/img (x) | load |")
+    print("|---|---:|---:|---:|---|")
+    for r in rows:
+        ms, x = r["ms_per_image"], r["vs_torch"]
+        ov = f"{ms['openvino']['wall_ms']} ({x['openvino']})" if "openvino" in ms else "-"
+        print(f"| {r['set']} | {ms['torch']['wall_ms']} | {ms['onnxruntime']['wall_ms']} "
+              f"({x['onnxruntime']}) | {ov} | {r['load']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

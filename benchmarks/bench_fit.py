@@ -10,6 +10,8 @@ reproduced. Targets (issue #24): at most 2 min per set quiet, 5 min beside the j
     python benchmarks/bench_fit.py                       # all sets, quiet then busy
     python benchmarks/bench_fit.py --sets casting --modes quiet
     python benchmarks/bench_fit.py --table               # the RESULTS.md section
+    git archive 9f2f854 src | tar -x -C /tmp/before      # a baseline from before the change
+    python benchmarks/bench_fit.py --src /tmp/before/src --label 9f2f854 --sets magnetic_tile
 
 Rows go to benchmarks/out/fit_speed.jsonl (set, mode, images, patches, bank, seconds of
 features / chunks / union / repair / fit, certified coverage radius, peak RSS, load before and
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common import ROOT, SETS, append_row, machine, write_results_section
 
@@ -36,10 +39,20 @@ import torch
 sys.path.insert(0, {bench!r})
 from common import subsets
 from patchcore import PatchCore
-from patchcore.core.sampling import chunked_greedy_coreset
 train, _ = subsets({name!r}, None, None)
+if hasattr(PatchCore, "extract_features"):
+    from patchcore.core.sampling import chunked_greedy_coreset
 det = PatchCore(progress=False)
 t0 = time.perf_counter()
+if not hasattr(det, "extract_features"):  # a source tree from before the hooks: fit() only
+    det.fit(train, on_error="skip")
+    nan = float("nan")
+    print(json.dumps(dict(images=det.n_train_images_, patches=det.n_train_patches_,
+        bank=int(det.memory_bank_.shape[0]), threads=torch.get_num_threads(),
+        feature_s=round(det.feature_seconds_, 1), chunks_s=nan, union_s=nan, repair_s=nan,
+        coreset_s=round(det.coreset_seconds_, 1), fit_s=round(time.perf_counter() - t0, 1),
+        radius=nan, peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))))
+    sys.exit(0)
 found = det.extract_features(train, on_error="skip")
 t1 = time.perf_counter()
 num = int(found.features.shape[0])
@@ -66,8 +79,9 @@ while True:
 """
 
 
-def fit_once(name: str, mode: str) -> dict:
-    """One fit of ``name`` in a fresh process, beside the competing job when ``mode`` is busy."""
+def fit_once(name: str, mode: str, src: Path, label: str) -> dict:
+    """One fit of ``name`` in a fresh process (``src``: the package's source tree), beside the
+    competing job when ``mode`` is busy."""
     competitor = None
     if mode == "busy":
         competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR])
@@ -75,14 +89,15 @@ def fit_once(name: str, mode: str) -> dict:
     load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     try:
         code = CHILD.format(bench=str(ROOT / "benchmarks"), name=name)
+        env = {**os.environ, "PYTHONPATH": str(src)}
         out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
         ).stdout
     finally:
         if competitor is not None:
             competitor.kill()
             competitor.wait()
-    row = {"set": name, "mode": mode, **json.loads(out.strip().splitlines()[-1])}
+    row = {"set": name, "mode": mode, "code": label, **json.loads(out.strip().splitlines()[-1])}
     row["target_s"] = TARGETS[mode]
     row["met"] = row["fit_s"] <= TARGETS[mode]
     row["load_before"] = load_before
@@ -99,14 +114,16 @@ def table() -> str:
         "own competing job (2 torch threads of matrix products) runs during the fit. Targets: ",
         "120 s quiet, 300 s busy. `load` is `uptime`'s 1/5/15-minute load after the fit.",
         "",
-        "| set | mode | images | patches | bank | features s | chunks s | union s | repair s "
-        "| fit s | target | radius | peak RSS MiB | load before | load after | machine, date |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|",
+        "| set | mode | code | images | patches | bank | features s | chunks s | union s "
+        "| repair s | fit s | target | radius | peak RSS MiB | load before | load after "
+        "| machine, date |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|",
     ]
     for r in rows:
         met = "met" if r["met"] else "missed"
         lines.append(
-            f"| {r['set']} | {r['mode']} | {r['images']} | {r['patches']:,} | {r['bank']:,} "
+            f"| {r['set']} | {r['mode']} | {r.get('code', '')} | {r['images']} | {r['patches']:,} "
+            f"| {r['bank']:,} "
             f"| {r['feature_s']} | {r['chunks_s']} | {r['union_s']} | {r['repair_s']} "
             f"| {r['fit_s']} | {r['target_s']:.0f} s, {met} | {r['radius']} "
             f"| {r['peak_rss_mb']} | {r['load_before']} | {r['load']} "
@@ -120,13 +137,20 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--modes", nargs="+", default=["quiet", "busy"], choices=["quiet", "busy"])
     ap.add_argument("--table", action="store_true", help="write the RESULTS.md section only")
+    ap.add_argument(
+        "--src",
+        type=Path,
+        default=ROOT / "src",
+        help="source tree to fit with (e.g. a `git archive` of an older commit, a baseline)",
+    )
+    ap.add_argument("--label", default="this checkout", help="the code column of the rows")
     args = ap.parse_args()
     if args.table:
         write_results_section("fit-speed", table())
         return
     for mode in args.modes:
         for name in args.sets:
-            print(json.dumps(fit_once(name, mode)), flush=True)
+            print(json.dumps(fit_once(name, mode, args.src, args.label)), flush=True)
 
 
 if __name__ == "__main__":

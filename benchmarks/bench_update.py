@@ -43,6 +43,7 @@ from patchcore.core.backbones import FeatureExtractor, resolve_device
 from patchcore.core.datasets import split_each_label
 from patchcore.core.detector import TrainingFeatures
 from patchcore.core.explain import bank_provenance
+from patchcore.core.scoring import image_scores
 from patchcore.core.search import NearestNeighborIndex, patch_scores, resolve_precision
 from patchcore.core.state import FittedState
 
@@ -107,7 +108,6 @@ def updated(det: PatchCore, f: TrainingFeatures) -> tuple[PatchCore, float]:
 def scores_of(det: PatchCore, f: TrainingFeatures) -> np.ndarray:
     """Image scores of stored test features: the scoring path of PatchCore._score_batch."""
     off = offsets(f)
-    k = min(int(det.num_neighbors), det.memory_bank_.shape[0])
     out = np.empty(len(f.grids))
     i = 0
     while i < len(f.grids):
@@ -116,8 +116,10 @@ def scores_of(det: PatchCore, f: TrainingFeatures) -> np.ndarray:
             j += 1
         p = f.grids[i][2] * f.grids[i][3]
         patches = f.features[off[i] : off[j]].float().view(j - i, p, -1)
-        _, image_max, arg = patch_scores(det._index, patches)
-        s = det._reweight(patches, arg, image_max, k) if k > 1 else image_max
+        d, image_max, arg = patch_scores(det._index, patches, int(det.top_k))
+        s = image_scores(
+            d, det.top_k, patches=patches, best=(image_max, arg), support=det._eq7_support()
+        )
         out[i:j] = s.double().numpy()
         i = j
     return out

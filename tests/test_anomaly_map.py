@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchcore.core.anomaly_map import gaussian_blur, patch_scores_to_map, upsample_blur
+from patchcore.core.scoring import gaussian_blur, patch_scores_to_map, upsample_blur
 
 
 def reference(grid: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:

@@ -303,19 +303,28 @@ def test_explain_rows_are_records_with_the_nearest_patch(model: Path, tiles: Pat
 
 
 def test_heatmap_colours_follow_the_record_rule(model: Path, tiles: Path, tmp_path, monkeypatch):
+    """The colour range is record.display_range: the model's stored range, else the threshold's."""
     from patchcore.apps import plots
+    from patchcore.lean.record import display_range
 
-    m = copy_of(model, tmp_path)
-    det = PatchCore.load(m)
-    det.metadata_ = {k: v for k, v in det.metadata_.items() if k != "display_range"}
-    det.save(m)
     seen = []
     real = plots.anomaly_map_overlay
     monkeypatch.setattr(
         plots, "anomaly_map_overlay", lambda i, a, r, *x: seen.append(r) or real(i, a, r, *x)
     )
     crack = sorted((tiles / "test" / "crack").iterdir())[0]
-    r = run("predict", m, crack, "--heatmaps", tmp_path / "h", "-q")
+    m = copy_of(model, tmp_path)
+    det = PatchCore.load(m)
+    assert det.display_range_ is not None
+    r = run("predict", m, crack, "--heatmaps", tmp_path / "h1", "-q")
+    assert r.exit_code == 0, r.output
+    assert seen == [pytest.approx(display_range(det.display_range_, det.threshold_))]
+
+    det.state_.display_range = None  # a model calibrated before ranges were stored
+    det.metadata_ = {k: v for k, v in det.metadata_.items() if k != "display_range"}
+    det.save(m)
+    seen.clear()
+    r = run("predict", m, crack, "--heatmaps", tmp_path / "h2", "-q")
     assert r.exit_code == 0, r.output
     t = det.threshold_
     assert seen == [pytest.approx((THRESHOLD_RANGE[0] * t, THRESHOLD_RANGE[1] * t))]

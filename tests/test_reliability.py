@@ -32,6 +32,14 @@ def fitted(toy_images) -> PatchCore:
     return det.set_threshold(1.0)
 
 
+@pytest.fixture(scope="module")
+def native(toy_images) -> PatchCore:
+    """As ``fitted`` at each image's native size (image_size is fixed by fit)."""
+    train, _, _ = toy_images
+    det = PatchCore(image_size=None, coreset_ratio=0.25, progress=False, num_neighbors=3)
+    return det.fit(train[:2]).set_threshold(1.0)
+
+
 @pytest.fixture
 def det(fitted: PatchCore) -> PatchCore:
     return copy.deepcopy(fitted)
@@ -280,8 +288,7 @@ def test_a_tall_strip_is_refused_from_the_header_by_the_service(fitted: PatchCor
         assert ok.status_code == 200, ok.text  # 10:1 is fine
 
 
-def test_native_resolution_work_is_bounded_by_max_processed_pixels(fitted: PatchCore) -> None:
-    native = copy.deepcopy(fitted).set_params(image_size=None)
+def test_native_resolution_work_is_bounded_by_max_processed_pixels(native: PatchCore) -> None:
     with TestClient(create_app(native, max_processed_pixels=100_000)) as c:
         wait_ready(c)
         r = c.post(
@@ -297,7 +304,7 @@ def test_native_resolution_work_is_bounded_by_max_processed_pixels(fitted: Patch
 
 
 def test_the_library_refuses_strips_and_oversized_work_naming_the_file(
-    fitted: PatchCore, tmp_path
+    fitted: PatchCore, native: PatchCore, tmp_path
 ) -> None:
     from patchcore.core.images import ImageTooLargeError, read_image, set_input_limits
 
@@ -307,7 +314,6 @@ def test_the_library_refuses_strips_and_oversized_work_naming_the_file(
         read_image(tall)
     r = fitted.score([tall, np.full((96, 96, 3), 128, np.uint8)], on_error="skip")
     assert [s.name for s in r.skipped] == [str(tall)] and np.isfinite(r.scores[1])
-    native = copy.deepcopy(fitted).set_params(image_size=None)
     previous = set_input_limits(max_processed_pixels=5_000, max_aspect_ratio=None)
     try:
         with pytest.raises(ImageTooLargeError, match="image #0: would be processed at 96x96"):

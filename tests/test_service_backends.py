@@ -167,6 +167,20 @@ def test_readiness_and_open_routes(client):
         assert client.get(path, headers={"Authorization": ""}).status_code == 200, path
 
 
+def test_docs_and_schema_name_nothing_about_the_model(client):
+    """Open pages: /docs (no CDN) and /openapi.json give no backbone, threshold, export path
+    or library version (the runtime service's schema carried the package version)."""
+    from patchcore.lean.util import package_version
+
+    docs = client.get("/docs", headers={"Authorization": ""})
+    assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower() and "https://" not in docs.text
+    schema = client.get("/openapi.json", headers={"Authorization": ""}).text
+    threshold = repr(float(toy_detector().threshold_))
+    for word in ("efficientnet", threshold, str(toy_export()), package_version()):
+        assert word not in schema, word
+
+
 def test_the_model_card_is_behind_the_token(client, backend):
     assert client.get("/v1/model", headers={"Authorization": ""}).status_code == 401
     assert client.get("/v1/model", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -292,16 +306,22 @@ def test_an_export_is_loaded_in_the_background_and_checked(tmp_path):
 def test_an_export_without_a_threshold_is_refused(tmp_path):
     import json
 
+    from patchcore.lean.manifest import digest
+
     folder = tmp_path / "nothr"
     folder.mkdir()
     for f in toy_export().iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     manifest = folder / "patchcore-export.json"
     info = json.loads(manifest.read_text())
-    info["threshold"] = None
+    info.update(threshold=None, normalization=None, normalization_source=None)
+    info.update(region_threshold=None)
+    info["digest"] = digest(info)  # sealed again: an uncalibrated export
     manifest.write_text(json.dumps(info))
     backend = RuntimeBackend(folder)
-    with pytest.raises(ValueError, match="has no threshold, so it cannot give verdicts"):
+    # refused by the service ("has no threshold, so it cannot give verdicts") or, where the
+    # manifest's fields are checked against each other, already by the runtime
+    with pytest.raises(ValueError, match="threshold"):
         backend.load()
     with pytest.raises(TypeError, match="fixed at export"):
         create_app(folder, threshold=1.0)

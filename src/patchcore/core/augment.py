@@ -19,7 +19,7 @@ import torch
 
 from patchcore.core.explain import bank_provenance
 
-__all__ = ["AUGMENTS", "View", "apply", "provenance", "views"]
+__all__ = ["AUGMENTS", "View", "apply", "origins", "provenance", "views"]
 
 View = tuple[bool, int]
 
@@ -90,3 +90,17 @@ def provenance(
     image = torch.tensor([p[0] for p in pieces], dtype=torch.int64)[piece] + first_image
     width = torch.tensor([p[3] for p in pieces], dtype=torch.int64)[piece]
     return torch.stack([image, flat // width, flat % width], 1).to(torch.int32)
+
+
+def origins(
+    indices: torch.Tensor,
+    grids: Sequence[tuple[int, int, int, int]],
+    pieces: Sequence[tuple[int, View, int, int]] | None,
+    first_image: int = 0,
+) -> torch.Tensor:
+    """(M, 3) int32 origins (image, row, column) of training rows ``indices``: laid out image
+    by image over ``grids`` (``(H, W, h, w)`` each) when ``pieces`` is None, else as
+    :func:`provenance`."""
+    if pieces is None:
+        return bank_provenance(indices, grids, first_image)
+    return provenance(indices, pieces, first_image)

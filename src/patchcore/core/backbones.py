@@ -16,7 +16,6 @@ Backbones:
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import warnings
 from collections import OrderedDict
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from patchcore.core.fused import FusedPlan, UnsupportedLayerError, use_mkldnn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -265,264 +265,6 @@ def _out_channels(module: nn.Module) -> int:
 # on first use and rebuilt after ``load_state_dict`` and ``.to()``/``.float()``/... .
 
 
-class _UnsupportedLayerError(Exception):
-    """The backbone has a layer the fused plan does not handle: run the modules as they are."""
-
-
-_CHUNK_PIXELS = 2**18  # input pixels per forward pass of the plan on CPU (~5 images of 224x224)
-_CACHED_SHAPES = 4  # input shapes per convolution whose (packed) weights are kept
-_ACTIVATIONS = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
-
-
-def _mkldnn_ops_available() -> bool:
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    ops = torch.ops.mkldnn
-    return hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_reorder_convolution_weight")
-
-
-def _use_mkldnn(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the plan should use oneDNN's fused convolutions (CPU, and the dtype supported)."""
-    if device.type != "cpu" or not _mkldnn_ops_available():
-        return False
-    ops = torch.ops.mkldnn
-    if dtype == torch.bfloat16:
-        return hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return hasattr(ops, "_is_mkldnn_fp16_supported") and ops._is_mkldnn_fp16_supported()
-    return dtype == torch.float32
-
-
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``bn(conv(x))`` as one convolution (computed in float64)."""
-    w = conv.weight.detach().double()
-    b = (
-        conv.bias.detach().double()
-        if conv.bias is not None
-        else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    )
-    if bn is not None:
-        scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        w = w * scale.view(-1, 1, 1, 1)
-        b = (b - bn.running_mean.double()) * scale + bn.bias.detach().double()
-    return w, b
-
-
-class _Conv:
-    """A frozen convolution with its BatchNorm folded in, then activation ``act``.
-
-    ``same=True`` pads like TensorFlow's "SAME" for the input at hand: total padding
-    ``p = max((ceil(i/s) - 1) s + k - i, 0)`` per axis, ``p // 2`` before and the rest after.
-    Odd ``p`` is done without padding the input: the kernel gets a leading zero row (column) and
-    the convolution pads ``p - p // 2`` on both sides, which gives the same sums.
-    """
-
-    def __init__(
-        self,
-        conv: nn.Conv2d,
-        bn: nn.BatchNorm2d | None,
-        act: str | None,
-        *,
-        same: bool,
-        dtype: torch.dtype,
-        mkldnn: bool,
-    ) -> None:
-        if tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros":
-            raise _UnsupportedLayerError("dilated or non-zero-padded convolution")
-        if act not in _ACTIVATIONS:
-            raise _UnsupportedLayerError(f"activation {act}")
-        w, b = _fold_bn(conv, bn)
-        self.weight = w.to(dtype)
-        self.bias = b.to(dtype)
-        self.stride = [int(s) for s in conv.stride] * (2 // len(conv.stride))
-        self.groups = int(conv.groups)
-        self.same = same
-        self.padding = None if same else [int(p) for p in conv.padding]
-        self.act = act
-        self.mkldnn = mkldnn
-        self._attr, self._scalars = _ACTIVATIONS[act]
-        self._cache: dict[torch.Size, tuple[torch.Tensor, list[int]]] = {}
-
-    def _weight(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """(weight, symmetric padding) for input ``x``; packed for oneDNN on that path.
-
-        Cached by input shape (a few shapes): oneDNN picks its weight layout by shape, and a
-        layout packed for another shape can be much slower (e.g. resnet50 at small sizes).
-        """
-        shape = x.shape
-        hit = self._cache.get(shape)
-        if hit is not None:
-            return hit
-        w = self.weight
-        if self.same:
-            pads = []
-            for i, k, s in zip(shape[-2:], w.shape[-2:], self.stride, strict=True):
-                pads.append(max((math.ceil(i / s) - 1) * s + k - i, 0))
-            if pads[0] % 2 or pads[1] % 2:
-                w = F.pad(w, [pads[1] % 2, 0, pads[0] % 2, 0])
-            padding = [p - p // 2 for p in pads]
-        else:
-            padding = list(self.padding)
-        if self.mkldnn:
-            w = torch.ops.mkldnn._reorder_convolution_weight(
-                w, padding, self.stride, [1, 1], self.groups, list(shape)
-            )
-        if len(self._cache) >= _CACHED_SHAPES:
-            self._cache.pop(next(iter(self._cache)), None)  # the oldest
-        self._cache[shape] = (w, padding)
-        return w, padding
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(conv(x) + residual)``."""
-        w, padding = self._weight(x)
-        if self.mkldnn:
-            # oneDNN convolution + bias (+ residual) + activation in one pass
-            if residual is None:
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x, w, self.bias, padding, self.stride, [1, 1], self.groups,
-                    self._attr, self._scalars, "",
-                )  # fmt: skip
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual, w, self.bias, padding, self.stride, [1, 1], self.groups,
-                "add", None, None if self.act is None else self._attr, self._scalars, None,
-            )  # fmt: skip
-        y = F.conv2d(x, w, self.bias, self.stride, padding, 1, self.groups)
-        if residual is not None:
-            y += residual
-        if self.act == "relu":
-            y.relu_()
-        elif self.act == "relu6":
-            y.clamp_(0.0, 6.0)
-        return y
-
-
-class _Block:
-    """A residual block: ``body`` convolutions, the last one adding the shortcut."""
-
-    def __init__(self, body: list[_Conv], shortcut: _Conv | None, skip: bool) -> None:
-        self.body, self.shortcut, self.skip = body, shortcut, skip
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.shortcut(x) if self.shortcut is not None else x if self.skip else None
-        for conv in self.body[:-1]:
-            x = conv(x)
-        return self.body[-1](x, residual)
-
-
-class _MaxPool:
-    def __init__(self, m: nn.MaxPool2d) -> None:
-        self.args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, *self.args)
-
-
-def _resnet_plan(stages: nn.ModuleDict, conv) -> list[tuple[str, list]]:  # noqa: ANN001
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    plan: list[tuple[str, list]] = []
-    for name, stage in stages.items():
-        if name == "stem":
-            c, bn, relu, pool = stage
-            if not isinstance(relu, nn.ReLU) or not isinstance(pool, nn.MaxPool2d):
-                raise _UnsupportedLayerError("resnet stem")
-            plan.append((name, [conv(c, bn, "relu"), _MaxPool(pool)]))
-            continue
-        steps = []
-        for blk in stage:
-            if type(blk) is BasicBlock:
-                pairs = [(blk.conv1, blk.bn1), (blk.conv2, blk.bn2)]
-            elif type(blk) is Bottleneck:
-                pairs = [(blk.conv1, blk.bn1), (blk.conv2, blk.bn2), (blk.conv3, blk.bn3)]
-            else:
-                raise _UnsupportedLayerError(type(blk).__name__)
-            if not isinstance(blk.relu, nn.ReLU):
-                raise _UnsupportedLayerError("resnet activation")
-            shortcut = None
-            if blk.downsample is not None:
-                ds = list(blk.downsample)
-                if len(ds) != 2 or not isinstance(ds[1], nn.BatchNorm2d):
-                    raise _UnsupportedLayerError("resnet downsample")
-                shortcut = conv(ds[0], ds[1], None)
-            steps.append(_Block([conv(c, bn, "relu") for c, bn in pairs], shortcut, True))
-        plan.append((name, steps))
-    return plan
-
-
-def _lite_plan(stages: nn.ModuleDict, conv) -> list[tuple[str, list]]:  # noqa: ANN001
-    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
-
-    def same(c: nn.Module, bn: nn.Module, act: str | None) -> _Conv:
-        if type(c) is not Conv2dDynamicSamePadding:
-            raise _UnsupportedLayerError(type(c).__name__)
-        return conv(c, bn, act, same=True)
-
-    plan: list[tuple[str, list]] = []
-    for name, stage in stages.items():
-        if name == "stem":
-            if type(stage.act) is not nn.ReLU6:
-                raise _UnsupportedLayerError("activation")
-            plan.append((name, [same(stage.conv, stage.bn, "relu6")]))
-            continue
-        steps = []
-        for blk in stage:
-            a = blk._block_args
-            if blk.has_se or type(blk._swish) is not nn.ReLU6:
-                raise _UnsupportedLayerError("squeeze-excitation or swish")
-            body = []
-            if a.expand_ratio != 1:
-                body.append(same(blk._expand_conv, blk._bn0, "relu6"))
-            body.append(same(blk._depthwise_conv, blk._bn1, "relu6"))
-            body.append(same(blk._project_conv, blk._bn2, None))
-            # the same condition as MBConvBlock.forward
-            skip = bool(blk.id_skip and a.stride == 1 and a.input_filters == a.output_filters)
-            steps.append(_Block(body, None, skip))
-        plan.append((name, steps))
-    return plan
-
-
-class _Plan:
-    """The fused forward pass of a truncated backbone."""
-
-    def __init__(
-        self, family: str, stages: nn.ModuleDict, taps: tuple[str, ...], dtype: torch.dtype,
-        device: torch.device, mkldnn: bool,
-    ) -> None:  # fmt: skip
-        def conv(c: nn.Conv2d, bn: nn.BatchNorm2d, act: str | None, same: bool = False) -> _Conv:
-            return _Conv(c, bn, act, same=same, dtype=dtype, mkldnn=mkldnn)
-
-        build = _resnet_plan if family == "resnet" else _lite_plan
-        self.stages = build(stages, conv)
-        self.taps = taps
-        self.dtype = dtype
-        self.device = device
-        self.mkldnn = mkldnn
-        self.channels_last = device.type == "cpu"
-
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        # A few images at a time: on CPU, big batches are slower per image (their activations
-        # no longer fit the caches, and the allocator maps and unmaps them on every call).
-        num = step = x.shape[0]
-        if self.channels_last:
-            chunks = -(-num // max(1, _CHUNK_PIXELS // max(1, x.shape[-2] * x.shape[-1])))
-            step = -(-num // chunks)  # equal chunks
-        out: dict[str, torch.Tensor] = {}
-        for lo in range(0, num, step):
-            y = x[lo : lo + step].to(self.dtype, memory_format=fmt)
-            for name, steps in self.stages:
-                for s in steps:
-                    y = s(y)
-                if name in self.taps:
-                    if step >= num:
-                        out[name] = y.to(torch.float32, memory_format=torch.contiguous_format)
-                        continue
-                    if name not in out:
-                        out[name] = y.new_empty((num, *y.shape[1:]), dtype=torch.float32)
-                    out[name][lo : lo + step] = y
-        return out
-
-
 def _reset_plan_hook(module: nn.Module, incompatible_keys: object) -> None:
     module._plan = None
 
@@ -581,7 +323,7 @@ class FeatureExtractor(nn.Module):
         self.stages = nn.ModuleDict(OrderedDict(stages))
         self._channels = {n: _out_channels(m) for n, m in stages if n in layers}
         self.dtype = dtype
-        self._plan: _Plan | None = None
+        self._plan: FusedPlan | None = None
         self._fused = True  # False once the architecture turned out unsupported
         self.register_load_state_dict_post_hook(_reset_plan_hook)
         self.requires_grad_(False)
@@ -624,16 +366,18 @@ class FeatureExtractor(nn.Module):
                 out[name] = x
         return out
 
-    def _get_plan(self, device: torch.device, mkldnn: bool | None = None) -> _Plan | None:
+    def _get_plan(self, device: torch.device, mkldnn: bool | None = None) -> FusedPlan | None:
         if not self._fused:
             return None
         plan = self._plan
         if plan is None or plan.device != device or (mkldnn is not None and plan.mkldnn != mkldnn):
             if mkldnn is None:
-                mkldnn = _use_mkldnn(device, self.dtype)
+                mkldnn = use_mkldnn(device, self.dtype)
             try:
-                plan = _Plan(self.spec.family, self.stages, self.layers, self.dtype, device, mkldnn)
-            except _UnsupportedLayerError:
+                plan = FusedPlan(
+                    self.spec.family, self.stages, self.layers, self.dtype, device, mkldnn
+                )
+            except UnsupportedLayerError:
                 self._fused = False
                 return None
             self._plan = plan
@@ -653,7 +397,7 @@ class FeatureExtractor(nn.Module):
                     raise
                 # oneDNN refused: if plain convolutions work (else the input is at fault and
                 # this raises), use them from now on
-                eager = _Plan(
+                eager = FusedPlan(
                     self.spec.family, self.stages, self.layers, self.dtype, x.device, False
                 )
                 out = eager(x)

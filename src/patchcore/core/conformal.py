@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from patchcore.lean.record import ANOMALOUS, judge
+
 __all__ = [
     "ConformalThreshold",
     "TooFewNormalImagesError",
@@ -161,5 +163,5 @@ def conformal_threshold(scores: Any, max_fpr: float) -> ConformalThreshold:
         n=n,
         rank=k,
         fpr_bounds=(max(0.0, alpha - 1.0 / (n + 1)), (n + 1 - k) / (n + 1)),
-        calibration_fpr=float((s >= t).mean()),
+        calibration_fpr=float((judge(s, t) == ANOMALOUS).mean()),
     )

@@ -1,6 +1,7 @@
 """Labelled image collections: folder / VisA / ELPV loaders and seeded, stratified splits.
 
-A data set is an immutable :class:`ImageDataset` of :class:`Sample` records. Samples hold file
+A data set is an immutable :class:`ImageDataset` of :class:`Sample` records
+(:mod:`patchcore.core.samples`, re-exported here). Samples hold file
 paths (images are read lazily, by whoever consumes them) or in-memory arrays. Labels follow one
 convention everywhere: ``0`` = normal (defect type ``"good"``), ``1`` = anomalous (defect type =
 the name of its folder, e.g. ``"crack"``).
@@ -24,17 +25,27 @@ import csv
 import importlib.util
 import os
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, overload
+from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from patchcore.core.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
-from patchcore.lean.util import check_fraction, check_on_error, resize_mask
+from patchcore.core.samples import (
+    ANOMALOUS,
+    GOOD,
+    MASK_FOLDER,
+    NORMAL,
+    NORMAL_NAMES,
+    ImageDataset,
+    OnError,
+    Sample,
+    concat,
+    load_mask,
+    preview,
+)
+from patchcore.lean.util import check_fraction, check_on_error
 
 __all__ = [
     "NORMAL",
@@ -52,228 +63,6 @@ __all__ = [
     "normal_train_split",
     "check_readable",
 ]
-
-NORMAL = 0
-ANOMALOUS = 1
-GOOD = "good"
-NORMAL_NAMES = ("good", "normal", "ok")
-MASK_FOLDER = "ground_truth"
-
-OnError = Literal["raise", "skip"]
-ImageRef = Path | np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class Sample:
-    """One image with its label.
-
-    Attributes:
-        image: path to the image file (read lazily) or an in-memory uint8 array HxW / HxWxC.
-        label: 0 normal, 1 anomalous.
-        defect_type: ``"good"`` for normal samples, otherwise the defect type (folder name).
-        mask: path to a ground-truth mask (white = defect), a HxW array, or ``None``.
-        name: stable identifier, unique within a data set (loaders use the relative path).
-            Defaults to the image path for file samples; required for in-memory arrays.
-    """
-
-    image: ImageRef
-    label: int = NORMAL
-    defect_type: str = GOOD
-    mask: ImageRef | None = None
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.image, (str, os.PathLike)):
-            object.__setattr__(self, "image", Path(self.image))
-        elif not isinstance(self.image, np.ndarray):
-            raise TypeError(
-                f"Sample.image must be a path or a numpy array, got {type(self.image).__name__}"
-            )
-        if isinstance(self.mask, (str, os.PathLike)):
-            object.__setattr__(self, "mask", Path(self.mask))
-        elif self.mask is not None and not isinstance(self.mask, np.ndarray):
-            raise TypeError(
-                f"Sample.mask must be a path, a numpy array or None, got {type(self.mask).__name__}"
-            )
-        label = int(self.label)
-        if label not in (NORMAL, ANOMALOUS):
-            raise ValueError(f"label must be 0 (normal) or 1 (anomalous), got {self.label!r}")
-        object.__setattr__(self, "label", label)
-        if label == NORMAL and self.defect_type != GOOD:
-            raise ValueError(
-                f"a normal sample has defect_type 'good', got {self.defect_type!r}; "
-                "use label=1 for a defect type"
-            )
-        if label == ANOMALOUS and self.defect_type.lower() in ("", GOOD):
-            raise ValueError(
-                f"an anomalous sample needs a defect type other than 'good', "
-                f"got {self.defect_type!r}"
-            )
-        if not self.name:
-            if not isinstance(self.image, Path):
-                raise ValueError("a Sample holding an in-memory array needs a name")
-            object.__setattr__(self, "name", self.image.as_posix())
-
-    @property
-    def is_anomalous(self) -> bool:
-        return self.label == ANOMALOUS
-
-
-class ImageDataset(Sequence[Sample]):
-    """An immutable, ordered collection of :class:`Sample` with unique names.
-
-    Args:
-        samples: the samples, in order.
-        source: where the samples came from (shown by ``repr``), e.g. ``"deeppcb/test"``.
-    """
-
-    def __init__(self, samples: Iterable[Sample] = (), *, source: str = "") -> None:
-        self._samples: tuple[Sample, ...] = tuple(samples)
-        for s in self._samples:
-            if not isinstance(s, Sample):
-                raise TypeError(f"ImageDataset holds Sample objects, got {type(s).__name__}")
-        dupes = [n for n, c in Counter(s.name for s in self._samples).items() if c > 1]
-        if dupes:
-            raise ValueError(
-                f"sample names must be unique; repeated: {_preview(dupes)}. "
-                "Give distinct names (e.g. relative paths) when combining data sets"
-            )
-        self.source = source
-        labels = np.fromiter((s.label for s in self._samples), dtype=np.int64)
-        labels.setflags(write=False)
-        self._labels = labels
-
-    # --- Sequence protocol -------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self._samples)
-
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> ImageDataset: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | ImageDataset:
-        if isinstance(index, slice):
-            return ImageDataset(self._samples[index], source=self.source)
-        return self._samples[int(index)]  # numpy integers too
-
-    def __iter__(self) -> Iterator[Sample]:
-        return iter(self._samples)
-
-    def __add__(self, other: ImageDataset) -> ImageDataset:
-        if not isinstance(other, ImageDataset):
-            return NotImplemented
-        return concat(self, other)
-
-    def __repr__(self) -> str:
-        n_anom = int(self._labels.sum())
-        parts = [f"{len(self)} images: {len(self) - n_anom} normal, {n_anom} anomalous"]
-        defects = {k: v for k, v in self.counts().items() if k != GOOD}
-        if defects:
-            parts.append("[" + ", ".join(f"{k} {v}" for k, v in defects.items()) + "]")
-        src = f", source={self.source!r}" if self.source else ""
-        return f"ImageDataset({' '.join(parts)}{src})"
-
-    # --- columns -----------------------------------------------------------------------------
-    @property
-    def samples(self) -> tuple[Sample, ...]:
-        return self._samples
-
-    @property
-    def images(self) -> list[ImageRef]:
-        """Image paths (or arrays), in order."""
-        return [s.image for s in self._samples]
-
-    @property
-    def labels(self) -> np.ndarray:
-        """int64 array (N,) of 0 (normal) / 1 (anomalous); read-only."""
-        return self._labels
-
-    @property
-    def defect_types(self) -> list[str]:
-        return [s.defect_type for s in self._samples]
-
-    @property
-    def masks(self) -> list[ImageRef | None]:
-        return [s.mask for s in self._samples]
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self._samples]
-
-    def counts(self) -> dict[str, int]:
-        """Number of samples per defect type, ``"good"`` first, then by name."""
-        c = Counter(self.defect_types)
-        return {k: c[k] for k in sorted(c, key=lambda k: (k != GOOD, k))}
-
-    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
-        """The samples at the given positions (ints, in the given order) or a boolean mask (N,)."""
-        idx = np.asarray(indices)
-        if idx.dtype == np.bool_:
-            if idx.shape != (len(self),):
-                raise ValueError(f"boolean mask of shape {idx.shape} for {len(self)} samples")
-            idx = np.flatnonzero(idx)
-        elif idx.size == 0:
-            idx = idx.astype(np.int64)
-        elif not np.issubdtype(idx.dtype, np.integer):
-            raise TypeError(f"indices must be integers or a boolean mask, got dtype {idx.dtype}")
-        if idx.ndim != 1:
-            raise ValueError(f"indices must be one-dimensional, got shape {idx.shape}")
-        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
-            raise IndexError(f"index out of range for {len(self)} samples")
-        return ImageDataset((self._samples[int(i)] for i in idx), source=self.source)
-
-
-def concat(*datasets: ImageDataset) -> ImageDataset:
-    """Samples of several data sets, in order (names must stay unique)."""
-    sources = [d.source for d in datasets if d.source]
-    source = " + ".join(dict.fromkeys(sources))
-    return ImageDataset((s for d in datasets for s in d), source=source)
-
-
-def load_mask(sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarray | None:
-    """The ground-truth mask of a sample as a boolean array.
-
-    Args:
-        sample: the sample.
-        shape: (H, W) to return; a mask of another size is resized (nearest neighbour). ``None``:
-            the mask's own size, or the image's size when there is no mask file.
-
-    Returns:
-        bool array (H, W), True = defect. All False for a normal sample without a mask;
-        ``None`` for an anomalous sample without a mask (its defect location is unknown).
-    """
-    if sample.mask is None:
-        if sample.is_anomalous:
-            return None
-        if shape is None:
-            shape = _image_shape(sample.image)
-        return np.zeros(tuple(shape), dtype=bool)
-    m = read_image(sample.mask) if isinstance(sample.mask, Path) else np.asarray(sample.mask)
-    if m.ndim == 3:
-        m = m.max(axis=2)
-    if m.ndim != 2:
-        raise ImageReadError(sample.name, f"mask of shape {m.shape}; expected HxW")
-    top = float(m.max(initial=0))
-    out = m > top / 2 if top > 0 else np.zeros(m.shape, dtype=bool)
-    if shape is not None:
-        out = resize_mask(out, (int(shape[0]), int(shape[1])))
-    return out
-
-
-def _image_shape(image: ImageRef) -> tuple[int, int]:
-    if isinstance(image, np.ndarray):
-        return (int(image.shape[0]), int(image.shape[1]))
-    try:
-        with Image.open(image) as im:  # header only
-            w, h = im.size
-    except FileNotFoundError:
-        raise ImageReadError(image, "no such file") from None
-    except OSError as exc:
-        raise ImageReadError(image, f"cannot read image header ({exc})") from None
-    return (h, w)
-
 
 # --- folder layout ----------------------------------------------------------------------------
 
@@ -330,6 +119,25 @@ def load_folder(
             f"normal_names={normal_names!r} must include 'good' (the name of the normal type)"
         )
     mask_base = Path(mask_root) if mask_root is not None else root / MASK_FOLDER
+    subdirs, loose = _label_folders(root, base, split, mask_base)
+    samples = _folder_samples(root, subdirs, loose, normal, mask_base)
+    if not samples:
+        found = ", ".join(d.name for d in subdirs) or "nothing"
+        raise ValueError(
+            f"{base}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)}); it holds {found}"
+        )
+    source = root.as_posix() if split is None else f"{root.as_posix()}/{split}"
+    ds = ImageDataset(samples, source=source)
+    if on_error is not None:
+        ds, _ = check_readable(ds, on_error=on_error)
+    return ds
+
+
+def _label_folders(
+    root: Path, base: Path, split: str | None, mask_base: Path
+) -> tuple[list[Path], list[Path]]:
+    """(label folders, loose image files) of ``base``, refusing the layouts
+    :func:`load_folder` cannot label."""
     subdirs = [
         d
         for d in sorted(base.iterdir())
@@ -343,44 +151,40 @@ def load_folder(
     loose = list_images(base)
     if loose and subdirs:
         raise ValueError(
-            f"{base} holds both image files ({_preview([p.name for p in loose])}) and label "
+            f"{base} holds both image files ({preview([p.name for p in loose])}) and label "
             f"folders ({', '.join(d.name for d in subdirs)}); move the images into a label folder"
         )
-
     if loose and split == "test":  # a flat test/ folder would count every defect as normal
         raise ValueError(
-            f"{base} holds image files ({_preview([p.name for p in loose])}) but no label "
+            f"{base} holds image files ({preview([p.name for p in loose])}) but no label "
             f"folders, so their labels are unknown; put them in {base}/<label>/ "
             f"({base}/good/ for normal images, {base}/<defect type>/ for the others)"
         )
-    samples: list[Sample] = []
+    return subdirs, loose
+
+
+def _folder_samples(
+    root: Path, subdirs: list[Path], loose: list[Path], normal: set[str], mask_base: Path
+) -> list[Sample]:
+    """The samples of loose images (all normal) or of label folders (normal ones first)."""
     if loose:  # a plain folder of images (train, or split=None): all normal
-        samples = [Sample(p, NORMAL, GOOD, None, _rel(p, root)) for p in loose]
-    else:
-        ordered = sorted(subdirs, key=lambda d: (d.name.lower() not in normal, d.name))
-        for d in ordered:
-            files = list_images(d)
-            if not files:
-                warnings.warn(f"{d}: label folder without images, ignored", stacklevel=2)
-                continue
-            if d.name.lower() in normal:
-                samples += [Sample(p, NORMAL, GOOD, None, _rel(p, root)) for p in files]
-            else:
-                masks = _find_masks(files, mask_base / d.name)
-                samples += [
-                    Sample(p, ANOMALOUS, d.name, m, _rel(p, root))
-                    for p, m in zip(files, masks, strict=True)
-                ]
-    if not samples:
-        found = ", ".join(d.name for d in subdirs) or "nothing"
-        raise ValueError(
-            f"{base}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)}); it holds {found}"
-        )
-    source = root.as_posix() if split is None else f"{root.as_posix()}/{split}"
-    ds = ImageDataset(samples, source=source)
-    if on_error is not None:
-        ds, _ = check_readable(ds, on_error=on_error)
-    return ds
+        return [Sample(p, NORMAL, GOOD, None, _rel(p, root)) for p in loose]
+    samples: list[Sample] = []
+    ordered = sorted(subdirs, key=lambda d: (d.name.lower() not in normal, d.name))
+    for d in ordered:
+        files = list_images(d)
+        if not files:
+            warnings.warn(f"{d}: label folder without images, ignored", stacklevel=3)
+            continue
+        if d.name.lower() in normal:
+            samples += [Sample(p, NORMAL, GOOD, None, _rel(p, root)) for p in files]
+        else:
+            masks = _find_masks(files, mask_base / d.name)
+            samples += [
+                Sample(p, ANOMALOUS, d.name, m, _rel(p, root))
+                for p, m in zip(files, masks, strict=True)
+            ]
+    return samples
 
 
 def _find_masks(images: list[Path], folder: Path) -> list[Path | None]:
@@ -401,8 +205,8 @@ def _find_masks(images: list[Path], folder: Path) -> list[Path | None]:
     if missing:
         warnings.warn(
             f"{folder}: no mask for {len(missing)} of {len(images)} images "
-            f"({_preview(missing)}); their masks are unknown (None)",
-            stacklevel=3,
+            f"({preview(missing)}); their masks are unknown (None)",
+            stacklevel=4,
         )
     return out
 
@@ -519,7 +323,7 @@ def _visa_from_csv(
         else:
             samples.append(Sample(image, ANOMALOUS, "bad", mask, r["image"].strip()))
     if missing:
-        msg = f"{csv_path}: {len(missing)} listed files do not exist ({_preview(missing)})"
+        msg = f"{csv_path}: {len(missing)} listed files do not exist ({preview(missing)})"
         if on_error != "skip":
             raise FileNotFoundError(msg + "; pass on_error='skip' to leave those rows out")
         warnings.warn(msg + "; those rows were skipped", stacklevel=3)
@@ -750,7 +554,7 @@ def _require_dir(path: Path, what: str = "folder") -> None:
     parent = path.parent
     if parent.is_dir():
         there = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
-        listing = f"{parent} holds: {_preview(there, 20) or 'nothing'}"
+        listing = f"{parent} holds: {preview(there, 20) or 'nothing'}"
     else:
         listing = f"{parent} does not exist either"
     raise FileNotFoundError(f"{path}: no such {what}; {listing}")
@@ -758,8 +562,3 @@ def _require_dir(path: Path, what: str = "folder") -> None:
 
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
-
-
-def _preview(items: Sequence[object], n: int = 5) -> str:
-    shown = ", ".join(str(x) for x in items[:n])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")

@@ -9,21 +9,21 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from patchcore.core import augment as augmentation
-from patchcore.core import persistence, sampling, search
-from patchcore.core.anomaly_map import maps_at_sizes
+from patchcore.core import persistence, sampling, scoring, search
 from patchcore.core.backbones import BACKBONE_DTYPES, FeatureExtractor, resolve_device
 from patchcore.core.embedding import FEATURE_DTYPES, FeatureStore, embed, flatten_patches
-from patchcore.core.explain import ExplainMixin, Explanation, bank_provenance
-from patchcore.core.images import ImageInput, output_size
+from patchcore.core.explain import ExplainMixin, Explanation
+from patchcore.core.images import output_size
+from patchcore.core.inference import ScoreMixin
 from patchcore.core.inputs import (
     Batch,
     Skipped,
@@ -34,10 +34,11 @@ from patchcore.core.inputs import (
     warn_skipped,
 )
 from patchcore.core.inspection import InspectMixin
-from patchcore.core.params import ParamsMixin
+from patchcore.core.params import ParamsMixin, check_settable
 from patchcore.core.persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
+from patchcore.core.presets import with_preset
 from patchcore.core.regions import RegionsMixin
-from patchcore.core.results import Classification, ImageResult, MapSize, ScoreResult, check_maps
+from patchcore.core.results import Classification, ImageResult, MapSize, ScoreResult
 from patchcore.core.search import NearestNeighborIndex, resolve_precision
 from patchcore.core.state import FittedAttributes, FittedState, NotFittedError
 from patchcore.core.update import UpdateMixin
@@ -72,9 +73,19 @@ class TrainingFeatures:
 
     def provenance(self, indices: torch.Tensor, first_image: int = 0) -> torch.Tensor:
         """(M, 3) int32 origins (image, row, column) of the feature rows ``indices``."""
-        if self.pieces is None:
-            return bank_provenance(indices, self.grids, first_image)
-        return augmentation.provenance(indices, self.pieces, first_image)
+        return augmentation.origins(indices, self.grids, self.pieces, first_image)
+
+
+class PatchDistances(NamedTuple):
+    """A batch's patches and their nearest-bank distances (:meth:`PatchCore._distances`):
+    patches (B, P, D) float32, distances (B, P) (each image's ``top_k`` largest exact),
+    image_max / arg (B,) the exact largest distance and its patch, grid the (h, w) patch grid."""
+
+    patches: torch.Tensor
+    distances: torch.Tensor
+    image_max: torch.Tensor
+    arg: torch.Tensor
+    grid: tuple[int, int]
 
 
 class PatchCore(
@@ -85,6 +96,7 @@ class PatchCore(
     InspectMixin,
     ExplainMixin,
     UpdateMixin,
+    ScoreMixin,
 ):
     """PatchCore anomaly detector (Roth et al., 2022).
 
@@ -96,49 +108,43 @@ class PatchCore(
         scale: resize by this factor instead (MATLAB's reference uses 0.4).
         augment: ``None`` (default), ``"flips"`` or ``"rot90"``: also put the patches of each
             training image mirrored (left-right and up-down: 3x the training patches) or
-            turned by quarter turns (4x) into the coreset's input (:mod:`patchcore.core.augment`;
-            test images are scored as they are). For parts photographed in any orientation
-            (round castings, tiles, screws); for parts that always lie the same way it adds fit
-            time and bank rows for nothing. What it gained on which set: benchmarks/RESULTS.md,
-            "Leads of issue #23".
-        coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]. The
-            default 0.01 with every training image reached the exact greedy's 1 % image AUROC
-            on every shared set (benchmarks/RESULTS.md, "Defaults on full data").
+            turned by quarter turns (4x) into the coreset's input; test images are scored as
+            they are (:mod:`patchcore.core.augment`; for which parts it pays:
+            benchmarks/RESULTS.md, "Leads of issue #23").
+        coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]; the
+            default 0.01 was measured against the exact greedy (benchmarks/RESULTS.md,
+            "Defaults on full data").
         max_bank_size: cap on the memory bank's rows (``None``: no cap). The default 16,384
-            leaves the shared sets' 1 % banks alone but deeppcb's (25,600 rows from 2.56 M
-            patches): its image AUROC was 0.921 at 12,800 rows and 0.918 at 25,600, while
-            scoring and fitting cost grow with the bank (benchmarks/RESULTS.md).
+            leaves the shared sets' 1 % banks alone and caps deeppcb's, where a larger bank
+            cost time without gaining accuracy (benchmarks/RESULTS.md).
         sampling: ``"greedy"`` (default: the k-center coreset in time linear in the number of
             patches, :func:`patchcore.core.sampling.chunked_greedy_coreset`), ``"greedy_exact"``
             (the exact greedy k-center, :func:`patchcore.core.sampling.greedy_coreset`: same
             quality, but its time grows with patches x bank rows and depends on the data) or
             ``"random"``.
         projection_dim: random projection size used by ``"greedy_exact"``; ``None`` (default)
-            selects on the features themselves (a 128-d projection of the 152-d default
-            features made the coverage radius ~10 % worse without being faster); worth it only
-            for very wide features such as wide_resnet50_2's 1536-d.
+            selects on the features themselves; a projection is worth it only for very wide
+            features such as wide_resnet50_2's 1536-d (benchmarks/RESULTS.md).
         search_precision: ``"auto"`` (default), ``"float32"`` or ``"bfloat16"``: the precision
             of the distance products against the memory bank. ``"auto"`` picks bfloat16 on
-            CPUs with native bfloat16 dot products (AVX-512 BF16 or AMX; about 3x float32's
-            rate) and float32 elsewhere. Image scores are exact either way (patches that could
-            hold an image's maximum are re-checked in float32); map values carry the bfloat16
-            error (median 0.4 %, see :mod:`patchcore.core.search`).
+            CPUs with native bfloat16 dot products (AVX-512 BF16 or AMX) and float32
+            elsewhere. Image scores are exact either way (patches that could hold an image's
+            top scores are re-checked in float32); map values carry the bfloat16 error (see
+            :mod:`patchcore.core.search`; rates and errors in benchmarks/RESULTS.md).
         feature_dtype: ``"float16"`` (default) or ``"float32"``: how training patch features
-            are held during fit. Fit's peak memory above its start is 1.23x the float32 feature
-            bytes with float16, 1.72x with float32 (benchmarks/bench_fit_memory.py); the bank is
-            float32 either way (casting: same image AUROC, 0.882). Features beyond float16's
-            range (|x| > 65504) switch the store to float32 with a warning.
+            are held during fit (float16 lowers fit's peak memory,
+            benchmarks/bench_fit_memory.py); the bank is float32 either way. Features beyond
+            float16's range (|x| > 65504) switch the store to float32 with a warning.
         backbone_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: the precision
-            the backbone runs in (features and search stay float32). bfloat16 is opt-in: with
-            AMX it made the extractor 1.5-2x faster, features 3-6 % of their range off
-            (benchmarks/bench_scoring.py; AUROC effect in benchmarks/RESULTS.md).
+            the backbone runs in (features and search stay float32). bfloat16 is opt-in: faster
+            with AMX, features a few per cent of their range off (benchmarks/bench_scoring.py,
+            benchmarks/RESULTS.md).
         num_neighbors: neighbours for the paper's image-score reweighting; 1 disables it.
         top_k: the image score is the mean of the ``top_k`` largest patch distances (each
             re-checked in float32); 1 = the paper's score, the largest reweighted by eq. 7
-            (``num_neighbors``; not applied when ``top_k > 1``). The default 10 gave a mean
-            image AUROC over the four real sets of 0.9542 against the paper's 0.9492 at the same
-            cost (3 seeds; 0.0010 lower on deeppcb, whose defects cover one or two patches;
-            benchmarks/RESULTS.md, "Accuracy search").
+            (``num_neighbors``; not applied when ``top_k > 1``); the rule is
+            :func:`patchcore.core.scoring.image_scores`. Why 10: benchmarks/RESULTS.md,
+            "Accuracy search".
         embed_dim: optional smaller patch dimension (channel averaging).
         kernel_size: local neighbourhood averaged into each patch feature.
         sigma: Gaussian blur of anomaly maps, in processed-image pixels.
@@ -150,7 +156,12 @@ class PatchCore(
     Fitted attributes (views of ``state_``, a :class:`~patchcore.core.state.FittedState`):
     ``memory_bank_``, ``layers_``, ``threshold_``, ``threshold_method_``, ``n_train_images_``,
     ``n_train_patches_``, ``feature_dtype_``, ``skipped_``, ``metadata_``, ``*_seconds_``,
-    ``region_threshold_`` (defect regions: :class:`~patchcore.core.regions.RegionsMixin`).
+    ``region_threshold_`` (defect regions: :class:`~patchcore.core.regions.RegionsMixin`),
+    ``map_scale_`` and ``display_range_`` (chosen at calibration:
+    :mod:`patchcore.core.calibration`).
+
+    Fit-shaping parameters are frozen once fitted, score-shaping ones once a threshold exists
+    (:meth:`set_params`).
     """
 
     def __init__(
@@ -214,9 +225,27 @@ class PatchCore(
             ValueError: an unknown preset name.
             TypeError: an override that is not a PatchCore parameter.
         """
-        from patchcore.core.presets import with_preset
-
         return cls(**with_preset(name, overrides))
+
+    def set_params(self, **params: Any) -> PatchCore:
+        """Set constructor arguments by name, as far as a fitted model allows.
+
+        Fit-shaping parameters (:data:`~patchcore.core.params.FIT_PARAMS`: backbone, layers,
+        weights, sizes, bank and sampling settings, feature and backbone dtypes, embed_dim,
+        kernel_size, seed) are refused on a fitted model, and those that change what a score or
+        map means (:data:`~patchcore.core.params.SCORE_PARAMS`: top_k, num_neighbors, sigma)
+        once a threshold exists: a ``ValueError`` names the parameter and what to do (fit
+        again, or :meth:`clear_threshold` and calibrate again). Scoring settings (batch_size,
+        device, progress, search_precision) apply from the next call.
+
+        Returns:
+            self
+        """
+        check_settable(self, params)
+        super().set_params(**params)
+        if hasattr(self, "state_") and {"device", "search_precision"} & params.keys():
+            self._set_fitted(self.state_, self.extractor_)  # bank and index moved / rebuilt
+        return self
 
     def _validate(self) -> None:
         validate_params(self)
@@ -312,174 +341,53 @@ class PatchCore(
         return embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
 
     @torch.inference_mode()
+    def _distances(self, pixels: torch.Tensor) -> PatchDistances:
+        """Embed (B, 3, H, W) pixels and search the bank (distances only: the nearest row is
+        looked up for each image's worst patch alone, in :func:`search.patch_scores`)."""
+        emb = self._embed(pixels)
+        b, _, h, w = emb.shape
+        patches = flatten_patches(emb).float().view(b, h * w, -1)
+        distances, image_max, arg = search.patch_scores(self._index, patches, int(self.top_k))
+        return PatchDistances(patches, distances, image_max, arg, (h, w))
+
+    @torch.inference_mode()
     def _score_batch(self, batch: Batch, maps: MapSize) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image scores (B,) float64 and, unless ``maps`` is None, B float32 maps."""
         assert batch.pixels is not None
-        emb = self._embed(batch.pixels)
-        b, _, h, w = emb.shape
-        patches = flatten_patches(emb).float().view(b, h * w, -1)
-        # distances only: the nearest index is looked up for each image's worst patch alone
-        patch_scores, image_max, arg = search.patch_scores(self._index, patches, int(self.top_k))
-        image_scores = self._image_scores(patches, patch_scores, image_max, arg)
+        found = self._distances(batch.pixels)
+        image_scores = self._image_scores(found)
         out: list[np.ndarray] = []
         if maps is not None:
+            b, (h, w) = len(image_scores), found.grid
             processed = (int(batch.pixels.shape[-2]), int(batch.pixels.shape[-1]))
             want = {"processed": [processed] * b, "native": batch.sizes}.get(maps, [maps] * b)
-            out = maps_at_sizes(patch_scores.view(b, 1, h, w), processed, want, self.sigma)
+            grid = found.distances.view(b, 1, h, w)
+            out = scoring.maps_at_sizes(grid, processed, want, self.sigma)
         return image_scores.double().cpu().numpy(), out
 
-    def _image_scores(
-        self,
-        patches: torch.Tensor,
-        patch_scores: torch.Tensor,
-        image_max: torch.Tensor,
-        arg: torch.Tensor,
-    ) -> torch.Tensor:
-        """(B,) image scores from (B, P, D) patches and :func:`search.patch_scores`' outputs:
-        the mean of the ``top_k`` largest patch distances, or (``top_k`` 1) the largest with
-        the paper's eq. 7 reweighting when ``num_neighbors`` > 1."""
-        if int(self.top_k) > 1:
-            return self._top_k_mean(patch_scores)
+    def _image_scores(self, found: PatchDistances) -> torch.Tensor:
+        """(B,) image scores by the one rule (:func:`patchcore.core.scoring.image_scores`)."""
+        return scoring.image_scores(
+            found.distances,
+            int(self.top_k),
+            patches=found.patches,
+            best=(found.image_max, found.arg),
+            support=self._eq7_support(),
+        )
+
+    def _eq7_support(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """(B, D) worst patches -> (B, k, D): the ``num_neighbors`` bank rows around each one's
+        nearest row m* (eq. 7's support), or None where eq. 7 does not apply."""
         k = min(int(self.num_neighbors), self.memory_bank_.shape[0])
-        return self._reweight(patches, arg, image_max, k) if k > 1 else image_max
+        if int(self.top_k) > 1 or k <= 1:
+            return None
+        bank, index = self._bank, self._index  # the bank on the index's device
 
-    def _reweight(
-        self,
-        patches: torch.Tensor,
-        arg: torch.Tensor,
-        scores: torch.Tensor,
-        k: int,
-    ) -> torch.Tensor:
-        """The paper's eq. 7: damp the max-patch score where its neighbourhood is dense."""
-        rows = torch.arange(patches.shape[0], device=patches.device)
-        worst = patches[rows, arg]  # (B, D) most anomalous patch per image
-        bank = self._bank  # on the index's device (was a full copy per batch on GPUs)
-        nearest = bank[self._index.search(worst, k=1)[1][:, 0]]  # (B, D) m*, its nearest row
-        _, support = self._index.search(nearest, k=k)  # (B, k) neighbours of m*
-        d = torch.linalg.vector_norm(worst[:, None, :] - bank[support], dim=-1)  # (B, k)
-        weights = 1.0 - torch.softmax(d, dim=1)[:, 0]
-        return weights * scores
+        def support(worst: torch.Tensor) -> torch.Tensor:
+            nearest = bank[index.search(worst, k=1)[1][:, 0]]  # (B, D) m*, its nearest row
+            return bank[index.search(nearest, k=k)[1]]  # (B, k, D) the neighbours of m*
 
-    def _top_k_mean(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B,) mean of each image's ``top_k`` largest patch distances.
-
-        Args:
-            scores: (B, P) nearest distances from ``search.patch_scores(..., k=top_k)``, whose
-                ``top_k`` largest are exact.
-        """
-        k = min(int(self.top_k), scores.shape[1])
-        return scores.topk(k, dim=1).values.float().mean(dim=1)
-
-    # ------------------------------------------------------------------ inference
-
-    def iter_score(
-        self,
-        images: Any,
-        *,
-        maps: MapSize = None,
-        on_error: str = "raise",
-        progress: bool | None = None,
-    ) -> Iterator[ImageResult]:
-        """Score images one by one as they are processed, in input order (a stream).
-
-        Images are still decoded and run in batches of ``batch_size``; each batch's results are
-        yielded as soon as it is done, so a caller can show progress or write rows as they come.
-
-        Args:
-            images: paths, PIL images, arrays, tensors, or an ``ImageDataset``.
-            maps: ``None`` (no maps), ``"processed"`` (at the resized size the detector sees),
-                ``"native"`` (each input's own size) or ``(H, W)`` (a given display size).
-            on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
-                yields it with ``score`` NaN, ``map`` None and ``error`` set.
-            progress: show a progress bar for this call; ``None`` = the ``progress`` parameter.
-
-        Yields:
-            :class:`ImageResult` per input: index, name, score (higher = more anomalous), map
-            (float32 HxW or None) and error (None, or why the input was skipped).
-        """
-        self._check_fitted("iter_score")
-        check_on_error(on_error)
-        maps = check_maps(maps)
-        items = as_list(images)
-        progress = self.progress if progress is None else bool(progress)
-        return self._stream(items, maps, on_error, progress)
-
-    def _stream(
-        self, items: list[Any], maps: MapSize, on_error: str, progress: bool
-    ) -> Iterator[ImageResult]:
-        for batch in self._batches(items, on_error, progress, "score"):
-            results = [
-                ImageResult(s.index, s.name, float("nan"), None, s.reason) for s in batch.skipped
-            ]
-            if batch.pixels is not None:
-                scores, out = self._score_batch(batch, maps)
-                for j, i in enumerate(batch.indices):
-                    m = out[j] if maps is not None else None
-                    results.append(ImageResult(i, batch.names[j], float(scores[j]), m, None))
-            yield from sorted(results, key=lambda r: r.index)
-
-    def score(
-        self,
-        images: Any,
-        *,
-        maps: MapSize = None,
-        on_error: str = "raise",
-        progress: bool | None = None,
-    ) -> ScoreResult:
-        """Scores, optional anomaly maps and the skipped inputs of ``images`` in one pass.
-
-        Arguments as in :meth:`iter_score`; nothing is warned: unreadable inputs skipped with
-        ``on_error="skip"`` are returned in ``skipped``.
-
-        Returns:
-            :class:`ScoreResult`: ``scores`` (N,) float64, higher = more anomalous, NaN where
-            skipped; ``maps`` N float32 arrays (None where skipped), or None when ``maps`` is
-            None; ``skipped`` the (index, name, reason) records.
-        """
-        stream = self.iter_score(images, maps=maps, on_error=on_error, progress=progress)
-        return ScoreResult.collect(stream, with_maps=maps is not None)
-
-    def _scored(
-        self, images: Any, maps: MapSize, on_error: str, progress: bool | None
-    ) -> ScoreResult:
-        """:meth:`score`, warning about skipped inputs (the older methods' behaviour)."""
-        result = self.score(images, maps=maps, on_error=on_error, progress=progress)
-        warn_skipped("{n} unreadable image(s) scored as NaN", result.skipped, stacklevel=4)
-        return result
-
-    def score_samples(
-        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
-    ) -> np.ndarray:
-        """Image anomaly scores, higher = more anomalous.
-
-        Returns:
-            (N,) float64; NaN for images skipped with ``on_error="skip"`` (with a warning).
-        """
-        return self._scored(images, None, on_error, progress).scores
-
-    def score_with_maps(
-        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
-    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        """Image scores and anomaly maps in one pass (no threshold needed).
-
-        Returns:
-            scores (N,) float64 (NaN for skipped images) and N float32 maps HxW at each input's
-            own size (None if skipped).
-        """
-        r = self._scored(images, "native", on_error, progress)
-        return r.scores, r.maps  # type: ignore[return-value]
-
-    def anomaly_map(self, image: ImageInput, *, progress: bool | None = None) -> np.ndarray:
-        """Per-pixel anomaly map of one image, float32 HxW at the image's own size."""
-        m = self.score([image], maps="native", progress=progress).maps[0]  # type: ignore[index]
-        assert m is not None
-        return m
-
-    def anomaly_maps(
-        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
-    ) -> list[np.ndarray | None]:
-        """Anomaly maps of several images at their own sizes (None for skipped ones)."""
-        return self._scored(images, "native", on_error, progress).maps  # type: ignore[return-value]
+        return support
 
     # ------------------------------------------------------------------ persistence
 
@@ -666,11 +574,7 @@ class PatchCore(
             coreset_seconds=coreset_seconds,
             fit_seconds=feature_seconds + coreset_seconds,
             skipped=sorted(skipped),
-            provenance=(
-                bank_provenance(indices, grids)
-                if pieces is None
-                else augmentation.provenance(indices, pieces)
-            ),
+            provenance=augmentation.origins(indices, grids, pieces),
             train_names=list(names),
             train_grids=[tuple(int(v) for v in g) for g in grids],
         )

@@ -7,7 +7,7 @@ patch. :meth:`ExplainMixin.explain` then answers, for an image, which normal tra
 nearest to its worst patch: which image, where (in that image's own pixels) and how far.
 
 Mixed into :class:`patchcore.PatchCore` (as :mod:`patchcore.core.verdicts`): it needs the
-estimator's ``_batches``, ``_embed``, ``_image_scores``, ``_index`` and ``state_``.
+estimator's ``_batches``, ``_distances``, ``_image_scores``, ``_index`` and ``state_``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from patchcore.core import search
-from patchcore.core.embedding import flatten_patches
 from patchcore.core.inputs import as_list, check_on_error
+from patchcore.core.scoring import worst_patches
 
 __all__ = ["NO_PROVENANCE", "Explanation", "ExplainMixin", "bank_provenance", "cell_box"]
 
@@ -157,14 +156,12 @@ class ExplainMixin:
         return sorted(out, key=lambda e: e.index)
 
     def _explain_batch(self, batch: Any) -> list[Explanation]:
-        emb = self._embed(batch.pixels)  # type: ignore[attr-defined]
-        b, _, h, w = emb.shape
-        patches = flatten_patches(emb).float().view(b, h * w, -1)
-        index = self._index  # type: ignore[attr-defined]
-        patch_scores, image_max, arg = search.patch_scores(index, patches, int(self.top_k))  # type: ignore[attr-defined]
-        scores = self._image_scores(patches, patch_scores, image_max, arg)  # type: ignore[attr-defined]
-        worst = patches[torch.arange(b, device=patches.device), arg]
-        dist, nearest = index.search(worst, k=1)
+        found = self._distances(batch.pixels)  # type: ignore[attr-defined]
+        scores = self._image_scores(found)  # type: ignore[attr-defined]
+        h, w = found.grid
+        worst = worst_patches(found.patches, found.arg)
+        dist, nearest = self._index.search(worst, k=1)  # type: ignore[attr-defined]
+        arg = found.arg
         state = self.state_  # type: ignore[attr-defined]
         radius = int(self.kernel_size) // 2  # type: ignore[attr-defined]
         out = []

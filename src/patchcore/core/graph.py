@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchcore.core.anomaly_map import _axis_operator, _blur_mode, gaussian_kernel1d
+from patchcore.core import scoring
 from patchcore.core.embedding import embed
+from patchcore.core.search import NearestNeighborIndex
 
 if TYPE_CHECKING:
     from patchcore.core.detector import PatchCore
@@ -125,21 +126,27 @@ class ScoringGraph(nn.Module):
         for i in range(self.n_blocks):  # (D + 1, rows) each: q_ext @ block = |b|^2 - 2 q.b
             self.register_buffer(f"block{i}", bank_ext[i * step : (i + 1) * step].T.contiguous())
         if self.k > 1 and self.top_k == 1:  # eq. 7: m*'s k nearest rows, computed once here
-            from patchcore.core.search import NearestNeighborIndex
-
             self.register_buffer("bank", bank)
             _, table = NearestNeighborIndex(bank).search(bank, k=self.k)
             self.register_buffer("knn", table)
         self.size = size
         if size is not None:
-            h, w = grid_size(det, size)
-            mode = _blur_mode(size[0], size[1], self.sigma) if self.sigma > 0 else "none"
-            self.register_buffer("a_h", _axis_operator(h, size[0], self.sigma, mode).float())
-            self.register_buffer("a_w", _axis_operator(w, size[1], self.sigma, mode).float())
+            a_h, a_w = scoring.map_operators(grid_size(det, size), size, self.sigma)
+            self.register_buffer("a_h", a_h.float())
+            self.register_buffer("a_w", a_w.float())
         if self.sigma > 0:
-            self.register_buffer("kernel", gaussian_kernel1d(self.sigma, torch.float32))
+            self.register_buffer("kernel", scoring.gaussian_kernel1d(self.sigma, torch.float32))
 
-    def _min_sq(self, q: torch.Tensor) -> torch.Tensor:
+    def patch_distances(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) patch features -> (B, P) distances to the nearest bank row, float32.
+
+        The hook an export's search replaces (:mod:`patchcore.core.export`'s int8 search):
+        whatever it returns must be exact for each image's ``top_k`` largest distances.
+        """
+        b, p, d = patches.shape
+        return self.min_sq(patches.reshape(b * p, d)).clamp(min=0.0).sqrt().view(b, p)
+
+    def min_sq(self, q: torch.Tensor) -> torch.Tensor:
         """(Q, D) -> (Q,) squared distance to the nearest bank row, block by block."""
         qc = q - self.bank_mean
         q_ext = torch.cat([qc, torch.ones_like(qc[:, :1])], 1)
@@ -158,17 +165,18 @@ class ScoringGraph(nn.Module):
         return torch.cat(parts, 1).argmin(1)
 
     def _map(self, grid: torch.Tensor, size: tuple[Any, Any]) -> torch.Tensor:
-        """(B, 1, h, w) patch scores -> (B, H, W) upsampled and blurred."""
+        """(B, 1, h, w) patch scores -> (B, H, W) upsampled and blurred (the detector's map:
+        its operators at a fixed size; else the same two steps, any size > the blur radius)."""
         if self.size is not None:
-            return torch.matmul(torch.matmul(self.a_h, grid), self.a_w.T)[:, 0]
+            return scoring.apply_operators(grid, self.a_h, self.a_w)[:, 0]
         up = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
         if self.sigma <= 0:
             return up[:, 0]
-        k = self.kernel
-        r = k.numel() // 2
-        x = F.conv2d(F.pad(up, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-        return x[:, 0]
+        return scoring.blur(up, self.kernel, "reflect")[:, 0]
+
+    def _support(self, worst: torch.Tensor) -> torch.Tensor:
+        """(B, D) worst patches -> (B, k, D): the bank rows of eq. 7 (the k-NN table of m*)."""
+        return self.bank[self.knn[self._nearest_row(worst)]]
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (pixels - self.mean) / self.std
@@ -180,22 +188,17 @@ class ScoringGraph(nn.Module):
         emb = embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
         b, d, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(b, h * w, d)
-        dist = self._min_sq(patches.reshape(b * h * w, d)).clamp(min=0.0).sqrt().view(b, h * w)
-        scores, arg = dist.max(1)
-        if self.top_k > 1:  # as PatchCore._top_k_mean (float32 here throughout)
-            scores = dist.topk(self.top_k, dim=1).values.mean(1)
-        elif self.k > 1:
-            worst = torch.gather(patches, 1, arg.view(b, 1, 1).expand(b, 1, d))[:, 0]  # (B, D)
-            support = self.knn[self._nearest_row(worst)]  # (B, k)
-            near = self.bank[support]  # (B, k, D)
-            dk = torch.linalg.vector_norm(worst[:, None, :] - near, dim=-1)
-            scores = (1.0 - torch.softmax(dk, dim=1)[:, 0]) * scores
+        dist = self.patch_distances(patches)
+        eq7 = self._support if self.k > 1 and self.top_k == 1 else None
+        scores = scoring.image_scores(dist, self.top_k, patches=patches, support=eq7)
         maps = self._map(dist.view(b, 1, h, w), pixels.shape[-2:])
         return scores, maps
 
 
 def grid_size(det: PatchCore, size: tuple[int, int]) -> tuple[int, int]:
-    """The patch grid (h, w) the detector produces for a processed ``size`` (one dry run)."""
+    """The patch grid (h, w) the detector produces for a processed ``size``: the first tapped
+    layer's grid (the embedding keeps it), from one dry run of the feature extractor."""
     with torch.inference_mode():
-        emb = det._embed(torch.zeros(1, 3, *size))
-    return int(emb.shape[-2]), int(emb.shape[-1])
+        feats = det.extractor_(torch.zeros(1, 3, *size))
+    first = feats[det.state_.layers[0]]
+    return int(first.shape[-2]), int(first.shape[-1])

@@ -97,9 +97,9 @@ def _tensor_as_hwc(t: torch.Tensor, name: str) -> np.ndarray:
 def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize CxHxW or BxCxHxW bilinearly with antialiasing (identity when the size matches).
 
-    The antialiased resize runs the width pass first, through an (H_in, W_out) intermediate: for
-    a tall strip (8 x 3,000,000 to 128 x 128: 384 M values, 42 s) the height pass is run first
-    instead, as its own call (the same separable filter; values within ~3e-6).
+    The antialiased resize runs the width pass first, through an (H_in, W_out) intermediate: when
+    that intermediate is far larger than both ends (a tall strip), the height pass is run first
+    instead, as its own call (the same separable filter, to float rounding).
     """
     if tuple(t.shape[-2:]) == tuple(size):
         return t

@@ -30,6 +30,7 @@ from patchcore.lean.inputs import (
 )
 
 __all__ = [
+    "TORCH_ROUTE",
     "Batch",
     "Skipped",
     "as_list",
@@ -55,6 +56,10 @@ def resize_tensor(chw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """:func:`~patchcore.core.images.resize` on an array (the torch path's resize: results are
     those of ``F.interpolate(..., antialias=True)``)."""
     return resize(torch.from_numpy(chw), size).numpy()
+
+
+#: The torch path's plug-ins of the lean pipeline: its decoder and its resize.
+TORCH_ROUTE = {"decode": decode_tensor, "resize": resize_tensor}
 
 
 def iter_batches(
@@ -86,15 +91,11 @@ def iter_batches(
     """
     bar = _progress(len(items), desc, progress)
     try:
-        for batch in lean_inputs.iter_batches(
-            items,
-            batch_size=batch_size,
-            target_size=target_size,
-            decode=decode_tensor,
-            resize=resize_tensor,
-            on_error=on_error,
-            progress=bar.update,
-        ):
+        batches = lean_inputs.iter_batches(
+            items, batch_size=batch_size, target_size=target_size, on_error=on_error,
+            progress=bar.update, **TORCH_ROUTE,
+        )  # fmt: skip
+        for batch in batches:
             if batch.pixels is not None:
                 batch.pixels = torch.from_numpy(batch.pixels)
             yield batch

@@ -24,6 +24,7 @@ class InspectMixin:
         images: Any,
         *,
         regions: bool = True,
+        region_threshold: float | None = None,
         min_area: int = DEFAULT_MIN_AREA,
         on_error: str = "skip",
         progress: bool | None = None,
@@ -33,8 +34,10 @@ class InspectMixin:
         Args:
             images: anything :meth:`iter_score` takes.
             regions: cut each map into defect regions (at :meth:`region_cut`); needs a
-                threshold. An anomalous image always shows at least one region, a normal one
-                none.
+                threshold (or ``region_threshold``). An anomalous image always shows at least
+                one region, a normal one none.
+            region_threshold: cut the maps at this map value instead of :meth:`region_cut`
+                (also without an image threshold: then every image's regions are listed).
             min_area: smallest region kept, in pixels.
             on_error: ``"skip"`` (default) gives an unreadable input an ``"error"`` record;
                 ``"raise"`` stops at the first one.
@@ -45,19 +48,40 @@ class InspectMixin:
         Raises:
             NonFiniteScoreError: the model's threshold is not finite.
         """
+        for _, record in self._inspections(
+            images, regions, region_threshold, min_area, on_error, progress
+        ):
+            yield record
+
+    def inspect(self, images: Any, **kwargs: Any) -> list[rec.Inspection]:
+        """``list(iter_inspect(images, **kwargs))``: one record per input, in input order."""
+        return list(self.iter_inspect(images, **kwargs))
+
+    def _inspections(
+        self,
+        images: Any,
+        regions: bool,
+        region_threshold: float | None,
+        min_area: int,
+        on_error: str,
+        progress: bool | None,
+    ) -> Iterator[tuple[Any, rec.Inspection]]:
+        """(the scoring pass's :class:`~patchcore.core.results.ImageResult`, its record)."""
         self._check_fitted("inspect")  # type: ignore[attr-defined]
         state = self.state_  # type: ignore[attr-defined]
         threshold = rec.check_threshold(state.threshold)
         mapping = state.normalization if threshold is not None else None
-        cut = self.region_cut() if regions and threshold is not None else None  # type: ignore[attr-defined]
+        cut = None
+        if regions and (threshold is not None or region_threshold is not None):
+            cut = self.region_cut(region_threshold)  # type: ignore[attr-defined]
         stream = self.iter_score(  # type: ignore[attr-defined]
             images, maps="native", on_error=on_error, progress=progress
         )
         for r in stream:
             if r.error is not None:
-                yield rec.error_record(r.name, r.index, r.error, threshold=threshold)
+                yield r, rec.error_record(r.name, r.index, r.error, threshold=threshold)
                 continue
-            yield rec.inspection(
+            record = rec.inspection(
                 r.name,
                 r.index,
                 r.score,
@@ -67,7 +91,4 @@ class InspectMixin:
                 region_cut=cut,
                 min_area=min_area,
             )
-
-    def inspect(self, images: Any, **kwargs: Any) -> list[rec.Inspection]:
-        """``list(iter_inspect(images, **kwargs))``: one record per input, in input order."""
-        return list(self.iter_inspect(images, **kwargs))
+            yield r, record

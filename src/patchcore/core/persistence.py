@@ -25,11 +25,13 @@ they must say "newer patchcore: upgrade", not "damaged"); one without it stays v
 Files are read with ``torch.load(weights_only=True)``: no pickled code runs. ``feature_dtype``
 is absent from files written before it existed (read as ``"float32"``); ``backbone_dtype`` is left
 out of the config when it is the default, so older readers can load the file. The optional state
-entries ``calibration``, ``normalization``, ``region_threshold`` and ``region_threshold_method``
-are left out when None (older readers ignore them);
-a file with a threshold but no ``normalization`` (written before it existed) gets the hand-set
-mapping ``fit_normalization(None, threshold)``, as ``set_threshold`` gives; a stored one is
-checked with ``check_mapping`` and must map the file's threshold to 0.5.
+entries ``calibration``, ``normalization``, ``region_threshold``, ``region_threshold_method``,
+``map_scale`` and ``display_range`` are left out when None (older readers ignore them); a file
+with a threshold but no ``normalization`` (written before it existed) gets the hand-set mapping
+``fit_normalization(None, threshold)``, as ``set_threshold`` gives; a stored one is checked
+with ``check_mapping`` and must map the file's threshold to 0.5. A file without ``map_scale``
+cuts its regions at the image threshold, as it did when written; one without
+``display_range`` takes the workflow's ``metadata["display_range"]`` when it has one.
 """
 
 from __future__ import annotations
@@ -66,7 +68,17 @@ __all__ = [
 FORMAT_NAME = "patchcore"
 FORMAT_VERSION = 2  #: the newest version written and read; see the module docstring
 
-_STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are not saved)
+#: Optional "state" entries: left out of the file when None (older files lack them).
+_OPTIONAL_STATE = (
+    "calibration",
+    "normalization",
+    "region_threshold",
+    "region_threshold_method",
+    "map_scale",
+    "display_range",
+)
+#: FittedState fields written under "state" (skipped inputs are not saved).
+_STATE_KEYS = (
     "threshold",
     "threshold_method",
     "n_train_images",
@@ -76,13 +88,8 @@ _STATE_KEYS = (  # FittedState fields written under "state" (skipped inputs are 
     "fit_seconds",
     "feature_dtype",
     "metadata",
-    "calibration",
-    "normalization",
-    "region_threshold",
-    "region_threshold_method",
+    *_OPTIONAL_STATE,
 )
-#: Optional "state" entries: left out of the file when None (older files lack them).
-_OPTIONAL_STATE = ("calibration", "normalization", "region_threshold", "region_threshold_method")
 
 _OPTIONAL_STATE_KEYS = ("train_names", "train_grids", "updates")  # written only when set
 
@@ -164,7 +171,7 @@ def save(det: PatchCore, path: str | os.PathLike) -> Path:
         "memory_bank": state.memory_bank.cpu(),
         "backbone_state": {k: v.cpu() for k, v in det.extractor_.state_dict().items()},
         "state": {
-            k: getattr(state, k)
+            k: list(getattr(state, k)) if k == "display_range" else getattr(state, k)
             for k in _STATE_KEYS
             if not (k in _OPTIONAL_STATE and getattr(state, k) is None)
         },
@@ -303,6 +310,14 @@ def _check_types(path: Path, payload: dict[str, Any]) -> None:
     rm = saved.get("region_threshold_method")
     if rm is not None and not isinstance(rm, str):
         raise bad(f"state 'region_threshold_method' is {rm!r}, not a string or None")
+    ms = saved.get("map_scale")
+    if ms is not None and not (_finite_number(ms) and ms > 0):
+        raise bad(f"state 'map_scale' is {ms!r}, not a positive finite number or None")
+    dr = saved.get("display_range")
+    if dr is not None and not (
+        isinstance(dr, (list, tuple)) and len(dr) == 2 and all(map(_finite_number, dr))
+    ):
+        raise bad(f"state 'display_range' is {dr!r}, not two finite numbers or None")
     f = saved.get("feature_dtype", "float32")
     if f not in ("float16", "float32"):
         raise bad(f"state 'feature_dtype' is {f!r}, not 'float16' or 'float32'")
@@ -373,6 +388,18 @@ def _check_provenance(bad: Any, payload: dict[str, Any], saved: dict[str, Any]) 
             raise bad("provenance holds a patch outside its training image's grid")
 
 
+def _display_range(saved: dict[str, Any]) -> tuple[float, float] | None:
+    """The stored display range; in files from before it was state, the one the workflow kept
+    in ``metadata["display_range"]`` (read leniently: a malformed one is None)."""
+    stored = saved.get("display_range")
+    if stored is None:
+        stored = (saved.get("metadata") or {}).get("display_range")
+        ok = isinstance(stored, (list, tuple)) and len(stored) == 2
+        if not (ok and all(map(_finite_number, stored))):
+            return None
+    return (float(stored[0]), float(stored[1]))
+
+
 def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = None) -> PatchCore:
     """Read a model file written by :func:`save` into a fitted ``cls`` instance.
 
@@ -412,6 +439,8 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
             metadata=dict(saved.get("metadata") or {}),
             region_threshold=saved.get("region_threshold"),  # absent from older files
             region_threshold_method=saved.get("region_threshold_method"),
+            map_scale=saved.get("map_scale"),  # older files: None, regions cut at threshold
+            display_range=_display_range(saved),
             # optional: older files have none of these
             provenance=payload.get("provenance"),
             train_names=saved.get("train_names"),

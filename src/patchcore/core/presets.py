@@ -3,9 +3,9 @@
 A preset names an outcome (``fast``, ``balanced``, ``accurate``) and is nothing but a dict of
 constructor arguments, so a detector built from one has the usual ``get_params`` and saves,
 loads and clones like any other: ``PatchCore.from_preset("accurate", seed=1)`` equals
-``PatchCore(**preset_params("accurate"), seed=1)``. The figures quoted are image AUROC on all
-training and test images of the shared sets and the ELPV mono cells, measured by
-``benchmarks/search_accuracy.py`` (benchmarks/RESULTS.md, "Accuracy search" and "Presets").
+``PatchCore(**preset_params("accurate"), seed=1)``. What each preset gives (image AUROC per set,
+cost) is measured by ``benchmarks/search_accuracy.py`` and kept in benchmarks/RESULTS.md
+("Accuracy search" and "Presets"), not here.
 """
 
 from __future__ import annotations
@@ -34,25 +34,21 @@ PRESETS: dict[str, Preset] = {
         _preset(
             "fast",
             "the defaults at half resolution (scale 0.5: a quarter of the patches and of the "
-            "search); for defects many pixels wide only: image AUROC (3 seeds) casting 0.9725, "
-            "magnetic_tile 0.9283, ELPV mono 0.9438, but deeppcb 0.6240 (its defects are a "
-            "few pixels wide and vanish at half resolution): mean 0.8671",
+            "search); for defects many pixels wide only: defects a few pixels wide (deeppcb) "
+            "vanish at half resolution (benchmarks/RESULTS.md, Presets)",
             scale=0.5,
             top_k=10,
         ),
         _preset(
             "balanced",
             "the defaults: efficientnet-lite0, stage3 + stage5, native resolution, image score "
-            "= mean of the 10 largest patch distances; image AUROC (3 seeds) casting 0.9820, "
-            "magnetic_tile 0.9529, deeppcb 0.9200, ELPV mono 0.9621: mean 0.9542 (the paper's "
-            "score, top_k=1, gave 0.9492 at the same cost)",
+            "= mean of the 10 largest patch distances (benchmarks/RESULTS.md, Presets)",
             top_k=10,
         ),
         _preset(
             "accurate",
-            "efficientnet-lite2 (stage3 + stage5, native resolution) with the top-10 mean; "
-            "image AUROC (3 seeds) casting 0.9861, magnetic_tile 0.9627, deeppcb 0.9401, "
-            "ELPV mono 0.9623: mean 0.9628, the best mean of every configuration measured",
+            "efficientnet-lite2 (stage3 + stage5, native resolution) with the top-10 mean: the "
+            "best mean image AUROC measured, at a higher cost (benchmarks/RESULTS.md, Presets)",
             backbone="efficientnet-lite2",
             top_k=10,
         ),

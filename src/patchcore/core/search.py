@@ -9,12 +9,13 @@ constant along a row, so it is added after the reduction. Queries are processed 
 the distance block stays under a memory budget: on CPU a small one (8 MiB), as blocks that fit the
 caches are faster, on GPUs a large one.
 
-``precision="bfloat16"`` runs the distance products in bfloat16 (about 3x the float32 rate on CPUs
-with AVX-512 bf16 or AMX) for :meth:`NearestNeighborIndex.min_distances`, and comes with a
-rigorous bound on the error of each squared distance (:meth:`~NearestNeighborIndex.min_sq_bounded`).
-:func:`patch_scores` uses the bound to re-check in float32 every patch that could hold an image's
-maximum, so image scores stay exact while the per-patch map values carry the bfloat16 error
-(measured in benchmarks/RESULTS.md). :meth:`~NearestNeighborIndex.search` is always float32.
+``precision="bfloat16"`` runs the distance products in bfloat16 (a higher rate than float32 on CPUs
+with AVX-512 bf16 or AMX, benchmarks/RESULTS.md) for :meth:`NearestNeighborIndex.min_distances`, and
+comes with a rigorous bound on the error of each squared distance
+(:meth:`~NearestNeighborIndex.min_sq_bounded`). :func:`patch_scores` uses the bound to re-check in
+float32 every patch that could hold an image's maximum, so image scores stay exact while the
+per-patch map values carry the bfloat16 error (measured in benchmarks/RESULTS.md).
+:meth:`~NearestNeighborIndex.search` is always float32.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class NearestNeighborIndex:
         return dist, index
 
     def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Blockwise scan; ``k == 0``: nearest distance only (a plain row minimum, ~3x faster
+        """Blockwise scan; ``k == 0``: nearest distance only (a plain row minimum, cheaper
         than the minimum with its index)."""
         m, d = len(self), self._bank_ext.shape[1] - 1
         if queries.ndim != 2 or queries.shape[1] != d:

@@ -46,8 +46,14 @@ class FittedState:
         normalization: the mapping of raw scores onto [0, 1] with ``threshold`` at 0.5
             (:mod:`patchcore.lean.normalization`), set with every threshold; None without one.
         region_threshold: the anomaly-map threshold defect regions are cut at (chosen on
-            images with masks by ``calibrate_regions``); None: regions use ``threshold``.
+            images with masks by ``calibrate_regions``); None: ``threshold x map_scale``.
         region_threshold_method: how ``region_threshold`` was chosen.
+        map_scale: median of ``map_max / score`` over the calibration images, which carries
+            ``threshold`` onto the anomaly map's scale for the default region cut
+            (:mod:`patchcore.core.calibration`); None when never calibrated on images (the
+            cut is then ``threshold``).
+        display_range: the heatmap colour range ``(lo, hi)`` chosen on the calibration maps;
+            None: the rule's fallback (:func:`patchcore.lean.record.display_range`).
         metadata: plain JSON-able facts a caller stores with the model (data spec, names...).
         skipped: training inputs that could not be read (not saved).
         provenance: (M, 3) int32, per bank row the training image index (into
@@ -76,6 +82,8 @@ class FittedState:
     metadata: dict[str, Any] = field(default_factory=dict)
     region_threshold: float | None = None
     region_threshold_method: str | None = None
+    map_scale: float | None = None
+    display_range: tuple[float, float] | None = None
     skipped: list[Skipped] = field(default_factory=list)
     provenance: torch.Tensor | None = None
     train_names: list[str] | None = None
@@ -109,6 +117,10 @@ class FittedState:
         if self.region_threshold is not None:
             card["region_threshold"] = self.region_threshold
             card["region_threshold_method"] = self.region_threshold_method
+        if self.map_scale is not None:
+            card["map_scale"] = self.map_scale
+        if self.display_range is not None:
+            card["display_range"] = list(self.display_range)
         return card
 
 
@@ -149,6 +161,13 @@ class FittedAttributes:
     provenance_ = _view("provenance", "(M, 3) int32 bank-row origins (image, row, col), or None.")
     train_names_ = _view("train_names", "Training images read, in order, or None.")
     updates_ = _view("updates", "Records of the partial_fit calls, oldest first.")
+    map_scale_ = _view("map_scale", "Map max / score at calibration (region cut), or None.")
+
+    display_range_ = _view(
+        "display_range",
+        "Heatmap colour range (lo, hi) chosen at calibration, or None; every surface draws "
+        "with record.display_range(display_range_, threshold_).",
+    )
 
     @property
     def skipped_(self) -> list[tuple[str, str]]:

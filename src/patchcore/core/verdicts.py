@@ -11,11 +11,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 
+from patchcore.core.calibration import MapFacts, extremes_of, map_facts
+from patchcore.core.conformal import conformal_threshold
+from patchcore.core.inputs import as_list
+from patchcore.core.metrics import anomaly_threshold
 from patchcore.core.results import Classification
 from patchcore.core.state import NotFittedError
 from patchcore.lean.normalization import fit_normalization, normalize
-from patchcore.lean.record import NonFiniteScoreError
+from patchcore.lean.record import ANOMALOUS, NonFiniteScoreError, judge
 
 __all__ = ["NonFiniteScoreError", "VerdictMixin", "nonfinite_parts"]
 
@@ -30,8 +35,6 @@ def nonfinite_parts(
         tensors: the backbone's state dict (integer buffers are ignored).
         threshold: the verdict threshold, or None when unset.
     """
-    import torch
-
     bad = []
     if memory_bank.is_floating_point() and not bool(torch.isfinite(memory_bank).all()):
         bad.append("memory_bank")
@@ -114,7 +117,7 @@ class VerdictMixin:
         a warning naming them.
         """
         t, r = self._verdicts(images, None, on_error, progress)
-        return r.scores >= t
+        return judge(r.scores, t) == ANOMALOUS
 
     def classify(
         self, images: Any, *, on_error: str = "raise", progress: bool | None = None
@@ -124,25 +127,90 @@ class VerdictMixin:
         Fails closed as :meth:`predict` (:class:`NonFiniteScoreError`).
         """
         t, r = self._verdicts(images, "native", on_error, progress)
-        return Classification(r.scores >= t, r.scores, r.maps)  # type: ignore[arg-type]
+        labels = judge(r.scores, t) == ANOMALOUS
+        return Classification(labels, r.scores, r.maps)  # type: ignore[arg-type]
 
-    def set_threshold(self, value: float, method: str = "manual") -> Any:
+    def set_threshold(
+        self,
+        value: float,
+        method: str = "manual",
+        *,
+        images: Any = None,
+        progress: bool | None = None,
+    ) -> Any:
         """Set ``threshold_`` by hand; the normalised scores then map [0, 2 x value] onto
-        [0, 1] (no calibration scores to spread them by)."""
+        [0, 1] (no calibration scores to spread them by).
+
+        Args:
+            value: the threshold (finite).
+            method: stored as ``threshold_method_``.
+            images: optional images (normal or not) whose scores and maps choose the map scale
+                of the region cut and the heatmap display range (:mod:`patchcore.core.
+                calibration`). Without them, those chosen at an earlier calibration are kept
+                (the region cut follows the new threshold: ``value x map_scale_``); a model
+                never calibrated on images cuts its regions at ``value`` itself, and the
+                record's rule still shows every anomalous image's peak region.
+            progress: progress bar while scoring ``images``.
+        """
         self._check_fitted("set_threshold")
         if not math.isfinite(float(value)):
             raise ValueError(f"threshold must be a finite number, got {value!r}")
-        self._set_threshold(float(value), method, None, fit_normalization(None, float(value)))
+        facts = None
+        if images is not None:
+            facts = self._calibration_pass(images, None, None, progress)[1]
+        self._set_threshold(
+            float(value), method, None, fit_normalization(None, float(value)), facts
+        )
+        return self
+
+    def clear_threshold(self) -> Any:
+        """Forget the threshold and all that was chosen with it (normalisation, calibration
+        facts, map scale, display range, region threshold): the model scores and maps but gives
+        no verdicts until calibrated again. Needed before changing ``top_k``,
+        ``num_neighbors`` or ``sigma`` on a calibrated model. Returns ``self``."""
+        self._check_fitted("clear_threshold")
+        self._set_threshold(None, None, None, None, (None, None))  # type: ignore[arg-type]
+        self.state_.region_threshold = self.state_.region_threshold_method = None
         return self
 
     def _set_threshold(
-        self, t: float, method: str, calibration: dict[str, Any] | None, mapping: dict[str, Any]
+        self,
+        t: float,
+        method: str,
+        calibration: dict[str, Any] | None,
+        mapping: dict[str, Any],
+        facts: MapFacts | None = None,
     ) -> None:
-        """Install a threshold with its calibration facts and normalisation (all together)."""
+        """Install a threshold with its calibration facts and normalisation (all together),
+        and the map scale and display range of the calibration maps (``facts``; None: keep)."""
         self.state_.threshold = t
         self.state_.threshold_method = method
         self.state_.calibration = calibration
         self.state_.normalization = mapping
+        if facts is not None:
+            self.state_.map_scale, self.state_.display_range = facts
+
+    def _calibration_pass(
+        self, images: Any, scores: Any, map_extremes: Any, progress: bool | None
+    ) -> tuple[np.ndarray, MapFacts | None]:
+        """(N,) scores of ``images`` and the map facts of the calibration maps: from one
+        scoring pass with native-size maps when no ``scores`` are given (unreadable images
+        raise); from ``map_extremes`` when given; else None (``scores`` alone: ``images`` are
+        not read, and the map facts chosen before are kept)."""
+        if scores is not None:
+            s = np.asarray(scores, dtype=np.float64)
+            if map_extremes is None:
+                return s, None
+            e = np.asarray(map_extremes, dtype=np.float64)
+            if e.shape != (len(s), 2):
+                raise ValueError(f"map_extremes must have shape ({len(s)}, 2), got {e.shape}")
+            return s, map_facts(s, e)
+        items = as_list(images)
+        s, e = np.full(len(items), np.nan), np.full((len(items), 2), np.nan)
+        for r in self.iter_score(items, maps="native", progress=progress):
+            s[r.index] = r.score
+            e[r.index] = extremes_of([r.map])[0]
+        return s, map_facts(s, e)
 
     def normalize(self, scores: Any) -> np.ndarray:
         """Normalised scores: raw ``scores`` (or maps) mapped onto [0, 1] with the threshold at
@@ -179,16 +247,29 @@ class VerdictMixin:
         max_fpr: float | None = None,
         max_fnr: float | None = None,
         scores: np.ndarray | None = None,
+        map_extremes: np.ndarray | None = None,
+        progress: bool | None = None,
     ) -> Any:
-        """Choose ``threshold_`` on labelled images (1/True = anomalous).
+        """Choose ``threshold_`` on labelled images (1/True = anomalous), and from the same
+        pass the map scale of the region cut and the heatmap display range
+        (:mod:`patchcore.core.calibration`).
 
-        ``scores`` may be given to reuse already computed scores of ``images``.
+        Args:
+            images: the calibration images (none used to fit).
+            labels: 1/True = anomalous, one per image.
+            method, max_fpr, max_fnr: see :func:`patchcore.core.metrics.anomaly_threshold`.
+            scores: (N,) already computed scores of ``images``, to reuse a pass.
+            map_extremes: (N, 2) each image's anomaly-map minimum and maximum from that pass
+                (:func:`patchcore.core.calibration.extremes_of`): the map scale and display
+                range are chosen on them. ``scores`` without them: ``images`` are not read
+                and the map scale and display range chosen before are kept.
+            progress: progress bar while scoring.
         """
-        from patchcore.core.metrics import anomaly_threshold
-
         self._check_fitted("calibrate")
         y = np.asarray(list(labels)).astype(int)
-        s = self.score_samples(images) if scores is None else np.asarray(scores, dtype=float)
+        if scores is not None and len(scores) != len(y):
+            raise ValueError(f"{len(scores)} images but {len(y)} labels")
+        s, maps = self._calibration_pass(images, scores, map_extremes, progress)
         if len(s) != len(y):
             raise ValueError(f"{len(s)} images but {len(y)} labels")
         ok = np.isfinite(s)
@@ -199,7 +280,7 @@ class VerdictMixin:
             "max_fpr": None if max_fpr is None else float(max_fpr),
             "max_fnr": None if max_fnr is None else float(max_fnr),
         }
-        self._set_threshold(t, method, facts, fit_normalization(s[ok], t))
+        self._set_threshold(t, method, facts, fit_normalization(s[ok], t), maps)
         return self
 
     def calibrate_normal(
@@ -208,6 +289,7 @@ class VerdictMixin:
         *,
         max_fpr: float,
         scores: np.ndarray | None = None,
+        map_extremes: np.ndarray | None = None,
         progress: bool | None = None,
     ) -> Any:
         """Choose ``threshold_`` from normal images alone, for a false-alarm rate ``max_fpr``.
@@ -218,7 +300,8 @@ class VerdictMixin:
         process, never used to fit this model), the expected false-alarm rate on them is at
         most ``max_fpr`` (and at least ``max_fpr - 1/(n+1)``). ``threshold_method_`` becomes
         ``"conformal"`` and ``calibration_`` holds ``max_fpr``, ``n``, ``rank``,
-        ``fpr_bounds`` and ``calibration_fpr``.
+        ``fpr_bounds`` and ``calibration_fpr``. The map scale and display range come from the
+        same pass (:mod:`patchcore.core.calibration`).
 
         A separate method rather than ``calibrate(images, labels=None)``: it takes no labels
         and no threshold method, needs a rate, and fails in its own way (too few images).
@@ -227,21 +310,16 @@ class VerdictMixin:
             images: held-out normal images (not the fitting ones); any input ``score`` takes.
             max_fpr: the false-alarm rate, in (0, 1).
             scores: (n,) their scores, to reuse a pass already made; all must be finite.
+            map_extremes: (n, 2) their maps' minimum and maximum, as in :meth:`calibrate`.
             progress: progress bar while scoring.
 
         Raises:
             TooFewNormalImagesError: fewer than ``1 / max_fpr - 1`` images; it says how many.
             ValueError: a rate outside (0, 1), or non-finite scores (fails closed).
         """
-        from patchcore.core.conformal import conformal_threshold
-
         self._check_fitted("calibrate_normal")
-        if scores is None:
-            s = self.score(images, progress=progress).scores
-        else:
-            s = np.asarray(scores, dtype=np.float64)
+        s, maps = self._calibration_pass(images, scores, map_extremes, progress)
         c = conformal_threshold(s, max_fpr)
-        self._set_threshold(
-            c.threshold, "conformal", c.as_dict(), fit_normalization(s, c.threshold)
-        )
+        mapping = fit_normalization(s, c.threshold)
+        self._set_threshold(c.threshold, "conformal", c.as_dict(), mapping, maps)
         return self

@@ -10,16 +10,25 @@ matrix products, and :func:`bilinear_operator`, plain bilinear interpolation
 
 from __future__ import annotations
 
+import errno
 import functools
+import io
+import numbers
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from patchcore.lean.util import one_line
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: Formats PIL may decode, for files and for bytes alike; anything else (DDS, EPS, PDF, ...)
+#: is refused unread, whatever the file is named.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 
 
 class ImageReadError(ValueError):
@@ -39,10 +48,14 @@ class ImageTooLargeError(ImageReadError):
 @dataclass(frozen=True)
 class InputLimits:
     """Bounds on the work one input may cause; an input over one is an :class:`ImageTooLargeError`
-    naming it (skipped with ``on_error="skip"``).
+    naming it (an error record, or skipped, with ``on_error="skip"``).
+
+    Every bound is checked from the image's header, before its pixels are decoded (files and
+    uploaded bytes alike), and again on arrays given directly. ``None`` = no limit. The defaults
+    of each surface are the one table :data:`SURFACE_LIMITS`.
 
     Attributes:
-        max_pixels: largest width x height read (files: checked from the header).
+        max_pixels: largest width x height read.
         max_aspect_ratio: largest long side / short side (a 8x3,000,000 strip is refused).
         max_processed_pixels: largest image the detector works at, after ``image_size`` /
             ``scale`` (a native-resolution model scores each image at its own size).
@@ -51,6 +64,13 @@ class InputLimits:
     max_pixels: int | None = 150_000_000
     max_aspect_ratio: float | None = 100.0
     max_processed_pixels: int | None = 16_777_216  # 4096 x 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_aspect_ratio", "max_processed_pixels"):
+            v = getattr(self, name)
+            bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 1)
+            if v is not None and (bad or (name != "max_aspect_ratio" and v != int(v))):
+                raise ValueError(f"{name} must be None or a number >= 1, got {v!r}")
 
     def check(self, name: object, height: int, width: int) -> None:
         """Raise :class:`ImageTooLargeError` when an image of this size is over a limit."""
@@ -79,7 +99,18 @@ class InputLimits:
             )
 
 
-_limits = InputLimits()
+#: The default limits of each surface, in one place. ``library``: the library, ``patchcore
+#: predict`` / ``batch`` and ``patchcore-run`` (local files the caller chose; what
+#: :func:`input_limits` starts as). ``service``: both HTTP services (bytes from the network:
+#: a smaller pixel and aspect budget, as one request must not hold a worker for long).
+SURFACE_LIMITS: dict[str, InputLimits] = {
+    "library": InputLimits(),
+    "service": InputLimits(
+        max_pixels=25_000_000, max_aspect_ratio=20, max_processed_pixels=4_194_304
+    ),
+}
+
+_limits = SURFACE_LIMITS["library"]
 
 
 def input_limits() -> InputLimits:
@@ -98,40 +129,150 @@ def set_input_limits(**changes: float | int | None) -> InputLimits:
     return previous
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+SizeCheck = Callable[[int, int], object]
+
+
+def read_image(
+    path: str | os.PathLike,
+    *,
+    limits: InputLimits | None = None,
+    check_size: SizeCheck | None = None,
+) -> np.ndarray:
     """Read an image file fully (truncated files are errors).
+
+    Args:
+        path: the file; only :data:`IMAGE_FORMATS` are decoded, whatever its suffix.
+        limits: checked from the header before decoding (default: :func:`input_limits`).
+        check_size: called with the header's (height, width) before decoding; raises
+            :class:`ImageReadError` to refuse (e.g. the processed size a model cannot take).
 
     Returns:
         uint8 array HxW (greyscale) or HxWx3 (colour).
+
+    Raises:
+        ImageReadError: missing, a folder, a symbolic link loop, unreadable, not an image,
+            damaged, truncated, NaN pixels; :class:`ImageTooLargeError` over a limit. Every
+            failure of the decoder is one of these, naming the file.
     """
     p = Path(path)
-    if not p.exists():
-        raise ImageReadError(p, "no such file")
-    if p.is_dir():
-        raise ImageReadError(p, "is a folder, not an image file")
     try:
-        with Image.open(p) as im:
-            input_limits().check(p, im.size[1], im.size[0])  # from the header, before decoding
+        st = os.stat(p)
+    except OSError as exc:
+        raise ImageReadError(p, _stat_problem(exc)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageReadError(p, "is a folder, not an image file")
+    return _decode(_open(p, p, IMAGE_FORMATS), p, limits, check_size)
+
+
+def _open(source: object, name: object, formats: tuple[str, ...]) -> Image.Image:
+    """``Image.open`` (the header only); every failure an :class:`ImageReadError`."""
+    try:
+        return Image.open(source, formats=formats)  # type: ignore[arg-type]
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(name, f"image too large ({one_line(exc, 200)})") from None
+    except UnidentifiedImageError:
+        what = "an image file" if isinstance(source, Path) else "an image"
+        raise ImageReadError(
+            name, f"not {what} (format not recognised; accepted: {', '.join(formats)})"
+        ) from None
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error, not the data's
+            raise ImageReadError(name, _stat_problem(exc)) from None
+        raise ImageReadError(name, f"damaged or truncated image ({one_line(exc, 200)})") from None
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(name, f"damaged or truncated image ({one_line(exc, 200)})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a header parser raises on damage
+        raise ImageReadError(
+            name, f"damaged image header ({type(exc).__name__}: {one_line(exc, 200)})"
+        ) from None
+
+
+def _stat_problem(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (the link leads back to itself): not a file"
+    if exc.errno == errno.EACCES:
+        return "permission denied"
+    return f"cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def decode_bytes(
+    data: bytes,
+    *,
+    name: str = "image",
+    limits: InputLimits | None = None,
+    formats: tuple[str, ...] = IMAGE_FORMATS,
+    check_size: SizeCheck | None = None,
+    max_pixels: int | None = None,
+    max_aspect_ratio: float | None = None,
+) -> np.ndarray:
+    """Decode the bytes of one image fully, as :func:`read_image` decodes a file.
+
+    Args:
+        data: the encoded image.
+        name: how the image is named in errors.
+        limits: checked from the header before decoding (default: :func:`input_limits`).
+        formats: the PIL formats tried.
+        check_size: as in :func:`read_image`.
+        max_pixels, max_aspect_ratio: for callers that do not pass ``limits`` yet: the limits
+            ``InputLimits(max_pixels, max_aspect_ratio, None)``.
+
+    Returns:
+        uint8 array HxW (greyscale) or HxWx3 (colour).
+
+    Raises:
+        ImageTooLargeError: over a limit, or a decompression bomb.
+        ImageReadError: empty, not an image of ``formats``, damaged or truncated; every other
+            failure of the decoder too.
+    """
+    if not data:
+        raise ImageReadError(name, "empty data")
+    if limits is None and (max_pixels is not None or max_aspect_ratio is not None):
+        limits = InputLimits(max_pixels, max_aspect_ratio, None)
+    return _decode(_open(io.BytesIO(data), name, formats), name, limits, check_size)
+
+
+def _decode(
+    opened: Image.Image, name: object, limits: InputLimits | None, check_size: SizeCheck | None
+) -> np.ndarray:
+    """Check an opened image's header size, then decode it; any decoder failure becomes an
+    :class:`ImageReadError` naming the input (a damaged file must never stop a run)."""
+    try:
+        with opened as im:
+            width, height = im.size
+            (limits or input_limits()).check(name, height, width)
+            if check_size is not None:
+                check_size(height, width)
             im.load()
-            return pil_to_array(im)
+            return pil_to_array(im, str(name))
     except ImageReadError:
         raise
-    except UnidentifiedImageError:
-        raise ImageReadError(p, "not an image file (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or damaged data
-        raise ImageReadError(p, f"damaged or truncated image ({exc})") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(p, f"image too large ({exc})") from None
+        raise ImageTooLargeError(name, f"image too large ({one_line(exc, 200)})") from None
+    except MemoryError:
+        raise ImageTooLargeError(name, "not enough memory to decode this image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or damaged data
+        raise ImageReadError(name, f"damaged or truncated image ({one_line(exc, 200)})") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. NotImplementedError of a damaged image
+        raise ImageReadError(
+            name, f"cannot be decoded ({type(exc).__name__}: {one_line(exc, 200)})"
+        ) from None
 
 
-def pil_to_array(im: Image.Image) -> np.ndarray:
-    """PIL image -> uint8 HxW or HxWx3 array (alpha dropped, 16-bit scaled to 8-bit)."""
+def pil_to_array(im: Image.Image, name: str = "image") -> np.ndarray:
+    """PIL image -> uint8 HxW or HxWx3 array (alpha dropped, 16-bit scaled to 8-bit; float
+    images must hold finite values in [0, 1])."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.float64)
         top = 65535.0 if a.max(initial=0) > 255 else 255.0
         return np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if im.mode == "F":
-        return np.clip(np.asarray(im, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        a = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ImageReadError(name, "float image holds NaN or infinite pixels")
+        _check_unit_range(float(a.min(initial=0)), float(a.max(initial=0)), name)
+        return np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if im.mode in ("L", "RGB"):
         return np.asarray(im).copy()
     if im.mode in ("1", "LA"):

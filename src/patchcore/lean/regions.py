@@ -155,40 +155,30 @@ def label_regions(
     labels, kept = _labelled(a, threshold, min_area)
     if kept.size == 0:
         return []
-    # per-region statistics from the region pixels only (few: the map is cut high)
-    width = a.shape[1]
-    where = np.flatnonzero(labels.ravel())
-    lab = labels.ravel()[where]
-    val = a.ravel()[where].astype(np.float64)
-    ys, xs = np.divmod(where, width)
-    size = int(lab.max()) + 1
-    area = np.bincount(lab, minlength=size)
-    total = np.bincount(lab, weights=val, minlength=size)
-    box = np.empty((4, size), dtype=np.int64)
-    box[:2], box[2:] = a.size, -1
-    for row, coord, ufunc in ((0, xs, np.minimum), (1, ys, np.minimum), (2, xs, np.maximum)):
-        ufunc.at(box[row], lab, coord)
-    np.maximum.at(box[3], lab, ys)
-    peak = np.full(size, -np.inf)
-    np.maximum.at(peak, lab, val)
-    tops = np.flatnonzero(val == peak[lab])  # pixels at their region's peak, row-major
-    ids, first = np.unique(lab[tops], return_index=True)
-    peak_at = np.zeros(size, dtype=np.int64)
-    peak_at[ids] = where[tops[first]]
-    out = [
-        Region(
-            x0=int(box[0, k]),
-            y0=int(box[1, k]),
-            x1=int(box[2, k]) + 1,
-            y1=int(box[3, k]) + 1,
-            area=int(area[k]),
-            peak=float(peak[k]),
-            mean=float(total[k] / area[k]),
-            peak_x=int(peak_at[k] % width),
-            peak_y=int(peak_at[k] // width),
+    # per-region statistics inside each region's bounding box only: memory is bounded by the
+    # largest box, not by every labelled pixel at once (a map above the cut everywhere)
+    boxes = ndimage.find_objects(labels)
+    out = []
+    for k in kept.tolist():
+        rows, cols = boxes[k - 1]
+        inside = labels[rows, cols] == k
+        values = np.where(inside, a[rows, cols], -np.inf)
+        top = int(np.argmax(values))  # first pixel at the peak, row-major
+        py, px = divmod(top, values.shape[1])
+        area = int(np.count_nonzero(inside))
+        out.append(
+            Region(
+                x0=int(cols.start),
+                y0=int(rows.start),
+                x1=int(cols.stop),
+                y1=int(rows.stop),
+                area=area,
+                peak=float(values.flat[top]),
+                mean=float(a[rows, cols][inside].sum(dtype=np.float64) / area),
+                peak_x=int(cols.start) + px,
+                peak_y=int(rows.start) + py,
+            )
         )
-        for k in kept.tolist()
-    ]
     out.sort(key=lambda r: (-r.peak, r.y0, r.x0))
     return out
 

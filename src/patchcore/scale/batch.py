@@ -177,7 +177,7 @@ class BlockScorer:
             det.state_.threshold = det.state_.normalization = None
         elif s.threshold is not None:
             det.set_threshold(s.threshold)
-        self.display = record.display_range(det.metadata_.get("display_range"), det.threshold_)
+        self.display = record.display_range(det.display_range_, det.threshold_)
         if s.heatmaps is not None:
             Path(s.heatmaps).mkdir(parents=True, exist_ok=True)
         self.det = det

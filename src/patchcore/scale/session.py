@@ -148,14 +148,18 @@ class Session:
         self.handles = []
         if not self.started:
             return
-        ours = _descendants(os.getpid()) if self.local else set()
+        ray_dir = os.path.dirname(self.ray.__file__)
+        ours = _ray_processes(os.getpid(), ray_dir) if self.local else set()
         self.ray.shutdown()
         _reap(ours, REAP_SECONDS)
 
 
-def _descendants(root: int) -> set[int]:
-    """Process ids below ``root`` (Linux /proc; empty elsewhere)."""
+def _ray_processes(root: int, ray_dir: str) -> set[int]:
+    """Ray's processes below ``root``: those run from Ray's package (raylet, GCS, agents) or
+    named ``ray::...`` (workers), and everything below them; never another child of the
+    caller's (Linux /proc; empty elsewhere)."""
     parents: dict[int, int] = {}
+    cmds: dict[int, bytes] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -166,16 +170,28 @@ def _descendants(root: int) -> set[int]:
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 stat = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmds[int(entry)] = f.read()
         except OSError:
             continue
         # pid (comm) state ppid ...: comm may hold spaces and parentheses
         parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier and p not in found}
-        found |= frontier
-    return found
+
+    def below(tops: set[int]) -> set[int]:
+        found: set[int] = set()
+        frontier = set(tops)
+        while frontier:
+            frontier = {p for p, pp in parents.items() if pp in frontier and p not in found}
+            found |= frontier
+        return found
+
+    marker = ray_dir.encode()
+    tops = {
+        p
+        for p in below({root})
+        if cmds.get(p, b"").startswith(b"ray::") or marker in cmds.get(p, b"")
+    }
+    return tops | below(tops)
 
 
 def _alive(pid: int) -> bool:

@@ -34,6 +34,7 @@ def export_model(
     block_rows: Annotated[
         int, typer.Option(help="Memory-bank rows per distance block in the graph.", min=1)
     ] = 4096,
+    force: base.ForceOpt = False,
 ) -> None:
     """Export MODEL's scoring graph for the torch-free runtime (`patchcore-run`)."""
     with base.errors():
@@ -41,7 +42,13 @@ def export_model(
         det = workflow.load_model(model, device="cpu")
         try:
             r = export(
-                det, out, format=format.value, dynamic=dynamic, block_rows=block_rows, source=model
+                det,
+                out,
+                format=format.value,
+                dynamic=dynamic,
+                block_rows=block_rows,
+                source=model,
+                force=force,
             )
         except ExportError as exc:
             raise ValueError(str(exc)) from None

@@ -41,7 +41,7 @@ def png(array: np.ndarray) -> bytes:
 def display(session: ReviewSession) -> tuple[float, float] | None:
     """The heatmap colour range: :func:`patchcore.lean.record.display_range` of the model."""
     det = session.det
-    return rec.display_range(det.metadata_.get("display_range"), det.threshold_)
+    return rec.display_range(det.display_range_, det.threshold_)
 
 
 def original(item: Item) -> tuple[bytes, str]:

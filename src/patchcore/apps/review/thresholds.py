@@ -95,8 +95,8 @@ def record_threshold(
         calibration_max_fpr=max_fpr,
         test_names=[],
     )
-    if not md.get("display_range") and display_range is not None:
-        md["display_range"] = [float(display_range[0]), float(display_range[1])]
+    if det.display_range_ is None and display_range is not None:
+        det.state_.display_range = (float(display_range[0]), float(display_range[1]))
     det.metadata_ = md
     return entry
 

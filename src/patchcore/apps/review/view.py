@@ -26,7 +26,7 @@ def model_info(session: ReviewSession) -> dict[str, Any]:
     card = det.card()
     md = det.metadata_
     threshold = det.threshold_
-    shown = rec.display_range(md.get("display_range"), threshold)
+    shown = rec.display_range(det.display_range_, threshold)
     return {
         "path": str(session.model_path),
         "digest": session.model_digest,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -182,44 +183,10 @@ class RuntimeBackend:
         cut = self._info().get("region_threshold")
         return self.threshold if cut is None else float(cut)
 
-    def _records(self, images: list[tuple[str, np.ndarray]], offset: int) -> list:
-        assert self.model is not None
-        r = self.model.score([a for _, a in images], maps="native", on_error="skip")
-        skipped = {s.index: s.reason for s in r.skipped}
-        out = []
-        for j, (name, _) in enumerate(images):
-            if j in skipped:
-                out.append(
-                    record.error_record(name, offset + j, skipped[j], threshold=self.threshold)
-                )
-                continue
-            out.append(
-                record.inspection(
-                    name,
-                    offset + j,
-                    float(r.scores[j]),
-                    threshold=self.threshold,
-                    normalization_map=self.model.normalization,
-                    anomaly_map=r.maps[j],  # type: ignore[index]
-                    region_cut=self.region_cut(),
-                )
-            )
-        return out
-
     def inspect(self, images: list[tuple[str, np.ndarray]]) -> list[record.Inspection]:
-        try:
-            return self._records(images, 0)
-        except FloatingPointError:  # the graph refused a non-finite result: find which
-            pass
-        out = []
-        for j, item in enumerate(images):
-            try:
-                out += self._records([item], j)
-            except FloatingPointError:
-                size = item[1].shape[:2]
-                out.append(record.inspection(item[0], j, math.nan, threshold=self.threshold,
-                                             size=size))  # fmt: skip
-        return out
+        assert self.model is not None
+        records = self.model.inspect([a for _, a in images], on_error="skip")
+        return [replace(r, image=name) for r, (name, _) in zip(records, images, strict=True)]
 
     def explain(self, name: str, image: np.ndarray) -> tuple[record.Inspection, dict[str, Any]]:
         raise ExplainUnavailableError(

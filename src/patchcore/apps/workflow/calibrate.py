@@ -26,7 +26,7 @@ from patchcore.apps.workflow.data import (
     without_training_images,
 )
 from patchcore.apps.workflow.files import file_digest, model_transaction
-from patchcore.apps.workflow.model import DISPLAY_TOP, load_model
+from patchcore.apps.workflow.model import load_model
 from patchcore.core import metrics
 from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
 from patchcore.core.datasets import ImageDataset
@@ -110,9 +110,10 @@ def _check_settings(method: str, max_fpr: float | None, fraction: float) -> None
 
 def _score_for_calibration(
     det: PatchCore, calib: ImageDataset, progress: ProgressFn | None, total: ProgressFn | None
-) -> tuple[np.ndarray, tuple[float, float], list[tuple[str, str]], float]:
-    """Scores, the (min, max) over the anomaly maps, the skipped images and the seconds the
-    pass took, in one pass (``total`` is told the number of images first).
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], float]:
+    """Scores, each anomaly map's (min, max) (NaN where skipped: the ``map_extremes`` of
+    :meth:`PatchCore.calibrate`), the skipped images and the seconds the pass took, in one pass
+    (``total`` is told the number of images first).
 
     Maps are asked at the processed size: only their extremes are kept.
     """
@@ -120,17 +121,17 @@ def _score_for_calibration(
         total(len(calib))
     t0 = time.perf_counter()
     scores = np.full(len(calib), np.nan)
-    lo, hi = math.inf, -math.inf
+    extremes = np.full((len(calib), 2), np.nan)
     skipped: list[tuple[str, str]] = []
     for r in det.iter_score(calib.images, maps="processed", on_error="skip", progress=False):
         scores[r.index] = r.score
         if r.map is not None:
-            lo, hi = min(lo, float(r.map.min())), max(hi, float(r.map.max()))
+            extremes[r.index] = (float(r.map.min()), float(r.map.max()))
         if r.error is not None:
             skipped.append((r.name, r.error))
         if progress:
             progress(1)
-    return scores, (lo, hi), skipped, time.perf_counter() - t0
+    return scores, extremes, skipped, time.perf_counter() - t0
 
 
 def calibrate_detector(
@@ -169,7 +170,7 @@ def calibrate_detector(
     """
     _check_settings(method, max_fpr, calibration_fraction)
     calib, test = split_for_calibration(pool, calibration_fraction, seed, data_spec)
-    scores, (lo, hi), skipped, seconds = _score_for_calibration(det, calib, progress, total)
+    scores, extremes, skipped, seconds = _score_for_calibration(det, calib, progress, total)
     ok = np.isfinite(scores)
     y = calib.labels
     if len(set(y[ok].tolist())) < 2:
@@ -178,12 +179,13 @@ def calibrate_detector(
             f"{len(calib)} could not be read"
         )
     try:
-        det.calibrate(calib.images, y, method=method, max_fpr=max_fpr, scores=scores)
+        det.calibrate(
+            calib.images, y, method=method, max_fpr=max_fpr, scores=scores, map_extremes=extremes
+        )
     except ValueError as exc:
         raise WorkflowError(f"cannot choose a threshold: {exc}") from None
     threshold = float(det.threshold_)  # type: ignore[arg-type]
-    top = DISPLAY_TOP * hi
-    display = (float(lo), float(top if top > lo else hi))
+    display = det.display_range_ or (math.nan, math.nan)  # chosen by calibrate
     ms = 1000.0 * seconds / max(1, len(calib))
     det.metadata_ = dict(det.metadata_)
     det.metadata_.update(
@@ -364,7 +366,7 @@ def calibrate_normal_model(
                 f"({left_out} more were fitted on): add normal images, fit on fewer "
                 f"(--train-fraction), or ask for a rate of at least {1 / (len(pool) + 1):.3g}"
             )
-        scores, (lo, hi), skipped, seconds = _score_for_calibration(det, pool, progress, total)
+        scores, extremes, skipped, seconds = _score_for_calibration(det, pool, progress, total)
         ok = np.isfinite(scores)
         if int((~ok).sum()) > len(skipped):  # readable images scored NaN: fail closed
             raise WorkflowError(
@@ -372,7 +374,9 @@ def calibrate_normal_model(
                 "the model holds non-finite values; no threshold (fit it again)"
             )
         try:
-            det.calibrate_normal(None, max_fpr=max_fpr, scores=scores[ok])
+            det.calibrate_normal(
+                None, max_fpr=max_fpr, scores=scores[ok], map_extremes=extremes[ok]
+            )
         except TooFewNormalImagesError as exc:
             raise WorkflowError(f"{source.spec}: {len(skipped)} unreadable images; {exc}") from None
         c = det.calibration_ or {}
@@ -380,8 +384,7 @@ def calibrate_normal_model(
         test_names = _labelled_rest(
             source, set(det.metadata_.get("train_names") or []) | set(pool.names)
         )
-        top = DISPLAY_TOP * hi
-        display = (float(lo), float(top if top > lo else hi))
+        display = det.display_range_ or (math.nan, math.nan)  # chosen by calibrate_normal
         ms = 1000.0 * seconds / max(1, len(pool))
         det.metadata_ = dict(det.metadata_)
         for k in ("calibration_fraction", "calibration_seed"):

@@ -50,7 +50,7 @@ def require_threshold(det: PatchCore, model_path: str | os.PathLike | None) -> f
 def display_range(det: PatchCore) -> tuple[float, float] | None:
     """The heatmap colour range of ``det``'s pictures: :func:`patchcore.lean.record.
     display_range` of the range stored at calibration and the threshold."""
-    return record.display_range(det.metadata_.get("display_range"), det.threshold_)
+    return record.display_range(det.display_range_, det.threshold_)
 
 
 def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def updates_text(updates: Sequence[dict[str, Any]]) -> str:
 
 def display_range_text(det: PatchCore) -> str:
     """One line on the heatmap colour range (:func:`display_range`) and where it comes from."""
-    stored = det.metadata_.get("display_range")
+    stored = det.display_range_
     shown = display_range(det)
     if shown is None:
         return "none (no threshold: each heatmap uses its own range)"

@@ -134,26 +134,30 @@ def chunk_stage(
         progress: show a progress bar.
 
     Returns:
-        (K,) int64 row indices, chunk by chunk, each chunk's in selection order. Runs on one
-        torch thread (a chain of small steps).
+        (K,) int64 row indices, chunk by chunk, each chunk's in selection order. Each chunk
+        runs on one torch thread (a chain of small steps), chunks side by side
+        (:func:`~patchcore.core.sampling.kcenter.parallel_blocks`).
     """
     num = x.shape[0]
     if (starts is None) == (u2_init is None):
         raise ValueError("give exactly one of starts and u2_init")
-    out = []
     desc = PASS_WORDS.format(k=1)
     bar = tqdm(total=num, desc=desc, unit="row", disable=not progress, mininterval=0.5)
-    with OneThread():
-        for j, lo in enumerate(range(0, num, chunk_rows)):
-            part = x[lo : lo + chunk_rows]
-            m = max(1, math.ceil(part.shape[0] * keep))
-            if u2_init is None:
-                assert starts is not None
-                out.append(lo + greedy_naive(part, m, int(starts[j])))
-            else:
-                init = u2_init[lo : lo + chunk_rows]
-                out.append(lo + greedy_naive(part, m, int(init.argmax()), u2_init=init))
-            bar.update(part.shape[0])
+
+    def select(j: int) -> torch.Tensor:
+        lo = j * chunk_rows
+        part = x[lo : lo + chunk_rows]
+        m = max(1, math.ceil(part.shape[0] * keep))
+        if u2_init is None:
+            assert starts is not None
+            return lo + greedy_naive(part, m, int(starts[j]))
+        init = u2_init[lo : lo + chunk_rows]
+        return lo + greedy_naive(part, m, int(init.argmax()), u2_init=init)
+
+    out = []
+    for picks in parallel_blocks(select, range(-(-num // chunk_rows))):  # chunks side by side
+        out.append(picks)
+        bar.update(min(chunk_rows, num - bar.n))
     bar.close()
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 

@@ -250,7 +250,7 @@ function drawRegions(r) {
     layer.appendChild(box);
     const li = document.createElement("li");
     li.textContent =
-      `${k + 1}: (${g.x0}, ${g.y0})–(${g.x1}, ${g.y1}), ${g.area} px, ` +
+      `(${g.x0}, ${g.y0})–(${g.x1}, ${g.y1}), ${g.area} px, ` +
       `peak ${fmt(g.peak)}, mean ${fmt(g.mean)}`;
     list.appendChild(li);
   });

@@ -1,0 +1,133 @@
+"""The exported graph's int8 nearest-row search with an exact float32 re-check (``search="int8"``
+of :func:`patchcore.core.export.export`).
+
+:class:`Int8ScoringGraph` is the :class:`~patchcore.core.graph.ScoringGraph` with another
+``patch_distances``; the backbone, the embedding, the image score and the map are the graph's own.
+Per batch of patches:
+
+1. **int8 scan.** The centred patches are quantised to uint8 with one scale per call
+   (``DynamicQuantizeLinear``), the bank's ``-2 b`` to int8 with one scale per bank row; each
+   block of bank rows gives every patch the row with the smallest approximate
+   ``|b|^2 - 2 q.b`` (``MatMulInteger`` -> float -> ``TopK`` 1). onnxruntime fuses the product
+   into one int8 GEMM (``DynamicQuantizeMatMul``, VNNI where the CPU has it). A custom torch op
+   carries the scan through the exporter (:func:`translation_table` maps it to those ONNX ops).
+2. **Exact bound.** The float32 distance from each patch to the row the scan found: an upper
+   bound of its nearest-row distance, equal to it whenever the scan found the nearest row.
+3. **Re-check** (as :func:`patchcore.core.search.patch_scores` does after its bfloat16 scan):
+   each image's ``2 top_k`` largest bounds are computed exactly (float32, the whole bank); the
+   ``top_k``-th largest of those is a floor under the image's true ``top_k``-th largest distance;
+   every other patch whose bound reaches the floor is computed exactly too. The patches left have
+   true distance <= bound < floor, so each image's ``top_k`` largest distances, hence its score
+   (and eq. 7's worst patch), are those of the float32 search.
+
+Map values are the bounds (exact where re-checked): at most the distance to the row the scan
+found instead of the nearest one (measured in benchmarks/RESULTS.md, "Export and runtime").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from patchcore.core.graph import ScoringGraph
+
+if TYPE_CHECKING:
+    from patchcore.core.detector import PatchCore
+
+__all__ = ["Int8ScoringGraph", "translation_table"]
+
+
+@torch.library.custom_op("patchcore::int8_nearest_row", mutates_args=())
+def int8_nearest_row(
+    q: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, D) centred patches, int8 (D, M) ``-2 b / scale``, (M,) scales, (M,) ``|b|^2`` ->
+    ((Q,) approximate ``min |b|^2 - 2 q.b``, (Q,) int64 its row). Eager: the same arithmetic
+    as the exported ops (ONNX ``DynamicQuantizeLinear``, then an exact integer product)."""
+    lo, hi = min(float(q.min()), 0.0), max(float(q.max()), 0.0)
+    q_scale = (hi - lo) / 255.0 or 1.0
+    zero = min(max(round(-lo / q_scale), 0), 255)
+    qq = (torch.round(q / q_scale) + zero).clamp(0, 255) - zero  # rounds half to even, as ONNX
+    product = (qq.double() @ weights.double()).float()  # exact: integers below 2^53
+    values, rows = (product * (q_scale * scale) + bias).min(1)
+    return values, rows
+
+
+@int8_nearest_row.register_fake
+def _(q: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> Any:
+    return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.int64)
+
+
+def translation_table() -> dict[Any, Any]:
+    """The exporter's translation of :func:`int8_nearest_row` to standard ONNX ops."""
+    from onnxscript import opset18 as op
+
+    def int8_nearest_row_onnx(q, weights, scale, bias):  # noqa: ANN001, ANN202
+        qq, q_scale, q_zero = op.DynamicQuantizeLinear(q)
+        product = op.Cast(op.MatMulInteger(qq, weights, q_zero), to=1)  # int32 -> float
+        t = op.Add(op.Mul(product, op.Mul(q_scale, scale)), bias)
+        values, rows = op.TopK(t, op.Constant(value_ints=[1]), axis=1, largest=0)
+        axes = op.Constant(value_ints=[1])
+        return op.Squeeze(values, axes), op.Squeeze(rows, axes)
+
+    return {torch.ops.patchcore.int8_nearest_row.default: int8_nearest_row_onnx}
+
+
+class Int8ScoringGraph(ScoringGraph):
+    """:class:`~patchcore.core.graph.ScoringGraph` with the int8 scan and the exact re-check
+    (see the module docstring); arguments as the graph's."""
+
+    def __init__(self, det: PatchCore, size: tuple[int, int] | None, block_rows: int = 4096):
+        super().__init__(det, size, block_rows=block_rows)
+        centred = det.state_.memory_bank.detach().float().cpu() - self.bank_mean
+        self.register_buffer("rows", centred.contiguous())  # (M, D): the exact bound's rows
+        m = centred.shape[0]
+        self.n_int8 = max(1, math.ceil(m / int(block_rows)))
+        step = math.ceil(m / self.n_int8)
+        self.starts = [i * step for i in range(self.n_int8)]
+        for i, lo in enumerate(self.starts):
+            w = (-2.0 * centred[lo : lo + step]).T  # (D, rows)
+            scale = w.abs().amax(0).clamp(min=1e-30) / 127.0
+            self.register_buffer(f"int8_w{i}", torch.round(w / scale).to(torch.int8).contiguous())
+            self.register_buffer(f"int8_scale{i}", scale.contiguous())
+            self.register_buffer(f"int8_bias{i}", (centred[lo : lo + step] ** 2).sum(1))
+
+    def _scan(self, qc: torch.Tensor) -> torch.Tensor:
+        """(Q, D) centred patches -> (Q,) the row the int8 scan finds nearest."""
+        best_v = best_row = None
+        for i, lo in enumerate(self.starts):
+            v, row = torch.ops.patchcore.int8_nearest_row(
+                qc, getattr(self, f"int8_w{i}"), getattr(self, f"int8_scale{i}"),
+                getattr(self, f"int8_bias{i}"),
+            )  # fmt: skip
+            row = row + lo
+            if best_v is None:
+                best_v, best_row = v, row
+            else:
+                better = v < best_v
+                best_v, best_row = (
+                    torch.where(better, v, best_v),
+                    torch.where(better, row, best_row),
+                )
+        assert best_row is not None
+        return best_row
+
+    def patch_distances(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) -> (B, P) distances, exact for each image's ``top_k`` largest."""
+        b, p, d = patches.shape
+        flat = patches.reshape(b * p, d)
+        qc = flat - self.bank_mean
+        bound = ((qc - self.rows[self._scan(qc)]) ** 2).sum(1)  # >= the nearest squared
+        k = self.top_k
+        first = bound.view(b, p).topk(torch.sym_min(2 * k, p), dim=1).indices
+        first = (first + torch.arange(b).view(b, 1) * p).reshape(-1)
+        exact1 = self.min_sq(flat[first]).clamp(min=0.0)
+        floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]  # (B, 1) squared
+        d2 = bound.index_put((first,), exact1)
+        reach = (bound.view(b, p) >= floor * (1 - 1e-6)).reshape(-1)
+        reach = reach.index_put((first,), torch.zeros_like(first, dtype=torch.bool))
+        second = reach.nonzero().squeeze(1)
+        d2 = d2.index_put((second,), self.min_sq(flat[second]).clamp(min=0.0))
+        return d2.sqrt().view(b, p)

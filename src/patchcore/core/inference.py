@@ -1,0 +1,133 @@
+"""Scoring methods of the detector: :class:`ScoreMixin` (``iter_score``, ``score``,
+``score_samples``, ``score_with_maps``, ``anomaly_map``, ``anomaly_maps``).
+
+Mixed into :class:`patchcore.PatchCore` (as :mod:`patchcore.core.verdicts`): every method reads
+its images through the estimator's ``_batches`` (the one input pipeline) and scores each batch
+with ``_score_batch`` (the one scoring rule, :mod:`patchcore.core.scoring`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from patchcore.core.images import ImageInput
+from patchcore.core.inputs import as_list, check_on_error, warn_skipped
+from patchcore.core.results import ImageResult, MapSize, ScoreResult, check_maps
+
+__all__ = ["ScoreMixin"]
+
+
+class ScoreMixin:
+    """Scores and anomaly maps of images, streamed or collected; higher = more anomalous."""
+
+    def iter_score(
+        self,
+        images: Any,
+        *,
+        maps: MapSize = None,
+        on_error: str = "raise",
+        progress: bool | None = None,
+    ) -> Iterator[ImageResult]:
+        """Score images one by one as they are processed, in input order (a stream).
+
+        Images are still decoded and run in batches of ``batch_size``; each batch's results are
+        yielded as soon as it is done, so a caller can show progress or write rows as they come.
+
+        Args:
+            images: paths, PIL images, arrays, tensors, or an ``ImageDataset``.
+            maps: ``None`` (no maps), ``"processed"`` (at the resized size the detector sees),
+                ``"native"`` (each input's own size) or ``(H, W)`` (a given display size).
+            on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
+                yields it with ``score`` NaN, ``map`` None and ``error`` set.
+            progress: show a progress bar for this call; ``None`` = the ``progress`` parameter.
+
+        Yields:
+            :class:`ImageResult` per input: index, name, score (higher = more anomalous), map
+            (float32 HxW or None) and error (None, or why the input was skipped).
+        """
+        self._check_fitted("iter_score")  # type: ignore[attr-defined]
+        check_on_error(on_error)
+        maps = check_maps(maps)
+        items = as_list(images)
+        progress = self.progress if progress is None else bool(progress)  # type: ignore[attr-defined]
+        return self._stream(items, maps, on_error, progress)
+
+    def _stream(
+        self, items: list[Any], maps: MapSize, on_error: str, progress: bool
+    ) -> Iterator[ImageResult]:
+        for batch in self._batches(items, on_error, progress, "score"):  # type: ignore[attr-defined]
+            results = [
+                ImageResult(s.index, s.name, float("nan"), None, s.reason) for s in batch.skipped
+            ]
+            if batch.pixels is not None:
+                scores, out = self._score_batch(batch, maps)  # type: ignore[attr-defined]
+                for j, i in enumerate(batch.indices):
+                    m = out[j] if maps is not None else None
+                    results.append(ImageResult(i, batch.names[j], float(scores[j]), m, None))
+            yield from sorted(results, key=lambda r: r.index)
+
+    def score(
+        self,
+        images: Any,
+        *,
+        maps: MapSize = None,
+        on_error: str = "raise",
+        progress: bool | None = None,
+    ) -> ScoreResult:
+        """Scores, optional anomaly maps and the skipped inputs of ``images`` in one pass.
+
+        Arguments as in :meth:`iter_score`; nothing is warned: unreadable inputs skipped with
+        ``on_error="skip"`` are returned in ``skipped``.
+
+        Returns:
+            :class:`ScoreResult`: ``scores`` (N,) float64, higher = more anomalous, NaN where
+            skipped; ``maps`` N float32 arrays (None where skipped), or None when ``maps`` is
+            None; ``skipped`` the (index, name, reason) records.
+        """
+        stream = self.iter_score(images, maps=maps, on_error=on_error, progress=progress)
+        return ScoreResult.collect(stream, with_maps=maps is not None)
+
+    def _scored(
+        self, images: Any, maps: MapSize, on_error: str, progress: bool | None
+    ) -> ScoreResult:
+        """:meth:`score`, warning about skipped inputs (the older methods' behaviour)."""
+        result = self.score(images, maps=maps, on_error=on_error, progress=progress)
+        warn_skipped("{n} unreadable image(s) scored as NaN", result.skipped, stacklevel=4)
+        return result
+
+    def score_samples(
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
+    ) -> np.ndarray:
+        """Image anomaly scores, higher = more anomalous.
+
+        Returns:
+            (N,) float64; NaN for images skipped with ``on_error="skip"`` (with a warning).
+        """
+        return self._scored(images, None, on_error, progress).scores
+
+    def score_with_maps(
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Image scores and anomaly maps in one pass (no threshold needed).
+
+        Returns:
+            scores (N,) float64 (NaN for skipped images) and N float32 maps HxW at each input's
+            own size (None if skipped).
+        """
+        r = self._scored(images, "native", on_error, progress)
+        return r.scores, r.maps  # type: ignore[return-value]
+
+    def anomaly_map(self, image: ImageInput, *, progress: bool | None = None) -> np.ndarray:
+        """Per-pixel anomaly map of one image, float32 HxW at the image's own size."""
+        m = self.score([image], maps="native", progress=progress).maps[0]  # type: ignore[index]
+        assert m is not None
+        return m
+
+    def anomaly_maps(
+        self, images: Any, *, on_error: str = "raise", progress: bool | None = None
+    ) -> list[np.ndarray | None]:
+        """Anomaly maps of several images at their own sizes (None for skipped ones)."""
+        return self._scored(images, "native", on_error, progress).maps  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""The exported graph's int8 search with its exact float32 re-check (issue #24).
+
+On the toy detector (``_service_models``): patches drawn next to bank rows, plus one far
+outlier per batch, which stretches the per-call int8 scale so much that the scan often picks
+a wrong row for the others. Each image's ``top_k`` largest
+distances must equal the float32 search's (the re-check), every other value must be an upper
+bound of the true distance, and the scan must actually have erred somewhere (else the test
+proves nothing). The whole exported graph on real images: tests/test_export.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _service_models import toy_detector
+
+from patchcore.core.export_search import Int8ScoringGraph
+from patchcore.core.graph import ScoringGraph
+
+
+def _patches(bank: torch.Tensor, b: int, p: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, bank.shape[0], (b, p), generator=g)
+    scale = bank.std() * torch.rand(b, p, 1, generator=g) * 0.3
+    out = bank[rows] + scale * torch.randn(b, p, bank.shape[1], generator=g)
+    out[0, 0] = bank.mean(0) + 30 * bank.std() * torch.randn(bank.shape[1], generator=g)
+    return out
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_each_images_top_k_is_exact_and_the_rest_are_upper_bounds(top_k):
+    det = toy_detector()
+    graph = Int8ScoringGraph(det, (64, 64), block_rows=37).eval()  # several int8 blocks
+    graph.top_k = top_k
+    bank = det.memory_bank_.float()
+    patches = _patches(bank, 4, 90, seed=top_k)
+    with torch.no_grad():
+        got = graph.patch_distances(patches)
+        exact = ScoringGraph.patch_distances(graph, patches)  # the float32 search
+    torch.testing.assert_close(
+        got.topk(top_k, dim=1).values, exact.topk(top_k, dim=1).values, rtol=1e-6, atol=0
+    )
+    assert (got >= exact * (1 - 1e-4) - 1e-3).all()  # (the expansion's rounding)
+    assert (got > exact * (1 + 1e-3)).any(), "the int8 scan never erred: the test is too easy"
+
+
+def test_the_scan_alone_would_miss_the_top_k():
+    """Without the re-check (the bounds as they come from the scan) some image's top-k would
+    differ: the re-check is what makes the scores exact."""
+    det = toy_detector()
+    graph = Int8ScoringGraph(det, (64, 64), block_rows=37).eval()
+    bank = det.memory_bank_.float()
+    wrong = 0
+    for seed in range(6):
+        patches = _patches(bank, 4, 90, seed=100 + seed)
+        flat = patches.reshape(-1, patches.shape[-1]) - graph.bank_mean
+        with torch.no_grad():
+            bound = ((flat - graph.rows[graph._scan(flat)]) ** 2).sum(1).sqrt().view(4, 90)
+            exact = ScoringGraph.patch_distances(graph, patches)
+        k = graph.top_k
+        wrong += int((bound.topk(k, 1).values - exact.topk(k, 1).values).abs().max() > 1e-4)
+    assert wrong > 0

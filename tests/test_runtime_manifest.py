@@ -1,0 +1,167 @@
+"""The export manifest fails closed (issue #25): digest over every field and file, each field
+checked when read, file entries confined to the export folder.
+
+On the tiny synthetic export of ``_runtime_export`` (no torch, no fitting): each case edits a
+sealed manifest as a user or an attacker would and expects a refusal that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _runtime_export import edit_manifest, synthetic_export
+
+from patchcore.lean.manifest import MANIFEST, ExportFileError, export_kind, load_export
+from patchcore.lean.runtime import ExportedModel
+
+WHITE = np.full((64, 64, 3), 255, np.uint8)
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    return synthetic_export(tmp_path / "export", threshold=35.98, normalization=None)
+
+
+def test_a_sealed_export_loads_and_scores(export):
+    model = ExportedModel(export)
+    assert model.threshold == 35.98 and model.backend == "onnxruntime"
+    assert model.score_samples([WHITE]) == pytest.approx([1.0])
+
+
+def test_an_edited_threshold_is_refused(export):
+    edit_manifest(export, threshold=75.98)  # one digit: defective parts would "pass"
+    with pytest.raises(ExportFileError, match="do not match its digest"):
+        ExportedModel(export)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1e9", "threshold must be a number, got '1e9'"),
+        (math.nan, "threshold must be a finite number, got nan"),
+        (math.inf, "threshold must be a finite number, got inf"),
+        (True, "threshold must be a number, got True"),
+    ],
+)
+def test_a_threshold_that_is_not_a_finite_number_is_refused(export, value, message):
+    edit_manifest(export, reseal=True, threshold=value)  # even with a recomputed digest
+    with pytest.raises(ExportFileError, match=message):
+        ExportedModel(export)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("batch_size", -1, r"batch_size must be an integer in \[1, 4096\], got -1"),
+        ("batch_size", 2.5, "batch_size must be an integer, got 2.5"),
+        ("image_size", [4, 4], r"image_size must be \[height, width\] with sides in \[32, "),
+        ("scale", -0.4, "scale must be > 0, got -0.4"),
+        ("sigma", "4", "sigma must be a number, got '4'"),
+        ("dynamic", "yes", "dynamic must be true or false"),
+        ("normalization", {"kind": "piecewise_linear", "low": 0, "threshold": "1e9", "high": 2},
+         "normalization must be a number, got '1e9'"),
+        ("region_threshold", math.nan, "region_threshold must be a finite number"),
+        ("display_range", [3.0, 1.0], "display_range must be .* low < high"),
+        ("surprise", 1, "unknown field"),
+        ("search", "int4", "search must be one of 'float32', 'int8'"),
+        ("graphs", [{"size": None, "onnx": "other.onnx", "openvino": None}],
+         "graphs name files the manifest does not list"),
+        ("graphs", [{"size": [300, 300], "onnx": "model.onnx", "openvino": None}],
+         "graphs must start with the export's own graph"),
+        ("graphs", [{"size": None, "onnx": "../model.onnx", "openvino": None}],
+         "graphs entry 0: must name a file inside the export folder"),
+    ],
+)  # fmt: skip
+def test_every_field_is_checked_and_named(export, field, value, message):
+    edit_manifest(export, reseal=True, **{field: value})
+    with pytest.raises(ExportFileError, match=message):
+        ExportedModel(export)
+
+
+def test_a_missing_field_is_named(export):
+    info = json.loads((export / MANIFEST).read_text())
+    del info["threshold"]
+    (export / MANIFEST).write_text(json.dumps(info))
+    with pytest.raises(ExportFileError, match="field.s. missing: threshold"):
+        ExportedModel(export)
+
+
+def test_normalization_must_agree_with_the_threshold(tmp_path):
+    mapping = {"kind": "piecewise_linear", "low": 0.0, "threshold": 0.5, "high": 1.0}
+    with pytest.raises(ValueError, match="normalization's threshold 0.5 is not the threshold 0.7"):
+        synthetic_export(tmp_path, threshold=0.7, normalization=mapping)
+
+
+SECRET = "root:x:0:0:do-not-print-me"
+
+
+@pytest.mark.parametrize("entry", ["../outside.onnx", "/etc/passwd", "sub/model.onnx", ".."])
+def test_file_entries_stay_inside_the_folder(export, entry):
+    outside = export.parent / "outside.onnx"
+    outside.write_text(SECRET)
+    info = json.loads((export / MANIFEST).read_text())
+    info["files"][0]["name"] = entry
+    (export / MANIFEST).write_text(json.dumps(info))
+    with pytest.raises(ExportFileError, match="a plain file name") as err:
+        ExportedModel(export)
+    assert SECRET not in str(err.value)
+
+
+def test_a_graph_outside_the_folder_with_a_matching_digest_is_refused(export):
+    """The graph moved out and linked back in: the digest matches, the link leaves the folder."""
+    outside = export.parent / "outside.onnx"
+    os.replace(export / "model.onnx", outside)
+    (export / "model.onnx").symlink_to(outside)
+    with pytest.raises(ExportFileError, match="symbolic link out of the export folder"):
+        ExportedModel(export)
+    # a link that stays inside the folder is fine
+    (export / "model.onnx").unlink()
+    os.replace(outside, export / "real.onnx")
+    (export / "model.onnx").symlink_to("real.onnx")
+    assert ExportedModel(export).score_samples([WHITE]) == pytest.approx([1.0])
+
+
+def test_a_manifest_linked_from_elsewhere_is_refused(export, tmp_path):
+    elsewhere = tmp_path / "m.json"
+    os.replace(export / MANIFEST, elsewhere)
+    (export / MANIFEST).symlink_to(elsewhere)
+    with pytest.raises(ExportFileError, match="symbolic link out of the export folder"):
+        load_export(export)
+
+
+def test_a_replaced_or_damaged_graph_is_refused(export):
+    data = bytearray((export / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (export / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportFileError, match="does not match the manifest's size and SHA-256"):
+        ExportedModel(export)
+
+
+def test_foreign_newer_and_missing_manifests(export, tmp_path):
+    with pytest.raises(ExportFileError, match="no export manifest"):
+        ExportedModel(tmp_path)
+    edit_manifest(export, version=99)
+    with pytest.raises(ExportFileError, match="export version 99"):
+        ExportedModel(export)
+    (export / MANIFEST).write_text('{"format": "something else"}')
+    with pytest.raises(ExportFileError, match="not a patchcore export manifest"):
+        ExportedModel(export)
+    (export / MANIFEST).write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ExportFileError, match="not valid JSON"):
+        ExportedModel(export)
+
+
+def test_what_a_folder_holds(export, tmp_path):
+    assert export_kind(export) == "export"
+    assert export_kind(tmp_path / "nothing") == "missing"
+    (tmp_path / "empty").mkdir()
+    assert export_kind(tmp_path / "empty") == "empty"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep me")
+    assert export_kind(tmp_path / "notes") == "other"
+    assert export_kind(tmp_path / "notes" / "a.txt") == "other"

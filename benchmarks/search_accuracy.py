@@ -604,6 +604,11 @@ def lead_cost(by: dict, members: tuple[str, ...], name: str, key: str) -> float:
     return float(sum(np.median([r[key] for r in by[(m, name)]]) for m in members))
 
 
+def _features_mb(r: dict) -> float:
+    """Training features in float16, MiB (older rows lack ``feats_mb``: from patches x dim)."""
+    return r.get("feats_mb") or r["patches"] * r["dim"] * 2 / 2**20
+
+
 def leads_table(leads: list[str]) -> str:
     """Each lead (a candidate, or members joined by ``&``) against the defaults, top-10 score."""
     rows = _rows()
@@ -617,22 +622,24 @@ def leads_table(leads: list[str]) -> str:
         "## Leads of issue #23 (`benchmarks/search_accuracy.py --leads`)",
         "",
         f"Machine: {machine()}; rows {dates[0]} to {dates[-1]} UTC, 1-min load {loads[0]:.1f}-"
-        f"{loads[-1]:.1f} (2 cores shared with other sessions: seconds are inflated and only "
-        "comparable as ratios within this table; AUROC does not depend on load). All training "
-        "images and every test image; ELPV mono: a seeded half of the normal cells to fit on. "
-        "Image AUROC with the defaults' score (mean of the 10 largest patch distances), mean ± "
-        "sample std over seeds 0-2 (count); Δ min = the lead's worst per-set difference from "
-        "the defaults (lite0_s35); cost = the lead's median fit s and ms per test image "
-        "(extraction + search, no maps) over the defaults', the worst set's ratio; memory = "
-        "training features in float16 (what fit holds) and bank, MiB, largest set. Ensembles "
-        "(members joined by &) use the paper's rule: members' scores min-max normalised over "
-        "the test images, then averaged (optimistic: it needs the test set's range), costs "
-        "summed.",
+        f"{loads[-1]:.1f} (2 cores shared with other sessions). All training images and every "
+        "test image; ELPV mono: a seeded half of the normal cells to fit on. Image AUROC with "
+        "the defaults' score (mean of the 10 largest patch distances), mean ± sample std over "
+        "the seeds run (count: 1 = seed 0 only); Δ min = the lead's worst per-set difference "
+        "from the defaults (lite0_s35), over the sets it has. Seconds, per set in column order "
+        "(medians over the lead's runs): fit s = feature extraction of the training images "
+        "(all views) + coreset, ms/image = extraction + search per test image (no maps), and "
+        "the median 1-min load they ran under: rows ran at loads from 2 to 17, so seconds of "
+        "different rows are not comparable; the ratios are in 'Paired cost of the leads'. "
+        "Memory = training features in float16 (what fit holds) / bank, MiB, largest set. "
+        "Ensembles (members joined by &) use the paper's rule: members' scores min-max "
+        "normalised over the test images, then averaged (optimistic: it needs the test set's "
+        "range), costs summed.",
         "",
         "| lead | "
         + " | ".join(SETS)
-        + " | mean, 4 sets | Δ min | fit s (x) | ms/image (x) | features / bank MiB |",
-        "|---|" + "---:|" * (len(SETS) + 5),
+        + " | mean, 4 sets | Δ min | fit s | ms/image | load | features / bank MiB |",
+        "|---|" + "---:|" * (len(SETS) + 6),
     ]
     base = {s: [] for s in SETS}
     for s in SETS:
@@ -642,7 +649,7 @@ def leads_table(leads: list[str]) -> str:
                 base[s].append(auroc(*got))
     for lead in leads:
         members = tuple(lead.split("&"))
-        cells, means, deltas, fit_x, ms_x, fits, mss, mem = [], {}, [], [], [], [], [], []
+        cells, means, deltas, fits, mss, loads_, mem = [], {}, [], [], [], [], []
         for s in SETS:
             vals = [
                 auroc(*got)
@@ -655,27 +662,26 @@ def leads_table(leads: list[str]) -> str:
             means[s] = float(np.mean(vals))
             if base[s]:
                 deltas.append(means[s] - float(np.mean(base[s])))
-            if all((m, s) in by for m in members) and (BASELINE, s) in by:
-                f, m = lead_cost(by, members, s, "fit_s"), lead_cost(by, members, s, "ms")
-                fits.append(f)
-                mss.append(m)
-                fit_x.append(f / lead_cost(by, (BASELINE,), s, "fit_s"))
-                ms_x.append(m / lead_cost(by, (BASELINE,), s, "ms"))
+            if all((m, s) in by for m in members):
+                fits.append(lead_cost(by, members, s, "fit_s"))
+                mss.append(lead_cost(by, members, s, "ms"))
+                loads_ += [float(r["load"].split(" / ")[0]) for m in members for r in by[(m, s)]]
                 mem.append(
                     (
-                        sum(by[(x, s)][0].get("feats_mb", float("nan")) for x in members),
+                        sum(_features_mb(by[(x, s)][0]) for x in members),
                         sum(by[(x, s)][0]["bank_mb"] for x in members),
                     )
                 )
         full = f"**{np.mean(list(means.values())):.4f}**" if len(means) == len(SETS) else "—"
-        dmin = f"{min(deltas):+.4f}" if len(deltas) == len(SETS) else "—"
-        cost_f = f"{'; '.join(f'{x:.0f}' for x in fits)} ({max(fit_x):.2f})" if fit_x else "—"
-        cost_m = f"{'; '.join(f'{x:.0f}' for x in mss)} ({max(ms_x):.2f})" if ms_x else "—"
+        dmin = f"{min(deltas):+.4f}" if deltas else "—"
+        cost_f = "; ".join(f"{x:.0f}" for x in fits) or "—"
+        cost_m = "; ".join(f"{x:.0f}" for x in mss) or "—"
+        load = f"{np.median(loads_):.1f}" if loads_ else "—"
         memory = f"{max(m[0] for m in mem):.0f} / {max(m[1] for m in mem):.1f}" if mem else "—"
         label = " & ".join(members)
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {full} | {dmin} | {cost_f} | {cost_m} "
-            f"| {memory} |"
+            f"| {load} | {memory} |"
         )
     return "\n".join(lines)
 

@@ -725,15 +725,18 @@ def auto_trials(
 
 
 def auto_table(cands: list[str], split_seeds: tuple[int, ...]) -> str:
+    """One candidate set's trials (a ``###`` table under the section's heading)."""
     trials = auto_trials(cands, split_seeds)
     if not trials:
-        return "## The auto preset's choice\n\n(no trials: a candidate's scores are missing)"
+        return f"### {', '.join(cands)}\n\n(no trials: a candidate's scores are missing)"
+    fits = sorted({t["seed"] for t in trials})
     lines = [
-        "## The auto preset's choice on cached scores (`search_accuracy.py --auto ...`)",
+        f"### {', '.join(cands)}",
         "",
         "Candidates, in order (ties go to the earlier): "
         + ", ".join(f"`{c}`" for c in cands)
-        + f". Each set, fit seed 0-2 and split seed {', '.join(map(str, split_seeds))}: the "
+        + f". Each set with every candidate's scores, fit seed {', '.join(map(str, fits))} and "
+        f"split seed {', '.join(map(str, split_seeds))}: the "
         "test images split per label in halves (`split_each_label`, as `calibrate`), the "
         "candidate with the highest calibration-half image AUROC (top-10 score) chosen, "
         "then judged on the evaluation half. Agreement = chosen the evaluation half's "
@@ -780,14 +783,18 @@ def main() -> None:
         "--screen", nargs="*", default=["elpv_mono", "casting"], help="sets of the partial mean"
     )
     ap.add_argument("--leads", nargs="*", help="write the leads table of these (a&b: ensemble)")
-    ap.add_argument("--auto", nargs="*", help="write the auto preset's table for these")
+    ap.add_argument(
+        "--auto", nargs="*", action="append", help="the auto preset's table for these (repeat)"
+    )
     ap.add_argument("--split-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     args = ap.parse_args()
     if args.leads:
         write_results_section("accuracy-leads", leads_table(args.leads))
         return
     if args.auto:
-        write_results_section("accuracy-auto", auto_table(args.auto, tuple(args.split_seeds)))
+        tables = [auto_table(c, tuple(args.split_seeds)) for c in args.auto]
+        head = "## The auto preset's choice on cached scores (`search_accuracy.py --auto ...`)"
+        write_results_section("accuracy-auto", "\n\n".join([head, *tables]))
         return
     if args.table:
         ensembles = [tuple(e.split("+")) for e in args.ensemble]

@@ -139,7 +139,10 @@ def run_peer(name: str, backbone: str, seed: int, tr: np.ndarray, te: np.ndarray
 
 
 def run_ours(name: str, backbone: str, seed: int, tr: np.ndarray, te: np.ndarray) -> dict:
-    row = evaluate(name, CAND[backbone], seed, tr, te, tag=f"__n{len(tr)}")
+    """Ours on the draw: ``backbone`` names a backbone of :data:`CAND` or any candidate of
+    ``search_accuracy`` (e.g. ``lite2_s35_x1.5``, ``lite2_s35@rot90``)."""
+    cand = CAND.get(backbone, backbone)
+    row = evaluate(name, cand, seed, tr, te, tag=f"__n{len(tr)}")
     keep = ("train", "test", "patches", "bank", "coreset_s", "eq7", "max", "top3", "top10")
     return {
         "system": "ours",
@@ -197,6 +200,8 @@ def table() -> str:
         ("ours lite1, top-10 mean", "ours", "efficientnet-lite1", "top10"),
         ("ours `accurate` (lite2, top-10 mean)", "ours", CAND_OF["accurate"], "top10"),
     ]
+    leads = sorted({r["backbone"] for r in rows if r["system"] == "ours"} - set(CAND))
+    configs += [(f"ours {c}, top-10 mean", "ours", c, "top10") for c in leads]
     for label, system, backbone, score in configs:
         cells = [_pm(list(vals(system, s, backbone, score).values())) for s in sets]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -215,6 +220,14 @@ def table() -> str:
         peers = [vals("anomalib", s, b, "eq7") for b in CAND]
         return max(peers, key=lambda p: (len(p), np.mean(list(p.values())) if p else -1))
 
+    lines += [
+        diff_row(
+            f"ours {c} (top-10) − anomalib's best backbone",
+            lambda s, c=c: vals("ours", s, c, "top10"),
+            peer_best,
+        )
+        for c in leads
+    ]
     lines += [
         diff_row(
             "ours − anomalib, the same configuration (lite2, max + eq. 7)",
@@ -301,6 +314,12 @@ def main() -> None:
         help="another count for one set (deeppcb's patches are 4x casting's per image)",
     )
     ap.add_argument("--peer-backbones", nargs="*", default=list(CAND), choices=list(CAND))
+    ap.add_argument(
+        "--ours",
+        nargs="*",
+        default=list(CAND),
+        help="our configurations: backbones of CAND or search_accuracy candidates",
+    )
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
@@ -317,7 +336,7 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.sets:
             tr, te = draw(name, seed, counts[name])
-            todo = [("ours", b) for b in CAND]
+            todo = [("ours", b) for b in args.ours]
             todo += [] if args.no_peer else [("anomalib", b) for b in args.peer_backbones]
             for system, backbone in todo:
                 if (system, name, backbone, seed, len(tr)) in done:

@@ -35,9 +35,9 @@ import torch
 from common import ROOT, append_row, machine, subsets, write_results_section
 
 from patchcore import PatchCore
-from patchcore.core import sampling
+from patchcore.core import augment, sampling
 from patchcore.core.backbones import FeatureExtractor
-from patchcore.core.datasets import ImageDataset, elpv_benchmark_split, load_elpv
+from patchcore.core.datasets import ImageDataset, elpv_benchmark_split, load_elpv, split_each_label
 from patchcore.core.embedding import flatten_patches
 from patchcore.core.metrics import auroc
 from patchcore.core.presets import PRESETS, preset_params
@@ -61,6 +61,9 @@ CANDIDATES: dict[str, dict] = {
     "lite0_s35_r256": {"image_size": 256},  # the peers' fixed square input
     "lite0_s34": {"layers": ("stage3", "stage4")},
     "lite0_s345": {"layers": ("stage3", "stage4", "stage5")},
+    "lite2_s35_x1.5": {"backbone": "efficientnet-lite2", "scale": 1.5},
+    "lite2_s235": {"backbone": "efficientnet-lite2", "layers": S235},
+    "lite2_s35_x0.5": {"backbone": "efficientnet-lite2", "scale": 0.5},
 }
 """Candidate embeddings: PatchCore keyword arguments (everything else at its default)."""
 
@@ -71,15 +74,30 @@ every channel (a diagonal Mahalanobis distance); ``layers`` scales each tapped l
 so that every layer has the same mean squared deviation (the layers weigh equally)."""
 
 
+AUGMENTS = tuple(augment.AUGMENTS)
+"""Bank augmentation (``--cands CAND@AUG``, ``PatchCore(augment=AUG)``): the training images
+are also embedded in every other view of ``patchcore.core.augment`` (``flips``: left-right and
+up-down mirror, 3x the training patches; ``rot90``: quarter, half and three-quarter turns, 4x),
+cached apart, and join the coreset's input; test images are scored as they are."""
+
+
+def parse(cand: str) -> tuple[str, str, str]:
+    """(embedding candidate, augmentation or "", normalisation or "") of ``EMB[@AUG][+NORM]``."""
+    head, _, norm = cand.partition("+")
+    base, _, aug = head.partition("@")
+    return base, aug, norm
+
+
 def base_params(cand: str) -> dict:
-    """PatchCore keyword arguments of a candidate, with its normalisation if any."""
-    base, _, norm = cand.partition("+")
-    return dict(CANDIDATES[base], **({"feature_norm": norm} if norm else {}))
+    """PatchCore keyword arguments of a candidate, with its augmentation and normalisation."""
+    base, aug, norm = parse(cand)
+    extra = {"augment": aug} if aug else {}
+    return dict(CANDIDATES[base], **extra, **({"feature_norm": norm} if norm else {}))
 
 
 def normalise(x: torch.Tensor, test: torch.Tensor, cand: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the candidate's normalisation, fitted on the training patches ``x`` (N, D)."""
-    base, _, norm = cand.partition("+")
+    base, _, norm = parse(cand)
     if not norm:
         return x, test
     s1 = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -189,6 +207,60 @@ def features(name: str, cand: str) -> dict:
     return out
 
 
+def aug_images(name: str) -> np.ndarray:
+    """Indices (into :func:`set_images`) of the images that may be trained on: whose
+    augmented features are cached (the folder sets' training images, ELPV's normal cells)."""
+    if name == "elpv_mono":
+        return np.flatnonzero(set_images(name)[1] == 0)
+    return np.arange(len(subsets(name, None, None)[0]))
+
+
+def aug_features(name: str, base: str, aug: str) -> dict:
+    """Cached float16 patch features of :func:`aug_images` under every transform of ``aug``:
+    ``feats[t]`` image by image, ``counts[t]`` patches per image."""
+    path = OUT / "features" / f"{name}__{base}@{aug}.pt"
+    if path.exists():
+        return torch.load(path, mmap=True)
+    ds, _ = set_images(name)
+    idx = aug_images(name)
+    det = PatchCore(progress=False, **CANDIDATES[base]).fit(ds[:1])
+    views = augment.views(aug)[1:]  # the identity's features are the set's own cache
+    feats: list[list[torch.Tensor]] = [[] for _ in views]
+    counts: list[list[int]] = [[] for _ in views]
+    t0 = time.perf_counter()
+    for b in det._batches([ds.images[i] for i in idx], "raise", False, "features"):
+        for t, view in enumerate(views):
+            emb = det._embed(augment.apply(b.pixels, view))
+            feats[t].append(flatten_patches(emb).to(torch.float16))
+            counts[t] += [emb.shape[2] * emb.shape[3]] * emb.shape[0]
+    seconds = time.perf_counter() - t0
+    out = {
+        "images": torch.as_tensor(idx),
+        "feats": [torch.cat(f) for f in feats],
+        "counts": [torch.tensor(c) for c in counts],
+        "embed_ms": seconds / len(idx) * 1000,  # all transforms of one image
+        "embed_load": os.getloadavg()[0],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def augmented_rows(name: str, cand: str, tr: np.ndarray) -> tuple[list[torch.Tensor], float]:
+    """The augmented training patches of images ``tr`` (one tensor per transform and image)
+    and the extraction ms per training image they add; ``[]`` and 0 without augmentation."""
+    base, aug, _ = parse(cand)
+    if not aug:
+        return [], 0.0
+    a = aug_features(name, base, aug)
+    pos = {int(i): j for j, i in enumerate(a["images"].tolist())}
+    out = []
+    for feats, counts in zip(a["feats"], a["counts"], strict=True):
+        offsets = np.concatenate([[0], np.cumsum(counts.numpy())])
+        out += [feats[offsets[pos[i]] : offsets[pos[i] + 1]] for i in tr.tolist()]
+    return out, float(a["embed_ms"])
+
+
 def image_scores(
     index: NearestNeighborIndex, bank: torch.Tensor, rows: torch.Tensor, counts: list[int]
 ) -> dict[str, np.ndarray]:
@@ -228,10 +300,13 @@ def evaluate(
     ``scores/{name}__{cand}__s{seed}{tag}.npz`` and the row (accuracy of every image score,
     costs) is returned.
     """
-    f = features(name, cand.partition("+")[0])
+    f = features(name, parse(cand)[0])
     counts = f["counts"].numpy()
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    x = torch.cat([f["feats"][offsets[i] : offsets[i + 1]] for i in tr])
+    extra, aug_ms = augmented_rows(name, cand, tr)
+    x = torch.cat([f["feats"][offsets[i] : offsets[i + 1]] for i in tr] + extra)
+    del extra
+    train_patches = int(x.shape[0])
     test = torch.cat([f["feats"][offsets[i] : offsets[i + 1]] for i in te])
     x, test = normalise(x, test, cand)
     n = min(sampling.coreset_size(x.shape[0], RATIO), MAX_BANK)
@@ -255,12 +330,13 @@ def evaluate(
         "seed": seed,
         "train": len(tr),
         "test": len(te),
-        "patches": int(counts[tr].sum()),
+        "patches": train_patches,
         "dim": int(bank.shape[1]),
         "bank": int(bank.shape[0]),
         "bank_mb": round(bank.numel() * 4 / 2**20, 1),
         "embed_ms": round(float(f["embed_ms"]), 1),
-        "fit_s": round(float(f["embed_ms"]) * len(tr) / 1000 + coreset_s, 1),
+        "feats_mb": round(train_patches * int(bank.shape[1]) * 2 / 2**20, 1),
+        "fit_s": round((float(f["embed_ms"]) + aug_ms) * len(tr) / 1000 + coreset_s, 1),
         "coreset_s": round(coreset_s, 1),
         "search_ms": round(search_ms, 1),
         **{v: round(auroc(labels, s), 4) for v, s in scores.items()},
@@ -501,6 +577,192 @@ def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- leads (issue #23)
+
+BASELINE = "lite0_s35"
+LEAD_SCORE = "top10"  # the defaults' image score
+
+
+def _scores(name: str, cand: str, seed: int) -> dict | None:
+    path = OUT / "scores" / f"{name}__{cand}__s{seed}.npz"
+    return dict(np.load(path)) if path.exists() else None
+
+
+def member_scores(name: str, members: tuple[str, ...], seed: int, variant: str = LEAD_SCORE):
+    """(labels, scores) of one candidate, or of an ensemble (min-max normalised members'
+    scores averaged, the paper's rule); None while a member's run is missing."""
+    data = [_scores(name, m, seed) for m in members]
+    if any(d is None for d in data):
+        return None
+    if len(data) == 1:
+        return data[0]["labels"], data[0][variant]
+    return data[0]["labels"], np.mean([_minmax(d[variant]) for d in data], axis=0)
+
+
+def lead_cost(by: dict, members: tuple[str, ...], name: str, key: str) -> float:
+    """Median ``key`` of each member's runs on ``name``, summed over the members."""
+    return float(sum(np.median([r[key] for r in by[(m, name)]]) for m in members))
+
+
+def _features_mb(r: dict) -> float:
+    """Training features in float16, MiB (older rows lack ``feats_mb``: from patches x dim)."""
+    return r.get("feats_mb") or r["patches"] * r["dim"] * 2 / 2**20
+
+
+def leads_table(leads: list[str]) -> str:
+    """Each lead (a candidate, or members joined by ``&``) against the defaults, top-10 score."""
+    rows = _rows()
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        r["ms"] = r["embed_ms"] + r["search_ms"]
+        by.setdefault((r["cand"], r["set"]), []).append(r)
+    loads = sorted(float(r["load"].split(" / ")[0]) for r in rows)
+    dates = sorted(r["date"] for r in rows)
+    lines = [
+        "## Leads of issue #23 (`benchmarks/search_accuracy.py --leads`)",
+        "",
+        f"Machine: {machine()}; rows {dates[0]} to {dates[-1]} UTC, 1-min load {loads[0]:.1f}-"
+        f"{loads[-1]:.1f} (2 cores shared with other sessions). All training images and every "
+        "test image; ELPV mono: a seeded half of the normal cells to fit on. Image AUROC with "
+        "the defaults' score (mean of the 10 largest patch distances), mean ± sample std over "
+        "the seeds run (count: 1 = seed 0 only); Δ min = the lead's worst per-set difference "
+        "from the defaults (lite0_s35), over the sets it has. Seconds, per set in column order "
+        "(medians over the lead's runs): fit s = feature extraction of the training images "
+        "(all views) + coreset, ms/image = extraction + search per test image (no maps), and "
+        "the median 1-min load they ran under: rows ran at loads from 2 to 17, so seconds of "
+        "different rows are not comparable; the ratios are in 'Paired cost of the leads'. "
+        "Memory = training features in float16 (what fit holds) / bank, MiB, largest set. "
+        "Ensembles (members joined by &) use the paper's rule: members' scores min-max "
+        "normalised over the test images, then averaged (optimistic: it needs the test set's "
+        "range), costs summed.",
+        "",
+        "| lead | "
+        + " | ".join(SETS)
+        + " | mean, 4 sets | Δ min | fit s | ms/image | load | features / bank MiB |",
+        "|---|" + "---:|" * (len(SETS) + 6),
+    ]
+    base = {s: [] for s in SETS}
+    for s in SETS:
+        for seed in (0, 1, 2):
+            got = member_scores(s, (BASELINE,), seed)
+            if got is not None:
+                base[s].append(auroc(*got))
+    for lead in leads:
+        members = tuple(lead.split("&"))
+        cells, means, deltas, fits, mss, loads_, mem = [], {}, [], [], [], [], []
+        for s in SETS:
+            vals = [
+                auroc(*got)
+                for seed in (0, 1, 2)
+                if (got := member_scores(s, members, seed)) is not None
+            ]
+            cells.append(f"{_pm(vals)} ({len(vals)})" if vals else "—")
+            if not vals:
+                continue
+            means[s] = float(np.mean(vals))
+            if base[s]:
+                deltas.append(means[s] - float(np.mean(base[s])))
+            if all((m, s) in by for m in members):
+                fits.append(lead_cost(by, members, s, "fit_s"))
+                mss.append(lead_cost(by, members, s, "ms"))
+                loads_ += [float(r["load"].split(" / ")[0]) for m in members for r in by[(m, s)]]
+                mem.append(
+                    (
+                        sum(_features_mb(by[(x, s)][0]) for x in members),
+                        sum(by[(x, s)][0]["bank_mb"] for x in members),
+                    )
+                )
+        full = f"**{np.mean(list(means.values())):.4f}**" if len(means) == len(SETS) else "—"
+        dmin = f"{min(deltas):+.4f}" if deltas else "—"
+        cost_f = "; ".join(f"{x:.0f}" for x in fits) or "—"
+        cost_m = "; ".join(f"{x:.0f}" for x in mss) or "—"
+        load = f"{np.median(loads_):.1f}" if loads_ else "—"
+        memory = f"{max(m[0] for m in mem):.0f} / {max(m[1] for m in mem):.1f}" if mem else "—"
+        label = " & ".join(members)
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {full} | {dmin} | {cost_f} | {cost_m} "
+            f"| {load} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def auto_trials(
+    cands: list[str], split_seeds: tuple[int, ...] = (0,), fraction: float = 0.5
+) -> list[dict]:
+    """The ``auto`` preset's rule on cached scores: per set, fit seed and split seed, the
+    test images are split per label (``split_each_label``, as ``calibrate`` does) into a
+    calibration part and an evaluation part; the candidate with the highest calibration image
+    AUROC is chosen (ties: the earlier, cheaper one) and compared with the evaluation winner."""
+    out = []
+    for name in SETS:
+        ds, _ = set_images(name)
+        for seed in (0, 1, 2):
+            got = {c: _scores(name, c, seed) for c in cands}
+            if any(v is None for v in got.values()):
+                continue
+            te = split(name, seed)[1]
+            test = ds.subset(te)
+            for split_seed in split_seeds:
+                calib_ds, _ = split_each_label(test, fraction, seed=split_seed)
+                calib = np.isin(np.asarray(test.names), np.asarray(calib_ds.names))
+                cal = {c: auroc(v["labels"][calib], v[LEAD_SCORE][calib]) for c, v in got.items()}
+                ev = {c: auroc(v["labels"][~calib], v[LEAD_SCORE][~calib]) for c, v in got.items()}
+                pick = max(cands, key=lambda c: (cal[c], -cands.index(c)))
+                best = max(cands, key=lambda c: (ev[c], -cands.index(c)))
+                out.append(
+                    {
+                        "set": name,
+                        "seed": seed,
+                        "split_seed": split_seed,
+                        "calibration": cal,
+                        "evaluation": ev,
+                        "pick": pick,
+                        "best": best,
+                        "regret": ev[best] - ev[pick],
+                    }
+                )
+    return out
+
+
+def auto_table(cands: list[str], split_seeds: tuple[int, ...]) -> str:
+    """One candidate set's trials (a ``###`` table under the section's heading)."""
+    trials = auto_trials(cands, split_seeds)
+    if not trials:
+        return f"### {', '.join(cands)}\n\n(no trials: a candidate's scores are missing)"
+    fits = sorted({t["seed"] for t in trials})
+    lines = [
+        f"### {', '.join(cands)}",
+        "",
+        "Candidates, in order (ties go to the earlier): "
+        + ", ".join(f"`{c}`" for c in cands)
+        + f". Each set with every candidate's scores, fit seed {', '.join(map(str, fits))} and "
+        f"split seed {', '.join(map(str, split_seeds))}: the "
+        "test images split per label in halves (`split_each_label`, as `calibrate`), the "
+        "candidate with the highest calibration-half image AUROC (top-10 score) chosen, "
+        "then judged on the evaluation half. Agreement = chosen the evaluation half's "
+        "winner; regret = the winner's evaluation AUROC minus the chosen one's.",
+        "",
+        "| set | trials | agreement | chosen (times) | evaluation AUROC: chosen | best "
+        "fixed candidate | " + " | ".join(cands) + " | mean regret |",
+        "|---|---:|---:|---|---:|---:|" + "---:|" * len(cands) + "---:|",
+    ]
+    for name in (*SETS, "all"):
+        ts = [t for t in trials if name in ("all", t["set"])]
+        if not ts:
+            continue
+        picks = {c: sum(t["pick"] == c for t in ts) for c in cands}
+        chosen = np.mean([t["evaluation"][t["pick"]] for t in ts])
+        fixed = {c: np.mean([t["evaluation"][c] for t in ts]) for c in cands}
+        lines.append(
+            f"| {name} | {len(ts)} | {sum(t['pick'] == t['best'] for t in ts)} / {len(ts)} | "
+            + ", ".join(f"{c} {n}" for c, n in picks.items() if n)
+            + f" | {chosen:.4f} | {max(fixed.values()):.4f} | "
+            + " | ".join(f"{fixed[c]:.4f}" for c in cands)
+            + f" | {np.mean([t['regret'] for t in ts]):.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS)
@@ -508,7 +770,9 @@ def main() -> None:
         "--cands",
         nargs="*",
         default=["lite0_s35"],
-        choices=list(CANDIDATES) + [f"{c}+{n}" for c in CANDIDATES for n in NORMS],
+        choices=list(CANDIDATES)
+        + [f"{c}+{n}" for c in CANDIDATES for n in NORMS]
+        + [f"{c}@{a}" for c in CANDIDATES for a in AUGMENTS],
     )
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--table", action="store_true", help="write RESULTS.md from the saved rows")
@@ -518,7 +782,20 @@ def main() -> None:
     ap.add_argument(
         "--screen", nargs="*", default=["elpv_mono", "casting"], help="sets of the partial mean"
     )
+    ap.add_argument("--leads", nargs="*", help="write the leads table of these (a&b: ensemble)")
+    ap.add_argument(
+        "--auto", nargs="*", action="append", help="the auto preset's table for these (repeat)"
+    )
+    ap.add_argument("--split-seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     args = ap.parse_args()
+    if args.leads:
+        write_results_section("accuracy-leads", leads_table(args.leads))
+        return
+    if args.auto:
+        tables = [auto_table(c, tuple(args.split_seeds)) for c in args.auto]
+        head = "## The auto preset's choice on cached scores (`search_accuracy.py --auto ...`)"
+        write_results_section("accuracy-auto", "\n\n".join([head, *tables]))
+        return
     if args.table:
         ensembles = [tuple(e.split("+")) for e in args.ensemble]
         write_results_section("accuracy-search", table(ensembles, tuple(args.screen)))

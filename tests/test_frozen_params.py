@@ -25,7 +25,8 @@ def test_every_parameter_has_a_rule() -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [("image_size", 96), ("backbone", "resnet18"), ("coreset_ratio", 0.5), ("seed", 1),
-     ("kernel_size", 5), ("feature_dtype", "float32"), ("layers", ("stage2", "stage3"))],
+     ("kernel_size", 5), ("feature_dtype", "float32"), ("layers", ("stage2", "stage3")),
+     ("augment", "rot90")],
 )  # fmt: skip
 def test_fit_parameters_are_refused_on_a_fitted_model(fitted, name: str, value) -> None:
     det = copy.deepcopy(fitted)

@@ -17,10 +17,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from patchcore.core import augment as augmentation
 from patchcore.core import persistence, sampling, scoring, search
 from patchcore.core.backbones import BACKBONE_DTYPES, FeatureExtractor, resolve_device
 from patchcore.core.embedding import FEATURE_DTYPES, FeatureStore, embed, flatten_patches
-from patchcore.core.explain import ExplainMixin, Explanation, bank_provenance
+from patchcore.core.explain import ExplainMixin, Explanation
 from patchcore.core.images import output_size
 from patchcore.core.inference import ScoreMixin
 from patchcore.core.inputs import (
@@ -61,8 +62,9 @@ __all__ = [
 
 @dataclass
 class TrainingFeatures:
-    """Patch features of training images: (P, D) rows image by image, and per image its name
-    and ``(H, W, h, w)`` (own size, feature grid); the unreadable inputs; per image its content
+    """Patch features of training images: (P, D) rows piece by piece (an image in one view,
+    :mod:`~patchcore.core.augment`), per image its name and ``(H, W, h, w)`` (own size, feature
+    grid), per piece ``(image, view, h, w)``; the unreadable inputs; per image its content
     digest (:mod:`patchcore.lean.fingerprints`) and pixel statistics
     (:func:`patchcore.lean.ood.pixel_stats`), from which the model's input profile is made."""
 
@@ -73,6 +75,11 @@ class TrainingFeatures:
     skipped: list[Skipped]
     digests: list[str | None] = field(default_factory=list)
     stats: list[tuple[float, float, float]] = field(default_factory=list)
+    pieces: list[tuple[int, augmentation.View, int, int]] | None = None  # None: image by image
+
+    def provenance(self, indices: torch.Tensor, first_image: int = 0) -> torch.Tensor:
+        """(M, 3) int32 origins (image, row, column) of the feature rows ``indices``."""
+        return augmentation.origins(indices, self.grids, self.pieces, first_image)
 
 
 class PatchDistances(NamedTuple):
@@ -105,6 +112,11 @@ class PatchCore(
         weights: ``"imagenet"``, a local weights file, or ``None`` (random; tests only).
         image_size: resize every image to this (int = square, or (H, W)); ``None`` keeps size.
         scale: resize by this factor instead (MATLAB's reference uses 0.4).
+        augment: ``None`` (default), ``"flips"`` or ``"rot90"``: also put the patches of each
+            training image mirrored (left-right and up-down: 3x the training patches) or
+            turned by quarter turns (4x) into the coreset's input; test images are scored as
+            they are (:mod:`patchcore.core.augment`; for which parts it pays:
+            benchmarks/RESULTS.md, "Leads of issue #23").
         coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]; the
             default 0.01 was measured against the exact greedy (benchmarks/RESULTS.md,
             "Defaults on full data").
@@ -166,6 +178,7 @@ class PatchCore(
         weights: str | os.PathLike | None = "imagenet",
         image_size: int | tuple[int, int] | None = None,
         scale: float | None = None,
+        augment: str | None = None,
         coreset_ratio: float = 0.01,
         max_bank_size: int | None = 16384,
         sampling: str = "greedy",
@@ -188,6 +201,7 @@ class PatchCore(
         self.weights = weights
         self.image_size = image_size
         self.scale = scale
+        self.augment = augment
         self.coreset_ratio = coreset_ratio
         self.max_bank_size = max_bank_size
         self.sampling = sampling
@@ -457,18 +471,24 @@ class PatchCore(
         names: list[str] = []
         digests: list[str | None] = []
         stats: list[tuple[float, float, float]] = []
-        store = FeatureStore(len(items), FEATURE_DTYPES[self.feature_dtype])
+        pieces: list[tuple[int, augmentation.View, int, int]] = []
+        views = augmentation.views(self.augment)
+        store = FeatureStore(len(items) * len(views), FEATURE_DTYPES[self.feature_dtype])
         batches = self._batches(items, on_error, progress, desc)
         workers = None if self.device_.type == "cpu" else 1  # CPU: batches side by side
 
-        def embedded(batch: Batch) -> tuple[Batch, torch.Tensor | None]:
-            return batch, None if batch.pixels is None else self._embed(batch.pixels)
+        def embedded(batch: Batch) -> tuple[Batch, list[torch.Tensor] | None]:
+            if batch.pixels is None:
+                return batch, None
+            return batch, [self._embed(augmentation.apply(batch.pixels, v)) for v in views]
 
-        for batch, emb in sampling.parallel_blocks(embedded, batches, workers):
+        for batch, embs in sampling.parallel_blocks(embedded, batches, workers):
             skipped += batch.skipped
-            if emb is not None:
-                store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
-                h, w = int(emb.shape[-2]), int(emb.shape[-1])
+            if embs is not None:
+                h, w = int(embs[0].shape[-2]), int(embs[0].shape[-1])  # the identity view's
+                for view, emb in zip(views, embs, strict=True):
+                    store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
+                    pieces += [(len(names) + j, view, h, w) for j in range(len(batch.indices))]
                 stats += [tuple(v) for v in ood.pixel_stats(batch.pixels.numpy()).tolist()]
                 for i, (height, width) in zip(batch.indices, batch.sizes, strict=True):
                     names.append(input_name(items[i], first_image + len(names)))
@@ -491,7 +511,9 @@ class PatchCore(
                 if skipped
                 else "fit needs at least one image, got none"
             )
-        return TrainingFeatures(store.result(), dtype, grids, names, skipped, digests, stats)
+        return TrainingFeatures(
+            store.result(), dtype, grids, names, skipped, digests, stats, pieces
+        )
 
     def fit_from_features(
         self,
@@ -517,6 +539,7 @@ class PatchCore(
             coreset_seconds=time.perf_counter() - t0,
             digests=train.digests or None,  # none recorded (e.g. built by hand): None
             pixel_stats=train.stats or None,
+            pieces=train.pieces,
         )
 
     def install_bank(
@@ -532,6 +555,7 @@ class PatchCore(
         coreset_seconds: float = 0.0,
         digests: Sequence[str | None] | None = None,
         pixel_stats: Sequence[Sequence[float]] | None = None,
+        pieces: Sequence[tuple[int, augmentation.View, int, int]] | None = None,
     ) -> PatchCore:
         """Make a selected memory bank the fitted state, with its provenance. Returns self.
 
@@ -547,6 +571,8 @@ class PatchCore(
             pixel_stats: the images' pixel statistics; with ``grids`` they make
                 ``input_profile_``, the profile out-of-distribution hints are judged on (None:
                 no hints).
+            pieces: with bank augmentation, the layout of the training patches
+                (:attr:`TrainingFeatures.pieces`); None: image by image, as ``grids``.
 
         Raises:
             ValueError: ``bank`` and ``indices`` disagree, or ``names``, ``grids``,
@@ -565,13 +591,13 @@ class PatchCore(
             memory_bank=bank.detach().float().cpu().contiguous(),
             layers=tuple(self.extractor_.layers),
             n_train_images=len(names),
-            n_train_patches=int(sum(h * w for _, _, h, w in grids)),
+            n_train_patches=int(sum(h * w for *_, h, w in (pieces or grids))),
             feature_dtype=feature_dtype,
             feature_seconds=feature_seconds,
             coreset_seconds=coreset_seconds,
             fit_seconds=feature_seconds + coreset_seconds,
             skipped=sorted(skipped),
-            provenance=bank_provenance(indices, grids),
+            provenance=augmentation.origins(indices, grids, pieces),
             train_names=list(names),
             train_grids=[tuple(int(v) for v in g) for g in grids],
             train_digests=None if digests is None else list(digests),

@@ -19,6 +19,7 @@ FIT_PARAMS = (
     "weights",
     "image_size",
     "scale",
+    "augment",
     "coreset_ratio",
     "max_bank_size",
     "sampling",

@@ -158,6 +158,7 @@ IMPLIED_WHEN_ABSENT: dict[str, Any] = {
     "search_precision": "auto",
     "max_bank_size": 16384,
     "top_k": 1,  # files from before top_k scored the largest patch (not today's default)
+    "augment": None,
 }
 """Configuration keys added after the first format: what a file without one of them means.
 :func:`config` leaves a key out when it has this value and :func:`load` fills it back in, so a

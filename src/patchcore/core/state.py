@@ -110,6 +110,7 @@ class FittedState:
             "layers": list(self.layers),
             "image_size": params["image_size"],
             "scale": params["scale"],
+            "augment": params.get("augment"),
             "coreset_ratio": params["coreset_ratio"],
             "sampling": params["sampling"],
             "num_neighbors": params["num_neighbors"],

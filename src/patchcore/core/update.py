@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from patchcore.core import sampling
-from patchcore.core.explain import bank_provenance
 from patchcore.core.inputs import as_list, check_on_error, warn_skipped
 from patchcore.lean import ood
 
@@ -86,7 +85,7 @@ class UpdateMixin:
         bank = torch.cat([old, found.features[new_idx].float()])
         prov = None
         if state.provenance is not None:
-            prov = torch.cat([state.provenance, bank_provenance(new_idx, found.grids, first)])
+            prov = torch.cat([state.provenance, found.provenance(new_idx, first)])
         cap = self.max_bank_size  # type: ignore[attr-defined]
         if cap is not None and bank.shape[0] > int(cap):
             keep = self._reselect(bank, int(cap), progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from patchcore.core.augment import views
 from patchcore.core.backbones import BACKBONE_DTYPES, get_spec
 from patchcore.core.embedding import FEATURE_DTYPES
 from patchcore.core.search import PRECISIONS
@@ -17,6 +18,7 @@ SAMPLINGS = ("greedy", "greedy_exact", "random")
 def validate_params(det: Any) -> None:
     """Raise ``ValueError`` for the first invalid parameter of the estimator ``det``."""
     get_spec(det.backbone)
+    views(det.augment)  # ValueError naming the known augmentations
     if not (isinstance(det.coreset_ratio, (int, float)) and 0 < det.coreset_ratio <= 1):
         raise ValueError(f"coreset_ratio must be in (0, 1], got {det.coreset_ratio!r}")
     if det.max_bank_size is not None and int(det.max_bank_size) < 1:

@@ -236,6 +236,10 @@ def fit_distributed(
     params.pop("progress", None)
     det = PatchCore(**params, progress=False)
     validate_params(det)  # before any worker starts
+    if det.augment is not None:  # the driver installs shard banks image by image
+        raise ValueError(
+            f"augment={det.augment!r} is not supported on Ray yet; fit on one machine instead"
+        )
     items = as_list(images)
     if not items:
         raise ValueError("fit needs at least one image, got none")

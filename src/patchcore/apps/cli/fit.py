@@ -10,6 +10,7 @@ import typer
 
 from patchcore.apps import workflow
 from patchcore.apps.cli import base
+from patchcore.apps.cli.auto import fit_auto
 from patchcore.apps.cli.options import estimator_options, with_options
 from patchcore.core.detector import PatchCore
 from patchcore.core.presets import PRESETS, with_preset
@@ -19,7 +20,7 @@ __all__ = ["FIT_OPTIONS", "fit"]
 
 #: fit's estimator options: every PatchCore parameter but ``progress`` (that is --quiet).
 FIT_OPTIONS = estimator_options(PatchCore, skip=("progress",))
-Preset = base.choices("Preset", tuple(PRESETS))  # one definition, in presets.py
+Preset = base.choices("Preset", (*PRESETS, "auto"))  # presets.py; auto: core/autoselect.py
 
 
 def _given(ctx: typer.Context, names: list[str]) -> set[str]:
@@ -47,8 +48,13 @@ def fit(
         Preset | None,  # type: ignore[valid-type]
         base.optional(
             "Named configuration (fast, balanced, accurate; see the README's presets table); "
-            "options given explicitly override it."
+            "options given explicitly override it. auto: fit each candidate configuration, keep "
+            "the best on the labelled calibration half (DATA/test), calibrate there."
         ),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        base.optional("With --preset auto: minutes for trying candidates.", "--budget", min=0.1),
     ] = None,
     ray: Annotated[
         bool,
@@ -72,6 +78,14 @@ def fit(
 ) -> None:
     """Fit a detector on the normal images DATA/train/good (or a folder of images)."""
     params = {k: FIT_OPTIONS[k].value(v) for k, v in options.items()}
+    if preset is not None and preset.value == "auto":
+        if ray:
+            raise typer.BadParameter("--preset auto fits here, not on Ray", param_hint="--ray")
+        settings = {k: params[k] for k in _given(ctx, list(params)) | {"seed"}}
+        fit_auto(data, out, budget, train_fraction, force, quiet, settings)
+        return
+    if budget is not None:
+        raise typer.BadParameter("--budget goes with --preset auto", param_hint="--budget")
     with base.errors():
         if preset is not None:
             given = _given(ctx, list(params))

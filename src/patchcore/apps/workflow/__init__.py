@@ -6,6 +6,8 @@ parses arguments, calls one of them and prints what it returns. One module per s
 
 - :mod:`.data`: data specs (:func:`resolve_data`), the images they hold and the splits.
 - :mod:`.model`: loading a model file, the threshold check, the model card.
+- :mod:`.auto`: :func:`fit_auto_model` fits the ``auto`` preset's candidates, keeps the best
+  on the calibration half and calibrates there (the held-out half is stored for ``evaluate``).
 - :mod:`.fit`: :func:`fit_model` fits a :class:`~patchcore.core.detector.PatchCore` on (a seeded
   fraction of) the normal training images and saves it.
 - :mod:`.calibrate`: :func:`calibrate_model` splits the labelled test images per label into a
@@ -39,6 +41,7 @@ stored in ``PatchCore.metadata_`` (see :mod:`.model`).
 
 from __future__ import annotations
 
+from patchcore.apps.workflow.auto import AutoFitSummary, fit_auto_model
 from patchcore.apps.workflow.calibrate import (
     CalibrationSummary,
     NormalCalibrationSummary,
@@ -110,6 +113,7 @@ __all__ = [
     "GALLERY_SIZE",
     "PIXEL_METRIC_SIDE",
     "TILE_HEIGHT",
+    "AutoFitSummary",
     "CalibrationSummary",
     "DataSource",
     "DemoResult",
@@ -135,6 +139,7 @@ __all__ = [
     "expand_inputs",
     "explain_images",
     "explanation_picture",
+    "fit_auto_model",
     "fit_detector",
     "fit_model",
     "held_out_images",

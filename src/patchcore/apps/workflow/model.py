@@ -72,6 +72,7 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         "training data": md.get("fit_data", ""),
         "memory bank": f"{card['bank_size']:,} rows x {card['feature_dim']} features",
         "coreset ratio": f"{card['coreset_ratio']:g} ({card['sampling']})",
+        "bank augmentation": augment_text(card.get("augment")),
         "image score": image_score_text(card["top_k"], card["num_neighbors"]),
         "threshold": card["threshold"],
         "threshold method": card["threshold_method"],
@@ -84,6 +85,8 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
         out["region threshold"] = (
             f"{card['region_threshold']:.6g} ({card['region_threshold_method']})"
         )
+    if md.get("auto_preset"):
+        out["auto preset"] = auto_preset_text(md["auto_preset"])
     out["updates"] = updates_text(det.updates_)
     history = threshold_history(det)
     if history:
@@ -170,6 +173,28 @@ def image_score_text(top_k: int, num_neighbors: int) -> str:
     if num_neighbors > 1:
         return f"largest patch distance, reweighted by eq. 7 ({num_neighbors} neighbours)"
     return "largest patch distance"
+
+
+def augment_text(augment: str | None) -> str:
+    """One line on the bank augmentation (``PatchCore(augment=...)``)."""
+    return {
+        None: "none",
+        "flips": "training images also mirrored left-right and up-down",
+        "rot90": "training images also turned by quarter turns",
+    }.get(augment, str(augment))
+
+
+def auto_preset_text(record: dict[str, Any]) -> str:
+    """One line on the auto preset's choice: every candidate and its calibration AUROC."""
+    rows = []
+    for c in record.get("candidates", []):
+        area = c.get("calibration_auroc")
+        what = f"AUROC {area:.4f}" if area is not None else c.get("status", "")
+        rows.append(f"{c['name']} {what}" + (" (chosen)" if c.get("status") == "chosen" else ""))
+    return (
+        f"chose {record.get('chosen')} on {record.get('calibration_images')} calibration "
+        f"images: " + "; ".join(rows)
+    )
 
 
 def updates_text(updates: Sequence[dict[str, Any]]) -> str:

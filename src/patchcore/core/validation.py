@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from patchcore.core import params
 from patchcore.core.backbones import BACKBONE_DTYPES, get_spec
 from patchcore.core.embedding import FEATURE_DTYPES
 from patchcore.core.search import PRECISIONS
 
 __all__ = ["SAMPLINGS", "validate_params"]
 
-SAMPLINGS = ("greedy", "greedy_exact", "random")
+SAMPLINGS = params.SAMPLINGS  # one definition, torch-free
 
 
 def validate_params(det: Any) -> None:

@@ -216,7 +216,9 @@ class PatchCore(
 
     # ------------------------------------------------------------------ internals
 
-    def _batches(self, items: list[Any], on_error: str, progress: bool, desc: str):  # noqa: ANN202
+    def _batches(  # noqa: ANN202
+        self, items: list[Any], on_error: str, progress: bool, desc: str, window: int = 0
+    ):
         return iter_batches(
             items,
             batch_size=int(self.batch_size),
@@ -224,6 +226,7 @@ class PatchCore(
             on_error=on_error,
             progress=progress,
             desc=desc,
+            window=window,
         )
 
     @torch.inference_mode()

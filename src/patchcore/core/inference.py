@@ -14,10 +14,15 @@ from typing import Any
 import numpy as np
 
 from patchcore.core.images import ImageInput
-from patchcore.core.inputs import as_list, check_on_error, warn_skipped
+from patchcore.core.inputs import Reorder, as_list, check_on_error, warn_skipped
 from patchcore.core.results import ImageResult, MapSize, ScoreResult, check_maps
 
-__all__ = ["ScoreMixin"]
+__all__ = ["BUCKET_WINDOW", "ScoreMixin"]
+
+#: Scoring groups images of one processed size that lie within this many inputs of each other
+#: (in ``batch_size`` units) into one batch, so inputs of mixed sizes still run batched; results
+#: still stream in input order (:func:`patchcore.lean.inputs.iter_batches`, ``window``).
+BUCKET_WINDOW = 4
 
 
 class ScoreMixin:
@@ -58,16 +63,17 @@ class ScoreMixin:
     def _stream(
         self, items: list[Any], maps: MapSize, on_error: str, progress: bool
     ) -> Iterator[ImageResult]:
-        for batch in self._batches(items, on_error, progress, "score"):  # type: ignore[attr-defined]
-            results = [
-                ImageResult(s.index, s.name, float("nan"), None, s.reason) for s in batch.skipped
-            ]
+        window = BUCKET_WINDOW * int(self.batch_size)  # type: ignore[attr-defined]
+        order = Reorder()
+        for batch in self._batches(items, on_error, progress, "score", window):  # type: ignore[attr-defined]
+            for s in batch.skipped:
+                order.add(s.index, ImageResult(s.index, s.name, float("nan"), None, s.reason))
             if batch.pixels is not None:
                 scores, out = self._score_batch(batch, maps)  # type: ignore[attr-defined]
                 for j, i in enumerate(batch.indices):
                     m = out[j] if maps is not None else None
-                    results.append(ImageResult(i, batch.names[j], float(scores[j]), m, None))
-            yield from sorted(results, key=lambda r: r.index)
+                    order.add(i, ImageResult(i, batch.names[j], float(scores[j]), m, None))
+            yield from order.ready()
 
     def score(
         self,

@@ -8,6 +8,8 @@ any mount point. Everything it needs is served from the package (no CDN, no netw
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from patchcore.lean.record import NonFiniteScoreError
 __all__ = ["create_app", "review_router"]
 
 JS = "text/javascript"
-STATIC = {"review.js": JS, "metrics.js": JS, "viewer.js": JS, "panels.js": JS,
+STATIC = {"review.js": JS, "metrics.js": JS, "viewer.js": JS, "panels.js": JS, "regions.js": JS,
           "review.css": "text/css", "index.html": "text/html"}  # fmt: skip
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -58,8 +60,13 @@ class Export(BaseModel):
     method: str = thresholds.MANUAL
 
 
+#: Assets the review page shares with the inspection page, read from the service's static/.
+SHARED = {"regions.js"}
+
+
 def _asset(name: str) -> bytes:
-    return resources.files("patchcore.apps.review").joinpath("static", name).read_bytes()
+    package = "patchcore.apps.service" if name in SHARED else "patchcore.apps.review"
+    return resources.files(package).joinpath("static", name).read_bytes()
 
 
 def _item(session: ReviewSession, index: int) -> Item:
@@ -135,48 +142,47 @@ def _picture_routes(router: APIRouter, session: ReviewSession) -> None:
         return FileResponse(path, media_type="image/png")
 
 
+@contextmanager
+def _refused(*errors: type[Exception], status: int = 400) -> Iterator[None]:
+    """Turn ``errors`` (the user's input refused) into an HTTP ``status`` with their message."""
+    try:
+        yield
+    except errors as exc:
+        raise HTTPException(status, str(exc)) from None
+
+
 def _action_routes(router: APIRouter, session: ReviewSession) -> None:
+    bad_input = (ValueError, NonFiniteScoreError)
+
     @router.post("/api/threshold/choose")
     def choose(body: Choose) -> dict[str, Any]:
-        try:
+        with _refused(ValueError):
             return view.choose_threshold(session, body.method, body.max_fpr, body.max_fnr)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
 
     @router.post("/api/threshold/save")
     def save(body: Save) -> dict[str, Any]:
-        try:
+        with _refused(*bad_input), _refused(RuntimeError, status=409):
             entry = thresholds.save_threshold(
                 session, body.value, body.method, max_fpr=body.max_fpr, max_fnr=body.max_fnr
             )
-        except (ValueError, NonFiniteScoreError) as exc:
-            raise HTTPException(400, str(exc)) from None
-        except RuntimeError as exc:
-            raise HTTPException(409, str(exc)) from None
         return {"saved": entry, "model": view.model_info(session)}
 
     @router.post("/api/mark-normal")
     def mark(body: Mark) -> dict[str, Any]:
-        try:
+        with _refused(*bad_input):
             started = changes.start_mark_normal(session, body.ids, body.threshold)
-        except (ValueError, NonFiniteScoreError) as exc:
-            raise HTTPException(400, str(exc)) from None
         return _busy(started, session)
 
     @router.post("/api/compare")
     def compare(body: Compare) -> dict[str, Any]:
-        try:
+        with _refused(OSError, NonFiniteScoreError):
             started = changes.start_compare(session, body.model, body.threshold)
-        except (OSError, NonFiniteScoreError) as exc:
-            raise HTTPException(400, str(exc)) from None
         return _busy(started, session)
 
     @router.post("/api/export")
     def export(body: Export) -> dict[str, Any]:
-        try:
+        with _refused(*bad_input):
             path = export_report(session, body.threshold, body.method)
-        except (ValueError, NonFiniteScoreError) as exc:
-            raise HTTPException(400, str(exc)) from None
         return {"path": str(path), "url": f"api/reports/{path.parent.name}/report.html"}
 
     @router.get("/api/reports/{stamp}/{rest:path}")
@@ -208,10 +214,8 @@ def review_router(session: ReviewSession, prefix: str = "") -> APIRouter:
     @router.get("/api/item/{index}")
     def item(index: int, threshold: float) -> dict[str, Any]:
         _item(session, index)
-        try:
+        with _refused(NonFiniteScoreError):
             return view.detail(session, index, threshold)
-        except NonFiniteScoreError as exc:
-            raise HTTPException(400, str(exc)) from None
 
     _picture_routes(router, session)
     _action_routes(router, session)

@@ -68,16 +68,10 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "what": self.what,
-            "done": self.done,
-            "total": self.total,
-            "running": self.running,
-            "error": self.error,
-            "seconds": round((self.finished or time.monotonic()) - self.started, 2)
-            if self.started
-            else 0.0,
-        }
+        """The job's progress as the page shows it (``result`` is fetched apart)."""
+        shown = {k: getattr(self, k) for k in ("what", "done", "total", "running", "error")}
+        elapsed = (self.finished or time.monotonic()) - self.started if self.started else 0.0
+        return {**shown, "seconds": round(elapsed, 2)}
 
 
 def load_data(data: str | os.PathLike) -> ImageDataset:

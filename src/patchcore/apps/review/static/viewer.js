@@ -21,14 +21,7 @@
     const layer = $("v-regions");
     layer.replaceChildren();
     for (const [k, g] of (r.regions || []).entries()) {
-      const box = document.createElement("div");
-      box.className = "region";
-      box.style.left = `${(100 * g.x0) / r.width}%`;
-      box.style.top = `${(100 * g.y0) / r.height}%`;
-      box.style.width = `${(100 * (g.x1 - g.x0)) / r.width}%`;
-      box.style.height = `${(100 * (g.y1 - g.y0)) / r.height}%`;
-      box.title = `region ${k + 1}: ${g.area} px, peak ${fmt(g.peak)}`;
-      layer.append(box);
+      layer.append(regionBox(g, r, `region ${k + 1}: ${g.area} px, peak ${fmt(g.peak)}`));
     }
   }
 

@@ -239,13 +239,8 @@ function drawRegions(r) {
     `${regions.length} defect region${regions.length === 1 ? "" : "s"}` +
     ` (map ≥ ${fmt(r.region_threshold)})`;
   regions.forEach((g, k) => {
-    const box = document.createElement("div");
-    box.className = "region";
-    box.style.left = `${(100 * g.x0) / r.width}%`;
-    box.style.top = `${(100 * g.y0) / r.height}%`;
-    box.style.width = `${(100 * (g.x1 - g.x0)) / r.width}%`;
-    box.style.height = `${(100 * (g.y1 - g.y0)) / r.height}%`;
-    box.title = `region ${k + 1}: ${g.area} px, peak ${fmt(g.peak)}, mean ${fmt(g.mean)}`;
+    const title = `region ${k + 1}: ${g.area} px, peak ${fmt(g.peak)}, mean ${fmt(g.mean)}`;
+    const box = regionBox(g, r, title);
     box.dataset.index = String(k + 1);
     layer.appendChild(box);
     const li = document.createElement("li");

@@ -12,7 +12,12 @@ bit), from the first repeat. One JSON line per set, with the CPU, the load befor
 the batch counts.
 
     nice -n 19 python benchmarks/bench_scoring_mixed.py [--baseline main] [--repeats 1] \\
-        [--sets casting magnetic_tile deeppcb]
+        [--sets casting magnetic_tile deeppcb] [--train N] [--device cpu]
+
+``--overlap N`` measures instead whether decoding overlaps computing (this checkout only): per
+image on the first N test images, decoding alone, scoring the paths, scoring the same images
+already decoded; ``decode_hidden_share`` = (decode + in-memory - paths) / decode (1 = fully
+hidden behind the computing).
 """
 
 from __future__ import annotations
@@ -59,6 +64,26 @@ np.savez(out, scores=r.scores, **{f"m{i}": m for i, m in enumerate(r.maps)})
 print(json.dumps({"ms_per_image": 1e3 * wall / len(files), "cpu_ms_per_image":
     1e3 * cpu / len(files), "batches": len(batches), "mean_batch": float(np.mean(batches)),
     "threads": torch.get_num_threads()}))
+"""
+
+
+OVERLAP = r"""
+import json, sys, time
+import numpy as np
+from patchcore.core.detector import PatchCore
+from patchcore.lean.inputs import decode_input
+model, listing, device, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+files = [line for line in open(listing).read().splitlines() if line][:n]
+det = PatchCore.load(model, device=device)
+det.progress = False
+det.score(files[:4], maps="native")  # warm-up
+def timed(fn):
+    t0 = time.perf_counter(); fn(); return 1e3 * (time.perf_counter() - t0) / len(files)
+decode = timed(lambda: [decode_input(f) for f in files])
+arrays = [(decode_input(f).transpose(1, 2, 0) * 255).round().astype(np.uint8) for f in files]
+paths = timed(lambda: det.score(files, maps="native"))
+memory = timed(lambda: det.score(arrays, maps="native"))
+print(json.dumps({"decode_ms": decode, "score_paths_ms": paths, "score_in_memory_ms": memory}))
 """
 
 
@@ -167,6 +192,34 @@ def run_set(name: str, before: Path, after: Path, tmp: Path, args: argparse.Name
     }
 
 
+def run_overlap(name: str, tmp: Path, args: argparse.Namespace) -> dict:
+    """Is decoding hidden behind computing? Per image on the first ``--overlap`` test images:
+    decoding alone (one thread), scoring the file paths (decoded in the pipeline's threads
+    while batches compute) and scoring the same images already decoded (this checkout)."""
+    where = "" if args.device == "cpu" else f"-{args.device}"
+    model = args.cache / f"{name}-train{args.train or 'all'}{where}.pt"
+    _fit(ROOT / "src", args.data / name, model, args.train, args.device)
+    listing = tmp / f"{name}-overlap.txt"
+    listing.write_text("\n".join(_files(args.data / name / "test")))
+    load0 = _load()
+    out = json.loads(
+        _python(ROOT / "src", OVERLAP, str(model), str(listing), args.device, str(args.overlap))
+    )
+    hidden = (out["decode_ms"] + out["score_in_memory_ms"] - out["score_paths_ms"]) / max(
+        out["decode_ms"], 1e-9
+    )
+    return {
+        "set": name,
+        "overlap_images": args.overlap,
+        **{k: round(v, 1) for k, v in out.items()},
+        "decode_hidden_share": round(hidden, 2),
+        "cpu": _cpu(),
+        "load_before": load0,
+        "load_after": _load(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", default="main", help="git revision to compare against")
@@ -176,7 +229,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--data", type=Path, default=DATA, help="folder holding the three sets")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out" / "scoring_mixed")
+    ap.add_argument(
+        "--overlap", type=int, default=0, help="instead: is decoding hidden? (N test images)"
+    )
     args = ap.parse_args()
+    if args.overlap:
+        with tempfile.TemporaryDirectory(prefix="bench_scoring_overlap-") as tmp:
+            for name in args.sets:
+                print(json.dumps(run_overlap(name, Path(tmp), args)), flush=True)
+        return
     with tempfile.TemporaryDirectory(prefix="bench_scoring_mixed-") as tmp:
         before = _export(args.baseline, Path(tmp) / "baseline")
         for name in args.sets:

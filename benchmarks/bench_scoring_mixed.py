@@ -4,7 +4,8 @@ on every test image of casting, magnetic_tile and deeppcb, and how far the score
 The default detector is fitted once per set on every image of ``train/good`` (``--train N``:
 N of them, evenly spaced in sorted order, which gives a smaller bank) with the baseline's code
 (fitting is not what is compared), cached under ``--cache``. Then, per set,
-``score(files, maps="native")`` runs over the whole test set (file paths, so decoding is timed)
+``score(files, maps="native")`` (with ``size_buckets=True`` where the checkout has it) runs over
+the whole test set (file paths, so decoding is timed)
 in fresh processes, alternating baseline / this checkout ``--repeats`` times; each child warms
 up on 4 images first. The baseline's ``src/`` is exported with ``git archive`` (default ``main``).
 Exactness: the largest absolute difference of scores and of maps between the two (0 = bit for
@@ -58,12 +59,14 @@ def counted(batch, maps):
     return real(batch, maps)
 det._score_batch = counted
 t0, c0 = time.perf_counter(), time.process_time()
-r = det.score(files, maps="native")
+import inspect
+kw = {"size_buckets": True} if "size_buckets" in inspect.signature(det.score).parameters else {}
+r = det.score(files, maps="native", **kw)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 np.savez(out, scores=r.scores, **{f"m{i}": m for i, m in enumerate(r.maps)})
 print(json.dumps({"ms_per_image": 1e3 * wall / len(files), "cpu_ms_per_image":
     1e3 * cpu / len(files), "batches": len(batches), "mean_batch": float(np.mean(batches)),
-    "threads": torch.get_num_threads()}))
+    "threads": torch.get_num_threads(), "size_buckets": bool(kw)}))
 """
 
 
@@ -151,6 +154,8 @@ def run_set(name: str, before: Path, after: Path, tmp: Path, args: argparse.Name
     model = args.cache / f"{name}-train{train or 'all'}{where}.pt"
     _fit(before, args.data / name, model, train, device)
     files = _files(args.data / name / "test")
+    if args.limit:  # evenly spaced over the sorted test set (every label represented)
+        files = files[:: max(1, len(files) // args.limit)][: args.limit]
     listing = tmp / f"{name}.txt"
     listing.write_text("\n".join(files))
     load0 = _load()
@@ -226,6 +231,7 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each side")
     ap.add_argument("--train", type=int, default=0, help="training images (0: all)")
+    ap.add_argument("--limit", type=int, default=0, help="test images (0: all)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--data", type=Path, default=DATA, help="folder holding the three sets")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out" / "scoring_mixed")

@@ -77,7 +77,7 @@ def test_saved_on_gpu_reloads_on_cpu(fitted: tuple[PatchCore, PatchCore], tmp_pa
 def test_mixed_sizes_keep_input_order_on_gpu(fitted: tuple[PatchCore, PatchCore]) -> None:
     gpu, _ = fitted
     test = _images(9, 3, sizes=((64, 64), (48, 80), (80, 48)))
-    results = list(gpu.iter_score(test, maps="native"))
+    results = list(gpu.iter_score(test, maps="native", size_buckets=True))
     assert [r.index for r in results] == list(range(9))
     assert [r.map.shape for r in results] == [t.shape[:2] for t in test]
     alone = [gpu.score_samples([t])[0] for t in test]

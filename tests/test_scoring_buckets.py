@@ -112,12 +112,18 @@ def test_mixed_sizes_score_in_order_batched_as_when_alone(
 
     detector._score_batch = counted  # type: ignore[method-assign]
     try:
-        results = list(detector.iter_score(paths, maps="native", on_error="skip"))
+        results = list(
+            detector.iter_score(paths, maps="native", on_error="skip", size_buckets=True)
+        )
+        bucketed, calls[:] = calls[:], []
+        default = list(detector.iter_score(paths, maps="native", on_error="skip"))
     finally:
         del detector._score_batch
     assert [r.index for r in results] == list(range(9))
     assert results[4].error is not None and np.isnan(results[4].score)
-    assert max(calls) > 1 and len(calls) < len(images)  # grouped by size
+    assert max(bucketed) > 1 and len(bucketed) < len(images)  # grouped by size
+    assert calls == [1] * len(images)  # the default: consecutive sizes only (none repeat)
+    assert [r.index for r in default] == list(range(9))
     assert BUCKET_WINDOW * detector.batch_size >= len(paths)
     for r in results:
         if r.error is None:

@@ -19,9 +19,10 @@ from patchcore.core.results import ImageResult, MapSize, ScoreResult, check_maps
 
 __all__ = ["BUCKET_WINDOW", "ScoreMixin"]
 
-#: Scoring groups images of one processed size that lie within this many inputs of each other
-#: (in ``batch_size`` units) into one batch, so inputs of mixed sizes still run batched; results
-#: still stream in input order (:func:`patchcore.lean.inputs.iter_batches`, ``window``).
+#: With ``size_buckets=True``, scoring groups images of one processed size that lie within this
+#: many inputs of each other (in ``batch_size`` units) into one batch, so inputs of mixed sizes
+#: still run batched; results still stream in input order
+#: (:func:`patchcore.lean.inputs.iter_batches`, ``window``).
 BUCKET_WINDOW = 4
 
 
@@ -35,6 +36,7 @@ class ScoreMixin:
         maps: MapSize = None,
         on_error: str = "raise",
         progress: bool | None = None,
+        size_buckets: bool = False,
     ) -> Iterator[ImageResult]:
         """Score images one by one as they are processed, in input order (a stream).
 
@@ -48,6 +50,11 @@ class ScoreMixin:
             on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
                 yields it with ``score`` NaN, ``map`` None and ``error`` set.
             progress: show a progress bar for this call; ``None`` = the ``progress`` parameter.
+            size_buckets: batch same-size images that lie within ``BUCKET_WINDOW`` batches of
+                each other, not only consecutive ones (inputs of mixed sizes). Off by default:
+                a batched convolution is not bit for bit the one of a single image, so scores
+                and maps then differ from the default path's in the last bits (measured in
+                benchmarks/RESULTS.md, "Size buckets").
 
         Yields:
             :class:`ImageResult` per input: index, name, score (higher = more anomalous), map
@@ -58,12 +65,12 @@ class ScoreMixin:
         maps = check_maps(maps)
         items = as_list(images)
         progress = self.progress if progress is None else bool(progress)  # type: ignore[attr-defined]
-        return self._stream(items, maps, on_error, progress)
+        window = BUCKET_WINDOW * int(self.batch_size) if size_buckets else 0  # type: ignore[attr-defined]
+        return self._stream(items, maps, on_error, progress, window)
 
     def _stream(
-        self, items: list[Any], maps: MapSize, on_error: str, progress: bool
+        self, items: list[Any], maps: MapSize, on_error: str, progress: bool, window: int
     ) -> Iterator[ImageResult]:
-        window = BUCKET_WINDOW * int(self.batch_size)  # type: ignore[attr-defined]
         order = Reorder()
         for batch in self._batches(items, on_error, progress, "score", window):  # type: ignore[attr-defined]
             for s in batch.skipped:
@@ -82,6 +89,7 @@ class ScoreMixin:
         maps: MapSize = None,
         on_error: str = "raise",
         progress: bool | None = None,
+        size_buckets: bool = False,
     ) -> ScoreResult:
         """Scores, optional anomaly maps and the skipped inputs of ``images`` in one pass.
 
@@ -93,7 +101,9 @@ class ScoreMixin:
             skipped; ``maps`` N float32 arrays (None where skipped), or None when ``maps`` is
             None; ``skipped`` the (index, name, reason) records.
         """
-        stream = self.iter_score(images, maps=maps, on_error=on_error, progress=progress)
+        stream = self.iter_score(
+            images, maps=maps, on_error=on_error, progress=progress, size_buckets=size_buckets
+        )
         return ScoreResult.collect(stream, with_maps=maps is not None)
 
     def _scored(

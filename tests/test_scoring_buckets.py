@@ -131,3 +131,14 @@ def test_mixed_sizes_score_in_order_batched_as_when_alone(
             assert r.map.shape == alone.maps[0].shape
             np.testing.assert_allclose(r.score, alone.scores[0], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(r.map, alone.maps[0], rtol=1e-4, atol=1e-5)
+
+
+def test_one_size_throughout_gives_the_batches_of_the_default() -> None:
+    rng = np.random.default_rng(3)
+    items: list = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(21)]
+    items[5] = "missing.png"
+    plain = _batches(items, bs=4, window=0)
+    bucketed = _batches(items, bs=4, window=16)
+    assert [b.indices for b in bucketed] == [b.indices for b in plain]
+    for a, b in zip(bucketed, plain, strict=True):
+        np.testing.assert_array_equal(a.pixels, b.pixels)

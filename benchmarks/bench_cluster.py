@@ -17,7 +17,8 @@ Each run checks that every input is in the output exactly once, and which node e
 ran on (the raylet it descends from). At the end only the processes this benchmark started
 are stopped (found by the cluster's temporary folder: ``ray stop`` would stop every Ray on
 the machine). Rows go to benchmarks/out/cluster.jsonl; ``--doc`` writes the run into
-docs/cluster.md.
+docs/cluster.md and benchmarks/RESULTS.md ("Two-node cluster"); ``--table`` does so from the
+last run's rows without running.
 
     python benchmarks/bench_cluster.py [--images 1000] [--train-images 200] [--kill-fit] [--doc]
 
@@ -40,8 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from bench_ray import casting_links
-from common import DATA, ROOT, append_row, machine
+from common import DATA, ROOT, append_row, machine, write_results_section
 
 import patchcore.scale as scale
 from patchcore.core.detector import PatchCore
@@ -162,52 +164,84 @@ def _kill_one(pattern: str, after: float, cluster: Cluster, killed: list) -> Non
     _, cmds = _processes()
     for pid in sorted(_tree(marks)):
         if re.search(pattern, cmds.get(pid, "")):
+            node = _node_of(pid, cluster.raylets())  # before the kill: then it has no parent
             os.kill(pid, signal.SIGKILL)
-            killed.append((pid, _node_of(pid, cluster.raylets())))
+            killed.append((pid, node))
             return
 
 
-def fit(cluster: Cluster, work: Path, n_train: int, kill: bool) -> tuple[dict, Path]:
+def _actors(cluster: Cluster, title: str, seen: dict[int, str]) -> None:
+    """Add the cluster's live processes titled ``title`` (``ray::BlockScorer``...) to ``seen``
+    (pid -> node), while they run: once the job ends they are gone."""
+    _, cmds = _processes()
+    raylets = cluster.raylets()
+    for pid in _tree([str(d) for d in cluster.dirs.values()]):
+        if cmds.get(pid, "").startswith(title) and pid not in seen:
+            seen[pid] = _node_of(pid, raylets)
+
+
+def fit(cluster: Cluster, train: Path, model: Path, kill: bool) -> dict:
+    """``patchcore fit TRAIN --ray --address HEAD --workers 2``; with ``kill``, one FitShard
+    actor SIGKILLed once both hold their features (at the first chunk stage call)."""
+    cmd = [*CLI, "fit", str(train), "--out", str(model), "--ray", "--address", cluster.address]
+    load0, t0, started = _load(), time.perf_counter(), time.strftime("%Y-%m-%d %H:%M")
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "2", "-q"], env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed: list = []
+    actors: dict[int, str] = {}
+    while proc.poll() is None:
+        _actors(cluster, "ray::FitShard", actors)
+        if kill and not killed:
+            _, cmds = _processes()
+            if any(c.startswith("ray::FitShard.chunk_select") for c in cmds.values()):
+                _kill_one(r"^ray::FitShard", 0.0, cluster, killed)
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"fit --ray failed ({proc.returncode}): {err[-3000:]}")
+    det = PatchCore.load(model)
+    n = len(list(train.iterdir()))
+    return {
+        "run": "fit --ray --address, 2 workers" + (", one killed" if kill else ""),
+        "images": n,
+        "seconds": round(seconds, 1),
+        "images_per_s": round(n / seconds, 2),
+        "bank_rows": int(det.memory_bank_.shape[0]),
+        "provenance": det.state_.provenance is not None,
+        "killed": killed,
+        "workers": {str(pid): node for pid, node in sorted(actors.items())},
+        "restarted": len(actors) > 2,
+        "stdout_tail": out.strip().splitlines()[-3:],
+        "error_lines": [ln for ln in err.splitlines() if " E " in ln[:40] or "ERROR" in ln],
+        "load_start": load0,
+        "started": started,
+    }
+
+
+def fits(cluster: Cluster, work: Path, n_train: int, kill: bool) -> tuple[list[dict], Path]:
+    """The fit (and, with ``kill``, the fit again with a worker killed: its bank must be the
+    quiet fit's, bit for bit); the quiet fit's model gets a threshold for the batch runs."""
     train = work / "train"
     src = sorted((DATA / "casting" / "train" / "good").iterdir())[:n_train]
     train.mkdir()
     for f in src:
         (train / f.name).symlink_to(f)
     model = work / "model.pt"
-    cmd = [*CLI, "fit", str(train), "--out", str(model), "--ray", "--address", cluster.address]
-    load0, t0 = _load(), time.perf_counter()
-    proc = subprocess.Popen(
-        [*cmd, "--workers", "2", "-q"], env=_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    killed: list = []
-    if kill:  # once both workers hold their features: the first chunk stage call on a shard
-        while proc.poll() is None and not killed:
-            _, cmds = _processes()
-            if any("ray::FitShard.chunk_select" in c for c in cmds.values()):
-                _kill_one(r"ray::FitShard", 0.0, cluster, killed)
-            time.sleep(0.2)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"fit --ray failed ({proc.returncode}): {err[-3000:]}")
+    rows = [fit(cluster, train, model, kill=False)]
+    print(json.dumps(rows[-1]), flush=True)
     det = PatchCore.load(model)
-    row = {
-        "run": "fit --ray --address, 2 workers" + (", one killed" if kill else ""),
-        "images": len(src),
-        "seconds": round(seconds, 1),
-        "images_per_s": round(len(src) / seconds, 2),
-        "bank_rows": int(det.memory_bank_.shape[0]),
-        "provenance": det.state_.provenance is not None,
-        "killed": killed,
-        "stdout_tail": out.strip().splitlines()[-3:],
-        "error_lines": [ln for ln in err.splitlines() if " E " in ln[:40] or "ERROR" in ln],
-        "load_start": load0,
-    }
+    if kill:
+        rows.append(fit(cluster, train, work / "model-killed.pt", kill=True))
+        again = PatchCore.load(work / "model-killed.pt")
+        rows[-1]["same_bank"] = bool(torch.equal(det.memory_bank_, again.memory_bank_))
+        print(json.dumps(rows[-1]), flush=True)
     scores = det.score(src[:20], progress=False).scores
     det.set_threshold(float(sorted(scores)[len(scores) // 2]))
     det.save(model)
-    return row, model
+    return rows, model
 
 
 def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int, kill: bool):
@@ -215,20 +249,22 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
     listing.write_text("\n".join(paths) + "\n")
     cmd = [*CLI, "batch", str(model), str(listing), "--out", str(out)]
     cmd += ["--address", cluster.address, "--workers", "2", "--block-size", str(block), "-q"]
-    load0, t0 = _load(), time.perf_counter()
+    load0, t0, started = _load(), time.perf_counter(), time.strftime("%Y-%m-%d %H:%M")
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     killed: list = []
+    actors: dict[int, str] = {}
     first = None
     while proc.poll() is None:
+        _actors(cluster, "ray::BlockScorer", actors)
         parts = list(out.glob("*.parquet")) if out.is_dir() else []
         if parts and first is None:
             first = time.perf_counter() - t0
         if kill and parts and not killed:
             worker = scale.read_results(out, ["worker"]).column("worker")[0].as_py()
             pid = int(worker.rsplit(":", 1)[1])
-            killed.append((pid, _node_of(pid, cluster.raylets())))
+            killed.append((pid, actors.get(pid) or _node_of(pid, cluster.raylets())))
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
     seconds = time.perf_counter() - t0
@@ -237,8 +273,8 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
         raise SystemExit(f"batch failed ({proc.returncode}): {err[-3000:]}")
     table = scale.read_results(out)
     keys = table.column("image").to_pylist()
-    workers = sorted(set(table.column("worker").to_pylist()))
-    raylets = cluster.raylets()
+    per_worker = table.column("worker").to_pylist()
+    workers = sorted(set(per_worker))
     return {
         "run": "batch --address, 2 workers" + (", one killed" if kill else ""),
         "images": len(paths),
@@ -249,21 +285,35 @@ def batch(cluster: Cluster, model: Path, paths: list[str], out: Path, block: int
         "seconds": round(seconds, 1),
         "images_per_s": round(len(paths) / seconds, 2),
         "first_part_s": round(first, 1) if first else None,
-        "workers": {w: _node_of(int(w.rsplit(":", 1)[1]), raylets) for w in workers},
+        "workers": {w: actors.get(int(w.rsplit(":", 1)[1]), "?") for w in workers},
+        "rows_per_worker": {w: per_worker.count(w) for w in workers},
+        "summary": err.strip().splitlines()[-1:] if err.strip() else [],
         "killed": killed,
         "error_lines": [ln for ln in err.splitlines() if " E " in ln[:40] or "ERROR" in ln],
         "load_start": load0,
+        "started": started,
     }
 
 
-def doc(rows: list[dict]) -> str:
+def doc(rows: list[dict], heading: str) -> str:
+    """The run's table (docs/cluster.md and benchmarks/RESULTS.md)."""
+    batch_rows = [r for r in rows if r["run"].startswith("batch")]
+    fit_rows = [r for r in rows if r["run"].startswith("fit")]
+    command = "python benchmarks/bench_cluster.py"
+    if batch_rows and fit_rows:
+        command += f" --images {batch_rows[0]['images']} --train-images {fit_rows[0]['images']}"
+    command += " --kill-fit" * any("same_bank" in r for r in fit_rows) + " --doc"
     lines = [
-        "## A two-node cluster on one machine (`benchmarks/bench_cluster.py`)",
+        heading,
         "",
-        f"Machine: {machine()}. A head node and a second raylet joined with `ray start "
-        "--address` (1 CPU each, own `--temp-dir`), started by the benchmark; the CLI driven "
-        "as a user would (`--address HEAD:PORT --workers 2`: one actor per node). Load is "
-        "`uptime`'s 1/5/15-minute average at the start of each run (a shared machine).",
+        f"Machine: {rows[0].get('machine') or machine()}. A head node and a second raylet joined "
+        "with `ray start --address` (1 CPU each, own `--temp-dir`), started by the benchmark; "
+        "the CLI driven as a user would (`--address HEAD:PORT --workers 2`: one actor per "
+        "node). Casting images (training: the first of train/good; batch: distinct symbolic "
+        "links cycling over the test images). A worker is killed with SIGKILL: in the fit at "
+        "its first chunk stage call (its features then exist only in it), in the batch once "
+        "the first block is written. Load is `uptime`'s 1/5/15-minute average at the start of "
+        f"each run (a shared machine). Reproduce: `nice -n 10 {command}`.",
         "",
         "```bash",
         "ray start --head --port 6390 --num-cpus 1 --temp-dir /tmp/c/head "
@@ -275,18 +325,28 @@ def doc(rows: list[dict]) -> str:
         "--block-size 64",
         "```",
         "",
-        "| run | images | seconds | images/s | rows (distinct) | exactly once | killed "
-        "(pid, node) | workers' nodes | ERROR lines | load | date |",
+        "| run | images | seconds | images/s | rows (distinct) | check | killed (pid, node) "
+        "| actors: pid node (: rows written) | ERROR lines | load | started |",
         "|---|---:|---:|---:|---|---|---|---|---:|---|---|",
     ]
     for r in rows:
-        rows_txt = f"{r.get('rows', '')} ({r.get('distinct_rows', '')})" if "rows" in r else "-"
-        nodes = ", ".join(sorted(set(r.get("workers", {}).values()))) or "-"
-        once = r.get("exactly_once", "-")
+        rows_txt = f"{r['rows']} ({r['distinct_rows']})" if "rows" in r else "-"
+        per = r.get("rows_per_worker", {})
+        workers = ", ".join(
+            f"{w.rsplit(':', 1)[-1]} {node}" + (f": {per[w]}" if w in per else "")
+            for w, node in r.get("workers", {}).items()
+        )
+        if "exactly_once" in r:
+            check = f"each input exactly once: {r['exactly_once']}, errors {r['errors']}"
+        elif "same_bank" in r:
+            check = f"survived; bank = quiet fit's bit for bit: {r['same_bank']}"
+        else:
+            check = f"{r['bank_rows']:,} bank rows"
+        killed = ", ".join(f"{pid} ({node})" for pid, node in r["killed"]) or "-"
         lines.append(
             f"| {r['run']} | {r['images']} | {r['seconds']} | {r['images_per_s']} "
-            f"| {rows_txt} | {once} | {r['killed'] or '-'} | {nodes} "
-            f"| {len(r['error_lines'])} | {r['load_start']} | {r['date']} |"
+            f"| {rows_txt} | {check} | {killed} | {workers} "
+            f"| {len(r['error_lines'])} | {r['load_start']} | {r.get('started', r['date'])} |"
         )
     return "\n".join(lines)
 
@@ -300,6 +360,21 @@ def write_doc(body: str) -> None:
     path.write_text(text)
 
 
+def write_all(rows: list[dict]) -> None:
+    """The run into docs/cluster.md and into benchmarks/RESULTS.md's "Two-node cluster"."""
+    write_doc(doc(rows, "## A two-node cluster on one machine (`benchmarks/bench_cluster.py`)"))
+    write_results_section(
+        "cluster", doc(rows, "## Two-node cluster (`benchmarks/bench_cluster.py`)")
+    )
+
+
+def last_run() -> list[dict]:
+    """The rows of the last run in benchmarks/out/cluster.jsonl (from its first fit on)."""
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()]
+    first = max(i for i, r in enumerate(rows) if r["run"] == "fit --ray --address, 2 workers")
+    return rows[first:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1000)
@@ -307,8 +382,14 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--port", type=int, default=6390)
     ap.add_argument("--kill-fit", action="store_true", help="kill a fit worker mid-fit too")
-    ap.add_argument("--doc", action="store_true", help="write the run into docs/cluster.md")
+    ap.add_argument(
+        "--doc", action="store_true", help="write the run into docs/cluster.md and RESULTS.md"
+    )
+    ap.add_argument("--table", action="store_true", help="--doc from the last run's rows only")
     args = ap.parse_args()
+    if args.table:
+        write_all(last_run())
+        return
     print(machine(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
@@ -317,9 +398,8 @@ def main() -> None:
         try:
             cluster.start()
             print(f"cluster up at {cluster.address}: {cluster.raylets()}", flush=True)
-            row, model = fit(cluster, work, args.train_images, args.kill_fit)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            fitted, model = fits(cluster, work, args.train_images, args.kill_fit)
+            rows += fitted
             (work / "images").mkdir()
             paths = casting_links(args.images, work / "images")
             for kill in (False, True):
@@ -328,10 +408,9 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             cluster.stop()
-    for r in rows:
-        append_row(ROWS, {"bench": "cluster", "machine": machine(), **r})
+    rows = [append_row(ROWS, {"bench": "cluster", "machine": machine(), **r}) for r in rows]
     if args.doc:
-        write_doc(doc(rows))
+        write_all(rows)
 
 
 if __name__ == "__main__":

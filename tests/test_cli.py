@@ -239,7 +239,10 @@ def test_predict_reports_corrupt_files_and_goes_on(
     calibrated: Path, folder_with_corrupt_file: Path, tmp_path: Path
 ) -> None:
     heat = tmp_path / "heat"
-    r = run("predict", calibrated, folder_with_corrupt_file, "--format", "json", "--heatmaps", heat)
+    r = run(
+        "predict", calibrated, folder_with_corrupt_file, "--format", "json", "--heatmaps", heat,
+        "--heatmap-layout", "overlay",  # the overlay alone, at the image's size
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     assert len(rows) == 5

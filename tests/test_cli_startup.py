@@ -124,3 +124,12 @@ def test_errors_map_loaded_exception_classes_to_exit_codes(exc: str, code: int) 
     with pytest.raises(typer.Exit) as info, base.errors():
         raise classes[exc]("boom")
     assert info.value.exit_code == code
+
+
+def test_literal_value_equals_the_imported_constant() -> None:
+    from patchcore.apps.cli.options import literal_value
+    from patchcore.apps.workflow.predict import HEATMAP_LAYOUTS
+
+    assert literal_value("patchcore.apps.workflow.predict", "HEATMAP_LAYOUTS") == HEATMAP_LAYOUTS
+    with pytest.raises(LookupError, match="no literal NOPE"):
+        literal_value("patchcore.apps.workflow.predict", "NOPE")

@@ -150,7 +150,7 @@ def test_save_threshold_writes_the_model_and_keeps_the_cache(built, tmp_path):
     assert ok.status_code == 200, ok.text
     det = PatchCore.load(model)  # a real reload
     assert det.threshold_ == chosen["value"] and det.threshold_method_ == "youden"
-    hist = det.metadata_["review_thresholds"]
+    hist = det.threshold_history_  # the model's one history (calibrate writes it too)
     assert hist[-1]["method"] == "youden" and hist[-1]["data"] == str(data)
     assert hist[-1]["replaced"]["method"] == "max of training scores"
     assert det.metadata_["test_names"] == []  # nothing held out: evaluate must not claim it

@@ -67,6 +67,8 @@ def test_a_threshold_that_is_not_a_finite_number_is_refused(export, value, messa
          "normalization must be a number, got '1e9'"),
         ("region_threshold", math.nan, "region_threshold must be a finite number"),
         ("display_range", [3.0, 1.0], "display_range must be .* low < high"),
+        ("input_profile", {"version": 1, "height": [300, "x"]},
+         "input_profile is not an input profile of version 1"),
         ("surprise", 1, "unknown field"),
         ("search", "int4", "search must be one of 'float32', 'int8'"),
         ("graphs", [{"size": None, "onnx": "other.onnx", "openvino": None}],

@@ -1,8 +1,10 @@
-"""Anomaly-map overlays and evaluation figures, written as PNG files.
+"""Pictures of inspected images: anomaly-map overlays, the image | overlay | colour bar
+picture of ``predict --heatmaps``, report gallery tiles, explanation crops; PNG writing.
 
-Everything here takes plain numpy data and knows nothing about the detector. Figures are
-drawn on :class:`matplotlib.figure.Figure` objects rendered by the Agg canvas, so no screen
-and no pyplot global state are involved (safe to call from a server or a worker thread).
+Everything here takes plain numpy data and knows nothing about the detector; colours come from
+the display range the caller passes (every surface takes it from
+:func:`patchcore.lean.record.display_range`). The evaluation charts (histogram, ROC, confusion
+matrix, recall per type) live in :mod:`patchcore.apps.figures` and are importable from here too.
 
 Conventions: images are ``uint8`` arrays ``(H, W)`` or ``(H, W, 3)``; anomaly maps are
 float arrays ``(H, W)``; scores are "higher = more anomalous"; label 1 = anomalous.
@@ -10,44 +12,44 @@ float arrays ``(H, W)``; scores are "higher = more anomalous"; label 1 = anomalo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from scipy import ndimage
 
+from patchcore.apps.figures import (
+    PNG_SOFTWARE,
+    colour_bar_figure,
+    confusion_matrix_plot,
+    per_type_recall_plot,
+    roc_plot,
+    score_histogram,
+)
 from patchcore.lean.record import ANOMALOUS, judge
 from patchcore.lean.util import resize_map, resize_mask
 
 __all__ = [
     "PNG_SOFTWARE",
     "anomaly_map_overlay",
+    "colour_bar",
+    "colour_bar_figure",
     "confusion_matrix_plot",
     "draw_regions",
     "crop_around",
     "explanation_pair",
     "gallery_tile",
+    "heatmap_picture",
     "per_type_recall_plot",
     "roc_plot",
     "save_png",
     "score_histogram",
 ]
 
-DPI = 110
-#: The PNG ``Software`` text entry of every picture written here (how a later run knows it may
-#: replace the file).
-PNG_SOFTWARE = "patchcore"
-NORMAL_COLOR = "#2b7bba"
-ANOMALOUS_COLOR = "#d7301f"
-THRESHOLD_COLOR = "#222222"
-NEUTRAL_COLOR = "#24527a"
-PASS_COLOR = "#1a7f45"
 OK_RGB = (26, 152, 80)
 BAD_RGB = (215, 48, 31)
 #: Colour of defect-region boxes: magenta, which 'jet' never shows (mask outlines are white).
@@ -233,255 +235,6 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="tight")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _style_axes(ax) -> None:
-    ax.spines["top"].set_visible(False)
-    ax.spines["right"].set_visible(False)
-    ax.grid(True, color="#e5e5e5", linewidth=0.8)
-    ax.set_axisbelow(True)
-
-
-def _save_figure(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, facecolor="white", metadata={"Software": PNG_SOFTWARE})
-    return path
-
-
-def score_histogram(
-    scores: Sequence[float] | np.ndarray,
-    labels: Sequence[int] | np.ndarray,
-    threshold: float | None,
-    path: str | Path,
-    title: str = "Anomaly score distribution",
-    *,
-    bins: int = 40,
-) -> Path:
-    """Overlaid histograms of the scores of normal (label 0) and anomalous (label 1) images.
-
-    Args:
-        scores: ``(N,)`` image scores, higher = more anomalous.
-        labels: ``(N,)`` ground truth, 1 = anomalous.
-        threshold: decision threshold drawn as a vertical line (None: no line).
-        path: PNG destination.
-        title: figure title.
-        bins: number of shared bins.
-
-    Returns:
-        ``path`` as a :class:`Path`.
-    """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel()
-    if scores.shape != labels.shape:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in length")
-    finite = np.isfinite(scores)
-    values = scores[finite]
-    if threshold is not None and np.isfinite(threshold):
-        values = np.append(values, float(threshold))
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
-    fig = _new_figure(6.4, 3.8)
-    ax = fig.add_subplot()
-    _style_axes(ax)
-    for value, name, colour in ((0, "normal", NORMAL_COLOR), (1, "anomalous", ANOMALOUS_COLOR)):
-        group = scores[finite & (labels == value)]
-        ax.hist(
-            group,
-            bins=edges,
-            color=colour,
-            alpha=0.55,
-            label=f"{name} (n={group.size})",
-            edgecolor=colour,
-            linewidth=0.6,
-        )
-    if threshold is not None and np.isfinite(threshold):
-        ax.axvline(
-            float(threshold),
-            color=THRESHOLD_COLOR,
-            linestyle="--",
-            linewidth=1.6,
-            label=f"threshold = {float(threshold):.4g}",
-        )
-    ax.set_xlabel("anomaly score (higher = more anomalous)")
-    ax.set_ylabel("images")
-    ax.set_title(title)
-    ax.legend(frameon=False)
-    return _save_figure(fig, path)
-
-
-def roc_plot(
-    fpr: Sequence[float] | np.ndarray,
-    tpr: Sequence[float] | np.ndarray,
-    auc: float,
-    path: str | Path,
-    operating_point: tuple[float, float] | None = None,
-) -> Path:
-    """Receiver operating characteristic curve.
-
-    Args:
-        fpr: ``(K,)`` false positive rates, increasing.
-        tpr: ``(K,)`` true positive rates.
-        auc: area under the curve, shown in the title and legend.
-        path: PNG destination.
-        operating_point: ``(fpr, tpr)`` of the chosen threshold, marked on the curve.
-
-    Returns:
-        ``path`` as a :class:`Path`.
-    """
-    fpr = np.asarray(fpr, dtype=np.float64).ravel()
-    tpr = np.asarray(tpr, dtype=np.float64).ravel()
-    if fpr.shape != tpr.shape:
-        raise ValueError(f"fpr {fpr.shape} and tpr {tpr.shape} differ in length")
-    fig = _new_figure(4.8, 4.4)
-    ax = fig.add_subplot()
-    _style_axes(ax)
-    ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1.2, label="chance")
-    ax.plot(fpr, tpr, color=ANOMALOUS_COLOR, linewidth=2.0, label=f"ROC (AUROC = {auc:.4f})")
-    ax.fill_between(fpr, tpr, color=ANOMALOUS_COLOR, alpha=0.08, step=None)
-    if operating_point is not None:
-        op_fpr, op_tpr = (float(v) for v in operating_point)
-        ax.plot(
-            [op_fpr],
-            [op_tpr],
-            marker="o",
-            markersize=8,
-            color=THRESHOLD_COLOR,
-            linestyle="none",
-            label=f"threshold (FPR {op_fpr:.3f}, TPR {op_tpr:.3f})",
-        )
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate (recall)")
-    ax.set_title(f"ROC curve, AUROC = {auc:.4f}")
-    ax.legend(loc="lower right", frameon=False, fontsize=9)
-    return _save_figure(fig, path)
-
-
-def confusion_matrix_plot(
-    cm: Sequence[Sequence[int]] | np.ndarray,
-    path: str | Path,
-    class_names: tuple[str, str] = ("normal", "anomalous"),
-) -> Path:
-    """2x2 confusion matrix with counts and row percentages.
-
-    Args:
-        cm: ``(2, 2)`` counts, rows = true class, columns = predicted class, in
-            ``class_names`` order, i.e. ``[[TN, FP], [FN, TP]]`` (sklearn's layout).
-        path: PNG destination.
-        class_names: names of class 0 and class 1.
-
-    Returns:
-        ``path`` as a :class:`Path`. Cells show the count and its share of the true class
-        (the row), so the diagonal reads as specificity and recall.
-    """
-    cm = np.asarray(cm)
-    if cm.shape != (2, 2):
-        raise ValueError(f"cm must have shape (2, 2), got {cm.shape}")
-    if len(class_names) != 2:
-        raise ValueError(f"class_names must have 2 entries, got {class_names!r}")
-    counts = cm.astype(np.int64)
-    row_sums = counts.sum(axis=1, keepdims=True)
-    share = np.divide(counts, row_sums, out=np.zeros((2, 2)), where=row_sums > 0)
-    fig = _new_figure(4.6, 4.0)
-    ax = fig.add_subplot()
-    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    total = int(counts.sum())
-    for i in range(2):
-        for j in range(2):
-            text_colour = "white" if share[i, j] > 0.55 else "#1a1a1a"
-            ax.text(
-                j,
-                i - 0.08,
-                f"{counts[i, j]:,}",
-                ha="center",
-                va="center",
-                fontsize=17,
-                fontweight="bold",
-                color=text_colour,
-            )
-            pct = f"{100 * share[i, j]:.1f}%" if row_sums[i, 0] else "-"
-            ax.text(j, i + 0.2, pct, ha="center", va="center", fontsize=10, color=text_colour)
-    ax.set_xticks([0, 1], labels=list(class_names))
-    ax.set_yticks([0, 1], labels=list(class_names), rotation=90, va="center")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"Confusion matrix ({total:,} images)")
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    colorbar.set_label("share of the true class (row %)")
-    return _save_figure(fig, path)
-
-
-def per_type_recall_plot(
-    recall_by_type: Mapping[str, float],
-    path: str | Path,
-    *,
-    counts: Mapping[str, int] | None = None,
-    target: float | None = None,
-    title: str = "Recall per defect type",
-) -> Path:
-    """Horizontal bars of the recall (detection rate) per defect type.
-
-    Args:
-        recall_by_type: defect type -> recall in [0, 1] (NaN shown as "n/a"); drawn top to
-            bottom in the mapping's order.
-        path: PNG destination.
-        counts: optional defect type -> number of test images, appended to the labels.
-        target: optional required recall: bars at or above it are green, below it red, and
-            it is drawn as a dashed line. Without it all bars share one neutral colour.
-        title: figure title.
-
-    Returns:
-        ``path`` as a :class:`Path`.
-    """
-    names = list(recall_by_type)
-    values = np.array([float(recall_by_type[n]) for n in names], dtype=np.float64)
-    labels = [f"{n} (n={counts[n]})" if counts and n in counts else str(n) for n in names]
-    fig = _new_figure(6.4, max(1.6, 0.9 + 0.42 * max(len(names), 1)))
-    ax = fig.add_subplot()
-    _style_axes(ax)
-    ax.grid(True, axis="x", color="#e5e5e5")
-    ax.grid(False, axis="y")
-    positions = np.arange(len(names))
-    shown = np.nan_to_num(values, nan=0.0)
-    if target is None:
-        colours = [NEUTRAL_COLOR] * len(names)
-    else:
-        colours = [PASS_COLOR if v >= target else ANOMALOUS_COLOR for v in shown]
-    ax.barh(positions, shown, color=colours, height=0.62)
-    if target is not None:
-        ax.axvline(target, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.2)
-        ax.text(target, -0.6, f"target {target:.0%}", ha="center", va="bottom", fontsize=8)
-    for y, value in zip(positions, values, strict=True):
-        text = "n/a" if np.isnan(value) else f"{value:.1%}"
-        ax.text(
-            min(max(value, 0.0), 1.0) + 0.01 if not np.isnan(value) else 0.01,
-            y,
-            text,
-            va="center",
-            ha="left",
-            fontsize=9,
-        )
-    ax.set_yticks(positions, labels=labels)
-    ax.invert_yaxis()
-    ax.set_xlim(0.0, 1.12)
-    ax.set_xticks(np.linspace(0, 1, 6))
-    ax.set_xlabel("recall (share of defective images flagged)")
-    ax.set_title(title)
-    return _save_figure(fig, path)
-
-
 @lru_cache(maxsize=4)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
@@ -565,6 +318,119 @@ def gallery_tile(
     draw.text(
         (4, 3 + font_size + 5), _fit_text(draw, verdict, font, max_width), fill=colour, font=font
     )
+    return np.asarray(canvas)
+
+
+#: Smallest panel height of :func:`heatmap_picture` (a thumbnail is enlarged, pixel for pixel).
+MIN_PICTURE_HEIGHT = 160
+
+
+def _map_range(
+    anomaly_map: np.ndarray, display_range: tuple[float, float] | None
+) -> tuple[float, float]:
+    """The range a map is drawn with: ``display_range``, else the map's own finite min / max."""
+    if display_range is not None:
+        return float(display_range[0]), float(display_range[1])
+    finite = np.asarray(anomaly_map)[np.isfinite(anomaly_map)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+
+
+def colour_bar(
+    display_range: tuple[float, float],
+    height: int,
+    *,
+    cmap: str = "jet",
+    width: int = 14,
+    font_size: int = 11,
+) -> np.ndarray:
+    """A vertical colour bar (hottest at the top) with its values written beside it.
+
+    Args:
+        display_range: ``(lo, hi)``: the map values at the bottom and top of the bar (what
+            :func:`anomaly_map_overlay` drew as the coldest and hottest colour).
+        height: the bar's height in pixels (the picture it stands beside).
+        cmap: the overlay's colour map.
+        width: the bar's width in pixels.
+        font_size: size of the value labels.
+
+    Returns:
+        uint8 ``(height, W, 3)`` on white: the bar, then the top, middle and bottom values.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"height and width must be >= 1, got {height} and {width}")
+    lo, hi = (float(v) for v in display_range)
+    labels = [f"{v:.4g}" for v in (hi, (lo + hi) / 2, lo)]
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(int(probe.textlength(t, font=font)) for t in labels)
+    out = Image.new("RGB", (width + 6 + text_w + 2, height), (255, 255, 255))
+    ramp = _colormap_lut(cmap)[np.linspace(255, 0, height).round().astype(np.uint8)]
+    out.paste(Image.fromarray(np.ascontiguousarray(np.repeat(ramp[:, None], width, axis=1))))
+    draw = ImageDraw.Draw(out)
+    tops = (0, max(0, (height - font_size) // 2), max(0, height - font_size - 2))
+    for text, y in zip(labels, tops, strict=True):
+        draw.text((width + 5, y), text, fill=(20, 20, 20), font=font)
+    return np.asarray(out)
+
+
+def heatmap_picture(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    display_range: tuple[float, float] | None,
+    *,
+    regions: Sequence | None = None,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+    caption: str | None = None,
+    caption_rgb: tuple[int, int, int] = (20, 20, 20),
+    gap: int = 6,
+) -> np.ndarray:
+    """The picture of one inspected image: the image | its anomaly-map overlay (defect regions
+    boxed) | the colour bar of the overlay's range, under an optional caption line.
+
+    Args:
+        image: uint8 ``(H, W)`` or ``(H, W, 3)``.
+        anomaly_map: float ``(h, w)``, resized to the image when sizes differ.
+        display_range: ``(lo, hi)`` of the colours (None: the map's own min / max, and the bar
+            says so by its values).
+        regions: defect regions in ``anomaly_map``'s pixels (see :func:`draw_regions`).
+        mask: optional ground-truth mask, outlined on the overlay.
+        alpha: overlay weight.
+        caption: one line above the panels (e.g. the verdict and score), shortened to fit.
+        caption_rgb: its colour.
+        gap: white pixels between the panels.
+
+    Images under :data:`MIN_PICTURE_HEIGHT` pixels are enlarged pixel for pixel (nearest), so
+    a thumbnail's picture stays legible.
+
+    Returns:
+        uint8 ``(band + H', W' + gap + W' + gap + bar, 3)``.
+    """
+    original = _as_rgb(image)
+    overlay = anomaly_map_overlay(original, anomaly_map, display_range, alpha, mask)
+    if regions:
+        overlay = draw_regions(overlay, regions, np.asarray(anomaly_map).shape[-2:])
+    h, w = original.shape[:2]
+    if h < MIN_PICTURE_HEIGHT:
+        k = -(-MIN_PICTURE_HEIGHT // h)
+        original, overlay = (
+            np.repeat(np.repeat(p, k, axis=0), k, axis=1) for p in (original, overlay)
+        )
+        h, w = h * k, w * k
+    bar = colour_bar(_map_range(anomaly_map, display_range), h)
+    font_size = 13
+    band = font_size + 10 if caption else 0
+    width = 2 * w + 2 * gap + bar.shape[1]
+    out = np.full((band + h, width, 3), 255, dtype=np.uint8)
+    out[band:, :w] = original
+    out[band:, w + gap : 2 * w + gap] = overlay
+    out[band:, 2 * (w + gap) :] = bar
+    if not caption:
+        return out
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(font_size)
+    draw.text((4, 4), _fit_text(draw, caption, font, width - 8), fill=caption_rgb, font=font)
     return np.asarray(canvas)
 
 

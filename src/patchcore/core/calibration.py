@@ -13,22 +13,39 @@ Chosen once, on the calibration images' scores and maps, and stored in the fitte
   needed (benchmarks/RESULTS.md, "Region cut"). It needs no labels, so ``calibrate``,
   ``calibrate_normal`` and ``set_threshold(value, images=...)`` all set it, and a later
   ``set_threshold(value)`` without images keeps it (the cut follows the new threshold).
+- **the map reference** of out-of-distribution hints (:func:`map_medians`): each calibration
+  image's anomaly-map median; the largest among the normal ones goes to the model's input
+  profile (:func:`patchcore.lean.ood.with_map_reference`).
 - **the display range** (:func:`display_range`): the heatmap colours' ``[lo, hi]``,
   ``[min, DISPLAY_TOP x max]`` over the calibration maps, stored as
   ``PatchCore.display_range_``; every surface draws with the one rule
   ``patchcore.lean.record.display_range(det.display_range_, det.threshold_)`` (the stored
   range, else the threshold's fallback).
 
+Every threshold installed is also recorded (:func:`history_entry`): the model keeps its
+threshold history, oldest first.
+
 numpy only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DISPLAY_TOP", "MapFacts", "display_range", "extremes_of", "map_facts", "map_scale"]
+__all__ = [
+    "DISPLAY_TOP",
+    "MapFacts",
+    "display_range",
+    "extremes_of",
+    "history_entry",
+    "map_facts",
+    "map_medians",
+    "map_scale",
+]
 
 #: The top of the heatmap colour range: DISPLAY_TOP x the largest calibration map value.
 DISPLAY_TOP = 0.7
@@ -77,3 +94,54 @@ def extremes_of(maps: Any) -> np.ndarray:
         if m is not None:
             out[i] = (float(np.min(m)), float(np.max(m)))
     return out
+
+
+def map_medians(maps: Any) -> np.ndarray:
+    """(N,) float64 median of each map (NaN for a missing map): the map statistic of
+    :func:`patchcore.lean.ood.map_statistic`."""
+    out = np.full(len(maps), np.nan)
+    for i, m in enumerate(maps):
+        if m is not None:
+            out[i] = float(np.median(m))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-able plain data (numbers, strings, lists, dicts; others as text)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def history_entry(
+    method: str,
+    value: float,
+    calibration: Mapping[str, Any] | None,
+    context: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One entry of the threshold history: UTC time, method, value, the number of images it
+    was chosen on (normal, anomalous), the bound asked, then the caller's ``context`` (e.g.
+    ``data``, ``seed``, ``fraction``, ``split``, ``warnings``); ``warnings`` is always a list.
+    """
+    facts = dict(calibration or {})
+    normal, anomalous = facts.get("n_normal"), facts.get("n_anomalous")
+    if normal is None and facts.get("n") is not None:  # conformal: normal images only
+        normal, anomalous = facts["n"], 0
+    entry: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "method": method,
+        "value": float(value),
+        "images": None if normal is None else int(normal) + int(anomalous or 0),
+        "normal": normal,
+        "anomalous": anomalous,
+        "max_fpr": facts.get("max_fpr"),
+    }
+    entry.update(_plain(dict(context or {})))
+    entry["warnings"] = [str(w) for w in entry.get("warnings") or []]
+    return entry

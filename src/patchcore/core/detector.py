@@ -10,7 +10,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +43,8 @@ from patchcore.core.state import FittedAttributes, FittedState, NotFittedError
 from patchcore.core.update import UpdateMixin
 from patchcore.core.validation import validate_params
 from patchcore.core.verdicts import VerdictMixin
+from patchcore.lean import ood
+from patchcore.lean.fingerprints import content_digest
 
 __all__ = [
     "FORMAT_NAME",
@@ -60,13 +62,17 @@ __all__ = [
 @dataclass
 class TrainingFeatures:
     """Patch features of training images: (P, D) rows image by image, and per image its name
-    and ``(H, W, h, w)`` (own size, feature grid); the unreadable inputs."""
+    and ``(H, W, h, w)`` (own size, feature grid); the unreadable inputs; per image its content
+    digest (:mod:`patchcore.lean.fingerprints`) and pixel statistics
+    (:func:`patchcore.lean.ood.pixel_stats`), from which the model's input profile is made."""
 
     features: torch.Tensor
     dtype: str
     grids: list[tuple[int, int, int, int]]
     names: list[str]
     skipped: list[Skipped]
+    digests: list[str | None] = field(default_factory=list)
+    stats: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 class PatchDistances(NamedTuple):
@@ -361,6 +367,8 @@ class PatchCore(
         skipped: list[Skipped] = []
         grids: list[tuple[int, int, int, int]] = []
         names: list[str] = []
+        digests: list[str | None] = []
+        stats: list[tuple[float, float, float]] = []
         store = FeatureStore(len(items), FEATURE_DTYPES[self.feature_dtype])
         batches = self._batches(items, on_error, progress, desc)
         workers = None if self.device_.type == "cpu" else 1  # CPU: batches side by side
@@ -373,9 +381,11 @@ class PatchCore(
             if emb is not None:
                 store.add(flatten_patches(emb).float().cpu(), len(batch.indices))
                 h, w = int(emb.shape[-2]), int(emb.shape[-1])
+                stats += [tuple(v) for v in ood.pixel_stats(batch.pixels.numpy()).tolist()]
                 for i, (height, width) in zip(batch.indices, batch.sizes, strict=True):
                     names.append(input_name(items[i], first_image + len(names)))
                     grids.append((height, width, h, w))
+                    digests.append(content_digest(items[i]))
         if store.overflow:
             warnings.warn(
                 "training features exceed float16's range (|x| > 65504): stored in float32 "
@@ -386,14 +396,14 @@ class PatchCore(
         dtype = str(store.dtype).removeprefix("torch.")
         if store.rows == 0:
             if allow_empty:
-                return TrainingFeatures(torch.empty(0, 0), dtype, grids, names, skipped)
+                return TrainingFeatures(torch.empty(0, 0), dtype, grids, names, skipped, [], [])
             raise ValueError(
                 f"no readable training images: all {len(items)} failed, e.g. "
                 f"{skipped[0].name}: {skipped[0].reason}"
                 if skipped
                 else "fit needs at least one image, got none"
             )
-        return TrainingFeatures(store.result(), dtype, grids, names, skipped)
+        return TrainingFeatures(store.result(), dtype, grids, names, skipped, digests, stats)
 
     def fit_from_features(
         self,
@@ -417,6 +427,8 @@ class PatchCore(
             skipped=train.skipped,
             feature_seconds=feature_seconds,
             coreset_seconds=time.perf_counter() - t0,
+            digests=train.digests or None,  # none recorded (e.g. built by hand): None
+            pixel_stats=train.stats or None,
         )
 
     def install_bank(
@@ -430,6 +442,8 @@ class PatchCore(
         skipped: Sequence[Skipped] = (),
         feature_seconds: float = 0.0,
         coreset_seconds: float = 0.0,
+        digests: Sequence[str | None] | None = None,
+        pixel_stats: Sequence[Sequence[float]] | None = None,
     ) -> PatchCore:
         """Make a selected memory bank the fitted state, with its provenance. Returns self.
 
@@ -440,17 +454,24 @@ class PatchCore(
                 :meth:`explain` traces.
             names, grids: the training images read, in order, and their ``(H, W, h, w)``.
             feature_dtype, skipped, feature_seconds, coreset_seconds: the fit's facts.
+            digests: the images' content digests (``train_digests_``, what the leakage guard
+                of calibration and evaluation compares); None: none recorded.
+            pixel_stats: the images' pixel statistics; with ``grids`` they make
+                ``input_profile_``, the profile out-of-distribution hints are judged on (None:
+                no hints).
 
         Raises:
-            ValueError: ``bank`` and ``indices`` disagree, or ``names`` and ``grids``.
+            ValueError: ``bank`` and ``indices`` disagree, or ``names``, ``grids``,
+                ``digests`` and ``pixel_stats``.
         """
         if bank.ndim != 2 or indices.ndim != 1 or bank.shape[0] != indices.shape[0]:
             raise ValueError(
                 f"bank (M, D) and indices (M,) must agree, got {tuple(bank.shape)} and "
                 f"{tuple(indices.shape)}"
             )
-        if len(names) != len(grids):
-            raise ValueError(f"names ({len(names)}) and grids ({len(grids)}) must pair up")
+        for what, given in (("grids", grids), ("digests", digests), ("pixel_stats", pixel_stats)):
+            if given is not None and len(given) != len(names):
+                raise ValueError(f"names ({len(names)}) and {what} ({len(given)}) must pair up")
         self._extractor_for_hooks()
         state = FittedState(
             memory_bank=bank.detach().float().cpu().contiguous(),
@@ -465,6 +486,10 @@ class PatchCore(
             provenance=bank_provenance(indices, grids),
             train_names=list(names),
             train_grids=[tuple(int(v) for v in g) for g in grids],
+            train_digests=None if digests is None else list(digests),
+            input_profile=(
+                ood.profile([g[:2] for g in grids], pixel_stats) if pixel_stats and names else None
+            ),
         )
         self._set_fitted(state, self.extractor_)
         return self

@@ -503,6 +503,9 @@ def _manifest(
         # the heatmap colour range stored at calibration (absent in models without one)
         "region_threshold": None if threshold is None else float(det.region_cut()),
         "display_range": _stored_range(det),
+        # the profile of the training inputs: the runtime's records carry the same
+        # out-of-distribution hint as the torch path's (absent in models without one)
+        "input_profile": getattr(det.state_, "input_profile", None),
     }
     if source is not None:
         p = Path(source)

@@ -16,6 +16,7 @@ import numpy as np
 from patchcore.core.images import ImageInput
 from patchcore.core.inputs import Reorder, as_list, check_on_error, warn_skipped
 from patchcore.core.results import ImageResult, MapSize, ScoreResult, check_maps
+from patchcore.lean import ood
 
 __all__ = ["BUCKET_WINDOW", "ScoreMixin"]
 
@@ -77,9 +78,14 @@ class ScoreMixin:
                 order.add(s.index, ImageResult(s.index, s.name, float("nan"), None, s.reason))
             if batch.pixels is not None:
                 scores, out = self._score_batch(batch, maps)  # type: ignore[attr-defined]
+                stats = ood.pixel_stats(batch.pixels.numpy()).tolist()
                 for j, i in enumerate(batch.indices):
                     m = out[j] if maps is not None else None
-                    order.add(i, ImageResult(i, batch.names[j], float(scores[j]), m, None))
+                    order.add(
+                        i,
+                        ImageResult(i, batch.names[j], float(scores[j]), m, None,
+                                    batch.sizes[j], tuple(stats[j])),
+                    )  # fmt: skip
             yield from order.ready()
 
     def score(

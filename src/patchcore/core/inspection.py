@@ -90,5 +90,7 @@ class InspectMixin:
                 anomaly_map=r.map,
                 region_cut=cut,
                 min_area=min_area,
+                profile=state.input_profile,
+                pixel_stats=r.stats,
             )
             yield r, record

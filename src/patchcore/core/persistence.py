@@ -17,8 +17,10 @@ version) with a message naming the file and the field.
 
 Optional entries (absent from older files, which load with their defaults): ``"provenance"``,
 an (M, 3) int32 tensor (training image, patch row, patch column of each bank row; in the digest
-when present), and the state fields ``train_names``, ``train_grids`` and ``updates`` (written
-only when set, so a file without them is written back key for key as it was read). A file with
+when present), and the state fields ``train_names``, ``train_grids``, ``updates``,
+``train_digests`` (content digests of the training images), ``input_profile`` (the profile of
+:mod:`patchcore.lean.ood`) and ``threshold_history`` (written only when set, so a file without
+them is written back key for key as it was read). A file with
 ``"provenance"`` is format version 2 (readers of version 1 refuse its extra top-level entry, so
 they must say "newer patchcore: upgrade", not "damaged"); one without it stays version 1.
 
@@ -91,7 +93,15 @@ _STATE_KEYS = (
     *_OPTIONAL_STATE,
 )
 
-_OPTIONAL_STATE_KEYS = ("train_names", "train_grids", "updates")  # written only when set
+#: Written only when set (non-empty), so a file without them is written back as it was read.
+_OPTIONAL_STATE_KEYS = (
+    "train_names",
+    "train_grids",
+    "updates",
+    "train_digests",
+    "input_profile",
+    "threshold_history",
+)
 
 _KEYS = ("format", "format_version", "config", "memory_bank", "backbone_state", "state")
 _OPTIONAL_KEYS = ("provenance",)  # top-level entries a file may lack (older writers)
@@ -361,11 +371,22 @@ def _check_provenance(bad: Any, payload: dict[str, Any], saved: dict[str, Any]) 
         raise bad("state 'train_grids' is not a list of (H, W, h, w) positive integers")
     if names is not None and grids is not None and len(names) != len(grids):
         raise bad(f"state has {len(names)} 'train_names' but {len(grids)} 'train_grids'")
-    updates = saved.get("updates")
-    if updates is not None and not (
-        isinstance(updates, list) and all(isinstance(u, dict) for u in updates)
+    for key in ("updates", "threshold_history"):
+        entries = saved.get(key)
+        if entries is not None and not (
+            isinstance(entries, list) and all(isinstance(u, dict) for u in entries)
+        ):
+            raise bad(f"state {key!r} is not a list of records")
+    found = saved.get("train_digests")
+    if found is not None and not (
+        isinstance(found, list) and all(d is None or isinstance(d, str) for d in found)
     ):
-        raise bad("state 'updates' is not a list of records")
+        raise bad("state 'train_digests' is not a list of strings")
+    if found is not None and names is not None and len(found) != len(names):
+        raise bad(f"state has {len(names)} 'train_names' but {len(found)} 'train_digests'")
+    profile = saved.get("input_profile")
+    if profile is not None and not isinstance(profile, dict):
+        raise bad("state 'input_profile' is not a mapping")
     if "provenance" not in payload:
         return
     prov, bank = payload["provenance"], payload["memory_bank"]
@@ -447,6 +468,9 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
             if saved.get("train_grids") is not None
             else None,
             updates=list(saved.get("updates") or []),
+            train_digests=saved.get("train_digests"),  # older files: None (names only)
+            input_profile=saved.get("input_profile"),  # older files: None (no hints)
+            threshold_history=list(saved.get("threshold_history") or []),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete model file (missing {exc})") from None

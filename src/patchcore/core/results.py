@@ -34,6 +34,10 @@ class ImageResult(NamedTuple):
 
     index: position in the input. name: its path, or ``"image #<index>"``. score: higher = more
     anomalous, NaN when skipped. map: float32 HxW or None. error: None, or why it was skipped.
+    size: the input's own (H, W), None when skipped. stats: its pixel statistics
+    (:func:`patchcore.lean.ood.pixel_stats`: mean, std, colourfulness of the processed
+    pixels), None when skipped; with ``size`` and ``map`` they feed the out-of-distribution
+    hint of its record.
     """
 
     index: int
@@ -41,6 +45,8 @@ class ImageResult(NamedTuple):
     score: float
     map: np.ndarray | None
     error: str | None
+    size: tuple[int, int] | None = None
+    stats: tuple[float, float, float] | None = None
 
 
 @dataclass

@@ -65,6 +65,16 @@ class FittedState:
         train_grids: per training image ``(H, W, h, w)``: its own size and its feature grid.
         updates: one record per :meth:`~patchcore.PatchCore.partial_fit` (UTC time, images and
             patches added, bank rows added and dropped, seconds, names), oldest first.
+        train_digests: per training image (as ``train_names``, updates included) the content
+            digest of :mod:`patchcore.lean.fingerprints` (``"file:<sha256>"`` of a file's
+            bytes, ``"pixels:<sha256>"`` of an in-memory image); None in older files.
+        input_profile: what the training inputs looked like (sizes, aspect, grey or colour,
+            intensity; after a calibration the map reference of its normal images), the
+            profile of :mod:`patchcore.lean.ood` that out-of-distribution hints are judged
+            on; None in older files (no hints).
+        threshold_history: one entry per threshold installed, oldest first, the one in use
+            last (:func:`patchcore.core.calibration.history_entry`: UTC time, method, value,
+            counts, the caller's data, split seed and warnings).
     """
 
     memory_bank: torch.Tensor
@@ -89,6 +99,9 @@ class FittedState:
     train_names: list[str] | None = None
     train_grids: list[tuple[int, int, int, int]] | None = None
     updates: list[dict[str, Any]] = field(default_factory=list)
+    train_digests: list[str | None] | None = None
+    input_profile: dict[str, Any] | None = None
+    threshold_history: list[dict[str, Any]] = field(default_factory=list)
 
     def card(self, params: dict[str, Any]) -> dict[str, Any]:
         """Human-readable facts about the model fitted with ``params``."""
@@ -112,6 +125,7 @@ class FittedState:
             "fit_seconds": round(float(self.fit_seconds), 3),
             "provenance": self.provenance is not None,
             "updates": len(self.updates),
+            "thresholds": len(self.threshold_history),
         }
         if self.region_threshold is not None:
             card["region_threshold"] = self.region_threshold
@@ -161,6 +175,9 @@ class FittedAttributes:
     train_names_ = _view("train_names", "Training images read, in order, or None.")
     updates_ = _view("updates", "Records of the partial_fit calls, oldest first.")
     map_scale_ = _view("map_scale", "Map max / score at calibration (region cut), or None.")
+    train_digests_ = _view("train_digests", "Content digests of the training images, or None.")
+    input_profile_ = _view("input_profile", "The training inputs' profile (lean.ood), or None.")
+    threshold_history_ = _view("threshold_history", "Every threshold installed, oldest first.")
 
     display_range_ = _view(
         "display_range",

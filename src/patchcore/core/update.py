@@ -29,6 +29,7 @@ import torch
 from patchcore.core import sampling
 from patchcore.core.explain import bank_provenance
 from patchcore.core.inputs import as_list, check_on_error, warn_skipped
+from patchcore.lean import ood
 
 __all__ = ["BEFORE_UPDATE", "UpdateMixin"]
 
@@ -56,7 +57,9 @@ class UpdateMixin:
         the module docstring). A threshold set before is kept, with a warning, and
         ``threshold_method_`` says it predates the update: calibrate again. One record is
         appended to ``updates_`` (and saved with the model): UTC time, images, patches, bank
-        rows added and dropped, bank size, seconds, the images' names.
+        rows added and dropped, bank size, seconds, the images' names. The images' content
+        digests join ``train_digests_`` (so calibration and evaluation leave them out) and
+        their sizes and pixel statistics widen ``input_profile_``.
 
         Returns:
             self
@@ -120,6 +123,13 @@ class UpdateMixin:
                 method += BEFORE_UPDATE
         names = state.train_names + found.names if state.train_names is not None else None
         grids = state.train_grids + found.grids if state.train_grids is not None else None
+        old_digests = state.train_digests  # a file from before digests: the old ones unknown
+        if old_digests is None:
+            old_digests = [None] * (len(state.train_names or []) or state.n_train_images)
+        digests = old_digests + list(found.digests)
+        profile = state.input_profile
+        if profile is not None and found.stats:
+            profile = ood.merge(profile, ood.profile([g[:2] for g in found.grids], found.stats))
         new_state = dataclasses.replace(
             state,
             memory_bank=bank,
@@ -130,6 +140,8 @@ class UpdateMixin:
             train_names=names,
             train_grids=grids,
             updates=[*state.updates, record],
+            train_digests=digests,
+            input_profile=profile,
         )
         self._set_fitted(new_state, self.extractor_)  # type: ignore[attr-defined]
         warn_skipped("partial_fit skipped {n} unreadable image(s)", found.skipped, stacklevel=4)

@@ -7,18 +7,25 @@ like): it needs the estimator's ``score()`` path (``_scored``), ``_check_fitted`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from patchcore.core.calibration import MapFacts, extremes_of, map_facts
+from patchcore.core.calibration import (
+    MapFacts,
+    extremes_of,
+    history_entry,
+    map_facts,
+    map_medians,
+)
 from patchcore.core.conformal import conformal_threshold
 from patchcore.core.inputs import as_list
 from patchcore.core.metrics import anomaly_threshold
 from patchcore.core.results import Classification
 from patchcore.core.state import NotFittedError
+from patchcore.lean import ood
 from patchcore.lean.normalization import fit_normalization, normalize
 from patchcore.lean.record import ANOMALOUS, NonFiniteScoreError, judge
 
@@ -137,6 +144,7 @@ class VerdictMixin:
         *,
         images: Any = None,
         progress: bool | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> Any:
         """Set ``threshold_`` by hand; the normalised scores then map [0, 2 x value] onto
         [0, 1] (no calibration scores to spread them by).
@@ -151,16 +159,16 @@ class VerdictMixin:
                 never calibrated on images cuts its regions at ``value`` itself, and the
                 record's rule still shows every anomalous image's peak region.
             progress: progress bar while scoring ``images``.
+            context: facts for the threshold's history entry (see :meth:`calibrate`).
         """
         self._check_fitted("set_threshold")
         if not math.isfinite(float(value)):
             raise ValueError(f"threshold must be a finite number, got {value!r}")
-        facts = None
+        facts = medians = None
         if images is not None:
-            facts = self._calibration_pass(images, None, None, progress)[1]
-        self._set_threshold(
-            float(value), method, None, fit_normalization(None, float(value)), facts
-        )
+            _, facts, medians = self._calibration_pass(images, None, None, progress)
+        mapping = fit_normalization(None, float(value))
+        self._set_threshold(float(value), method, None, mapping, facts, medians, context)
         return self
 
     def clear_threshold(self) -> Any:
@@ -169,7 +177,7 @@ class VerdictMixin:
         no verdicts until calibrated again. Needed before changing ``top_k``,
         ``num_neighbors`` or ``sigma`` on a calibrated model. Returns ``self``."""
         self._check_fitted("clear_threshold")
-        self._set_threshold(None, None, None, None, (None, None))  # type: ignore[arg-type]
+        self._set_threshold(None, None, None, None, (None, None), [])  # type: ignore[arg-type]
         self.state_.region_threshold = self.state_.region_threshold_method = None
         return self
 
@@ -180,37 +188,63 @@ class VerdictMixin:
         calibration: dict[str, Any] | None,
         mapping: dict[str, Any],
         facts: MapFacts | None = None,
+        medians: Any = None,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
         """Install a threshold with its calibration facts and normalisation (all together),
-        and the map scale and display range of the calibration maps (``facts``; None: keep)."""
-        self.state_.threshold = t
-        self.state_.threshold_method = method
-        self.state_.calibration = calibration
-        self.state_.normalization = mapping
+        the map scale and display range of the calibration maps (``facts``; None: keep), the
+        map reference of the out-of-distribution hints (``medians`` of the calibration's
+        normal maps; None: keep), and record it in the threshold history (one entry per
+        threshold, :func:`~patchcore.core.calibration.history_entry`, with the threshold it
+        replaced; ``t`` None records nothing)."""
+        state = self.state_
+        last = state.threshold_history[-1] if state.threshold_history else {}
+        replaced = {"value": state.threshold, "method": state.threshold_method}
+        replaced["time"] = last.get("time") if last.get("value") == state.threshold else None
+        state.threshold = t
+        state.threshold_method = method
+        state.calibration = calibration
+        state.normalization = mapping
         if facts is not None:
-            self.state_.map_scale, self.state_.display_range = facts
+            state.map_scale, state.display_range = facts
+        if medians is not None and state.input_profile is not None:
+            state.input_profile = ood.with_map_reference(state.input_profile, medians)
+        if t is not None:
+            entry = history_entry(method, t, calibration, {"replaced": replaced, **(context or {})})
+            state.threshold_history = [*state.threshold_history, entry]
 
     def _calibration_pass(
-        self, images: Any, scores: Any, map_extremes: Any, progress: bool | None
-    ) -> tuple[np.ndarray, MapFacts | None]:
-        """(N,) scores of ``images`` and the map facts of the calibration maps: from one
-        scoring pass with native-size maps when no ``scores`` are given (unreadable images
-        raise); from ``map_extremes`` when given; else None (``scores`` alone: ``images`` are
-        not read, and the map facts chosen before are kept)."""
+        self,
+        images: Any,
+        scores: Any,
+        map_extremes: Any,
+        progress: bool | None,
+        medians: Any = None,
+    ) -> tuple[np.ndarray, MapFacts | None, np.ndarray | None]:
+        """(N,) scores of ``images``, the map facts of the calibration maps and each map's
+        median: from one scoring pass with native-size maps when no ``scores`` are given
+        (unreadable images raise); from ``map_extremes`` (and ``medians``) when given; else
+        None (``scores`` alone: ``images`` are not read, and what was chosen before is
+        kept)."""
         if scores is not None:
             s = np.asarray(scores, dtype=np.float64)
             if map_extremes is None:
-                return s, None
+                return s, None, None
             e = np.asarray(map_extremes, dtype=np.float64)
             if e.shape != (len(s), 2):
                 raise ValueError(f"map_extremes must have shape ({len(s)}, 2), got {e.shape}")
-            return s, map_facts(s, e)
+            m = None if medians is None else np.asarray(medians, dtype=np.float64)
+            if m is not None and m.shape != s.shape:
+                raise ValueError(f"map_medians must have shape ({len(s)},), got {m.shape}")
+            return s, map_facts(s, e), m
         items = as_list(images)
         s, e = np.full(len(items), np.nan), np.full((len(items), 2), np.nan)
+        m = np.full(len(items), np.nan)
         for r in self.iter_score(items, maps="native", progress=progress):
             s[r.index] = r.score
             e[r.index] = extremes_of([r.map])[0]
-        return s, map_facts(s, e)
+            m[r.index] = map_medians([r.map])[0]
+        return s, map_facts(s, e), m
 
     def normalize(self, scores: Any) -> np.ndarray:
         """Normalised scores: raw ``scores`` (or maps) mapped onto [0, 1] with the threshold at
@@ -248,11 +282,13 @@ class VerdictMixin:
         max_fnr: float | None = None,
         scores: np.ndarray | None = None,
         map_extremes: np.ndarray | None = None,
+        map_medians: np.ndarray | None = None,
         progress: bool | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> Any:
         """Choose ``threshold_`` on labelled images (1/True = anomalous), and from the same
-        pass the map scale of the region cut and the heatmap display range
-        (:mod:`patchcore.core.calibration`).
+        pass the map scale of the region cut, the heatmap display range and the map reference
+        of the out-of-distribution hints (:mod:`patchcore.core.calibration`).
 
         Args:
             images: the calibration images (none used to fit).
@@ -263,13 +299,20 @@ class VerdictMixin:
                 (:func:`patchcore.core.calibration.extremes_of`): the map scale and display
                 range are chosen on them. ``scores`` without them: ``images`` are not read
                 and the map scale and display range chosen before are kept.
+            map_medians: (N,) each map's median from that pass (the normal images' go to the
+                map reference); None with ``scores``: the reference chosen before is kept.
             progress: progress bar while scoring.
+            context: facts the caller knows (e.g. ``data``, ``seed``, ``fraction``,
+                ``warnings``), stored in the threshold's history entry
+                (``threshold_history_``) with the time, method, value and counts.
         """
         self._check_fitted("calibrate")
         y = np.asarray(list(labels)).astype(int)
         if scores is not None and len(scores) != len(y):
             raise ValueError(f"{len(scores)} images but {len(y)} labels")
-        s, maps = self._calibration_pass(images, scores, map_extremes, progress)
+        s, maps, medians = self._calibration_pass(
+            images, scores, map_extremes, progress, map_medians
+        )
         if len(s) != len(y):
             raise ValueError(f"{len(s)} images but {len(y)} labels")
         ok = np.isfinite(s)
@@ -280,7 +323,8 @@ class VerdictMixin:
             "max_fpr": None if max_fpr is None else float(max_fpr),
             "max_fnr": None if max_fnr is None else float(max_fnr),
         }
-        self._set_threshold(t, method, facts, fit_normalization(s[ok], t), maps)
+        normal = None if medians is None else medians[ok & (y == 0)]
+        self._set_threshold(t, method, facts, fit_normalization(s[ok], t), maps, normal, context)
         return self
 
     def calibrate_normal(
@@ -290,6 +334,8 @@ class VerdictMixin:
         max_fpr: float,
         scores: np.ndarray | None = None,
         map_extremes: np.ndarray | None = None,
+        map_medians: np.ndarray | None = None,
+        context: Mapping[str, Any] | None = None,
         progress: bool | None = None,
     ) -> Any:
         """Choose ``threshold_`` from normal images alone, for a false-alarm rate ``max_fpr``.
@@ -311,6 +357,8 @@ class VerdictMixin:
             max_fpr: the false-alarm rate, in (0, 1).
             scores: (n,) their scores, to reuse a pass already made; all must be finite.
             map_extremes: (n, 2) their maps' minimum and maximum, as in :meth:`calibrate`.
+            map_medians: (n,) their maps' medians, as in :meth:`calibrate`.
+            context: facts for the threshold's history entry, as in :meth:`calibrate`.
             progress: progress bar while scoring.
 
         Raises:
@@ -318,8 +366,10 @@ class VerdictMixin:
             ValueError: a rate outside (0, 1), or non-finite scores (fails closed).
         """
         self._check_fitted("calibrate_normal")
-        s, maps = self._calibration_pass(images, scores, map_extremes, progress)
+        s, maps, medians = self._calibration_pass(
+            images, scores, map_extremes, progress, map_medians
+        )
         c = conformal_threshold(s, max_fpr)
         mapping = fit_normalization(s, c.threshold)
-        self._set_threshold(c.threshold, "conformal", c.as_dict(), mapping, maps)
+        self._set_threshold(c.threshold, "conformal", c.as_dict(), mapping, maps, medians, context)
         return self

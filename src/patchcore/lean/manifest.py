@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patchcore.lean import normalization
+from patchcore.lean import normalization, ood
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -149,6 +149,13 @@ def _mapping(v: Any) -> dict[str, Any]:
     return normalization.check_mapping(v)
 
 
+def _profile(v: Any) -> dict[str, Any]:
+    prof = ood.check_profile(v)
+    if prof is None:
+        raise ValueError(f"is not an input profile of version {ood.PROFILE_VERSION}")
+    return prof
+
+
 def _floats(v: Any) -> dict[str, float]:
     if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
         raise ValueError(f"must be an object of numbers, got {v!r}")
@@ -253,6 +260,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "normalization_source": _optional(_text),
     "region_threshold": _any_number,
     "display_range": _optional(_range),
+    "input_profile": _optional(_profile),
     "backbone": _text,
     "layers": _texts,
     "bank_rows": _integer(1),
@@ -269,7 +277,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "export_seconds": _number(0.0),
     "source_model": _optional(_source),
 }
-OPTIONAL_FIELDS = frozenset({"source_model", "region_threshold", "display_range"})
+OPTIONAL_FIELDS = frozenset({"source_model", "region_threshold", "display_range", "input_profile"})
 
 
 def _check_fields(info: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,10 @@ field                  type        meaning
                                    none for ``normal``; None without a map or on error
 ``region_threshold``   float|None  the anomaly-map value the regions were cut at
 ``error``              str|None    why there is no verdict (unreadable, non-finite)
+``ood``                bool|None   the input is unlike the training images (size, aspect,
+                                   colour, brightness, or most of its map high:
+                                   :mod:`patchcore.lean.ood`); None without a profile
+``ood_reason``         str|None    why, in one line; None when ``ood`` is not True
 =====================  ==========  =====================================================
 
 :data:`FIELDS` lists them once with their types; :func:`as_dict` (JSON), :func:`as_row`
@@ -48,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from patchcore.lean import normalization
+from patchcore.lean import normalization, ood
 from patchcore.lean.regions import DEFAULT_MIN_AREA, Region, label_regions
 
 __all__ = [
@@ -88,7 +92,7 @@ class NonFiniteScoreError(ValueError):
 class Field:
     """One field of :class:`Inspection`: its name, type tag and meaning.
 
-    ``kind`` is one of ``"str"``, ``"int"``, ``"float"``, ``"regions"``.
+    ``kind`` is one of ``"str"``, ``"int"``, ``"float"``, ``"bool"``, ``"regions"``.
     """
 
     name: str
@@ -112,6 +116,8 @@ FIELDS: tuple[Field, ...] = (
     Field("regions", "regions", "defect regions: boxes x0,y0,x1,y1 (x1,y1 exclusive), area, peak"),
     Field("region_threshold", "float", "anomaly-map value the regions were cut at"),
     Field("error", "str", "why there is no verdict; null otherwise"),
+    Field("ood", "bool", "input unlike the training images (another part, camera, scale?)"),
+    Field("ood_reason", "str", "why the input looks unlike the training images, one line"),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 
@@ -138,6 +144,8 @@ class Inspection:
     regions: tuple[Region, ...] | None = None
     region_threshold: float | None = None
     error: str | None = None
+    ood: bool | None = None
+    ood_reason: str | None = None
     anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -238,6 +246,8 @@ def inspection(
     size: tuple[int, int] | None = None,
     region_cut: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
+    profile: Mapping[str, Any] | None = None,
+    pixel_stats: Sequence[float] | None = None,
 ) -> Inspection:
     """The record of one scored image.
 
@@ -250,6 +260,9 @@ def inspection(
         size: the image's own (H, W) when there is no map.
         region_cut: the anomaly-map value regions are cut at (None: no regions).
         min_area: smallest region kept, in pixels.
+        profile: the model's profile of its training inputs (:mod:`patchcore.lean.ood`):
+            the out-of-distribution hint is judged on it (None: no hint).
+        pixel_stats: the input's :func:`patchcore.lean.ood.pixel_stats`, when known.
 
     A score or map that is not finite gives an ``"error"`` record (no verdict, no regions).
     """
@@ -277,6 +290,12 @@ def inspection(
             cut = check_threshold(region_cut, "region threshold")
             rec["regions"] = verdict_regions(anomaly_map, verdict, cut, min_area)
             rec["region_threshold"] = cut
+    rec["ood"], rec["ood_reason"] = ood.check(
+        profile,
+        size=size,
+        stats=pixel_stats,
+        map_stat=None if anomaly_map is None else ood.map_statistic(anomaly_map),
+    )
     return Inspection(
         image=image,
         index=int(index),
@@ -340,6 +359,6 @@ def arrow_schema(extra: Sequence[tuple[str, Any]] = ()) -> Any:
             for name in Region.__dataclass_fields__
         ]
     )
-    types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
+    types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
     columns = [(f.name, pa.list_(region) if f.kind == "regions" else types[f.kind]) for f in FIELDS]
     return pa.schema([*columns, *extra])

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from patchcore.lean import ood
 from patchcore.lean import record as rec
 from patchcore.lean.inputs import Batch, as_list, decode_input, iter_batches
 from patchcore.lean.manifest import MANIFEST, ExportFileError, LoadedExport, load_export
@@ -199,6 +200,7 @@ class ExportedModel:
             ]
             if batch.pixels is not None:
                 scores, maps = self.run(batch.pixels)
+                stats = ood.pixel_stats(batch.pixels)
                 for j, i in enumerate(batch.indices):
                     records.append(
                         rec.inspection(
@@ -210,6 +212,8 @@ class ExportedModel:
                             anomaly_map=resize_maps(maps[j], batch.sizes[j]),
                             region_cut=cut,
                             min_area=min_area,
+                            profile=self.info.get("input_profile"),
+                            pixel_stats=stats[j],
                         )
                     )
             yield from sorted(records, key=lambda r: r.index)

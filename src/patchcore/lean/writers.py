@@ -72,6 +72,8 @@ def _table_line(r: Inspection, extra: dict[str, Any]) -> str:
     tail = ""
     if r.regions is not None:
         tail += f"  [{len(r.regions)} region(s)]"
+    if r.ood:
+        tail += f"  [{r.ood_reason}]"
     tail += "".join(f"  -> {v}" for v in extra.values() if v)
     if r.error:
         tail = f"  ({r.error})"

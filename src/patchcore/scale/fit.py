@@ -78,6 +78,8 @@ class FitShard:
             "rows": int(found.features.shape[0]),
             "names": found.names,
             "grids": found.grids,
+            "digests": found.digests,
+            "stats": found.stats,
             "skipped": [tuple(s) for s in found.skipped],  # plain tuples: Ray returns them so
             "dtype": found.dtype,
             "worker": worker_id(),
@@ -274,7 +276,9 @@ def _fit_on(
         )
     names = [name for i in info for name in i["names"]]
     grids = [tuple(g) for i in info for g in i["grids"]]
-    train = TrainingFeatures(torch.empty(0, 0), dtype, grids, names, skipped)
+    digests = [d for i in info for d in i["digests"]]
+    stats = [tuple(v) for i in info for v in i["stats"]]
+    train = TrainingFeatures(torch.empty(0, 0), dtype, grids, names, skipped, digests, stats)
     workers = [i["worker"] for i in info]
     t1 = time.perf_counter()
     num = sum(rows)
@@ -300,6 +304,8 @@ def _fit_on(
             ids,
             names=names,
             grids=grids,
+            digests=digests,
+            pixel_stats=stats,
             feature_dtype=dtype,
             skipped=skipped,
             feature_seconds=t1 - t0,

@@ -39,10 +39,12 @@ __all__ = [
     "ModelArg",
     "QuietOpt",
     "RecursiveOpt",
+    "StrictOpt",
     "Bar",
     "app",
     "choices",
     "command",
+    "echo_warnings",
     "model_device",
     "errors",
     "folder_option",
@@ -267,7 +269,8 @@ DataArg = Annotated[
         metavar="DATA",
         help=(
             "Data set folder (DATA/train/good, DATA/test/<label>, DATA/ground_truth/<label>) "
-            "or elpv[:mono|poly|all] for the ELPV solar cells."
+            "or elpv[:mono|poly|all] for the ELPV solar cells, or visa:ROOT:OBJECT for one "
+            "object of the VisA data set as downloaded (e.g. visa:VisA:pcb4)."
         ),
         show_default=False,
     ),
@@ -303,3 +306,17 @@ ForceOpt = Annotated[
         "it, keeping its other files).",
     ),
 ]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Stop with an error when DATA holds images the model was fitted on (found by "
+        "content: copies, links, other folders), instead of leaving them out with a warning.",
+    ),
+]
+
+
+def echo_warnings(warnings: list[str]) -> None:
+    """Each warning as one ``patchcore: warning:`` line on stderr (as the library's)."""
+    for w in warnings:
+        typer.secho(f"patchcore: warning: {one_line(w)}", err=True, fg=typer.colors.YELLOW)

@@ -41,9 +41,11 @@ def _echo_calibration_tail(s: Any) -> None:
         f"(min, 0.7 x max over the calibration maps)"
     )
     typer.echo(f"  time: {s.seconds:.1f} s ({s.ms_per_image:.1f} ms per image)")
+    before = "none" if s.replaced is None else workflow.entry_text(s.replaced)
+    typer.echo(f"  replaced threshold: {before}")
     _echo_skipped(s.skipped)
-    for w in s.warnings:
-        typer.secho(f"warning: {w}", err=True, fg=typer.colors.YELLOW)
+    replaced = workflow.replaced_warning(s.replaced, s.entry)
+    base.echo_warnings([*s.warnings, *([replaced] if replaced else [])])
     typer.echo(f"Model updated: {s.model_path}")
 
 
@@ -84,6 +86,7 @@ def calibrate(
         ),
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seeds the calibration / test split.")] = 0,
+    strict: base.StrictOpt = False,
     device: base.DeviceOpt = "auto",
     quiet: base.QuietOpt = False,
 ) -> None:
@@ -98,7 +101,7 @@ def calibrate(
                 raise workflow.WorkflowError(
                     "--normal-only needs --max-fpr RATE (e.g. 0.01) and takes no --method"
                 )
-        _calibrate_normal(model, data, max_fpr, device, quiet)
+        _calibrate_normal(model, data, max_fpr, device, quiet, strict)
         return
     s = base.with_bar(
         "calibrate",
@@ -111,6 +114,7 @@ def calibrate(
         calibration_fraction=calibration_fraction,
         seed=seed,
         device=base.model_device(device),
+        strict=strict,
     )
     cm = s.calibration_metrics
     bound = f", FPR <= {s.max_fpr:g}" if s.max_fpr is not None else ""
@@ -124,11 +128,15 @@ def calibrate(
         f"  held out for evaluate: {s.test_images} ({s.test_normal} normal, "
         f"{s.test_anomalous} anomalous)"
     )
+    if s.training_left_out:
+        typer.echo(f"  left out: {s.training_left_out} images the model was fitted on")
     _echo_calibration_tail(s)
     typer.echo(f"Next: patchcore evaluate {s.model_path} {data} --report report")
 
 
-def _calibrate_normal(model: Path, data: str, max_fpr: float, device: str, quiet: bool) -> None:
+def _calibrate_normal(
+    model: Path, data: str, max_fpr: float, device: str, quiet: bool, strict: bool
+) -> None:
     """``calibrate --normal-only``: run and print :func:`workflow.calibrate_normal_model`."""
 
     s = base.with_bar(
@@ -139,6 +147,7 @@ def _calibrate_normal(model: Path, data: str, max_fpr: float, device: str, quiet
         data,
         max_fpr=max_fpr,
         device=base.model_device(device),
+        strict=strict,
     )
     lo, hi = s.fpr_bounds
     typer.echo(
@@ -174,6 +183,7 @@ def calibrate_regions(
             help="max_region_f1: found against false regions; max_pixel_f1: pooled pixels."
         ),
     ] = RegionMethod.max_region_f1,
+    strict: base.StrictOpt = False,
     device: base.DeviceOpt = "auto",
     quiet: base.QuietOpt = False,
 ) -> None:
@@ -191,6 +201,7 @@ def calibrate_regions(
         data,
         method=method.value,
         device=base.model_device(device),
+        strict=strict,
     )
     image = f"{s.image_threshold:.6g}" if s.image_threshold is not None else "none"
     typer.echo(
@@ -198,4 +209,5 @@ def calibrate_regions(
         f"chosen on {s.images} calibration images ({s.normal} normal, {s.with_masks} with "
         f"masks; {s.left_out} defective without a mask left out) in {s.seconds:.1f} s"
     )
+    base.echo_warnings(s.warnings)
     typer.echo(f"Model updated: {s.model_path}")

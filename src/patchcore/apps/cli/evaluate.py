@@ -45,6 +45,8 @@ def print_evaluation(ev: Any) -> None:
         f"Held-out test images: {m.num_samples} ({m.num_normal} normal, {m.num_anomalous} "
         f"anomalous); threshold {m.threshold:.6g} ({m.threshold_method})"
     )
+    if ev.split:
+        typer.echo(f"  scored: {ev.split}")
     typer.echo("")
     typer.echo(_metrics_table(m.as_dict()))
     typer.echo("")
@@ -91,6 +93,7 @@ def evaluate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print metrics.json to stdout instead of tables.")
     ] = False,
+    strict: base.StrictOpt = False,
     device: base.DeviceOpt = "auto",
     force: base.ForceOpt = False,
     quiet: base.QuietOpt = False,
@@ -98,8 +101,9 @@ def evaluate(
     """Score the held-out test images stored by `calibrate` (never the calibration ones)."""
     ev = base.with_bar(
         "evaluate", quiet, workflow.evaluate_model, model, data, report_dir=report,
-        device=base.model_device(device), force=force,
+        device=base.model_device(device), force=force, strict=strict,
     )  # fmt: skip
+    base.echo_warnings(ev.warnings)
     if as_json:
         typer.echo(json.dumps(ev.metrics, indent=2))
         return

@@ -120,7 +120,7 @@ def _print_summary(s: workflow.FitSummary, data: str, train_fraction: float, see
             + (f"{radius:.4g}" if radius is not None else "not measured")
         )
     typer.echo(f"Model written to {s.model_path}")
-    labelled = data.lower().startswith("elpv") or (Path(data) / "test").is_dir()
+    labelled = data.lower().startswith(("elpv", "visa:")) or (Path(data) / "test").is_dir()
     typer.echo(f"Next: patchcore calibrate {s.model_path} {data if labelled else 'DATA'}")
 
 

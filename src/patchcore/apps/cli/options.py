@@ -40,6 +40,7 @@ __all__ = [
     "docstring_args",
     "estimator_options",
     "literal_defaults",
+    "literal_value",
     "with_options",
 ]
 
@@ -203,10 +204,7 @@ def literal_defaults(module: str, function: str) -> dict[str, Any]:
     """``{parameter: default}`` of a module-level function whose defaults are literals, read
     from the module's source without importing it (e.g. a workflow step whose module loads
     torch), so a command's options can repeat no default and still not load torch."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ImportError(f"no module {module!r}")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    tree = _source_tree(module)
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
     args = fn.args
     positional = [*args.posonlyargs, *args.args]
@@ -215,3 +213,22 @@ def literal_defaults(module: str, function: str) -> dict[str, Any]:
         *((a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d),
     ]
     return {a.arg: ast.literal_eval(d) for a, d in pairs}
+
+
+def literal_value(module: str, name: str) -> Any:
+    """The literal value of a module-level ``NAME = ...`` read from the module's source without
+    importing it (as :func:`literal_defaults`)."""
+    for node in _source_tree(module).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == name and node.value is not None:
+            return ast.literal_eval(node.value)
+    raise LookupError(f"no literal {name} in {module}")
+
+
+def _source_tree(module: str) -> ast.Module:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"no module {module!r}")
+    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))

@@ -12,11 +12,17 @@ import typer
 
 from patchcore.apps import workflow
 from patchcore.apps.cli import base
+from patchcore.apps.cli.options import literal_value
 from patchcore.lean.record import ANOMALOUS, ERROR, NORMAL, Inspection
 from patchcore.lean.regions import DEFAULT_MIN_AREA
 from patchcore.lean.writers import RecordWriter
 
 __all__ = ["Tally", "predict"]
+
+#: workflow's layouts, read from its source (its module loads torch; the command, only once run)
+HeatmapLayout = base.choices(
+    "HeatmapLayout", literal_value("patchcore.apps.workflow.predict", "HEATMAP_LAYOUTS")
+)
 
 
 class Tally:
@@ -50,10 +56,18 @@ def predict(
         Path | None,
         base.folder_option(
             "--heatmaps",
-            "Folder for one heatmap overlay PNG per image (<name>_heatmap.png), with the "
-            "defect regions boxed.",
+            "Folder for one heatmap PNG per image (<name>_heatmap.png): the image, its "
+            "anomaly-map overlay with the defect regions boxed, and the colour bar.",
         ),
     ] = None,
+    heatmap_layout: Annotated[
+        HeatmapLayout,  # type: ignore[valid-type]
+        typer.Option(
+            "--heatmap-layout",
+            help="panels: image | overlay | colour bar under a line with the verdict; "
+            "overlay: the overlay alone at the image's size (the earlier pictures).",
+        ),
+    ] = HeatmapLayout.panels,  # type: ignore[attr-defined]
     fmt: base.FormatOpt = base.Format.table,  # type: ignore[attr-defined]
     recursive: base.RecursiveOpt = False,
     threshold: Annotated[
@@ -110,7 +124,7 @@ def predict(
         with out as add_regions:
             stream = workflow.inspect_files(
                 det, files, heatmaps=heatmaps, region_threshold=region_threshold,
-                min_area=min_area, force=force,
+                min_area=min_area, force=force, layout=heatmap_layout.value,
             )  # fmt: skip
             bar = base.Bar("predict", quiet or len(files) < 2)
             bar.total(len(files))

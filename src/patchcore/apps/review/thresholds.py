@@ -3,15 +3,15 @@
 :func:`record_threshold` is the one place the review writes a threshold into a detector: the
 value and method, the calibration facts and the score normalisation (through
 :meth:`~patchcore.PatchCore.calibrate` on the cached scores for a named method, else
-:meth:`~patchcore.PatchCore.set_threshold`), and one entry of ``metadata_["review_thresholds"]``
-(UTC time, method, value, data, counts, the threshold it replaced). The calibration split
-facts are rewritten too: the threshold was chosen on all of DATA, so nothing is held out
-(``test_names`` empty) and ``evaluate`` will not present these images as unseen.
+:meth:`~patchcore.PatchCore.set_threshold`), which record it in the model's one threshold
+history (``threshold_history_``: UTC time, method, value, data, counts, the threshold it
+replaced), as every calibration does. The calibration split facts are rewritten too: the
+threshold was chosen on all of DATA, so nothing is held out (``test_names`` empty) and
+``evaluate`` will not present these images as unseen.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -56,36 +56,27 @@ def record_threshold(
         display_range: heatmap colours to store when the model has none.
 
     Returns:
-        The history entry written to ``metadata_["review_thresholds"]``.
+        The threshold's entry in ``det.threshold_history_``.
 
     Raises:
         ValueError: a method's threshold differs from ``value``, or a bad value.
     """
     t = rec.check_threshold(value)
-    before = (det.threshold_, det.threshold_method_)
+    context = {"data": data, "seed": None, "fraction": 1.0, "source": "review", "split": False}
     if method in THRESHOLD_METHODS:
         chosen = anomaly_threshold(labels, scores, method, max_fpr=max_fpr, max_fnr=max_fnr)
         if chosen != t:
             raise ValueError(
                 f"{method} gives {chosen!r} on these scores, not {t!r}; reload the page"
             )
-        det.calibrate(names, labels, method=method, max_fpr=max_fpr, max_fnr=max_fnr, scores=scores)
+        det.calibrate(
+            names, labels, method=method, max_fpr=max_fpr, max_fnr=max_fnr, scores=scores,
+            context=context,
+        )  # fmt: skip
     else:
-        det.set_threshold(t, method=method)
-    entry = {
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "method": method,
-        "value": t,
-        "data": data,
-        "images": len(names),
-        "normal": int((labels == 0).sum()),
-        "anomalous": int((labels != 0).sum()),
-        "max_fpr": max_fpr,
-        "max_fnr": max_fnr,
-        "replaced": {"value": before[0], "method": before[1]},
-    }
+        det.set_threshold(t, method=method, context={**context, "images": len(names)})
+    entry = det.threshold_history_[-1]
     md = dict(det.metadata_)
-    md["review_thresholds"] = [*(md.get("review_thresholds") or []), entry]
     md.update(
         calibration_data=data,
         calibration_names=list(names),

@@ -41,7 +41,7 @@ def model_info(session: ReviewSession) -> dict[str, Any]:
         "region_threshold": det.region_threshold_,
         "display_range": list(shown) if shown is not None else None,
         "updates": len(det.updates_),
-        "review_thresholds": md.get("review_thresholds") or [],
+        "thresholds": det.threshold_history_,
         "marked_normal": [m.get("name") for m in md.get("review_marked_normal") or []],
     }
 

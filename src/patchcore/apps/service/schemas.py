@@ -29,7 +29,7 @@ __all__ = [
     "Timing",
 ]
 
-_PY_TYPES = {"int": int, "float": float, "str": str}
+_PY_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 #: One defect region, as :class:`~patchcore.lean.regions.Region` (box x1, y1 exclusive).
 RegionModel = create_model(

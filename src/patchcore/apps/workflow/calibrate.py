@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +24,12 @@ from patchcore.apps.workflow.data import (
     labelled_images,
     resolve_data,
     split_for_calibration,
-    without_training_images,
 )
-from patchcore.apps.workflow.files import file_digest, model_transaction
+from patchcore.apps.workflow.files import model_transaction
+from patchcore.apps.workflow.leakage import leave_out_training
 from patchcore.apps.workflow.model import load_model
 from patchcore.core import metrics
+from patchcore.core.calibration import map_medians
 from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
@@ -56,6 +58,9 @@ class CalibrationSummary:
     ms_per_image: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    training_left_out: int = 0
+    replaced: dict[str, Any] | None = None
+    entry: dict[str, Any] | None = None
 
 
 #: A threshold that flags more than this share of the normal calibration images is degenerate.
@@ -64,21 +69,46 @@ MAX_NORMAL_FLAGGED = 0.5
 MIN_USEFUL_AUROC = 0.65
 
 
-def threshold_warnings(scores: np.ndarray, labels: np.ndarray, threshold: float) -> list[str]:
+#: What to try against a degenerate threshold when nothing is known about the model.
+GENERIC_TIPS = (
+    "try native resolution (no --scale/--image-size), all training images "
+    "(--train-fraction 1), or a larger --coreset-ratio, then calibrate again"
+)
+
+
+def settings_tips(det: PatchCore) -> str:
+    """What to try against a degenerate threshold: only the settings of ``det`` that differ
+    from the defaults measured best (native size, every training image, a bank of at least
+    1 % of the patches, the top-10 score), else a better backbone or more training images."""
+    tips = []
+    if det.scale is not None or det.image_size is not None:
+        tips.append("native resolution (no --scale/--image-size)")
+    if float(det.metadata_.get("train_fraction", 1.0)) < 1.0:
+        tips.append("all training images (--train-fraction 1)")
+    if det.coreset_ratio < 0.01:
+        tips.append("a larger --coreset-ratio (0.01)")
+    if det.top_k == 1:
+        tips.append("the top-10 score (--top-k 10)")
+    if not tips:
+        tips.append("more (and more varied) normal training images or --preset accurate")
+    listed = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + " or " + tips[-1]
+    return f"try {listed}, then fit and calibrate again"
+
+
+def threshold_warnings(
+    scores: np.ndarray, labels: np.ndarray, threshold: float, tips: str = GENERIC_TIPS
+) -> list[str]:
     """Plain-language warnings about a degenerate threshold, each with what to try.
 
     Args:
         scores: (N,) finite calibration scores. labels: (N,) 1 = anomalous.
         threshold: the chosen threshold.
+        tips: what to try (:func:`settings_tips` of the model).
     """
     out: list[str] = []
     normal = scores[labels == 0]
     flagged = float((judge(normal, threshold) == ANOMALOUS).mean()) if normal.size else 0.0
     area = metrics.auroc(labels, scores)
-    tips = (
-        "try native resolution (no --scale/--image-size), all training images "
-        "(--train-fraction 1), or a larger --coreset-ratio, then calibrate again"
-    )
     if flagged > MAX_NORMAL_FLAGGED:
         out.append(
             f"the threshold flags {flagged:.0%} of the normal calibration images as defective: "
@@ -108,30 +138,54 @@ def _check_settings(method: str, max_fpr: float | None, fraction: float) -> None
     )
 
 
+@dataclass
+class CalibrationPass:
+    """One scoring pass over calibration images: scores (NaN where skipped), each anomaly
+    map's (min, max) and median (the ``map_extremes`` and ``map_medians`` of
+    :meth:`PatchCore.calibrate`), the skipped images and the seconds it took."""
+
+    scores: np.ndarray
+    extremes: np.ndarray
+    medians: np.ndarray
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+
 def _score_for_calibration(
     det: PatchCore, calib: ImageDataset, progress: ProgressFn | None, total: ProgressFn | None
-) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], float]:
-    """Scores, each anomaly map's (min, max) (NaN where skipped: the ``map_extremes`` of
-    :meth:`PatchCore.calibrate`), the skipped images and the seconds the pass took, in one pass
-    (``total`` is told the number of images first).
-
-    Maps are asked at the processed size: only their extremes are kept.
-    """
+) -> CalibrationPass:
+    """The :class:`CalibrationPass` of ``calib`` (``total`` is told the number of images
+    first). Maps are asked at the processed size: only their extremes and medians are kept."""
     if total:
         total(len(calib))
     t0 = time.perf_counter()
     scores = np.full(len(calib), np.nan)
     extremes = np.full((len(calib), 2), np.nan)
     skipped: list[tuple[str, str]] = []
+    medians = np.full(len(calib), np.nan)
     for r in det.iter_score(calib.images, maps="processed", on_error="skip", progress=False):
         scores[r.index] = r.score
         if r.map is not None:
             extremes[r.index] = (float(r.map.min()), float(r.map.max()))
+            medians[r.index] = map_medians([r.map])[0]
         if r.error is not None:
             skipped.append((r.name, r.error))
         if progress:
             progress(1)
-    return scores, extremes, skipped, time.perf_counter() - t0
+    return CalibrationPass(scores, extremes, medians, skipped, time.perf_counter() - t0)
+
+
+def history_facts(det: PatchCore) -> dict[str, Any]:
+    """The summary fields of the threshold just installed: ``entry``, its history entry, and
+    ``replaced``, the entry of the threshold it replaced (None: it replaced none)."""
+    history = det.threshold_history_
+    before = dict(history[-1].get("replaced") or {}) if history else {}
+    if len(history) > 1:
+        before = dict(history[-2])
+    return {
+        "entry": dict(history[-1]) if history else None,
+        "replaced": before if before.get("value") is not None else None,
+    }
 
 
 def calibrate_detector(
@@ -145,6 +199,7 @@ def calibrate_detector(
     data_spec: str = "",
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    warnings: Sequence[str] = (),
 ) -> tuple[CalibrationSummary, ImageDataset, ImageDataset]:
     """Split ``pool`` per label, choose the threshold on the calibration part.
 
@@ -161,6 +216,8 @@ def calibrate_detector(
         data_spec: stored as ``calibration_data``.
         progress: called with the number of images just scored.
         total: called once, after the checks, with the number of images to score.
+        warnings: about ``pool`` (e.g. training images left out), recorded with the
+            threshold before its own.
 
     Returns:
         (summary, calibration part, held-out test part).
@@ -170,7 +227,8 @@ def calibrate_detector(
     """
     _check_settings(method, max_fpr, calibration_fraction)
     calib, test = split_for_calibration(pool, calibration_fraction, seed, data_spec)
-    scores, extremes, skipped, seconds = _score_for_calibration(det, calib, progress, total)
+    run = _score_for_calibration(det, calib, progress, total)
+    scores, skipped, seconds = run.scores, run.skipped, run.seconds
     ok = np.isfinite(scores)
     y = calib.labels
     if len(set(y[ok].tolist())) < 2:
@@ -178,12 +236,17 @@ def calibrate_detector(
             f"calibration needs readable normal and anomalous images; {len(skipped)} of "
             f"{len(calib)} could not be read"
         )
-    try:
-        det.calibrate(
-            calib.images, y, method=method, max_fpr=max_fpr, scores=scores, map_extremes=extremes
-        )
+    try:  # the threshold calibrate will install, to record its warnings with it
+        t = float(metrics.anomaly_threshold(y[ok], scores[ok], method=method, max_fpr=max_fpr))
     except ValueError as exc:
         raise WorkflowError(f"cannot choose a threshold: {exc}") from None
+    warned = [*warnings, *threshold_warnings(scores[ok], y[ok], t, settings_tips(det))]
+    context = {"data": data_spec, "seed": int(seed), "fraction": float(calibration_fraction),
+               "split": True, "source": "calibrate", "warnings": warned}  # fmt: skip
+    det.calibrate(
+        calib.images, y, method=method, max_fpr=max_fpr, scores=scores,
+        map_extremes=run.extremes, map_medians=run.medians, context=context,
+    )  # fmt: skip
     threshold = float(det.threshold_)  # type: ignore[arg-type]
     display = det.display_range_ or (math.nan, math.nan)  # chosen by calibrate
     ms = 1000.0 * seconds / max(1, len(calib))
@@ -219,7 +282,8 @@ def calibrate_detector(
         seconds=seconds,
         ms_per_image=ms,
         skipped=skipped,
-        warnings=threshold_warnings(scores[ok], y[ok], threshold),
+        warnings=warned,
+        **history_facts(det),
     )
     return summary, calib, test
 
@@ -231,14 +295,18 @@ def calibrate_model(
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    strict: bool = False,
     **settings: Any,
 ) -> CalibrationSummary:
     """Calibrate the threshold of a model file on ``data``'s labelled test images, in place.
 
     Args:
         model: the model file (rewritten with the threshold, split and display range).
-        data: a data spec; images the model was fitted on are left out.
+        data: a data spec; images the model was fitted on are left out
+            (:func:`~patchcore.apps.workflow.leakage.leave_out_training`: with a warning when
+            they are not the fit's own training split).
         device: where to load the model (None: as saved).
+        strict: a training image found in ``data`` by content is an error, not a warning.
         progress: called with the number of images just scored.
         total: called once with the number of images about to be scored.
         **settings: ``method``, ``max_fpr``, ``calibration_fraction``, ``seed``, as in
@@ -247,10 +315,13 @@ def calibrate_model(
     with model_transaction(model) as transaction:
         det = load_model(model, device=device)
         source = resolve_data(data)
-        pool = without_training_images(det, source, labelled_images(source))
+        labelled = labelled_images(source)
+        pool, leaked = leave_out_training(det, source, labelled, what="labelled", strict=strict)
         summary, _, _ = calibrate_detector(
-            det, pool, data_spec=source.spec, progress=progress, total=total, **settings
-        )
+            det, pool, data_spec=source.spec, progress=progress, total=total, warnings=leaked,
+            **settings,
+        )  # fmt: skip
+        summary.training_left_out = len(labelled) - len(pool)
         summary.model_path = str(transaction.save(det))
         return summary
 
@@ -275,23 +346,26 @@ class NormalCalibrationSummary:
     ms_per_image: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    replaced: dict[str, Any] | None = None
+    entry: dict[str, Any] | None = None
 
 
-def held_out_normals(det: PatchCore, source: DataSource) -> tuple[ImageDataset, int, list[str]]:
-    """``source``'s normal images that were not used to fit ``det``.
-
-    Same data spec as the fit: left out by the recorded training names. Another spec: left
-    out by content (SHA-256 of the file bytes against the recorded training files), so a copy
-    of a fitting image under another name is caught too.
+def held_out_normals(
+    det: PatchCore, source: DataSource, *, strict: bool = False
+) -> tuple[ImageDataset, int, list[str]]:
+    """``source``'s normal images that were not used to fit ``det``
+    (:func:`~patchcore.apps.workflow.leakage.leave_out_training`: by the recorded training
+    names in the fit's own data, by content anywhere).
 
     Returns:
-        (the normal images, how many were left out as fitting images, warnings when that
-        could not be checked).
+        (the normal images, how many were left out as fitting images, warnings: fitting
+        images found outside the fit's own data, and what could not be checked).
+
+    Raises:
+        WorkflowError: ``strict`` and a fitting image found by content.
     """
     normals = available_train_images(source)
-    md = det.metadata_
-    used = set(md.get("train_names") or [])
-    if not used:
+    if not det.metadata_.get("train_names") and getattr(det, "train_digests_", None) is None:
         return (
             normals,
             0,
@@ -301,23 +375,8 @@ def held_out_normals(det: PatchCore, source: DataSource) -> tuple[ImageDataset, 
                 "images score low and would make false alarms more frequent than asked"
             ],
         )
-    if md.get("fit_data") == source.spec:
-        keep = np.array([n not in used for n in normals.names], dtype=bool)
-        return normals.subset(keep), int((~keep).sum()), []
-    try:
-        fitted_on = available_train_images(resolve_data(md.get("fit_data", "")))
-    except WorkflowError:
-        return (
-            normals,
-            0,
-            [
-                f"the training data {md.get('fit_data')!r} is not readable here, so it cannot be "
-                "checked that DATA's normal images were not used for fitting"
-            ],
-        )
-    digests = {file_digest(s.image) for s in fitted_on if s.name in used} - {None}
-    keep = np.array([file_digest(s.image) not in digests for s in normals], dtype=bool)
-    return normals.subset(keep), int((~keep).sum()), []
+    pool, warnings = leave_out_training(det, source, normals, what="normal", strict=strict)
+    return pool, len(normals) - len(pool), warnings
 
 
 def _labelled_rest(source: DataSource, leave_out: set[str]) -> list[str]:
@@ -339,6 +398,7 @@ def calibrate_normal_model(
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    strict: bool = False,
 ) -> NormalCalibrationSummary:
     """Choose a model file's threshold from ``data``'s normal images alone, in place.
 
@@ -357,7 +417,7 @@ def calibrate_normal_model(
     with model_transaction(model) as transaction:
         det = load_model(model, device=device)
         source = resolve_data(data)
-        pool, left_out, warnings = held_out_normals(det, source)
+        pool, left_out, warnings = held_out_normals(det, source, strict=strict)
         need = normal_images_needed(max_fpr)
         if len(pool) < need:
             raise WorkflowError(
@@ -366,17 +426,21 @@ def calibrate_normal_model(
                 f"({left_out} more were fitted on): add normal images, fit on fewer "
                 f"(--train-fraction), or ask for a rate of at least {1 / (len(pool) + 1):.3g}"
             )
-        scores, extremes, skipped, seconds = _score_for_calibration(det, pool, progress, total)
+        run = _score_for_calibration(det, pool, progress, total)
+        scores, skipped, seconds = run.scores, run.skipped, run.seconds
         ok = np.isfinite(scores)
         if int((~ok).sum()) > len(skipped):  # readable images scored NaN: fail closed
             raise WorkflowError(
                 f"{int((~ok).sum()) - len(skipped)} readable normal images scored NaN or infinite: "
                 "the model holds non-finite values; no threshold (fit it again)"
             )
+        context = {"data": source.spec, "seed": None, "fraction": None, "split": True,
+                   "source": "calibrate --normal-only", "warnings": warnings}  # fmt: skip
         try:
             det.calibrate_normal(
-                None, max_fpr=max_fpr, scores=scores[ok], map_extremes=extremes[ok]
-            )
+                None, max_fpr=max_fpr, scores=scores[ok], map_extremes=run.extremes[ok],
+                map_medians=run.medians[ok], context=context,
+            )  # fmt: skip
         except TooFewNormalImagesError as exc:
             raise WorkflowError(f"{source.spec}: {len(skipped)} unreadable images; {exc}") from None
         c = det.calibration_ or {}
@@ -417,4 +481,5 @@ def calibrate_normal_model(
             ms_per_image=ms,
             skipped=skipped,
             warnings=warnings,
+            **history_facts(det),
         )

@@ -1,8 +1,12 @@
 """Data specs, the images they hold, and the splits the workflow keeps apart.
 
 A *data spec* is a folder (``DATA/train/good``, ``DATA/test/<label>``,
-``DATA/ground_truth/<label>``, or just a folder of normal images for fitting) or
-``elpv[:mono|poly|all]`` for the ELPV solar cells.
+``DATA/ground_truth/<label>``, or just a folder of normal images for fitting),
+``elpv[:mono|poly|all]`` for the ELPV solar cells, or ``visa:ROOT:OBJECT`` for one object of
+the VisA data set as downloaded (``ROOT/OBJECT/Data/Images/{Normal,Anomaly}``, masks in
+``ROOT/OBJECT/Data/Masks/Anomaly``, the split in ``ROOT/split_csv/1cls.csv``; read by
+:func:`patchcore.core.datasets.load_visa`: its ``train`` rows fit, its ``test`` rows
+calibrate and evaluate).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from patchcore.core.detector import PatchCore
 from patchcore.core.images import IMAGE_SUFFIXES, list_images
 
 ELPV = "elpv"
+VISA = "visa"
 
 #: Called with the number of images just done (drives a progress bar).
 ProgressFn = Callable[[int], None]
@@ -37,15 +42,17 @@ class DataSource:
     """Where labelled images come from.
 
     Attributes:
-        spec: the canonical data spec stored in model files: an absolute folder path, or
-            ``"elpv:<cell type>"``.
-        root: the folder (None for ELPV).
+        spec: the canonical data spec stored in model files: an absolute folder path,
+            ``"elpv:<cell type>"`` or ``"visa:<absolute VisA root>:<object>"``.
+        root: the folder (the VisA root for VisA; None for ELPV).
         cell_type: ELPV cell type (None for folders).
+        visa_object: the VisA object (None for the others).
     """
 
     spec: str
     root: Path | None = None
     cell_type: str | None = None
+    visa_object: str | None = None
 
     @property
     def is_elpv(self) -> bool:
@@ -56,16 +63,19 @@ def resolve_data(data: str | os.PathLike) -> DataSource:
     """Turn a user's data argument into a :class:`DataSource`.
 
     An existing folder wins; otherwise ``elpv``, ``elpv:mono``, ``elpv:poly`` or ``elpv:all``
-    name the ELPV solar cells (``elpv`` = mono cells).
+    name the ELPV solar cells (``elpv`` = mono cells), and ``visa:ROOT:OBJECT`` one VisA
+    object.
 
     Raises:
-        WorkflowError: neither an existing folder nor an ELPV spec.
+        WorkflowError: neither an existing folder nor an ELPV or VisA spec.
     """
     text = os.fspath(data)
     path = Path(text).expanduser()
     if path.is_dir():
         return DataSource(spec=str(path.resolve()), root=path.resolve())
     head, _, cell = text.partition(":")
+    if head.lower() == VISA and not path.exists():
+        return _visa_source(text, cell)
     if head.lower() == ELPV and not path.exists():
         cell = (cell or "mono").lower()
         if cell not in ("mono", "poly", "all"):
@@ -78,9 +88,31 @@ def resolve_data(data: str | os.PathLike) -> DataSource:
     raise WorkflowError(f"{path}: no such folder")
 
 
+def _visa_source(text: str, rest: str) -> DataSource:
+    root_text, _, obj = rest.rpartition(":")
+    if not root_text or not obj:
+        raise WorkflowError(f"{text}: a VisA spec is visa:ROOT:OBJECT, e.g. visa:VisA:pcb4")
+    root = Path(root_text).expanduser()
+    if not (root / obj).is_dir():
+        raise WorkflowError(f"{text}: no folder {root / obj} (the VisA object {obj!r})")
+    root = root.resolve()
+    return DataSource(spec=f"{VISA}:{root}:{obj}", root=root, visa_object=obj)
+
+
 def short_spec(spec: str) -> str:
-    """A data spec for titles: ELPV specs as they are, folders by their name."""
+    """A data spec for titles: ELPV specs as they are, VisA by its object, folders by name."""
+    if spec.startswith(f"{VISA}:"):
+        return spec.rpartition(":")[2]
     return spec if spec.startswith(ELPV) else Path(spec).name or spec
+
+
+def visa_split(source: DataSource, split: str) -> ImageDataset:
+    """The ``split`` rows (``"train"`` or ``"test"``) of a VisA source."""
+    assert source.root is not None and source.visa_object is not None
+    try:
+        return datasets.load_visa(source.root, source.visa_object, split)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 def elpv_cells(source: DataSource) -> ImageDataset:
@@ -95,14 +127,16 @@ def available_train_images(source: DataSource) -> ImageDataset:
     """All normal images a model could be fitted on (before ``train_fraction``).
 
     Folders: ``DATA/train/good`` (any normal folder under ``DATA/train``), else images directly
-    in ``DATA/train``, else images directly in ``DATA``. ELPV: all normal cells.
+    in ``DATA/train``, else images directly in ``DATA``, else ``DATA/good`` (a labelled folder
+    without a split). ELPV: all normal cells; VisA: the normal ``train`` rows.
     """
-    if source.is_elpv:
-        ds = elpv_cells(source)
+    if source.is_elpv or source.visa_object is not None:
+        ds = elpv_cells(source) if source.is_elpv else visa_split(source, "train")
         return ds.subset(ds.labels == datasets.NORMAL)
     root = source.root
     assert root is not None
-    if not (root / "train").is_dir() and not list_images(root):
+    labelled_flat = (root / datasets.GOOD).is_dir() and not list_images(root)
+    if not (root / "train").is_dir() and not list_images(root) and not labelled_flat:
         raise WorkflowError(
             f"{root}: no training images: expected {root}/train/good/ with images "
             f"({', '.join(IMAGE_SUFFIXES)}) or a folder of normal images"
@@ -124,6 +158,8 @@ def labelled_images(source: DataSource) -> ImageDataset:
     """
     if source.is_elpv:
         return elpv_cells(source)
+    if source.visa_object is not None:
+        return visa_split(source, "test")
     root = source.root
     assert root is not None
     try:
@@ -197,16 +233,6 @@ def split_for_calibration(
                 f"{fraction:g} split"
             )
     return calib, test
-
-
-def without_training_images(det: PatchCore, source: DataSource, pool: ImageDataset) -> ImageDataset:
-    """Drop images the model was fitted on (same data spec, same names)."""
-    if det.metadata_.get("fit_data") != source.spec:
-        return pool
-    used = set(det.metadata_.get("train_names") or [])
-    if not used:
-        return pool
-    return pool.subset(np.array([n not in used for n in pool.names], dtype=bool))
 
 
 def expand_inputs(

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,15 @@ from patchcore.apps.workflow.data import (
     stored_images,
 )
 from patchcore.apps.workflow.files import check_folder_target, new_folder
-from patchcore.apps.workflow.model import load_model, model_card, require_threshold
+from patchcore.apps.workflow.leakage import leave_out_training
+from patchcore.apps.workflow.model import (
+    entry_text,
+    load_model,
+    model_card,
+    require_threshold,
+    split_entry,
+    threshold_history,
+)
 from patchcore.apps.workflow.reporting import write_evaluation_report
 from patchcore.apps.workflow.scoring import ScoredSet, score_set
 from patchcore.core import datasets, metrics
@@ -56,6 +64,8 @@ class Evaluation:
     seconds: float
     ms_per_image: float
     measured: metrics.Metrics
+    warnings: list[str] = field(default_factory=list)
+    split: str = ""
 
 
 def held_out_images(det: PatchCore, source: DataSource, model_path: Any = None) -> ImageDataset:
@@ -160,6 +170,7 @@ def evaluate_detector(
     notes: Sequence[str] = (),
     force: bool = False,
     also_write: Callable[[Path], Any] | None = None,
+    warnings: Sequence[str] = (),
 ) -> Evaluation:
     """Score ``test``, compute metrics, optionally write ``metrics.json`` and the report.
 
@@ -169,6 +180,7 @@ def evaluate_detector(
     The report folder is written whole as a new folder and then swapped in
     (:func:`~patchcore.apps.workflow.files.new_folder`: an existing folder that patchcore did
     not write is refused unless ``force``); ``also_write(folder)`` adds files to it first.
+    ``warnings`` (about ``test``) go to the report's warnings box and the result.
     """
     threshold = require_threshold(det, None)
     if set(calibration_names) & set(test.names):
@@ -189,8 +201,9 @@ def evaluate_detector(
             if also_write is not None:
                 also_write(out)
             write_evaluation_report(
-                det, scored, measured, out, title, gallery_size, [*more_notes, *notes]
-            )
+                det, scored, measured, out, title, gallery_size, [*more_notes, *notes],
+                warnings=warnings,
+            )  # fmt: skip
             (out / "metrics.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
         report_path, metrics_path = str(final / "report.html"), str(final / "metrics.json")
     return Evaluation(
@@ -203,6 +216,7 @@ def evaluate_detector(
         seconds=scored.seconds,
         ms_per_image=scored.ms_per_image,
         measured=measured,
+        warnings=list(warnings),
     )
 
 
@@ -215,22 +229,33 @@ def evaluate_model(
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
     force: bool = False,
+    strict: bool = False,
 ) -> Evaluation:
     """Evaluate a calibrated model file on the held-out half of ``data`` stored in it
-    (``report_dir``, ``force``: see :func:`evaluate_detector`)."""
+    (``report_dir``, ``force``: see :func:`evaluate_detector`).
+
+    Images the model was fitted on (an update may have added some after calibration) are left
+    out (:func:`~patchcore.apps.workflow.leakage.leave_out_training`; ``strict``: an error).
+    """
     if report_dir is not None:
         check_folder_target(report_dir, force=force)  # before loading and scoring
     det = load_model(model, device=device)
     require_threshold(det, model)
     source = resolve_data(data)
     test = held_out_images(det, source, model)
+    test, warnings = leave_out_training(det, source, test, what="held-out test", strict=strict)
+    if not len(test):
+        raise WorkflowError(
+            f"{model}: every held-out test image is a training image; calibrate again"
+        )
     if total:
         total(len(test))
-    notes = []
+    split = split_text(det)
+    notes = [f"Scored: {split}."]
     stored = det.metadata_.get("calibration_data")
     if stored and stored != source.spec:
         notes.append(f"calibrated on {stored}; held-out images looked up in {source.spec}")
-    return evaluate_detector(
+    ev = evaluate_detector(
         det,
         test,
         report_dir=report_dir,
@@ -239,7 +264,23 @@ def evaluate_model(
         progress=progress,
         notes=notes,
         force=force,
+        warnings=warnings,
     )
+    return replace(ev, split=split)
+
+
+def split_text(det: PatchCore) -> str:
+    """Which calibration's held-out split ``evaluate`` scores, in words (the split stored by
+    the last calibration that chose a threshold on a split of the data)."""
+    entry, history = split_entry(det), threshold_history(det)
+    if entry is None:
+        return "the held-out split stored at calibration (before the threshold history existed)"
+    text = f"the held-out split of the calibration {entry_text(entry)}"
+    if history and history[-1] is not entry:
+        text += f"; the threshold in use came after it: {entry_text(history[-1])}"
+    else:
+        text += ", the threshold in use"
+    return text
 
 
 def _jsonable(x: Any) -> Any:

@@ -85,11 +85,82 @@ def model_card(det: PatchCore, ms_per_image: float | None) -> dict[str, Any]:
             f"{card['region_threshold']:.6g} ({card['region_threshold_method']})"
         )
     out["updates"] = updates_text(det.updates_)
+    history = threshold_history(det)
+    if history:
+        out["thresholds"] = (
+            f"{len(history)} (the history below; current: {entry_text(history[-1])})"
+        )
     if ms_per_image is not None:
         out["scoring time"] = f"{ms_per_image:.1f} ms per image (with anomaly map)"
     out["seed"] = det.seed
     out["patchcore version"] = md.get("patchcore_version", package_version())
     return out
+
+
+def threshold_history(det: PatchCore) -> list[dict[str, Any]]:
+    """Every threshold the model has had, oldest first, the one in use last (each a dict:
+    ``time`` (UTC), ``method``, ``value``, ``data``, ``seed``, ``images``, ``normal``,
+    ``anomalous``, ``warnings``...). A model file from before the history existed gives one
+    entry rebuilt from its stored split (no time); a model without a threshold, none."""
+    recorded = list(getattr(det, "threshold_history_", None) or [])
+    if recorded or det.threshold_ is None:
+        return recorded
+    md = det.metadata_
+    names = md.get("calibration_names")
+    return [
+        {
+            "time": None,
+            "method": det.threshold_method_,
+            "value": float(det.threshold_),
+            "data": md.get("calibration_data"),
+            "seed": md.get("calibration_seed"),
+            "images": len(names) if names else None,
+            "warnings": [],
+        }
+    ]
+
+
+def entry_text(entry: dict[str, Any]) -> str:
+    """One line on a threshold history entry: value, method, when, on what, warnings."""
+    value = entry.get("value")
+    text = f"{value:.6g}" if isinstance(value, (int, float)) else "none"
+    text += f" ({entry.get('method') or '?'}"
+    if entry.get("time"):
+        text += f", {entry['time']}"
+    if entry.get("data"):
+        text += f", on {entry['data']}"
+    if entry.get("images") is not None:
+        text += f", {entry['images']} images"
+    if entry.get("seed") is not None:
+        text += f", split seed {entry['seed']}"
+    warned = entry.get("warnings") or []
+    return text + (f", {len(warned)} warning{'s' if len(warned) > 1 else ''})" if warned else ")")
+
+
+def replaced_warning(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str | None:
+    """The warning of a re-calibration: what the new threshold replaced and, when the data or
+    split seed differ, that ``evaluate`` now scores another held-out split (None: nothing was
+    replaced)."""
+    if not old or old.get("value") is None:
+        return None
+    text = f"this calibration replaced the threshold {entry_text(old)}"
+    new = new or {}
+    moved = (old.get("data"), old.get("seed")) != (new.get("data"), new.get("seed"))
+    if new.get("split") and moved:
+        seed = "" if new.get("seed") is None else f" (split seed {new['seed']})"
+        text += f"; evaluate now scores the held-out images of {new.get('data')}{seed}"
+    return text + " (its entry stays in the threshold history: patchcore info)"
+
+
+def split_entry(det: PatchCore) -> dict[str, Any] | None:
+    """The history entry of the calibration that stored the held-out split ``evaluate`` uses
+    (the last one that stored a split), or None when no recorded calibration did."""
+    if not det.metadata_.get("test_names"):
+        return None
+    for entry in reversed(threshold_history(det)):
+        if entry.get("split"):
+            return entry
+    return None
 
 
 def image_score_text(top_k: int, num_neighbors: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -26,13 +27,24 @@ from patchcore.apps.workflow.files import (
 from patchcore.apps.workflow.model import display_range, require_threshold
 from patchcore.core.detector import PatchCore
 from patchcore.core.images import read_image
-from patchcore.lean.record import Inspection, check_threshold
+from patchcore.lean.record import ANOMALOUS, Inspection, check_threshold
 from patchcore.lean.regions import DEFAULT_MIN_AREA, REGION_FIELDS
 
-__all__ = ["REGION_SUFFIXES", "inspect_files", "picture_name", "regions_file", "write_picture"]
+__all__ = [
+    "HEATMAP_LAYOUTS",
+    "REGION_SUFFIXES",
+    "heatmap_caption",
+    "inspect_files",
+    "picture_name",
+    "regions_file",
+    "write_picture",
+]
 
 #: The regions file formats, by suffix.
 REGION_SUFFIXES = (".json", ".csv")
+#: Heatmap pictures: ``panels`` = image | overlay (regions boxed) | colour bar under a caption
+#: line (the default); ``overlay`` = the overlay alone at the image's size (regions boxed).
+HEATMAP_LAYOUTS = ("panels", "overlay")
 
 
 def picture_name(path: Path, used: set[str], suffix: str = "heatmap") -> str:
@@ -66,32 +78,40 @@ def inspect_files(
     region_threshold: float | None = None,
     min_area: int = DEFAULT_MIN_AREA,
     force: bool = False,
+    layout: str = "panels",
 ) -> Iterator[tuple[Inspection, str | None]]:
     """Stream ``(record, heatmap path or None)`` per file, in order, as the detector's
     batches finish (:meth:`PatchCore.iter_inspect`, one pass; an unreadable file is an
     ``"error"`` record and the stream goes on). Records come without their maps.
 
-    With ``heatmaps``, an overlay of each native-size map (colours on
+    With ``heatmaps``, a picture of each native-size map (colours on
     :func:`~patchcore.apps.workflow.model.display_range`, region boxes drawn) is written per
-    image as ``<heatmaps>/<stem>_heatmap.png``. ``region_threshold`` replaces the model's
+    image as ``<heatmaps>/<stem>_heatmap.png``: with ``layout="panels"`` the image | its
+    overlay | the colour bar under a caption line (verdict, score against the threshold,
+    regions), with ``"overlay"`` the overlay alone. ``region_threshold`` replaces the model's
     region cut for this call.
 
     Raises:
-        WorkflowError: the model has no threshold, or ``heatmaps`` cannot be written: before
-            any image is scored.
+        WorkflowError: the model has no threshold, an unknown ``layout``, or ``heatmaps``
+            cannot be written: before any image is scored.
     """
     require_threshold(det, None)
+    if layout not in HEATMAP_LAYOUTS:
+        raise WorkflowError(
+            f"heatmap layout must be one of {', '.join(HEATMAP_LAYOUTS)}, got {layout!r}"
+        )
     cut = None if region_threshold is None else check_threshold(region_threshold, "region cut")
     outdir = None if heatmaps is None else check_writable_folder(heatmaps, create=True)
     paths = [str(f) for f in files]
-    return _inspect(det, paths, outdir, alpha, cut, min_area, force)
+    draw = functools.partial(_panels if layout == "panels" else _overlay, alpha=alpha)
+    return _inspect(det, paths, outdir, draw, cut, min_area, force)
 
 
 def _inspect(
     det: PatchCore,
     paths: list[str],
     outdir: Path | None,
-    alpha: float,
+    draw: Callable[..., np.ndarray],
     cut: float | None,
     min_area: int,
     force: bool,
@@ -107,17 +127,40 @@ def _inspect(
             heat = None
             if outdir is not None and rec.anomaly_map is not None:
                 name = picture_name(Path(rec.image), used)
-                heat = write_picture(_overlay(rec, colours, alpha), outdir / name, force=force)
+                heat = write_picture(draw(rec, colours), outdir / name, force=force)
             yield rec.without_map(), heat
     finally:
         det.region_threshold_ = stored
 
 
 def _overlay(rec: Inspection, colours: tuple[float, float] | None, alpha: float) -> np.ndarray:
-    """The heatmap picture of a record: its map over the image's pixels, region boxes drawn."""
+    """The ``overlay`` picture of a record: its map over the image's pixels, regions boxed."""
     amap = rec.anomaly_map
     overlay = plots.anomaly_map_overlay(read_image(rec.image), amap, colours, alpha)
     return plots.draw_regions(overlay, rec.regions, amap.shape) if rec.regions else overlay
+
+
+def _panels(rec: Inspection, colours: tuple[float, float] | None, alpha: float) -> np.ndarray:
+    """The ``panels`` picture of a record: image | overlay (regions boxed) | colour bar, under
+    :func:`heatmap_caption`."""
+    colour = plots.BAD_RGB if rec.verdict == ANOMALOUS else plots.OK_RGB
+    return plots.heatmap_picture(
+        read_image(rec.image), rec.anomaly_map, colours, regions=rec.regions, alpha=alpha,
+        caption=heatmap_caption(rec), caption_rgb=colour,
+    )  # fmt: skip
+
+
+def heatmap_caption(rec: Inspection) -> str:
+    """One line on a record: verdict, score against the threshold, regions, and the
+    out-of-distribution hint (as the table)."""
+    line = f"{rec.verdict}: score {rec.score:.4g}"
+    if rec.threshold is not None:
+        line += f" {'>=' if rec.verdict == ANOMALOUS else '<'} threshold {rec.threshold:.4g}"
+    if rec.regions is not None:
+        line += f", {len(rec.regions)} region{'' if len(rec.regions) == 1 else 's'}"
+    if rec.ood:
+        line += f"; {rec.ood_reason}"
+    return line
 
 
 def _region_rows(rec: Inspection) -> list[list[object]]:

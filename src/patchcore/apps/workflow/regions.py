@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from patchcore.apps.workflow.data import ProgressFn, WorkflowError, resolve_data, stored_images
 from patchcore.apps.workflow.files import model_transaction
+from patchcore.apps.workflow.leakage import leave_out_training
 from patchcore.apps.workflow.model import load_model
 from patchcore.core import datasets
 
@@ -30,6 +31,7 @@ class RegionCalibration:
     with_masks: int
     left_out: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def calibrate_regions_model(
@@ -40,9 +42,13 @@ def calibrate_regions_model(
     device: str | None = None,
     progress: ProgressFn | None = None,
     total: ProgressFn | None = None,
+    strict: bool = False,
 ) -> RegionCalibration:
     """Set the region threshold of a model file, chosen on its calibration images with
     ``method`` (see :meth:`patchcore.core.regions.RegionsMixin.calibrate_regions`).
+
+    Images the model was fitted on are left out
+    (:func:`~patchcore.apps.workflow.leakage.leave_out_training`; ``strict``: an error).
 
     Raises:
         WorkflowError: the model has no stored calibration split, ``data`` lacks its images,
@@ -58,6 +64,7 @@ def calibrate_regions_model(
             )
         source = resolve_data(data)
         calib = stored_images(det, source, names, "calibration images")
+        calib, warnings = leave_out_training(det, source, calib, what="calibration", strict=strict)
         kept = [s for s in calib if not s.is_anomalous or s.mask is not None]
         with_masks = sum(s.is_anomalous for s in kept)
         if with_masks == 0:
@@ -89,4 +96,5 @@ def calibrate_regions_model(
             with_masks=with_masks,
             left_out=len(calib) - len(kept),
             seconds=seconds,
+            warnings=warnings,
         )

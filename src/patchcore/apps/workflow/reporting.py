@@ -13,21 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from patchcore.apps import plots, report
+from patchcore.apps import figures, plots, report
 from patchcore.apps.workflow.explain import explanation_picture
 from patchcore.apps.workflow.model import (
     calibration_text,
     display_range,
     display_range_text,
     model_card,
+    threshold_history,
 )
 from patchcore.apps.workflow.scoring import PIXEL_METRIC_SIDE, ScoredSet
 from patchcore.core import datasets, metrics
 from patchcore.core.datasets import Sample
 from patchcore.core.detector import PatchCore
 from patchcore.core.images import ImageReadError, read_image
-from patchcore.lean.record import ANOMALOUS, judge
-from patchcore.lean.regions import DEFAULT_MIN_AREA, label_regions
+from patchcore.lean.record import ANOMALOUS, judge, verdict_regions
+from patchcore.lean.regions import DEFAULT_MIN_AREA
 
 #: Height of the panels of a gallery tile, in pixels.
 TILE_HEIGHT = 240
@@ -41,22 +42,51 @@ def write_evaluation_report(
     title: str,
     gallery_size: int,
     notes: Sequence[str],
+    warnings: Sequence[str] = (),
 ) -> Path:
-    """Write ``out/report.html`` with its figures and gallery tiles; returns its path."""
+    """Write ``out/report.html`` with its figures and gallery tiles; returns its path.
+
+    ``warnings`` (e.g. images left out as training images) are shown in the report's warnings
+    box after the current threshold's calibration warnings.
+    """
     ok = np.isfinite(scored.scores)
     truth = scored.data.labels
     recall = {t: r for t, r in (measured.defect_type_recall or {}).items() if t != datasets.GOOD}
     counts = measured.defect_type_counts or {}
+    galleries, totals = _galleries(det, scored, out / "gallery", gallery_size)
+    history = threshold_history(det)
     return report.write_report(
         out,
         title=title,
         model_card=model_card(det, scored.ms_per_image),
         metrics=measured,
         figures=_figures(scored, measured, out / "figures", recall),
-        galleries=_galleries(det, scored, out / "gallery", gallery_size),
+        galleries=galleries,
+        gallery_totals=totals,
+        colour_bar=figures.colour_bar_figure(display_range(det), out / "figures" / "colours.png"),
         per_type_recall={t: {"recall": r, "n": counts.get(t)} for t, r in recall.items()} or None,
         notes=[*_notes(det, scored, measured, ok, truth, gallery_size), *notes],
+        warnings=[
+            *(history[-1].get("warnings") or [] if history else []),
+            *warnings,
+            *_unlike_warning(scored),
+        ],
+        history=history,
     )
+
+
+def _unlike_warning(scored: ScoredSet) -> list[str]:
+    """One warning on the test images whose out-of-distribution hint fired, else none."""
+    if not scored.unlike:
+        return []
+    n = len(scored.unlike)
+    first = min(scored.unlike)
+    return [
+        f"{n} of the {len(scored.data)} test images {'looks' if n == 1 else 'look'} unlike the "
+        f"training images (out-of-distribution hint), e.g. {scored.data[first].name}: "
+        f"{scored.unlike[first]}; their verdicts may say more about the input than about a "
+        "defect"
+    ]
 
 
 def _figures(
@@ -101,9 +131,9 @@ def _notes(
         f"Evaluated on {int(ok.sum())} held-out test images ({n_normal} normal, "
         f"{int(ok.sum()) - n_normal} anomalous) that were not used to choose the threshold "
         f"({calibration_text(det.metadata_)}).",
-        "Galleries, up to "
-        f"{gallery_size} each: true positives and false positives by highest score first, "
-        "true negatives and false negatives by lowest score first.",
+        f"Galleries: every false positive and false negative, and up to {gallery_size} true "
+        "positives and true negatives; positives by highest score first, negatives by lowest "
+        "score first.",
         f"Heatmaps share one colour scale: {display_range_text(det)}.",
     ]
     notes += _calibration_notes(det, scored.scores[ok], truth[ok])
@@ -163,9 +193,11 @@ def _calibration_notes(det: PatchCore, scores: np.ndarray, truth: np.ndarray) ->
 
 
 def gallery_order(
-    scores: np.ndarray, truth: np.ndarray, pred: np.ndarray, k: int
+    scores: np.ndarray, truth: np.ndarray, pred: np.ndarray, k: int, *, all_errors: bool = True
 ) -> dict[str, list[int]]:
-    """Indices of up to ``k`` images per outcome, most telling first.
+    """Indices of the images per outcome, most telling first: up to ``k`` true positives and
+    true negatives, and every false positive and false negative (``all_errors``; else up to
+    ``k`` of them too).
 
     True positives: highest scores first (clearest detections); true negatives: lowest first
     (clearest passes); false positives: highest first (most confidently wrong alarms); false
@@ -180,16 +212,21 @@ def gallery_order(
     ):
         idx = np.flatnonzero((truth == t) & (pred == p) & np.isfinite(scores))
         order = np.argsort(-scores[idx] if descending else scores[idx], kind="stable")
-        out[key] = idx[order][:k].tolist()
+        limit = None if all_errors and t != p else k
+        out[key] = idx[order][:limit].tolist()
     return out
 
 
 def _galleries(
     det: PatchCore, scored: ScoredSet, gdir: Path, k: int
-) -> dict[str, list[dict[str, Any]]]:
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """The gallery tiles per outcome and how many images each outcome holds."""
     test, scores = scored.data, scored.scores
     threshold = float(det.threshold_)  # type: ignore[arg-type]
-    order = gallery_order(scores, test.labels, judge(scores, threshold) == ANOMALOUS, k)
+    verdicts = judge(scores, threshold)
+    order = gallery_order(scores, test.labels, verdicts == ANOMALOUS, k)
+    every = gallery_order(scores, test.labels, verdicts == ANOMALOUS, len(scores))
+    totals = {key: len(idx) for key, idx in every.items()}
     rng = display_range(det)
     cut = det.region_cut()
     galleries: dict[str, list[dict[str, Any]]] = {}
@@ -205,7 +242,7 @@ def _galleries(
                 mask = datasets.load_mask(s) if s.mask is not None else None
             except ImageReadError:
                 continue
-            found = _regions(m, cut, image.shape[:2])
+            found = _regions(m, verdicts[i], cut, image.shape[:2])
             tile = plots.gallery_tile(
                 image, m, rng, float(scores[i]), threshold, s.name, mask,
                 height=TILE_HEIGHT, annotate=False, regions=found,
@@ -216,16 +253,20 @@ def _galleries(
             kind = s.defect_type if s.is_anomalous else "normal"
             caption = f"{s.name} ({kind}, {len(found)} region{'' if len(found) == 1 else 's'})"
             items.append({"image_path": path, "caption": caption, "score": float(scores[i])})
+            if i in scored.unlike:
+                items[-1]["note"] = scored.unlike[i]
         galleries[key] = items
     _add_explanations(det, test, placed, galleries, gdir)
-    return galleries
+    return galleries, totals
 
 
-def _regions(small_map: np.ndarray, cut: float, native: tuple[int, int]) -> list:
-    """Defect regions of a gallery map (shrunk to at most PIXEL_METRIC_SIDE px), with the
-    default minimum area scaled from the image's native pixels to the map's."""
+def _regions(small_map: np.ndarray, verdict: str, cut: float, native: tuple[int, int]) -> tuple:
+    """Defect regions of a gallery map (shrunk to at most PIXEL_METRIC_SIDE px) by the
+    record's rule (:func:`~patchcore.lean.record.verdict_regions`: none for a normal verdict,
+    at least one for an anomalous one), the minimum area scaled from native pixels."""
     shrink = small_map.size / max(1, native[0] * native[1])
-    return label_regions(small_map, cut, min_area=max(1, round(DEFAULT_MIN_AREA * shrink)))
+    area = max(1, round(DEFAULT_MIN_AREA * shrink))
+    return verdict_regions(small_map, verdict, cut, min_area=area)
 
 
 #: Galleries whose tiles also show the nearest normal training patch (the flagged images).

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from patchcore.apps.workflow.data import ProgressFn
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
+from patchcore.lean import ood
 from patchcore.lean.util import resize_map
 
 __all__ = ["PIXEL_METRIC_SIDE", "ScoredSet", "score_set", "small_shape"]
@@ -31,6 +32,8 @@ class ScoredSet:
             (only for the images that needed one).
         skipped: (name, reason) of the unreadable images.
         seconds: time spent scoring.
+        unlike: index -> the out-of-distribution reason of the images whose record would say
+            ``ood`` (:func:`patchcore.lean.ood.check` on the model's profile).
     """
 
     data: ImageDataset
@@ -38,6 +41,7 @@ class ScoredSet:
     maps: dict[int, np.ndarray]
     skipped: list[tuple[str, str]]
     seconds: float
+    unlike: dict[int, str] = field(default_factory=dict)
 
     @property
     def ms_per_image(self) -> float:
@@ -57,6 +61,7 @@ def score_set(
     ``keep_map`` (maps are computed only when some image needs one)."""
     scores = np.full(len(test), np.nan)
     small: dict[int, np.ndarray] = {}
+    unlike: dict[int, str] = {}
     skipped: list[tuple[str, str]] = []
     # Maps at the image's own size, then shrunk: measuring at the processed size instead would
     # change the pixel metrics (aspect ratio and mask resolution; AUPRO 0.46 -> 0.32 on 12
@@ -65,10 +70,15 @@ def score_set(
     t0 = time.perf_counter()
     for r in det.iter_score(test.images, maps=want, on_error="skip", progress=False):
         scores[r.index] = r.score
-        if r.error is not None:
-            skipped.append((r.name, r.error))
-        elif r.map is not None and keep_map[r.index]:
-            small[r.index] = resize_map(r.map, small_shape(*r.map.shape))
         if progress:
             progress(1)
-    return ScoredSet(test, scores, small, skipped, time.perf_counter() - t0)
+        if r.error is not None:
+            skipped.append((r.name, r.error))
+            continue
+        stat = None if r.map is None else ood.map_statistic(r.map)
+        flag, why = ood.check(det.input_profile_, size=r.size, stats=r.stats, map_stat=stat)
+        if flag:
+            unlike[r.index] = str(why)
+        if r.map is not None and keep_map[r.index]:
+            small[r.index] = resize_map(r.map, small_shape(*r.map.shape))
+    return ScoredSet(test, scores, small, skipped, time.perf_counter() - t0, unlike)

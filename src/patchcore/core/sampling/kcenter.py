@@ -204,7 +204,7 @@ def greedy_naive(
     d2 = torch.empty_like(sq)
     pos = start
     picked = [pos]
-    bar = tqdm(total=n, desc=desc, unit="pt", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=n, desc=desc, unit="row", disable=not progress, mininterval=0.5)
     for k in range(1, n):
         torch.addmv(sq, z, z[pos], alpha=-2.0, out=d2)
         torch.minimum(u2, d2.add_(float(sq[pos])).clamp_(min=0.0), out=u2)
@@ -345,7 +345,7 @@ def greedy_kcenter(
     fast_argmax = counts[0] >= 2 and all(b >= 2 for b in branching)
 
     picked = [pos]
-    bar = tqdm(total=n, desc=desc, unit="pt", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=n, desc=desc, unit="row", disable=not progress, mininterval=0.5)
     for k in range(1, n):
         c = centred(src[pos : pos + 1])[0]
         a_c = aug[pos]

@@ -142,7 +142,7 @@ def chunk_stage(
     if (starts is None) == (u2_init is None):
         raise ValueError("give exactly one of starts and u2_init")
     desc = PASS_WORDS.format(k=1)
-    bar = tqdm(total=num, desc=desc, unit="row", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=num, desc=desc, unit="patch", disable=not progress, mininterval=0.5)
 
     def select(j: int) -> torch.Tensor:
         lo = j * chunk_rows
@@ -198,7 +198,7 @@ def union_greedy(
     picked = [start]
     batch = [start]
     desc = PASS_WORDS.format(k=2)
-    bar = tqdm(total=n, desc=desc, unit="pt", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=n, desc=desc, unit="row", disable=not progress, mininterval=0.5)
     while True:
         rows = torch.tensor(batch)
         _lower(u2, z, sq, rows)
@@ -275,7 +275,7 @@ def repair_bounds(
     index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device))
     upper = torch.empty(num)
     desc = PASS_WORDS.format(k=3) if desc is None else desc
-    bar = tqdm(total=num, desc=desc, unit="row", disable=not progress, mininterval=1)
+    bar = tqdm(total=num, desc=desc, unit="patch", disable=not progress, mininterval=1)
 
     def bound(lo: int) -> int:
         d2, err = index.min_sq_bounded(x[lo : lo + SCAN_ROWS])

@@ -190,6 +190,8 @@ function show(entry) {
   const r = entry.result;
   $("error").hidden = !entry.error;
   $("error").textContent = entry.error || "";
+  $("ood").hidden = !(r && r.ood);
+  $("ood").textContent = r && r.ood ? `Out of distribution: ${r.ood_reason}` : "";
   $("gauge").hidden = !r;
   $("panels").hidden = !r;
   $("legend").hidden = !r || !state.card;

@@ -1,0 +1,191 @@
+"""Out-of-distribution hints on the real sets: do they fire on the inputs they are for, and on
+no test image?
+
+For each set (casting, magnetic_tile, deeppcb from ../shared/data; the ELPV mono cells of the
+``elpv-dataset`` package): a model at the defaults fitted on a seeded draw of ``--train``
+training images (all when larger), calibrated at max F1 on a seeded half of the test images
+(``patchcore.apps.workflow.calibrate_detector``: the map reference comes from that half's normal
+images), then every test image scored with its native-size map and judged by the rule its
+record applies (``patchcore.lean.ood.check`` on the model's profile).
+Each model also inspects the inputs the hints are for: ``--foreign`` test images of each other
+set (another part), and a 1200 x 900 upscale and a 20 x 20 thumbnail of ``--resized`` of its own
+normal test images.
+
+    nice -n 19 env PYTHONPATH=src python benchmarks/bench_ood.py --out /tmp/ood.json
+    python benchmarks/bench_ood.py --again /tmp/ood.json     # re-judge the saved statistics
+
+Saves every input's statistics (size, pixel statistics, map median, the profile) to ``--out``,
+so ``--again`` re-judges them with the current rule without scoring again; prints one JSON line
+per set and kind (images, flagged, the reasons' first words) with the machine, load and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from common import machine
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SETS = ("casting", "magnetic_tile", "deeppcb", "elpv")
+
+
+def load_set(name: str):
+    """(normal training images, labelled test images) of a set."""
+    from patchcore.core.datasets import load_elpv, load_folder, normal_train_split
+
+    if name == "elpv":  # as the accuracy benchmarks: half of the normal cells to fit on
+        return normal_train_split(load_elpv(cell_type="mono"), 0.5, seed=0)
+    train = load_folder(DATA / name, "train")
+    return train.subset(train.labels == 0), load_folder(DATA / name, "test")
+
+
+def pixels(image) -> np.ndarray:
+    """An image's uint8 pixels (a path is read)."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    return np.asarray(image)
+
+
+def resized(image, size: tuple[int, int]) -> np.ndarray:
+    """``image`` resized to ``size`` (W, H), bilinear."""
+    return np.asarray(Image.fromarray(pixels(image)).resize(size, Image.Resampling.BILINEAR))
+
+
+def inspect(det, images: list, kind: str, labels=None) -> list[dict]:
+    """One row per input: the statistics its record's hint is judged on (its own size, pixel
+    statistics, map median) and the hint (``ood.check`` on the model's profile: the rule
+    ``record.inspection`` applies)."""
+    from patchcore.lean import ood
+    from patchcore.lean.record import judge as verdicts
+
+    rows = []
+    for r in det.iter_score(images, maps="native", on_error="skip", progress=False):
+        if r.error is not None:
+            continue
+        row = {
+            "kind": kind,
+            "image": r.name,
+            "label": None if labels is None else int(labels[r.index]),
+            "size": list(r.size),
+            "stats": list(r.stats),
+            "map_median": ood.map_statistic(r.map),
+            "verdict": verdicts([r.score], det.threshold_)[0],
+        }
+        row["ood"], row["reason"] = ood.check(
+            det.input_profile_, size=r.size, stats=r.stats, map_stat=row["map_median"]
+        )
+        rows.append(row)
+    return rows
+
+
+def measure(
+    name: str, n_train: int, n_test: int | None, n_foreign: int, n_resized: int, foreign: dict
+) -> dict:
+    from patchcore import PatchCore
+    from patchcore.apps.workflow import calibrate_detector
+    from patchcore.core.datasets import sample_fraction, split_each_label
+
+    train, test = load_set(name)
+    if n_test is not None and n_test < len(test):  # a smoke run: a stratified draw
+        test = split_each_label(test, n_test / len(test), seed=0)[0]
+    t0 = time.perf_counter()
+    train = sample_fraction(train, min(1.0, n_train / len(train)), seed=0)
+    det = PatchCore(progress=False).fit(train, on_error="skip")
+    summary, _, _ = calibrate_detector(det, test, method="max_f1", seed=0)
+    rows = inspect(det, list(test.images), "test", test.labels)
+    for other, images in foreign.items():
+        if other != name:
+            rows += inspect(det, images[:n_foreign], f"part:{other}")
+    normal = [im for im, y in zip(test.images, test.labels, strict=True) if y == 0][:n_resized]
+    rows += inspect(det, [resized(im, (1200, 900)) for im in normal], "upscale 1200x900")
+    rows += inspect(det, [resized(im, (20, 20)) for im in normal], "thumbnail 20x20")
+    return {
+        "set": name,
+        "train_images": len(train),
+        "profile": det.input_profile_,
+        "threshold": summary.threshold,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
+
+
+def judge(result: dict) -> None:
+    """Re-judge the saved rows with the current rule (``ood.check``) in place."""
+    from patchcore.lean import ood
+
+    for row in result["rows"]:
+        row["ood"], row["reason"] = ood.check(
+            result["profile"], size=row["size"], stats=row["stats"], map_stat=row["map_median"]
+        )
+
+
+def summarise(result: dict, context: dict) -> None:
+    by_kind: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        by_kind.setdefault(row["kind"], []).append(row)
+    ref = (result["profile"] or {}).get("map_median")
+    for kind, rows in by_kind.items():
+        flagged = [r for r in rows if r["ood"]]
+        ratios = [r["map_median"] / ref for r in rows if ref]
+        why = Counter(r["reason"].split(": ", 1)[1].split(" ")[0] for r in flagged)
+        print(
+            json.dumps(
+                {
+                    "set": result["set"],
+                    "kind": kind,
+                    "images": len(rows),
+                    "flagged": len(flagged),
+                    "map_median_ratio_max": round(max(ratios), 3) if ratios else None,
+                    "map_median_ratio_min": round(min(ratios), 3) if ratios else None,
+                    "reasons": dict(why),
+                    "examples": [r["image"] for r in flagged[:3]] if kind == "test" else [],
+                    **context,
+                }
+            ),
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--train", type=int, default=100_000, help="training images per model")
+    parser.add_argument("--test", type=int, default=None, help="test images (default: all)")
+    parser.add_argument("--foreign", type=int, default=20, help="images of each other set")
+    parser.add_argument("--resized", type=int, default=5, help="upscales and thumbnails")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/patchcore-ood.json"))
+    parser.add_argument("--again", type=Path, default=None, help="re-judge a saved run")
+    args = parser.parse_args()
+    context = {"date": dt.date.today().isoformat(), "machine": machine()}
+    if args.again is not None:
+        results = json.loads(args.again.read_text())
+        for result in results:
+            judge(result)
+            summarise(result, {**context, "rejudged": str(args.again)})
+        return
+    foreign = {}
+    for name in args.sets:
+        _, test = load_set(name)
+        idx = np.random.default_rng(1).permutation(len(test))[: args.foreign]
+        foreign[name] = [pixels(test.images[i]) for i in sorted(idx)]
+    results = []
+    for name in args.sets:
+        load = os.getloadavg()[0]
+        result = measure(name, args.train, args.test, args.foreign, args.resized, foreign)
+        results.append(result)
+        args.out.write_text(json.dumps(results))
+        summarise(result, {**context, "load": round(load, 1), "seconds": result["seconds"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Out-of-distribution hints (#21, finding 3): a record says when its input is unlike the
+training images. The profile and the check are numpy only (:mod:`patchcore.lean.ood`); the
+record carries ``ood`` and ``ood_reason`` on every surface.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from patchcore.lean import ood, record
+
+GREY = (0.45, 0.2, 0.0)  # mean, std, colourfulness of a grey training image
+
+
+def casting_profile() -> dict:
+    sizes = [(300, 300)] * 20
+    stats = np.array([GREY] * 20) + np.random.default_rng(0).normal(0, 0.01, (20, 3)).clip(0)
+    return ood.with_map_reference(ood.profile(sizes, stats), np.linspace(1.0, 2.0, 10))
+
+
+def test_profile_records_sizes_aspect_channels_and_intensity() -> None:
+    p = ood.profile([(300, 400), (200, 250)], [GREY, (0.6, 0.1, 0.01)])
+    assert p["height"] == [200, 300] and p["width"] == [250, 400]
+    assert p["aspect"] == pytest.approx([1.25, 4 / 3])
+    assert p["channels"] == "grey" and p["mean"] == pytest.approx([0.45, 0.6])
+    assert ood.check_profile(p) == p
+    assert ood.check_profile({**p, "version": 99}) is None
+    assert ood.check_profile({**p, "mean": [float("nan"), 1]}) is None
+
+
+def test_pixel_stats_of_grey_and_colour_pixels() -> None:
+    grey = np.full((3, 8, 8), 0.5, np.float32)
+    red = np.zeros((3, 8, 8), np.float32)
+    red[0] = 1.0
+    s = ood.pixel_stats(np.stack([grey, red]))
+    assert s.shape == (2, 3)
+    assert s[0] == pytest.approx([0.5, 0.0, 0.0])
+    assert s[1][2] == pytest.approx(4 / 9)  # |1 - 1/3| + 2 |0 - 1/3|, over 3 channels
+
+
+@pytest.mark.parametrize(
+    ("size", "stats", "map_stat", "words"),
+    [
+        ((900, 1200), GREY, 1.5, "1200x900 px where the training images were 300x300"),
+        ((20, 20), GREY, 1.5, "20x20 px"),
+        ((300, 450), GREY, 1.5, "aspect 1.50"),
+        ((300, 300), (0.45, 0.2, 0.3), 1.5, "a colour image where the training images were grey"),
+        ((300, 300), (0.95, 0.02, 0.0), 1.5, "brightness 0.95"),
+        ((300, 300), GREY, 4.0, "most of its anomaly map is high (median 2.0x"),
+    ],
+)
+def test_check_fires_with_a_one_line_reason(size, stats, map_stat, words) -> None:
+    flag, reason = ood.check(casting_profile(), size=size, stats=stats, map_stat=map_stat)
+    assert flag is True and words in reason and "\n" not in reason
+    assert reason.startswith("unlike the training images: ")
+
+
+def test_check_is_quiet_on_inputs_like_the_training_images() -> None:
+    p = casting_profile()
+    assert ood.check(p, size=(300, 300), stats=GREY, map_stat=2.9) == (False, None)
+    assert ood.check(p, size=(300, 300)) == (False, None)  # no map, no pixels: size only
+    assert ood.check(None, size=(20, 20)) == (None, None)  # no profile: no hint
+    no_ref = ood.profile([(300, 300)], [GREY])
+    assert ood.check(no_ref, size=(300, 300), map_stat=100.0) == (False, None)
+
+
+def test_merge_widens_the_profile() -> None:
+    a = casting_profile()
+    b = ood.profile([(600, 800)], [(0.7, 0.1, 0.2)])
+    m = ood.merge(a, b)
+    assert m["height"] == [300, 600] and m["channels"] == "colour" and m["images"] == 21
+    assert m["map_median"] == a["map_median"]
+
+
+def test_the_record_carries_the_hint_on_every_surface() -> None:
+    p = casting_profile()
+    amap = np.full((900, 1200), 1.0, np.float32)
+    rec = record.inspection("up.png", 0, 5.0, threshold=4.0, anomaly_map=amap, profile=p)
+    assert rec.ood is True and "1200x900" in rec.ood_reason
+    assert record.as_dict(rec)["ood"] is True
+    assert record.as_row(rec)["ood_reason"] == rec.ood_reason
+    plain = record.inspection("x.png", 1, 1.0, threshold=4.0, size=(300, 300), profile=p)
+    assert plain.ood is False and plain.ood_reason is None
+    assert record.inspection("x.png", 2, 1.0, threshold=4.0).ood is None
+    assert record.FIELD_NAMES[-2:] == ("ood", "ood_reason")
+    pa = pytest.importorskip("pyarrow")
+    assert record.arrow_schema().field("ood").type == pa.bool_()
+
+
+# ------------------------------------------------------------- a real model, the issue's 3 cases
+@pytest.mark.slow
+def test_real_casting_model_flags_the_three_inputs_and_no_test_image() -> None:
+    """Fitted on 8 casting images, calibrated on 8 more: a 1200x900 upscale, a 20x20 thumbnail
+    and a magnetic tile (another part) are flagged with a reason; other casting test images,
+    good and defective, are not."""
+    from conftest import data_set
+    from PIL import Image
+
+    from patchcore.core.detector import PatchCore
+
+    root, tiles = data_set("casting"), data_set("magnetic_tile")
+    good = sorted((root / "test" / "good").iterdir())
+    bad = sorted(p for d in (root / "test").iterdir() if d.name != "good" for p in d.iterdir())
+    train = sorted((root / "train" / "good").iterdir())[:8]
+    det = PatchCore(coreset_ratio=0.1, progress=False).fit(train)
+    det.calibrate(good[:4] + bad[:4], [0] * 4 + [1] * 4)
+    assert det.input_profile_["map_median"] > 0
+
+    with Image.open(good[10]) as im:
+        grey = im.convert("RGB")
+        up, thumb = np.asarray(grey.resize((1200, 900))), np.asarray(grey.resize((20, 20)))
+    part = sorted((tiles / "test" / "good").iterdir())[0]
+    odd = list(det.iter_inspect([up, thumb, part], progress=False))
+    assert [r.ood for r in odd] == [True, True, True], [r.ood_reason for r in odd]
+    assert "1200x900 px" in odd[0].ood_reason and "20x20 px" in odd[1].ood_reason
+    assert all(r.ood_reason.startswith("unlike the training images: ") for r in odd)
+
+    plain = list(det.iter_inspect(good[4:10] + bad[4:10], progress=False))
+    assert [r.ood for r in plain] == [False] * 12, [r.ood_reason for r in plain if r.ood]

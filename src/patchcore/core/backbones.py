@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from patchcore.core import params
 from patchcore.core.fused import FusedPlan, UnsupportedLayerError, use_mkldnn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,7 +34,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
-OFFLINE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+OFFLINE_BACKBONES = params.OFFLINE_BACKBONES  # one definition, torch-free
 
 
 class BackboneWeightsError(RuntimeError):

@@ -34,7 +34,7 @@ from patchcore.core.inputs import (
     warn_skipped,
 )
 from patchcore.core.inspection import InspectMixin
-from patchcore.core.params import ParamsMixin, check_settable
+from patchcore.core.params import PatchCoreParams, check_settable
 from patchcore.core.persistence import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from patchcore.core.presets import with_preset
 from patchcore.core.regions import RegionsMixin
@@ -95,7 +95,7 @@ class PatchDistances(NamedTuple):
 
 
 class PatchCore(
-    ParamsMixin,
+    PatchCoreParams,
     FittedAttributes,
     VerdictMixin,
     RegionsMixin,
@@ -106,58 +106,9 @@ class PatchCore(
 ):
     """PatchCore anomaly detector (Roth et al., 2022).
 
-    Args:
-        backbone: feature extractor name (see :data:`patchcore.core.backbones.BACKBONES`).
-        layers: tapped layers, shallow to deep; ``None`` = the backbone's default pair.
-        weights: ``"imagenet"``, a local weights file, or ``None`` (random; tests only).
-        image_size: resize every image to this (int = square, or (H, W)); ``None`` keeps size.
-        scale: resize by this factor instead (MATLAB's reference uses 0.4).
-        augment: ``None`` (default), ``"flips"`` or ``"rot90"``: also put the patches of each
-            training image mirrored (left-right and up-down: 3x the training patches) or
-            turned by quarter turns (4x) into the coreset's input; test images are scored as
-            they are (:mod:`patchcore.core.augment`; for which parts it pays:
-            benchmarks/RESULTS.md, "Leads of issue #23").
-        coreset_ratio: fraction of training patches kept in the memory bank, in (0, 1]; the
-            default 0.01 was measured against the exact greedy (benchmarks/RESULTS.md,
-            "Defaults on full data").
-        max_bank_size: cap on the memory bank's rows (``None``: no cap). The default 16,384
-            leaves the shared sets' 1 % banks alone and caps deeppcb's, where a larger bank
-            cost time without gaining accuracy (benchmarks/RESULTS.md).
-        sampling: ``"greedy"`` (default: the k-center coreset in time linear in the number of
-            patches, :func:`patchcore.core.sampling.chunked_greedy_coreset`), ``"greedy_exact"``
-            (the exact greedy k-center, :func:`patchcore.core.sampling.greedy_coreset`: same
-            quality, but its time grows with patches x bank rows and depends on the data) or
-            ``"random"``.
-        projection_dim: random projection size used by ``"greedy_exact"``; ``None`` (default)
-            selects on the features themselves; a projection is worth it only for very wide
-            features such as wide_resnet50_2's 1536-d (benchmarks/RESULTS.md).
-        search_precision: ``"auto"`` (default), ``"float32"`` or ``"bfloat16"``: the precision
-            of the distance products against the memory bank. ``"auto"`` picks bfloat16 on
-            CPUs with native bfloat16 dot products (AVX-512 BF16 or AMX) and float32
-            elsewhere. Image scores are exact either way (patches that could hold an image's
-            top scores are re-checked in float32); map values carry the bfloat16 error (see
-            :mod:`patchcore.core.search`; rates and errors in benchmarks/RESULTS.md).
-        feature_dtype: ``"float16"`` (default) or ``"float32"``: how training patch features
-            are held during fit (float16 lowers fit's peak memory,
-            benchmarks/bench_fit_memory.py); the bank is float32 either way. Features beyond
-            float16's range (|x| > 65504) switch the store to float32 with a warning.
-        backbone_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: the precision
-            the backbone runs in (features and search stay float32). bfloat16 is opt-in: faster
-            with AMX, features a few per cent of their range off (benchmarks/bench_scoring.py,
-            benchmarks/RESULTS.md).
-        num_neighbors: neighbours for the paper's image-score reweighting; 1 disables it.
-        top_k: the image score is the mean of the ``top_k`` largest patch distances (each
-            re-checked in float32); 1 = the paper's score, the largest reweighted by eq. 7
-            (``num_neighbors``; not applied when ``top_k > 1``); the rule is
-            :func:`patchcore.core.scoring.image_scores`. Why 10: benchmarks/RESULTS.md,
-            "Accuracy search".
-        embed_dim: optional smaller patch dimension (channel averaging).
-        kernel_size: local neighbourhood averaged into each patch feature.
-        sigma: Gaussian blur of anomaly maps, in processed-image pixels.
-        batch_size: images per forward pass.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        seed: makes fitting reproducible bit for bit.
-        progress: show progress bars (every method also takes a per-call ``progress``).
+    Keyword-only parameters, listed once (signature, defaults and their meaning) in
+    :class:`~patchcore.core.params.PatchCoreParams`, whose ``__init__`` this is: torch-free, so
+    the command line derives its options from them without loading torch.
 
     Fitted attributes (views of ``state_``, a :class:`~patchcore.core.state.FittedState`):
     ``memory_bank_``, ``layers_``, ``threshold_``, ``threshold_method_``, ``n_train_images_``,
@@ -169,55 +120,6 @@ class PatchCore(
     Fit-shaping parameters are frozen once fitted, score-shaping ones once a threshold exists
     (:meth:`set_params`).
     """
-
-    def __init__(
-        self,
-        *,
-        backbone: str = "efficientnet-lite0",
-        layers: Sequence[str] | None = None,
-        weights: str | os.PathLike | None = "imagenet",
-        image_size: int | tuple[int, int] | None = None,
-        scale: float | None = None,
-        augment: str | None = None,
-        coreset_ratio: float = 0.01,
-        max_bank_size: int | None = 16384,
-        sampling: str = "greedy",
-        projection_dim: int | None = None,
-        search_precision: str = "auto",
-        feature_dtype: str = "float16",
-        backbone_dtype: str = "float32",
-        num_neighbors: int = 9,
-        top_k: int = 10,
-        embed_dim: int | None = None,
-        kernel_size: int = 3,
-        sigma: float = 4.0,
-        batch_size: int = 8,
-        device: str = "auto",
-        seed: int = 0,
-        progress: bool = True,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
-        self.image_size = image_size
-        self.scale = scale
-        self.augment = augment
-        self.coreset_ratio = coreset_ratio
-        self.max_bank_size = max_bank_size
-        self.sampling = sampling
-        self.projection_dim = projection_dim
-        self.search_precision = search_precision
-        self.feature_dtype = feature_dtype
-        self.backbone_dtype = backbone_dtype
-        self.num_neighbors = num_neighbors
-        self.top_k = top_k
-        self.embed_dim = embed_dim
-        self.kernel_size = kernel_size
-        self.sigma = sigma
-        self.batch_size = batch_size
-        self.device = device
-        self.seed = seed
-        self.progress = progress
 
     # ------------------------------------------------------------------ parameters
 
@@ -327,7 +229,9 @@ class PatchCore(
 
     # ------------------------------------------------------------------ internals
 
-    def _batches(self, items: list[Any], on_error: str, progress: bool, desc: str):  # noqa: ANN202
+    def _batches(  # noqa: ANN202
+        self, items: list[Any], on_error: str, progress: bool, desc: str, window: int = 0
+    ):
         return iter_batches(
             items,
             batch_size=int(self.batch_size),
@@ -335,6 +239,7 @@ class PatchCore(
             on_error=on_error,
             progress=progress,
             desc=desc,
+            window=window,
         )
 
     @torch.inference_mode()

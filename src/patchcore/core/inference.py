@@ -14,11 +14,17 @@ from typing import Any
 import numpy as np
 
 from patchcore.core.images import ImageInput
-from patchcore.core.inputs import as_list, check_on_error, warn_skipped
+from patchcore.core.inputs import Reorder, as_list, check_on_error, warn_skipped
 from patchcore.core.results import ImageResult, MapSize, ScoreResult, check_maps
 from patchcore.lean import ood
 
-__all__ = ["ScoreMixin"]
+__all__ = ["BUCKET_WINDOW", "ScoreMixin"]
+
+#: With ``size_buckets=True``, scoring groups images of one processed size that lie within this
+#: many inputs of each other (in ``batch_size`` units) into one batch, so inputs of mixed sizes
+#: still run batched; results still stream in input order
+#: (:func:`patchcore.lean.inputs.iter_batches`, ``window``).
+BUCKET_WINDOW = 4
 
 
 class ScoreMixin:
@@ -31,6 +37,7 @@ class ScoreMixin:
         maps: MapSize = None,
         on_error: str = "raise",
         progress: bool | None = None,
+        size_buckets: bool = False,
     ) -> Iterator[ImageResult]:
         """Score images one by one as they are processed, in input order (a stream).
 
@@ -44,6 +51,11 @@ class ScoreMixin:
             on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
                 yields it with ``score`` NaN, ``map`` None and ``error`` set.
             progress: show a progress bar for this call; ``None`` = the ``progress`` parameter.
+            size_buckets: batch same-size images that lie within ``BUCKET_WINDOW`` batches of
+                each other, not only consecutive ones (inputs of mixed sizes). Off by default:
+                a batched convolution is not bit for bit the one of a single image, so scores
+                and maps then differ from the default path's in the last bits (measured in
+                benchmarks/RESULTS.md, "Size buckets").
 
         Yields:
             :class:`ImageResult` per input: index, name, score (higher = more anomalous), map
@@ -54,25 +66,27 @@ class ScoreMixin:
         maps = check_maps(maps)
         items = as_list(images)
         progress = self.progress if progress is None else bool(progress)  # type: ignore[attr-defined]
-        return self._stream(items, maps, on_error, progress)
+        window = BUCKET_WINDOW * int(self.batch_size) if size_buckets else 0  # type: ignore[attr-defined]
+        return self._stream(items, maps, on_error, progress, window)
 
     def _stream(
-        self, items: list[Any], maps: MapSize, on_error: str, progress: bool
+        self, items: list[Any], maps: MapSize, on_error: str, progress: bool, window: int
     ) -> Iterator[ImageResult]:
-        for batch in self._batches(items, on_error, progress, "score"):  # type: ignore[attr-defined]
-            results = [
-                ImageResult(s.index, s.name, float("nan"), None, s.reason) for s in batch.skipped
-            ]
+        order = Reorder()
+        for batch in self._batches(items, on_error, progress, "score", window):  # type: ignore[attr-defined]
+            for s in batch.skipped:
+                order.add(s.index, ImageResult(s.index, s.name, float("nan"), None, s.reason))
             if batch.pixels is not None:
                 scores, out = self._score_batch(batch, maps)  # type: ignore[attr-defined]
                 stats = ood.pixel_stats(batch.pixels.numpy()).tolist()
                 for j, i in enumerate(batch.indices):
                     m = out[j] if maps is not None else None
-                    results.append(
+                    order.add(
+                        i,
                         ImageResult(i, batch.names[j], float(scores[j]), m, None,
-                                    batch.sizes[j], tuple(stats[j]))
+                                    batch.sizes[j], tuple(stats[j])),
                     )  # fmt: skip
-            yield from sorted(results, key=lambda r: r.index)
+            yield from order.ready()
 
     def score(
         self,
@@ -81,6 +95,7 @@ class ScoreMixin:
         maps: MapSize = None,
         on_error: str = "raise",
         progress: bool | None = None,
+        size_buckets: bool = False,
     ) -> ScoreResult:
         """Scores, optional anomaly maps and the skipped inputs of ``images`` in one pass.
 
@@ -92,7 +107,9 @@ class ScoreMixin:
             skipped; ``maps`` N float32 arrays (None where skipped), or None when ``maps`` is
             None; ``skipped`` the (index, name, reason) records.
         """
-        stream = self.iter_score(images, maps=maps, on_error=on_error, progress=progress)
+        stream = self.iter_score(
+            images, maps=maps, on_error=on_error, progress=progress, size_buckets=size_buckets
+        )
         return ScoreResult.collect(stream, with_maps=maps is not None)
 
     def _scored(

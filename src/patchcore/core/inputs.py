@@ -22,6 +22,7 @@ from patchcore.core.images import ImageInput, ImageReadError, as_tensor, resize
 from patchcore.lean import inputs as lean_inputs
 from patchcore.lean.inputs import (
     Batch,
+    Reorder,
     Skipped,
     as_list,
     check_on_error,
@@ -32,6 +33,7 @@ from patchcore.lean.inputs import (
 __all__ = [
     "TORCH_ROUTE",
     "Batch",
+    "Reorder",
     "Skipped",
     "as_list",
     "check_on_error",
@@ -70,6 +72,7 @@ def iter_batches(
     on_error: str = "raise",
     progress: bool = False,
     desc: str = "images",
+    window: int = 0,
 ) -> Iterator[Batch]:
     """:func:`patchcore.lean.inputs.iter_batches` for the torch path: ``pixels`` a (B, 3, H, W)
     float32 tensor.
@@ -84,6 +87,8 @@ def iter_batches(
             ``"skip"`` reports it in a batch's ``skipped``.
         progress: show a progress bar (one step per input).
         desc: the progress bar's label.
+        window: 0 = consecutive same-size inputs per batch; > 0 = size buckets within that
+            many inputs, batches out of input order (see the lean :func:`iter_batches`).
 
     Yields:
         :class:`Batch` objects covering the inputs in order. The last one may hold only
@@ -93,7 +98,7 @@ def iter_batches(
     try:
         batches = lean_inputs.iter_batches(
             items, batch_size=batch_size, target_size=target_size, on_error=on_error,
-            progress=bar.update, **TORCH_ROUTE,
+            progress=bar.update, window=window, **TORCH_ROUTE,
         )  # fmt: skip
         for batch in batches:
             if batch.pixels is not None:

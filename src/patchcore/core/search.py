@@ -24,6 +24,8 @@ import functools
 
 import torch
 
+from patchcore.core import params
+
 __all__ = [
     "PRECISIONS",
     "NearestNeighborIndex",
@@ -33,7 +35,7 @@ __all__ = [
     "resolve_precision",
 ]
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = params.PRECISIONS  # one definition, torch-free
 _BF16_UNIT = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
 
 DEFAULT_MAX_BLOCK_BYTES = 256 * 2**20  # budget of one distance block on GPUs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from patchcore.core import params
 from patchcore.core.augment import views
 from patchcore.core.backbones import BACKBONE_DTYPES, get_spec
 from patchcore.core.embedding import FEATURE_DTYPES
@@ -12,7 +13,7 @@ from patchcore.core.search import PRECISIONS
 
 __all__ = ["SAMPLINGS", "validate_params"]
 
-SAMPLINGS = ("greedy", "greedy_exact", "random")
+SAMPLINGS = params.SAMPLINGS  # one definition, torch-free
 
 
 def validate_params(det: Any) -> None:

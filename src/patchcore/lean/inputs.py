@@ -12,8 +12,10 @@ each batch into a tensor without a copy) and the torch-free runtime read their i
   :data:`DECODE_THREADS` threads with bounded look-ahead, in-memory inputs inline), checks the
   input limits (:func:`patchcore.lean.pixels.input_limits`), resizes to the processed size with a
   pluggable ``resize``, groups consecutive same-size images into ``(B, 3, H, W)`` float32
-  batches, and reports each unreadable input as a :class:`Skipped` record in the batch whose
-  index range it falls in, so a consumer can emit results in input order.
+  batches (with ``window``: same-size images within that many inputs of each other, in size
+  buckets, so sets of mixed sizes still run batched), and reports each unreadable input as a
+  :class:`Skipped` record in the batch whose index range it falls in (with ``window``: in the
+  next batch emitted), so a consumer can emit results in input order.
 - ``on_error``: ``"raise"`` stops at the first unreadable input (an
   :class:`~patchcore.lean.pixels.ImageReadError` naming it); ``"skip"`` makes it a
   :class:`Skipped` record and carries on.
@@ -46,6 +48,7 @@ __all__ = [
     "DECODE_THREADS",
     "ON_ERROR",
     "Batch",
+    "Reorder",
     "Skipped",
     "as_list",
     "check_on_error",
@@ -149,6 +152,7 @@ def iter_batches(
     on_error: str = "raise",
     limits: InputLimits | None = None,
     progress: Callable[[int], Any] | None = None,
+    window: int = 0,
 ) -> Iterator[Batch]:
     """Decode, limit, resize and group ``items`` into same-size batches of at most
     ``batch_size``.
@@ -170,10 +174,16 @@ def iter_batches(
             :func:`~patchcore.lean.pixels.input_limits` at call time). The processed size is
             checked against ``max_processed_pixels`` before the resize.
         progress: called with 1 after each input (a progress bar's ``update``).
+        window: 0 (default) groups consecutive same-size inputs only. A positive ``window``
+            groups inputs by processed size in buckets: a bucket is emitted when it holds
+            ``batch_size`` inputs, or when its oldest input is ``window`` inputs behind the
+            newest one read (so at most about ``window + batch_size`` decoded images wait).
+            Batches then come out of input order (each batch's ``indices`` still ascend); a
+            consumer restores the order (:class:`Reorder`).
 
     Yields:
-        :class:`Batch` objects covering the inputs in order, ``pixels`` a C-contiguous numpy
-        array. The last one may hold only ``skipped`` inputs.
+        :class:`Batch` objects covering the inputs (in order when ``window`` is 0),
+        ``pixels`` a C-contiguous numpy array. The last one may hold only ``skipped`` inputs.
     """
     check_on_error(on_error)
     bs = int(batch_size)
@@ -205,29 +215,42 @@ def iter_batches(
             if pool is not None
             else map(load, range(len(items)))
         )
-        yield from _group(results, items, bs, on_error, progress)
+        decoded = _decoded(results, items, on_error, progress)
+        if window > 0:
+            yield from _bucketed(decoded, items, bs, int(window))
+        else:
+            yield from _group(decoded, items, bs)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _group(
+def _decoded(
     results: Iterator[tuple[int, Any]],
     items: list[Any],
-    bs: int,
     on_error: str,
     progress: Callable[[int], Any] | None,
-) -> Iterator[Batch]:
-    """Consecutive same-size decoded inputs as batches; unreadable ones as Skipped records."""
-    batch = Batch()
-    pending: list[np.ndarray] = []
+) -> Iterator[tuple[int, Any]]:
+    """``(index, (chw, size))`` per readable input, ``(index, Skipped)`` per unreadable one
+    (``on_error="raise"``: its ImageReadError instead), ticking ``progress`` per input."""
     for i, result in results:
         if progress is not None:
             progress(1)
         if isinstance(result, ImageReadError):
             if on_error == "raise":
                 raise result
-            batch.skipped.append(Skipped(i, input_name(items[i], i), result.problem))
+            yield i, Skipped(i, input_name(items[i], i), result.problem)
+        else:
+            yield i, result
+
+
+def _group(decoded: Iterator[tuple[int, Any]], items: list[Any], bs: int) -> Iterator[Batch]:
+    """Consecutive same-size decoded inputs as batches; unreadable ones as Skipped records."""
+    batch = Batch()
+    pending: list[np.ndarray] = []
+    for i, result in decoded:
+        if isinstance(result, Skipped):
+            batch.skipped.append(result)
             continue
         chw, size = result
         if pending and (pending[0].shape != chw.shape or len(pending) >= bs):
@@ -241,6 +264,72 @@ def _group(
     if pending or batch.skipped:
         batch.pixels = np.stack(pending) if pending else None
         yield batch
+
+
+def _bucketed(
+    decoded: Iterator[tuple[int, Any]], items: list[Any], bs: int, window: int
+) -> Iterator[Batch]:
+    """Decoded inputs grouped by processed shape within ``window`` inputs (see
+    :func:`iter_batches`); unreadable ones ride on the next batch emitted."""
+    buckets: dict[tuple[int, ...], list[tuple[int, np.ndarray, tuple[int, int]]]] = {}
+    skipped: list[Skipped] = []
+
+    def emit(shape: tuple[int, ...]) -> Batch:
+        held = buckets.pop(shape)
+        batch = Batch(
+            indices=[i for i, _, _ in held],
+            pixels=np.stack([chw for _, chw, _ in held]),
+            sizes=[size for _, _, size in held],
+            names=[input_name(items[i], i) for i, _, _ in held],
+            skipped=skipped[:],
+        )
+        skipped.clear()
+        return batch
+
+    try:
+        for i, result in decoded:
+            if isinstance(result, Skipped):
+                skipped.append(result)
+            else:
+                chw, size = result
+                bucket = buckets.setdefault(chw.shape, [])
+                bucket.append((i, chw, size))
+                if len(bucket) >= bs:
+                    yield emit(chw.shape)
+            # buckets are kept in order of their oldest input: flush those held too long
+            while buckets and next(iter(buckets.values()))[0][0] <= i - window:
+                yield emit(next(iter(buckets)))
+    except ImageReadError:  # on_error="raise": what came before it is still scored
+        while buckets:
+            yield emit(next(iter(buckets)))
+        raise
+    while buckets:
+        yield emit(next(iter(buckets)))
+    if skipped:
+        yield Batch(skipped=skipped[:])
+
+
+class Reorder:
+    """Puts per-input results that arrive out of order (batches of :func:`iter_batches` with a
+    ``window``) back in input order, releasing each as soon as all before it are in.
+
+    ``add(index, item)`` files one; ``ready()`` yields the items now next in order.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self.next = start
+        self._held: dict[int, Any] = {}
+
+    def add(self, index: int, item: Any) -> None:
+        self._held[index] = item
+
+    def ready(self) -> Iterator[Any]:
+        while self.next in self._held:
+            yield self._held.pop(self.next)
+            self.next += 1
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 def warn_skipped(message: str, skipped: list[Skipped], stacklevel: int = 3) -> None:

@@ -24,10 +24,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from tqdm.auto import tqdm
 
-from patchcore.apps.workflow import WorkflowError
-from patchcore.core.backbones import BackboneWeightsError
-from patchcore.core.detector import ModelFileError, NotFittedError
-from patchcore.core.images import ImageReadError
+from patchcore.lean.pixels import ImageReadError
 from patchcore.lean.util import check_fraction, one_line
 from patchcore.lean.writers import FORMATS
 
@@ -145,16 +142,26 @@ def _warnings_as_lines() -> Iterator[None]:
         warnings.showwarning = previous
 
 
-_BAD_INPUT = (
-    WorkflowError,
-    BackboneWeightsError,
-    ModelFileError,
-    NotFittedError,
-    ImageReadError,
-    FileNotFoundError,
-    NotADirectoryError,
-    ValueError,
+_BAD_INPUT = (ImageReadError, FileNotFoundError, NotADirectoryError, ValueError)
+#: Bad input raised by the estimator and the workflow, by module and class name: the CLI loads
+#: them with the command that needs them (an exception can only come from a loaded module), so
+#: ``patchcore --help`` imports no torch. (WorkflowError and ModelFileError are ValueErrors.)
+_BAD_INPUT_LOADED = (
+    ("patchcore.apps.workflow.data", "WorkflowError"),
+    ("patchcore.core.backbones", "BackboneWeightsError"),
+    ("patchcore.core.persistence", "ModelFileError"),
+    ("patchcore.core.state", "NotFittedError"),
 )
+
+
+def _bad_input() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean bad input (exit 2), of the modules loaded so far."""
+    loaded = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in _BAD_INPUT_LOADED
+        if module in sys.modules
+    )
+    return (*_BAD_INPUT, *loaded)
 
 
 @contextlib.contextmanager
@@ -165,20 +172,18 @@ def errors() -> Iterator[None]:
             yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt, BrokenPipeError):
         raise
-    except _BAD_INPUT as exc:
-        if _debug():
-            raise
-        typer.echo(f"patchcore: error: {one_line(exc)}", err=True)
-        raise typer.Exit(2) from None
     except Exception as exc:  # noqa: BLE001 - the CLI boundary
         if _debug():
             raise
-        typer.echo(
-            f"patchcore: failed: {type(exc).__name__}: {one_line(exc)} "
-            "(set PATCHCORE_DEBUG=1 for the traceback)",
-            err=True,
-        )
-        raise typer.Exit(1) from None
+        if not isinstance(exc, _bad_input()):
+            typer.echo(
+                f"patchcore: failed: {type(exc).__name__}: {one_line(exc)} "
+                "(set PATCHCORE_DEBUG=1 for the traceback)",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+        typer.echo(f"patchcore: error: {one_line(exc)}", err=True)
+        raise typer.Exit(2) from None
 
 
 class Bar:

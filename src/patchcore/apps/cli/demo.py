@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -13,10 +12,12 @@ from patchcore.apps import workflow
 from patchcore.apps.cli import base
 from patchcore.apps.cli.calibrate import Method
 from patchcore.apps.cli.evaluate import print_evaluation
+from patchcore.apps.cli.options import literal_defaults
 
 __all__ = ["demo"]
 
-_DEFAULTS = {k: p.default for k, p in inspect.signature(workflow.run_demo).parameters.items()}
+#: run_demo's defaults, read from its source (its module loads torch; the command, only once run).
+_DEFAULTS = literal_defaults("patchcore.apps.workflow.demo", "run_demo")
 CellType = base.choices("CellType", ("mono", "poly", "all"))
 
 

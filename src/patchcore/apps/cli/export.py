@@ -9,7 +9,6 @@ import typer
 
 from patchcore.apps import workflow
 from patchcore.apps.cli import base
-from patchcore.core.export import ExportError, export
 
 __all__ = ["export_model"]
 
@@ -37,6 +36,8 @@ def export_model(
     force: base.ForceOpt = False,
 ) -> None:
     """Export MODEL's scoring graph for the torch-free runtime (`patchcore-run`)."""
+    from patchcore.core.export import ExportError, export  # torch: loaded when the command runs
+
     with base.errors():
         workflow.check_writable_folder(out.parent, create=True)  # before the export's work
         det = workflow.load_model(model, device="cpu")

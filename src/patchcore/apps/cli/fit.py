@@ -12,14 +12,14 @@ from patchcore.apps import workflow
 from patchcore.apps.cli import base
 from patchcore.apps.cli.auto import fit_auto
 from patchcore.apps.cli.options import estimator_options, with_options
-from patchcore.core.detector import PatchCore
+from patchcore.core.params import PatchCoreParams
 from patchcore.core.presets import PRESETS, with_preset
-from patchcore.core.validation import validate_params
 
 __all__ = ["FIT_OPTIONS", "fit"]
 
-#: fit's estimator options: every PatchCore parameter but ``progress`` (that is --quiet).
-FIT_OPTIONS = estimator_options(PatchCore, skip=("progress",))
+#: fit's estimator options: every PatchCore parameter but ``progress`` (that is --quiet), from
+#: the torch-free signature PatchCore inherits (so ``patchcore --help`` loads no torch).
+FIT_OPTIONS = estimator_options(PatchCoreParams, skip=("progress",))
 Preset = base.choices("Preset", (*PRESETS, "auto"))  # presets.py; auto: core/autoselect.py
 
 
@@ -77,6 +77,9 @@ def fit(
     **options: Any,
 ) -> None:
     """Fit a detector on the normal images DATA/train/good (or a folder of images)."""
+    from patchcore.core.detector import PatchCore  # torch: loaded when the command runs
+    from patchcore.core.validation import validate_params
+
     params = {k: FIT_OPTIONS[k].value(v) for k, v in options.items()}
     if preset is not None and preset.value == "auto":
         if ray:

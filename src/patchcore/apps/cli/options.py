@@ -10,6 +10,8 @@ come from the registries that validate them (:data:`patchcore.core.backbones.BAC
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import inspect
 import re
 import types
@@ -17,31 +19,45 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from patchcore.apps.cli.base import choices
-from patchcore.core.backbones import BACKBONE_DTYPES, BACKBONES, OFFLINE_BACKBONES
-from patchcore.core.embedding import FEATURE_DTYPES
-from patchcore.core.search import PRECISIONS
-from patchcore.core.validation import SAMPLINGS
+from patchcore.core.params import (
+    BACKBONE_DTYPE_NAMES,
+    BACKBONE_NAMES,
+    FEATURE_DTYPE_NAMES,
+    OFFLINE_BACKBONES,
+    PRECISIONS,
+    SAMPLINGS,
+)
 
-__all__ = ["CHOICES", "EstimatorOption", "docstring_args", "estimator_options", "with_options"]
+__all__ = [
+    "CHOICES",
+    "EstimatorOption",
+    "docstring_args",
+    "estimator_options",
+    "literal_defaults",
+    "literal_value",
+    "with_options",
+]
 
-#: Allowed values of string parameters, from the registries that check them.
+#: Allowed values of string parameters: the registries' names, read without torch
+#: (:mod:`patchcore.core.params`).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "sampling": tuple(SAMPLINGS),
+    "sampling": SAMPLINGS,
     "search_precision": ("auto", *PRECISIONS),
-    "feature_dtype": tuple(FEATURE_DTYPES),
-    "backbone_dtype": tuple(BACKBONE_DTYPES),
+    "feature_dtype": FEATURE_DTYPE_NAMES,
+    "backbone_dtype": BACKBONE_DTYPE_NAMES,
 }
 #: Option names that differ from the parameter's (one value per repetition).
 FLAGS = {"layers": "--layer"}
 #: What the command line adds to a docstring's sentence.
 NOTES = {
     "backbone": "One of: "
-    + ", ".join(f"{n} (offline)" if n in OFFLINE_BACKBONES else n for n in BACKBONES)
+    + ", ".join(f"{n} (offline)" if n in OFFLINE_BACKBONES else n for n in BACKBONE_NAMES)
     + ".",
     "layers": "Repeat --layer for each.",
     "weights": "A local file works for any backbone.",
@@ -182,3 +198,37 @@ def with_options(options: dict[str, EstimatorOption], *, after: str) -> Callable
         return fn
 
     return apply
+
+
+def literal_defaults(module: str, function: str) -> dict[str, Any]:
+    """``{parameter: default}`` of a module-level function whose defaults are literals, read
+    from the module's source without importing it (e.g. a workflow step whose module loads
+    torch), so a command's options can repeat no default and still not load torch."""
+    tree = _source_tree(module)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    args = fn.args
+    positional = [*args.posonlyargs, *args.args]
+    pairs = [
+        *zip(positional[len(positional) - len(args.defaults) :], args.defaults, strict=True),
+        *((a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d),
+    ]
+    return {a.arg: ast.literal_eval(d) for a, d in pairs}
+
+
+def literal_value(module: str, name: str) -> Any:
+    """The literal value of a module-level ``NAME = ...`` read from the module's source without
+    importing it (as :func:`literal_defaults`)."""
+    for node in _source_tree(module).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == name and node.value is not None:
+            return ast.literal_eval(node.value)
+    raise LookupError(f"no literal {name} in {module}")
+
+
+def _source_tree(module: str) -> ast.Module:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"no module {module!r}")
+    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))

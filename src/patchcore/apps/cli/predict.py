@@ -12,13 +12,17 @@ import typer
 
 from patchcore.apps import workflow
 from patchcore.apps.cli import base
+from patchcore.apps.cli.options import literal_value
 from patchcore.lean.record import ANOMALOUS, ERROR, NORMAL, Inspection
 from patchcore.lean.regions import DEFAULT_MIN_AREA
 from patchcore.lean.writers import RecordWriter
 
 __all__ = ["Tally", "predict"]
 
-HeatmapLayout = base.choices("HeatmapLayout", workflow.HEATMAP_LAYOUTS)
+#: workflow's layouts, read from its source (its module loads torch; the command, only once run)
+HeatmapLayout = base.choices(
+    "HeatmapLayout", literal_value("patchcore.apps.workflow.predict", "HEATMAP_LAYOUTS")
+)
 
 
 class Tally:

@@ -37,128 +37,86 @@ Data are named by a *data spec*: a folder (``DATA/train/good``, ``DATA/test/<lab
 ``DATA/ground_truth/<label>``, or just a folder of normal images for fitting) or
 ``elpv[:mono|poly|all]`` for the ELPV solar cells. What a model was fitted and calibrated on is
 stored in ``PatchCore.metadata_`` (see :mod:`.model`).
+
+Names are imported on first use (as :mod:`patchcore` does), so that ``patchcore --help`` and
+the commands that need no estimator start without torch.
 """
 
 from __future__ import annotations
 
-from patchcore.apps.workflow.auto import AutoFitSummary, fit_auto_model
-from patchcore.apps.workflow.calibrate import (
-    CalibrationSummary,
-    NormalCalibrationSummary,
-    calibrate_detector,
-    calibrate_model,
-    calibrate_normal_model,
-    held_out_normals,
-)
-from patchcore.apps.workflow.data import (
-    ELPV,
-    DataSource,
-    ProgressFn,
-    WorkflowError,
-    available_train_images,
-    expand_inputs,
-    labelled_images,
-    resolve_data,
-)
-from patchcore.apps.workflow.demo import DemoResult, run_demo
-from patchcore.apps.workflow.evaluate import (
-    GALLERY_SIZE,
-    Evaluation,
-    evaluate_detector,
-    evaluate_model,
-    held_out_images,
-)
-from patchcore.apps.workflow.explain import (
-    EXPLAIN_FIELDS,
-    ExplainedImage,
-    explain_images,
-    explanation_picture,
-)
-from patchcore.apps.workflow.files import (
-    ModelChangedError,
-    check_target,
-    check_writable_folder,
-    model_transaction,
-)
-from patchcore.apps.workflow.fit import FitSummary, fit_detector, fit_model
-from patchcore.apps.workflow.model import (
-    DISPLAY_TOP,
-    display_range,
-    entry_text,
-    load_model,
-    model_card,
-    replaced_warning,
-    require_threshold,
-    split_entry,
-    threshold_history,
-)
-from patchcore.apps.workflow.predict import (
-    HEATMAP_LAYOUTS,
-    REGION_SUFFIXES,
-    inspect_files,
-    picture_name,
-    regions_file,
-    write_picture,
-)
-from patchcore.apps.workflow.regions import RegionCalibration, calibrate_regions_model
-from patchcore.apps.workflow.reporting import TILE_HEIGHT
-from patchcore.apps.workflow.scoring import PIXEL_METRIC_SIDE
-from patchcore.apps.workflow.update import UpdateSummary, update_model
+import importlib
+from typing import Any
 
-__all__ = [
-    "DISPLAY_TOP",
-    "ELPV",
-    "EXPLAIN_FIELDS",
-    "REGION_SUFFIXES",
-    "GALLERY_SIZE",
-    "PIXEL_METRIC_SIDE",
-    "TILE_HEIGHT",
-    "AutoFitSummary",
-    "CalibrationSummary",
-    "DataSource",
-    "DemoResult",
-    "Evaluation",
-    "ExplainedImage",
-    "FitSummary",
-    "ModelChangedError",
-    "NormalCalibrationSummary",
-    "RegionCalibration",
-    "UpdateSummary",
-    "ProgressFn",
-    "WorkflowError",
-    "available_train_images",
-    "calibrate_detector",
-    "calibrate_model",
-    "calibrate_normal_model",
-    "calibrate_regions_model",
-    "check_target",
-    "check_writable_folder",
-    "display_range",
-    "evaluate_detector",
-    "evaluate_model",
-    "expand_inputs",
-    "explain_images",
-    "explanation_picture",
-    "fit_auto_model",
-    "fit_detector",
-    "fit_model",
-    "held_out_images",
-    "held_out_normals",
-    "HEATMAP_LAYOUTS",
-    "inspect_files",
-    "labelled_images",
-    "load_model",
-    "model_card",
-    "model_transaction",
-    "picture_name",
-    "regions_file",
-    "require_threshold",
-    "entry_text",
-    "split_entry",
-    "replaced_warning",
-    "threshold_history",
-    "resolve_data",
-    "run_demo",
-    "update_model",
-    "write_picture",
-]
+#: Each public name and the module of this package that defines it.
+_EXPORTS = {
+    "AutoFitSummary": "auto",
+    "fit_auto_model": "auto",
+    "DISPLAY_TOP": "model",
+    "ELPV": "data",
+    "EXPLAIN_FIELDS": "explain",
+    "REGION_SUFFIXES": "predict",
+    "GALLERY_SIZE": "evaluate",
+    "PIXEL_METRIC_SIDE": "scoring",
+    "TILE_HEIGHT": "reporting",
+    "CalibrationSummary": "calibrate",
+    "DataSource": "data",
+    "DemoResult": "demo",
+    "Evaluation": "evaluate",
+    "ExplainedImage": "explain",
+    "FitSummary": "fit",
+    "ModelChangedError": "files",
+    "NormalCalibrationSummary": "calibrate",
+    "RegionCalibration": "regions",
+    "UpdateSummary": "update",
+    "ProgressFn": "data",
+    "WorkflowError": "data",
+    "available_train_images": "data",
+    "calibrate_detector": "calibrate",
+    "calibrate_model": "calibrate",
+    "calibrate_normal_model": "calibrate",
+    "calibrate_regions_model": "regions",
+    "check_target": "files",
+    "check_writable_folder": "files",
+    "display_range": "model",
+    "evaluate_detector": "evaluate",
+    "evaluate_model": "evaluate",
+    "expand_inputs": "data",
+    "explain_images": "explain",
+    "explanation_picture": "explain",
+    "fit_detector": "fit",
+    "fit_model": "fit",
+    "held_out_images": "evaluate",
+    "held_out_normals": "calibrate",
+    "HEATMAP_LAYOUTS": "predict",
+    "inspect_files": "predict",
+    "labelled_images": "data",
+    "load_model": "model",
+    "model_card": "model",
+    "model_transaction": "files",
+    "picture_name": "predict",
+    "regions_file": "predict",
+    "require_threshold": "model",
+    "entry_text": "model",
+    "split_entry": "model",
+    "replaced_warning": "model",
+    "threshold_history": "model",
+    "resolve_data": "data",
+    "run_demo": "demo",
+    "update_model": "update",
+    "write_picture": "predict",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once imported, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -167,3 +167,72 @@ def test_what_a_folder_holds(export, tmp_path):
     (tmp_path / "notes" / "a.txt").write_text("keep me")
     assert export_kind(tmp_path / "notes") == "other"
     assert export_kind(tmp_path / "notes" / "a.txt") == "other"
+
+
+# ------------------------------------------------------------------ a manifest fuzz pass
+
+#: Values a damaged or hostile manifest may hold in any field.
+ODD_VALUES = [
+    None, math.nan, math.inf, -math.inf, -1, 0, 2.5, 1e308, -1e308, True, "", "0.5", "../x",
+    [], [None], [1, 2, 3], {}, {"a": 1}, "x" * 10_000, list(range(1000)),
+]  # fmt: skip
+FUZZ_CASES = int(os.environ.get("PATCHCORE_FUZZ_EXAMPLES", "300"))
+
+
+def _mutated(info: dict, rng: np.random.Generator) -> tuple[dict | bytes, bool]:
+    """One seeded damage of a sealed manifest: a field set to an odd value, deleted, added,
+    swapped with another's, or the file's bytes cut or flipped; whether to reseal it."""
+    info = json.loads(json.dumps(info))
+    keys = sorted(info)
+    kind = rng.integers(5)
+    if kind == 0:
+        info[keys[rng.integers(len(keys))]] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    elif kind == 1:
+        del info[keys[rng.integers(len(keys))]]
+    elif kind == 2:
+        info[f"extra_{rng.integers(100)}"] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    elif kind == 3:
+        a, b = rng.choice(keys, 2, replace=False)
+        info[a], info[b] = info[b], info[a]
+    else:
+        raw = bytearray(json.dumps(info).encode())
+        if rng.integers(2):
+            raw = raw[: rng.integers(len(raw))]
+        else:
+            raw[rng.integers(len(raw))] ^= 1 << int(rng.integers(8))
+        return bytes(raw), False
+    return info, bool(rng.integers(2))
+
+
+def test_fuzzed_manifests_load_or_are_refused_by_name(tmp_path):
+    """Seeded damage of every kind: each manifest either loads with a finite (or no) threshold
+    or is refused with ExportFileError, never another exception; damage without a new digest
+    is always refused (when it changed anything)."""
+    from patchcore.lean.manifest import digest
+
+    folder = synthetic_export(tmp_path / "export", threshold=35.98, normalization=None)
+    pristine = json.loads((folder / MANIFEST).read_text())
+    rng = np.random.default_rng(25)
+    outcomes = {"loaded": 0, "refused": 0}
+    for case in range(FUZZ_CASES):
+        damaged, reseal = _mutated(pristine, rng)
+        if isinstance(damaged, dict):
+            if reseal:
+                damaged["digest"] = digest(damaged)
+            text = json.dumps(damaged)  # NaN/inf written as JSON's NaN/Infinity
+            changed = damaged != pristine
+        else:
+            text, changed = damaged.decode("utf-8", "replace"), damaged != json.dumps(pristine)
+        (folder / MANIFEST).write_text(text)
+        try:
+            model = ExportedModel(folder)
+        except ExportFileError:
+            outcomes["refused"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point: nothing else may escape
+            pytest.fail(f"case {case}: {type(exc).__name__}: {exc}\n{text[:300]}")
+        outcomes["loaded"] += 1
+        assert reseal or not changed, f"case {case}: damage without a new digest loaded"
+        t = model.threshold
+        assert t is None or math.isfinite(t), f"case {case}: threshold {t!r} loaded"
+    assert outcomes["refused"] > FUZZ_CASES // 2, outcomes

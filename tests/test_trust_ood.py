@@ -65,6 +65,18 @@ def test_check_is_quiet_on_inputs_like_the_training_images() -> None:
     assert ood.check(no_ref, size=(300, 300), map_stat=100.0) == (False, None)
 
 
+def test_the_map_statistic_is_taken_from_the_map_only_with_a_reference() -> None:
+    """A map goes through its median only when the profile has a map reference to judge it by
+    (the median copies the map: no work for profiles without one)."""
+    high = np.full((30, 30), 100.0, np.float32)
+    p = casting_profile()
+    assert ood.check(p, size=(300, 300), stats=GREY, anomaly_map=high)[0] is True
+    assert ood.check(p, size=(300, 300), stats=GREY, anomaly_map=high / 100)[0] is False
+    no_ref = ood.profile([(300, 300)], [GREY])
+    not_a_map = np.array(["not", "a", "map"])  # np.median would raise on it
+    assert ood.check(no_ref, size=(300, 300), anomaly_map=not_a_map) == (False, None)
+
+
 def test_merge_widens_the_profile() -> None:
     a = casting_profile()
     b = ood.profile([(600, 800)], [(0.7, 0.1, 0.2)])

@@ -190,6 +190,7 @@ def check(
     size: Sequence[int] | None = None,
     stats: Sequence[float] | None = None,
     map_stat: float | None = None,
+    anomaly_map: np.ndarray | None = None,
 ) -> tuple[bool | None, str | None]:
     """The hint for one input: ``(ood, reason)``.
 
@@ -199,6 +200,8 @@ def check(
         size: the input's own ``(H, W)``.
         stats: its :func:`pixel_stats`.
         map_stat: its :func:`map_statistic` (judged only with a map reference).
+        anomaly_map: its map, when ``map_stat`` is not given: the statistic is computed only
+            when the profile has a map reference (a median over the whole map costs a copy).
 
     Returns:
         ``(None, None)`` without a profile; ``(False, None)`` when the input looks like the
@@ -213,6 +216,8 @@ def check(
     if stats is not None and all(math.isfinite(float(v)) for v in stats):
         reasons += _pixel_reasons(p, stats)
     ref = float(p.get("map_median") or math.nan)
+    if map_stat is None and anomaly_map is not None and ref > 0:
+        map_stat = map_statistic(anomaly_map)
     if map_stat is not None and ref > 0 and map_stat > MAP_FACTOR * ref:  # NaN: no reference
         reasons.append(
             f"most of its anomaly map is high (median {map_stat / ref:.1f}x the normal "

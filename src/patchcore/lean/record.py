@@ -294,7 +294,7 @@ def inspection(
         profile,
         size=size,
         stats=pixel_stats,
-        map_stat=None if anomaly_map is None else ood.map_statistic(anomaly_map),
+        anomaly_map=anomaly_map,
     )
     return Inspection(
         image=image,

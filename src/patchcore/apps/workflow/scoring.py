@@ -75,8 +75,7 @@ def score_set(
         if r.error is not None:
             skipped.append((r.name, r.error))
             continue
-        stat = None if r.map is None else ood.map_statistic(r.map)
-        flag, why = ood.check(det.input_profile_, size=r.size, stats=r.stats, map_stat=stat)
+        flag, why = ood.check(det.input_profile_, size=r.size, stats=r.stats, anomaly_map=r.map)
         if flag:
             unlike[r.index] = str(why)
         if r.map is not None and keep_map[r.index]:

@@ -193,6 +193,7 @@ class ExportedModel:
         """
         threshold = self.threshold
         cut = self.region_cut if regions and threshold is not None else None
+        profile = self.info.get("input_profile")  # None: no hint, no pixel statistics
         for batch in self._batches(images, on_error):
             records = [
                 rec.error_record(s.name, s.index, s.reason, threshold=threshold)
@@ -200,7 +201,9 @@ class ExportedModel:
             ]
             if batch.pixels is not None:
                 scores, maps = self.run(batch.pixels)
-                stats = ood.pixel_stats(batch.pixels)
+                stats = (
+                    ood.pixel_stats(batch.pixels) if profile is not None else [None] * len(scores)
+                )
                 for j, i in enumerate(batch.indices):
                     records.append(
                         rec.inspection(
@@ -212,7 +215,7 @@ class ExportedModel:
                             anomaly_map=resize_maps(maps[j], batch.sizes[j]),
                             region_cut=cut,
                             min_area=min_area,
-                            profile=self.info.get("input_profile"),
+                            profile=profile,
                             pixel_stats=stats[j],
                         )
                     )

@@ -505,7 +505,7 @@ def _manifest(
         "display_range": _stored_range(det),
         # the profile of the training inputs: the runtime's records carry the same
         # out-of-distribution hint as the torch path's (absent in models without one)
-        "input_profile": getattr(det.state_, "input_profile", None),
+        "input_profile": det.input_profile_,
     }
     if source is not None:
         p = Path(source)
@@ -515,5 +515,5 @@ def _manifest(
 
 def _stored_range(det: PatchCore) -> list[float] | None:
     """The heatmap colour range stored on the model at calibration, or None (older models)."""
-    stored = getattr(det.state_, "display_range", None)
+    stored = det.display_range_
     return None if stored is None else [float(v) for v in stored]

@@ -462,19 +462,21 @@ def test_serve_hands_its_options_to_the_service(monkeypatch, calibrated: Path) -
 
 
 def test_serve_reads_the_token_from_a_file(monkeypatch, calibrated: Path, tmp_path: Path) -> None:
-    import patchcore.apps.service
+    import uvicorn
 
-    calls = []
-    monkeypatch.setattr(patchcore.apps.service, "serve", lambda *a, **kw: calls.append((a, kw)))
+    configs: list = []  # the real service up to listening: the token resolved by its one rule
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
+    monkeypatch.delenv("PATCHCORE_TOKEN", raising=False)
     (tmp_path / "token.txt").write_text("  s3cret-from-file\n")
     r = run("serve", calibrated, "--token-file", tmp_path / "token.txt")
     assert r.exit_code == 0, r.output
-    assert calls[0][1]["token"] == "s3cret-from-file"
+    assert configs[0].app.state.service.token == "s3cret-from-file"
     (tmp_path / "empty.txt").write_text("\n")
     r = run("serve", calibrated, "--token-file", tmp_path / "empty.txt")
     assert r.exit_code == 2 and "token file is empty" in _one_clean_line(r)
     r = run("serve", calibrated, "--token-file", tmp_path / "token.txt", "--token", "x")
     assert r.exit_code == 2 and "not both" in r.stderr
+    assert len(configs) == 1  # neither error opened a port
 
 
 def test_serve_refuses_a_missing_model_before_listening(tmp_path: Path) -> None:

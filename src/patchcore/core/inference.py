@@ -88,18 +88,11 @@ class ScoreMixin:
                     )  # fmt: skip
             yield from order.ready()
 
-    def score(
-        self,
-        images: Any,
-        *,
-        maps: MapSize = None,
-        on_error: str = "raise",
-        progress: bool | None = None,
-        size_buckets: bool = False,
-    ) -> ScoreResult:
+    def score(self, images: Any, **options: Any) -> ScoreResult:
         """Scores, optional anomaly maps and the skipped inputs of ``images`` in one pass.
 
-        Arguments as in :meth:`iter_score`; nothing is warned: unreadable inputs skipped with
+        Keyword options (``maps``, ``on_error``, ``progress``, ``size_buckets``) as in
+        :meth:`iter_score`; nothing is warned: unreadable inputs skipped with
         ``on_error="skip"`` are returned in ``skipped``.
 
         Returns:
@@ -107,10 +100,8 @@ class ScoreMixin:
             skipped; ``maps`` N float32 arrays (None where skipped), or None when ``maps`` is
             None; ``skipped`` the (index, name, reason) records.
         """
-        stream = self.iter_score(
-            images, maps=maps, on_error=on_error, progress=progress, size_buckets=size_buckets
-        )
-        return ScoreResult.collect(stream, with_maps=maps is not None)
+        stream = self.iter_score(images, **options)
+        return ScoreResult.collect(stream, with_maps=options.get("maps") is not None)
 
     def _scored(
         self, images: Any, maps: MapSize, on_error: str, progress: bool | None

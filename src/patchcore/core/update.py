@@ -44,12 +44,8 @@ class UpdateMixin:
     ) -> Any:
         """Add normal images to the fitted memory bank (greedy continued from the bank).
 
-        Args:
-            images: paths, PIL images, arrays, tensors, or an ``ImageDataset``.
-            y: ignored (scikit-learn convention).
-            on_error: ``"raise"`` stops at the first unreadable image (naming it); ``"skip"``
-                leaves it out (with a warning) and records it in the update.
-            progress: show progress bars; ``None`` = the ``progress`` parameter.
+        Arguments as in ``fit``; an image skipped with ``on_error="skip"`` is recorded in the
+        update.
 
         The bank gains ``coreset_ratio`` of the new patches (``sampling="random"``: a seeded
         random share), re-selected down to ``max_bank_size`` by the greedy when over it (see

@@ -53,19 +53,8 @@ def serve(
     """Serve MODEL over HTTP: an inspection page at / and a JSON API under /v1/."""
     from patchcore.apps import service  # fastapi and uvicorn load for this command only
 
-    with base.errors():
-        if token_file is not None:
-            if token is not None:
-                raise ValueError("give --token or --token-file, not both")
-            token = service.read_token_file(token_file)
+    with base.errors():  # the service resolves the token (one rule for both entry points)
         service.serve(
-            model,
-            host,
-            port,
-            token=token,
-            threshold=threshold,
-            log_level=log_level,
-            workers=workers,
-            queue_length=queue_length,
-            review=review,
-        )
+            model, host, port, token=token, token_file=token_file, threshold=threshold,
+            log_level=log_level, workers=workers, queue_length=queue_length, review=review,
+        )  # fmt: skip

@@ -6,6 +6,7 @@ scikit-learn's ``score_samples``).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -261,6 +262,24 @@ class PatchCore(
         distances, image_max, arg = search.patch_scores(self._index, patches, int(self.top_k))
         return PatchDistances(patches, distances, image_max, arg, (h, w))
 
+    def reference_scores(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (B,) float64 and processed-size maps (B, H, W) float32 of (B, 3, H, W) pixels
+        in [0, 1], with the search and the backbone in float32 whatever the parameters say:
+        the reference an exported graph is checked against (:mod:`patchcore.core.export`)."""
+        self._check_fitted("reference_scores")
+        index, extractor = self._index, self.extractor_
+        self._index = NearestNeighborIndex(self._bank, precision="float32")
+        if extractor.dtype != torch.float32:
+            self.extractor_ = copy.deepcopy(extractor)
+            self.extractor_.dtype = torch.float32
+        try:
+            b = pixels.shape[0]
+            batch = Batch(list(range(b)), pixels, [tuple(pixels.shape[-2:])] * b, [""] * b)
+            scores, maps = self._score_batch(batch, "processed")
+        finally:
+            self._index, self.extractor_ = index, extractor
+        return scores, np.stack(maps)
+
     @torch.inference_mode()
     def _score_batch(self, batch: Batch, maps: MapSize) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image scores (B,) float64 and, unless ``maps`` is None, B float32 maps."""
@@ -327,7 +346,9 @@ class PatchCore(
         Raises:
             ModelFileError: the file is missing, damaged, foreign, newer or invalid.
         """
-        return persistence.load(cls, path, device=device)
+        det, state, extractor = persistence.load(cls, path, device=device)
+        det._set_fitted(state, extractor)
+        return det
 
     # ==========================================================================================
     # Public hooks for scale-out (owned by the scale developer; the rest of this class is the

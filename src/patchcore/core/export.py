@@ -29,7 +29,6 @@ in for the destination folder in one step.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import errno
 import json
@@ -119,26 +118,6 @@ def _processed_size(det: PatchCore) -> tuple[int, int] | None:
         return None
     s = det.image_size
     return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
-
-
-def _torch_reference(det: PatchCore, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The torch path's scores and processed-size maps of (B, 3, H, W) pixels, with the search
-    (and the backbone, as exported) in float32."""
-    from patchcore.core.inputs import Batch
-    from patchcore.core.search import NearestNeighborIndex
-
-    index, extractor = det._index, det.extractor_
-    det._index = NearestNeighborIndex(det._bank, precision="float32")
-    if extractor.dtype != torch.float32:
-        det.extractor_ = copy.deepcopy(extractor)
-        det.extractor_.dtype = torch.float32
-    try:
-        b = pixels.shape[0]
-        batch = Batch(list(range(b)), pixels, [tuple(pixels.shape[-2:])] * b, [""] * b)
-        scores, maps = det._score_batch(batch, "processed")
-    finally:
-        det._index, det.extractor_ = index, extractor
-    return scores, np.stack(maps)
 
 
 def _probes(size: tuple[int, int] | None) -> list[torch.Tensor]:
@@ -363,7 +342,7 @@ def _check_parity(det: PatchCore, export: LoadedExport, plan: _Plan) -> dict[str
     for backend in ("onnxruntime", "openvino")[: 2 if plan.format == "openvino" else 1]:
         for size, session in open_sessions(export, backend=backend).items():
             for p in _probes(size):
-                checks.append(parity(_torch_reference(det, p), session.run(p.numpy())))
+                checks.append(parity(det.reference_scores(p), session.run(p.numpy())))
     result = {k: max(c[k] for c in checks) for k in ("score_rel", "map_rel")}
     map_limit = INT8_MAP_RTOL if plan.search == "int8" else MAP_RTOL
     if not (result["score_rel"] <= SCORE_RTOL and result["map_rel"] <= map_limit):

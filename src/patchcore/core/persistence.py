@@ -51,6 +51,7 @@ import torch
 
 from patchcore.core.backbones import BACKBONE_DTYPES, FeatureExtractor
 from patchcore.core.state import FittedState
+from patchcore.core.validation import validate_params
 from patchcore.lean.normalization import check_mapping, fit_normalization
 from patchcore.lean.util import one_line
 
@@ -421,8 +422,12 @@ def _display_range(saved: dict[str, Any]) -> tuple[float, float] | None:
     return (float(stored[0]), float(stored[1]))
 
 
-def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = None) -> PatchCore:
-    """Read a model file written by :func:`save` into a fitted ``cls`` instance.
+def load(
+    cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = None
+) -> tuple[PatchCore, FittedState, FeatureExtractor]:
+    """Read a model file written by :func:`save`: an unfitted ``cls`` instance with the saved
+    parameters, the fitted state and the backbone holding the saved weights (the detector
+    installs them, :meth:`PatchCore.load`).
 
     Args:
         cls: the detector class.
@@ -486,7 +491,7 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
     try:
         cfg["feature_dtype"] = state.feature_dtype  # built with the parameters it was fitted with
         det = cls(**cfg)
-        det._validate()
+        validate_params(det)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{path}: invalid model configuration ({exc})") from None
     with warnings.catch_warnings():
@@ -519,5 +524,4 @@ def load(cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = 
             f"{path}: invalid model file: provenance is not an "
             f"({state.memory_bank.shape[0]}, 3) int32 tensor (it has {prov.shape[0]} rows)"
         )
-    det._set_fitted(state, extractor)
-    return det
+    return det, state, extractor

@@ -14,9 +14,10 @@ normal test images.
     nice -n 19 env PYTHONPATH=src python benchmarks/bench_ood.py --out /tmp/ood.json
     python benchmarks/bench_ood.py --again /tmp/ood.json     # re-judge the saved statistics
 
-Saves every input's statistics (size, pixel statistics, map median, the profile) to ``--out``,
-so ``--again`` re-judges them with the current rule without scoring again; prints one JSON line
-per set and kind (images, flagged, the reasons' first words) with the machine, load and date.
+Saves every input's statistics (size, pixel statistics, map statistic and quantiles, the
+profile) to ``--out``, so ``--again`` re-judges them with the current rule without scoring
+again; prints one JSON line per set and kind (images, flagged, the reasons' first words) with
+the machine, load and date.
 """
 
 from __future__ import annotations
@@ -61,10 +62,14 @@ def resized(image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels(image)).resize(size, Image.Resampling.BILINEAR))
 
 
-def inspect(det, images: list, kind: str, labels=None) -> list[dict]:
+#: Map quantiles saved per input, to compare map statistics offline (``--again``).
+QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75)
+
+
+def inspect(det, images: list, kind: str, labels=None, calib: set | None = None) -> list[dict]:
     """One row per input: the statistics its record's hint is judged on (its own size, pixel
-    statistics, map median) and the hint (``ood.check`` on the model's profile: the rule
-    ``record.inspection`` applies)."""
+    statistics, map statistic), the map's quantiles, whether it was a calibration image, and the
+    hint (``ood.check`` on the model's profile: the rule ``record.inspection`` applies)."""
     from patchcore.lean import ood
     from patchcore.lean.record import judge as verdicts
 
@@ -78,11 +83,13 @@ def inspect(det, images: list, kind: str, labels=None) -> list[dict]:
             "label": None if labels is None else int(labels[r.index]),
             "size": list(r.size),
             "stats": list(r.stats),
-            "map_median": ood.map_statistic(r.map),
+            "map_stat": ood.map_statistic(r.map),
+            "map_quantiles": np.quantile(r.map, QUANTILES).tolist(),
+            "calibration": calib is not None and str(images[r.index]) in calib,
             "verdict": verdicts([r.score], det.threshold_)[0],
         }
         row["ood"], row["reason"] = ood.check(
-            det.input_profile_, size=r.size, stats=r.stats, map_stat=row["map_median"]
+            det.input_profile_, size=r.size, stats=r.stats, anomaly_map=r.map
         )
         rows.append(row)
     return rows
@@ -101,8 +108,8 @@ def measure(
     t0 = time.perf_counter()
     train = sample_fraction(train, min(1.0, n_train / len(train)), seed=0)
     det = PatchCore(progress=False).fit(train, on_error="skip")
-    summary, _, _ = calibrate_detector(det, test, method="max_f1", seed=0)
-    rows = inspect(det, list(test.images), "test", test.labels)
+    summary, calib, _ = calibrate_detector(det, test, method="max_f1", seed=0)
+    rows = inspect(det, list(test.images), "test", test.labels, set(map(str, calib.images)))
     for other, images in foreign.items():
         if other != name:
             rows += inspect(det, images[:n_foreign], f"part:{other}")
@@ -125,7 +132,7 @@ def judge(result: dict) -> None:
 
     for row in result["rows"]:
         row["ood"], row["reason"] = ood.check(
-            result["profile"], size=row["size"], stats=row["stats"], map_stat=row["map_median"]
+            result["profile"], size=row["size"], stats=row["stats"], map_stat=row["map_stat"]
         )
 
 
@@ -133,10 +140,10 @@ def summarise(result: dict, context: dict) -> None:
     by_kind: dict[str, list[dict]] = {}
     for row in result["rows"]:
         by_kind.setdefault(row["kind"], []).append(row)
-    ref = (result["profile"] or {}).get("map_median")
+    ref = (result["profile"] or {}).get("map_reference")
     for kind, rows in by_kind.items():
         flagged = [r for r in rows if r["ood"]]
-        ratios = [r["map_median"] / ref for r in rows if ref]
+        ratios = [r["map_stat"] / ref for r in rows if ref]
         why = Counter(r["reason"].split(": ", 1)[1].split(" ")[0] for r in flagged)
         print(
             json.dumps(
@@ -145,8 +152,8 @@ def summarise(result: dict, context: dict) -> None:
                     "kind": kind,
                     "images": len(rows),
                     "flagged": len(flagged),
-                    "map_median_ratio_max": round(max(ratios), 3) if ratios else None,
-                    "map_median_ratio_min": round(min(ratios), 3) if ratios else None,
+                    "map_ratio_max": round(max(ratios), 3) if ratios else None,
+                    "map_ratio_min": round(min(ratios), 3) if ratios else None,
                     "reasons": dict(why),
                     "examples": [r["image"] for r in flagged[:3]] if kind == "test" else [],
                     **context,

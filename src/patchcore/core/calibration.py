@@ -13,8 +13,9 @@ Chosen once, on the calibration images' scores and maps, and stored in the fitte
   needed (benchmarks/RESULTS.md, "Region cut"). It needs no labels, so ``calibrate``,
   ``calibrate_normal`` and ``set_threshold(value, images=...)`` all set it, and a later
   ``set_threshold(value)`` without images keeps it (the cut follows the new threshold).
-- **the map reference** of out-of-distribution hints (:func:`map_medians`): each calibration
-  image's anomaly-map median; the largest among the normal ones goes to the model's input
+- **the map reference** of out-of-distribution hints (:func:`map_statistics`): each calibration
+  image's map statistic (:func:`patchcore.lean.ood.map_statistic`); the largest among the
+  normal ones goes to the model's input
   profile (:func:`patchcore.lean.ood.with_map_reference`).
 - **the display range** (:func:`display_range`): the heatmap colours' ``[lo, hi]``,
   ``[min, DISPLAY_TOP x max]`` over the calibration maps, stored as
@@ -36,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from patchcore.lean import ood
+
 __all__ = [
     "DISPLAY_TOP",
     "MapFacts",
@@ -43,7 +46,7 @@ __all__ = [
     "extremes_of",
     "history_entry",
     "map_facts",
-    "map_medians",
+    "map_statistics",
     "map_scale",
 ]
 
@@ -96,13 +99,13 @@ def extremes_of(maps: Any) -> np.ndarray:
     return out
 
 
-def map_medians(maps: Any) -> np.ndarray:
-    """(N,) float64 median of each map (NaN for a missing map): the map statistic of
-    :func:`patchcore.lean.ood.map_statistic`."""
+def map_statistics(maps: Any) -> np.ndarray:
+    """(N,) float64 :func:`patchcore.lean.ood.map_statistic` of each map (NaN for a missing
+    map): the map reference of out-of-distribution hints."""
     out = np.full(len(maps), np.nan)
     for i, m in enumerate(maps):
         if m is not None:
-            out[i] = float(np.median(m))
+            out[i] = ood.map_statistic(m)
     return out
 
 

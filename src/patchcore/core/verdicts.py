@@ -18,7 +18,7 @@ from patchcore.core.calibration import (
     extremes_of,
     history_entry,
     map_facts,
-    map_medians,
+    map_statistics,
 )
 from patchcore.core.conformal import conformal_threshold
 from patchcore.core.inputs import as_list
@@ -164,11 +164,11 @@ class VerdictMixin:
         self._check_fitted("set_threshold")
         if not math.isfinite(float(value)):
             raise ValueError(f"threshold must be a finite number, got {value!r}")
-        facts = medians = None
+        facts = map_stats = None
         if images is not None:
-            _, facts, medians = self._calibration_pass(images, None, None, progress)
+            _, facts, map_stats = self._calibration_pass(images, None, None, progress)
         mapping = fit_normalization(None, float(value))
-        self._set_threshold(float(value), method, None, mapping, facts, medians, context)
+        self._set_threshold(float(value), method, None, mapping, facts, map_stats, context)
         return self
 
     def clear_threshold(self) -> Any:
@@ -188,12 +188,12 @@ class VerdictMixin:
         calibration: dict[str, Any] | None,
         mapping: dict[str, Any],
         facts: MapFacts | None = None,
-        medians: Any = None,
+        map_stats: Any = None,
         context: Mapping[str, Any] | None = None,
     ) -> None:
         """Install a threshold with its calibration facts and normalisation (all together),
         the map scale and display range of the calibration maps (``facts``; None: keep), the
-        map reference of the out-of-distribution hints (``medians`` of the calibration's
+        map reference of the out-of-distribution hints (``map_stats`` of the calibration's
         normal maps; None: keep), and record it in the threshold history (one entry per
         threshold, :func:`~patchcore.core.calibration.history_entry`, with the threshold it
         replaced; ``t`` None records nothing)."""
@@ -207,8 +207,8 @@ class VerdictMixin:
         state.normalization = mapping
         if facts is not None:
             state.map_scale, state.display_range = facts
-        if medians is not None and state.input_profile is not None:
-            state.input_profile = ood.with_map_reference(state.input_profile, medians)
+        if map_stats is not None and state.input_profile is not None:
+            state.input_profile = ood.with_map_reference(state.input_profile, map_stats)
         if t is not None:
             entry = history_entry(method, t, calibration, {"replaced": replaced, **(context or {})})
             state.threshold_history = [*state.threshold_history, entry]
@@ -219,13 +219,13 @@ class VerdictMixin:
         scores: Any,
         map_extremes: Any,
         progress: bool | None,
-        medians: Any = None,
+        map_stats: Any = None,
     ) -> tuple[np.ndarray, MapFacts | None, np.ndarray | None]:
         """(N,) scores of ``images``, the map facts of the calibration maps and each map's
-        median: from one scoring pass with native-size maps when no ``scores`` are given
-        (unreadable images raise); from ``map_extremes`` (and ``medians``) when given; else
-        None (``scores`` alone: ``images`` are not read, and what was chosen before is
-        kept)."""
+        statistic (:func:`~patchcore.lean.ood.map_statistic`): from one scoring pass with
+        native-size maps when no ``scores`` are given (unreadable images raise); from
+        ``map_extremes`` (and ``map_stats``) when given; else None (``scores`` alone:
+        ``images`` are not read, and what was chosen before is kept)."""
         if scores is not None:
             s = np.asarray(scores, dtype=np.float64)
             if map_extremes is None:
@@ -233,9 +233,9 @@ class VerdictMixin:
             e = np.asarray(map_extremes, dtype=np.float64)
             if e.shape != (len(s), 2):
                 raise ValueError(f"map_extremes must have shape ({len(s)}, 2), got {e.shape}")
-            m = None if medians is None else np.asarray(medians, dtype=np.float64)
+            m = None if map_stats is None else np.asarray(map_stats, dtype=np.float64)
             if m is not None and m.shape != s.shape:
-                raise ValueError(f"map_medians must have shape ({len(s)},), got {m.shape}")
+                raise ValueError(f"map_statistics must have shape ({len(s)},), got {m.shape}")
             return s, map_facts(s, e), m
         items = as_list(images)
         s, e = np.full(len(items), np.nan), np.full((len(items), 2), np.nan)
@@ -243,7 +243,7 @@ class VerdictMixin:
         for r in self.iter_score(items, maps="native", progress=progress):
             s[r.index] = r.score
             e[r.index] = extremes_of([r.map])[0]
-            m[r.index] = map_medians([r.map])[0]
+            m[r.index] = map_statistics([r.map])[0]
         return s, map_facts(s, e), m
 
     def normalize(self, scores: Any) -> np.ndarray:
@@ -282,7 +282,7 @@ class VerdictMixin:
         max_fnr: float | None = None,
         scores: np.ndarray | None = None,
         map_extremes: np.ndarray | None = None,
-        map_medians: np.ndarray | None = None,
+        map_statistics: np.ndarray | None = None,
         progress: bool | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> Any:
@@ -299,8 +299,9 @@ class VerdictMixin:
                 (:func:`patchcore.core.calibration.extremes_of`): the map scale and display
                 range are chosen on them. ``scores`` without them: ``images`` are not read
                 and the map scale and display range chosen before are kept.
-            map_medians: (N,) each map's median from that pass (the normal images' go to the
-                map reference); None with ``scores``: the reference chosen before is kept.
+            map_statistics: (N,) each map's :func:`~patchcore.lean.ood.map_statistic` from
+                that pass (the normal images' go to the map reference); None with ``scores``:
+                the reference chosen before is kept.
             progress: progress bar while scoring.
             context: facts the caller knows (e.g. ``data``, ``seed``, ``fraction``,
                 ``warnings``), stored in the threshold's history entry
@@ -310,8 +311,8 @@ class VerdictMixin:
         y = np.asarray(list(labels)).astype(int)
         if scores is not None and len(scores) != len(y):
             raise ValueError(f"{len(scores)} images but {len(y)} labels")
-        s, maps, medians = self._calibration_pass(
-            images, scores, map_extremes, progress, map_medians
+        s, maps, map_stats = self._calibration_pass(
+            images, scores, map_extremes, progress, map_statistics
         )
         if len(s) != len(y):
             raise ValueError(f"{len(s)} images but {len(y)} labels")
@@ -323,7 +324,7 @@ class VerdictMixin:
             "max_fpr": None if max_fpr is None else float(max_fpr),
             "max_fnr": None if max_fnr is None else float(max_fnr),
         }
-        normal = None if medians is None else medians[ok & (y == 0)]
+        normal = None if map_stats is None else map_stats[ok & (y == 0)]
         self._set_threshold(t, method, facts, fit_normalization(s[ok], t), maps, normal, context)
         return self
 
@@ -334,7 +335,7 @@ class VerdictMixin:
         max_fpr: float,
         scores: np.ndarray | None = None,
         map_extremes: np.ndarray | None = None,
-        map_medians: np.ndarray | None = None,
+        map_statistics: np.ndarray | None = None,
         context: Mapping[str, Any] | None = None,
         progress: bool | None = None,
     ) -> Any:
@@ -357,7 +358,7 @@ class VerdictMixin:
             max_fpr: the false-alarm rate, in (0, 1).
             scores: (n,) their scores, to reuse a pass already made; all must be finite.
             map_extremes: (n, 2) their maps' minimum and maximum, as in :meth:`calibrate`.
-            map_medians: (n,) their maps' medians, as in :meth:`calibrate`.
+            map_statistics: (n,) their maps' statistics, as in :meth:`calibrate`.
             context: facts for the threshold's history entry, as in :meth:`calibrate`.
             progress: progress bar while scoring.
 
@@ -366,10 +367,12 @@ class VerdictMixin:
             ValueError: a rate outside (0, 1), or non-finite scores (fails closed).
         """
         self._check_fitted("calibrate_normal")
-        s, maps, medians = self._calibration_pass(
-            images, scores, map_extremes, progress, map_medians
+        s, maps, map_stats = self._calibration_pass(
+            images, scores, map_extremes, progress, map_statistics
         )
         c = conformal_threshold(s, max_fpr)
         mapping = fit_normalization(s, c.threshold)
-        self._set_threshold(c.threshold, "conformal", c.as_dict(), mapping, maps, medians, context)
+        self._set_threshold(
+            c.threshold, "conformal", c.as_dict(), mapping, maps, map_stats, context
+        )
         return self

@@ -29,7 +29,7 @@ from patchcore.apps.workflow.files import model_transaction
 from patchcore.apps.workflow.leakage import leave_out_training
 from patchcore.apps.workflow.model import load_model
 from patchcore.core import metrics
-from patchcore.core.calibration import map_medians
+from patchcore.core.calibration import map_statistics
 from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
@@ -141,12 +141,12 @@ def _check_settings(method: str, max_fpr: float | None, fraction: float) -> None
 @dataclass
 class CalibrationPass:
     """One scoring pass over calibration images: scores (NaN where skipped), each anomaly
-    map's (min, max) and median (the ``map_extremes`` and ``map_medians`` of
+    map's (min, max) and statistic (the ``map_extremes`` and ``map_statistics`` of
     :meth:`PatchCore.calibrate`), the skipped images and the seconds it took."""
 
     scores: np.ndarray
     extremes: np.ndarray
-    medians: np.ndarray
+    map_stats: np.ndarray
     skipped: list[tuple[str, str]]
     seconds: float
 
@@ -155,24 +155,24 @@ def _score_for_calibration(
     det: PatchCore, calib: ImageDataset, progress: ProgressFn | None, total: ProgressFn | None
 ) -> CalibrationPass:
     """The :class:`CalibrationPass` of ``calib`` (``total`` is told the number of images
-    first). Maps are asked at the processed size: only their extremes and medians are kept."""
+    first). Maps are asked at the processed size: only their extremes and statistics are kept."""
     if total:
         total(len(calib))
     t0 = time.perf_counter()
     scores = np.full(len(calib), np.nan)
     extremes = np.full((len(calib), 2), np.nan)
     skipped: list[tuple[str, str]] = []
-    medians = np.full(len(calib), np.nan)
+    map_stats = np.full(len(calib), np.nan)
     for r in det.iter_score(calib.images, maps="processed", on_error="skip", progress=False):
         scores[r.index] = r.score
         if r.map is not None:
             extremes[r.index] = (float(r.map.min()), float(r.map.max()))
-            medians[r.index] = map_medians([r.map])[0]
+            map_stats[r.index] = map_statistics([r.map])[0]
         if r.error is not None:
             skipped.append((r.name, r.error))
         if progress:
             progress(1)
-    return CalibrationPass(scores, extremes, medians, skipped, time.perf_counter() - t0)
+    return CalibrationPass(scores, extremes, map_stats, skipped, time.perf_counter() - t0)
 
 
 def history_facts(det: PatchCore) -> dict[str, Any]:
@@ -245,7 +245,7 @@ def calibrate_detector(
                "split": True, "source": "calibrate", "warnings": warned}  # fmt: skip
     det.calibrate(
         calib.images, y, method=method, max_fpr=max_fpr, scores=scores,
-        map_extremes=run.extremes, map_medians=run.medians, context=context,
+        map_extremes=run.extremes, map_statistics=run.map_stats, context=context,
     )  # fmt: skip
     threshold = float(det.threshold_)  # type: ignore[arg-type]
     display = det.display_range_ or (math.nan, math.nan)  # chosen by calibrate
@@ -439,7 +439,7 @@ def calibrate_normal_model(
         try:
             det.calibrate_normal(
                 None, max_fpr=max_fpr, scores=scores[ok], map_extremes=run.extremes[ok],
-                map_medians=run.medians[ok], context=context,
+                map_statistics=run.map_stats[ok], context=context,
             )  # fmt: skip
         except TooFewNormalImagesError as exc:
             raise WorkflowError(f"{source.spec}: {len(skipped)} unreadable images; {exc}") from None

@@ -64,8 +64,12 @@ CANDIDATES: dict[str, dict] = {
     "lite2_s35_x1.5": {"backbone": "efficientnet-lite2", "scale": 1.5},
     "lite2_s235": {"backbone": "efficientnet-lite2", "layers": S235},
     "lite2_s35_x0.5": {"backbone": "efficientnet-lite2", "scale": 0.5},
+    "lite0_s35_b8k": {"max_bank_size": 8192},  # the defaults with half the bank cap (speed)
 }
 """Candidate embeddings: PatchCore keyword arguments (everything else at its default)."""
+
+FEATURES_OF = {"lite0_s35_b8k": "lite0_s35"}
+"""Candidates that differ only after the features: they read another candidate's cache."""
 
 NORMS = ("zscore", "layers")
 """Feature normalisations tried on a candidate's cached features (``--cands CAND+NORM``), fitted
@@ -183,6 +187,7 @@ def split(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def features(name: str, cand: str) -> dict:
     """Cached float16 patch features of every image of ``name`` for candidate ``cand``."""
+    cand = FEATURES_OF.get(cand, cand)
     path = OUT / "features" / f"{name}__{cand}.pt"
     if path.exists():
         return torch.load(path, mmap=True)  # lazy: callers read only the images they slice
@@ -309,7 +314,9 @@ def evaluate(
     train_patches = int(x.shape[0])
     test = torch.cat([f["feats"][offsets[i] : offsets[i + 1]] for i in te])
     x, test = normalise(x, test, cand)
-    n = min(sampling.coreset_size(x.shape[0], RATIO), MAX_BANK)
+    n = min(
+        sampling.coreset_size(x.shape[0], RATIO), base_params(cand).get("max_bank_size", MAX_BANK)
+    )
     t0 = time.perf_counter()
     idx = sampling.chunked_greedy_coreset(x, n, seed=seed).indices
     coreset_s = time.perf_counter() - t0

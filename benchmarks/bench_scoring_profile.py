@@ -1,0 +1,223 @@
+"""Where the default scoring path spends its time, and what the levers on it measure.
+
+``profile``: a default ``PatchCore()`` fitted on every training image of a set (cached in
+``benchmarks/out/models/{set}-all.pt``, as ``bench_export.py`` does) inspects test images end to
+end (``iter_inspect``: decode, backbone, search, native-size map, record with regions) under
+``torch.profiler``; the operators are grouped into stages (search products and row minima,
+backbone convolutions and their weight packing, the rest).
+
+``gemm``: the bfloat16 product of the search in its own shape (a block of queries x the bank's
+rows x 153) against a square 2048 product (the machine's bfloat16 rate), with the inner size
+padded to 160 / 176 / 192, and torch's int8 dynamic linear (every quantized engine) beside it.
+
+``shapes``: the backbone alone over ``--images`` magnetic_tile test images in a seeded order
+(most of their sizes occur once): as it runs today, with each input padded at the bottom and
+right to a multiple of 16 / 32 / 64 (oneDNN then meets each padded shape again), and with
+plain ``F.conv2d`` instead of the packed oneDNN convolutions.
+
+    PYTHONPATH=src python benchmarks/bench_scoring_profile.py profile --sets deeppcb magnetic_tile
+    PYTHONPATH=src python benchmarks/bench_scoring_profile.py gemm
+    PYTHONPATH=src python benchmarks/bench_scoring_profile.py shapes --images 200
+
+Prints one JSON line per measurement with the machine and the 1-minute load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+from common import DATA, ROOT, machine
+
+STAGES = {
+    "search": ("aten::mm", "aten::amin"),
+    "backbone": ("mkldnn::_convolution_pointwise", "mkldnn::_reorder_convolution_weight"),
+}
+
+
+def _emit(row: dict) -> None:
+    print(json.dumps({**row, "load": round(os.getloadavg()[0], 2), "machine": machine()}))
+
+
+def _model(name: str):  # noqa: ANN202
+    from patchcore import PatchCore
+    from patchcore.core.datasets import load_folder
+
+    path = ROOT / "benchmarks" / "out" / "models" / f"{name}-all.pt"
+    if path.exists():
+        return PatchCore.load(path)
+    train = load_folder(DATA / name, "train")
+    det = PatchCore(progress=False).fit(train.subset(train.labels == 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    det.save(path)
+    return det
+
+
+def profile(name: str, n: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from patchcore.core.datasets import load_folder
+
+    det = _model(name)
+    images = list(load_folder(DATA / name, "test").images)
+    images = [images[i] for i in np.random.default_rng(0).permutation(len(images))[:n]]
+    list(det.iter_inspect(images[:8], progress=False))  # warm-up
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        records = list(det.iter_inspect(images, progress=False))
+    wall = time.perf_counter() - t0
+    ops = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}  # ms
+    total = sum(ops.values())
+    stages = {s: sum(ops.get(k, 0.0) for k in keys) for s, keys in STAGES.items()}
+    stages["other operators"] = total - sum(stages.values())
+    _emit(
+        {
+            "bench": "profile",
+            "set": name,
+            "images": len(records),
+            "bank": int(det.memory_bank_.shape[0]),
+            "ms_per_image": round(wall / len(records) * 1e3, 1),
+            "operators_ms_per_image": round(total / len(records), 1),
+            "stage_ms_per_image": {k: round(v / len(records), 1) for k, v in stages.items()},
+            "top_operators_ms_per_image": {
+                k: round(v / len(records), 2)
+                for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+            },
+        }
+    )
+
+
+def _median_s(fn, repeats: int = 15) -> float:  # noqa: ANN001
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def gemm(bank_rows: int = 16384) -> None:
+    gen = torch.Generator().manual_seed(0)
+    square = torch.randn(2048, 2048, generator=gen).bfloat16()
+    s = _median_s(lambda: square @ square, 5)
+    _emit({"bench": "gemm", "shape": "2048^3 bf16", "gflops": round(2 * 2048**3 / s / 1e9)})
+    for q_rows in (128, 256):
+        for k in (153, 160, 176, 192):
+            q = torch.randn(q_rows, k, generator=gen).bfloat16()
+            bank = torch.randn(bank_rows, k, generator=gen).bfloat16()
+            out = torch.empty(q_rows, bank_rows, dtype=torch.bfloat16)
+            s = _median_s(lambda q=q, b=bank, o=out: torch.mm(q, b.T, out=o))
+            _emit(
+                {
+                    "bench": "gemm",
+                    "shape": f"{q_rows}x{k} @ {k}x{bank_rows} bf16",
+                    "ms": round(s * 1e3, 3),
+                    "gflops_of_153": round(2 * q_rows * 153 * bank_rows / s / 1e9),
+                }
+            )
+    q = torch.randn(1600, 152, generator=gen)
+    bank = torch.randn(bank_rows, 152, generator=gen)
+    s = _median_s(lambda: q.bfloat16() @ bank.bfloat16().T, 7)
+    _emit({"bench": "gemm", "shape": f"1600x152 @ 152x{bank_rows}", "kind": "bf16", "ms": s * 1e3})
+    scale = bank.abs().amax(1) / 127
+    qw = torch.quantize_per_channel(bank, scale, torch.zeros(bank_rows, dtype=torch.long), 0,
+                                    torch.qint8)  # fmt: skip
+    for engine in torch.backends.quantized.supported_engines:
+        if engine in ("none", "qnnpack"):
+            continue
+        torch.backends.quantized.engine = engine
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+        s = _median_s(lambda p=packed: torch.ops.quantized.linear_dynamic(q, p, True), 7)
+        _emit(
+            {
+                "bench": "gemm",
+                "shape": f"1600x152 @ 152x{bank_rows}",
+                "kind": f"int8 linear_dynamic ({engine})",
+                "ms": s * 1e3,
+            }
+        )
+
+
+SHAPE_MODES = {"as today": 1, "pad16": 16, "pad32": 32, "pad64": 64, "plain conv2d": 1}
+
+
+def shapes(n: int) -> None:
+    """Each mode in a fresh process (oneDNN's primitive cache is process-wide)."""
+    import subprocess
+    import sys
+
+    for mode in SHAPE_MODES:
+        cmd = [sys.executable, __file__, "shapes-one", "--mode", mode, "--images", str(n)]
+        subprocess.run(cmd, check=True)
+
+
+def shapes_one(mode: str, n: int) -> None:
+    import torch.nn.functional as F
+    from PIL import Image
+
+    import patchcore.core.backbones as backbones
+    from patchcore.core import fused
+
+    paths = sorted((DATA / "magnetic_tile" / "test").rglob("*.jpg"))
+    paths = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))[:n]]
+    xs = []
+    for p in paths:
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("RGB"))
+        xs.append(torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255)
+    multiple = SHAPE_MODES[mode]
+    if mode != "as today":
+        fused._CACHED_SHAPES = 128  # packed weights kept for every padded shape
+    if mode == "plain conv2d":
+        backbones.use_mkldnn = lambda device, dtype: False
+    fe = backbones.FeatureExtractor("efficientnet-lite0", None, weights=None)
+    with torch.inference_mode():
+        fe(torch.rand(1, 3, 224, 224))  # one-off start-up, outside the timing
+        seen = set()
+        t0 = time.perf_counter()
+        for x in xs:
+            h, w = x.shape[-2:]
+            x = F.pad(x, (0, -w % multiple, 0, -h % multiple))
+            seen.add(tuple(x.shape))
+            fe(x)
+        s = time.perf_counter() - t0
+    _emit(
+        {
+            "bench": "shapes",
+            "mode": mode,
+            "images": n,
+            "distinct_shapes": len(seen),
+            "backbone_ms_per_image": round(s / n * 1e3, 1),
+        }
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("profile", "gemm", "shapes", "shapes-one"))
+    ap.add_argument("--mode", choices=list(SHAPE_MODES), default="as today")
+    ap.add_argument("--sets", nargs="+", default=["deeppcb", "magnetic_tile", "casting"])
+    ap.add_argument("--images", type=int, default=200)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    if args.what == "profile":
+        for name in args.sets:
+            profile(name, args.images)
+    elif args.what == "gemm":
+        gemm()
+    elif args.what == "shapes":
+        shapes(args.images)
+    else:
+        shapes_one(args.mode, args.images)
+
+
+if __name__ == "__main__":
+    main()

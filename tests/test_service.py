@@ -506,3 +506,14 @@ def test_heatmap_colours_use_the_range_chosen_at_calibration(model):
     assert fallback.display_range() == (1.5, 9.0)  # the CLI's and report's colours
     given = Service(TorchBackend(det), ServiceLimits(), None, (0.0, 2.0))
     assert given.display_range() == (0.0, 2.0)  # an explicit range still wins
+
+
+def test_the_service_input_limits_are_the_one_table_s_row() -> None:
+    from patchcore.lean.pixels import SURFACE_LIMITS
+
+    row, lim = SURFACE_LIMITS["service"], ServiceLimits()
+    assert (lim.max_pixels, lim.max_aspect_ratio, lim.max_processed_pixels) == (
+        row.max_pixels,
+        row.max_aspect_ratio,
+        row.max_processed_pixels,
+    )

@@ -21,9 +21,13 @@ from patchcore.apps.service.backends import Backend
 from patchcore.apps.service.errors import Reject, logger
 from patchcore.apps.service.heatmaps import HeatmapStore
 from patchcore.lean import record
+from patchcore.lean.pixels import SURFACE_LIMITS
 from patchcore.lean.util import one_line
 
 __all__ = ["Service", "ServiceDep", "ServiceLimits", "get_service", "require_token"]
+
+
+_INPUT = SURFACE_LIMITS["service"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,10 @@ class ServiceLimits:
     """
 
     max_request_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 25_000_000
-    max_aspect_ratio: int = 20
-    max_processed_pixels: int = 4_194_304  # 2048 x 2048
+    # the three input bounds: the service's row of the one table (lean/pixels.SURFACE_LIMITS)
+    max_pixels: int = int(_INPUT.max_pixels or 0)
+    max_aspect_ratio: int = int(_INPUT.max_aspect_ratio or 0)
+    max_processed_pixels: int = int(_INPUT.max_processed_pixels or 0)
     max_batch_images: int = 16
     max_batch_pixels: int = 50_000_000
     workers: int = 1

@@ -565,3 +565,19 @@ def test_missing_real_data_fails_in_ci_and_skips_elsewhere(monkeypatch) -> None:
     monkeypatch.setattr(conftest, "IN_CI", False)
     with pytest.raises(pytest.skip.Exception, match="no-such-set not present"):
         conftest.data_set("no-such-set")
+
+
+def test_reference_scores_are_the_float32_search_s_and_leave_the_model_as_it_was() -> None:
+    """``reference_scores`` (what an export is checked against) gives the scores and processed
+    maps of a float32 search, whatever the model's own precision, and restores its index."""
+    g = torch.Generator().manual_seed(0)
+    train = [torch.rand(3, 64, 64, generator=g) for _ in range(4)]
+    test = torch.stack([torch.rand(3, 64, 64, generator=g) for _ in range(3)])
+    det = PatchCore(weights=None, search_precision="bfloat16", progress=False).fit(train)
+    index = det._index
+    scores, maps = det.reference_scores(test)
+    assert det._index is index and scores.shape == (3,) and maps.shape == (3, 64, 64)
+    f32 = copy.deepcopy(det).set_params(search_precision="float32")
+    want = f32.score(list(test), maps="processed")
+    np.testing.assert_array_equal(scores, want.scores)
+    np.testing.assert_array_equal(maps, np.stack(want.maps))

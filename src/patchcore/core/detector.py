@@ -265,7 +265,8 @@ class PatchCore(
     def reference_scores(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Scores (B,) float64 and processed-size maps (B, H, W) float32 of (B, 3, H, W) pixels
         in [0, 1], with the search and the backbone in float32 whatever the parameters say:
-        the reference an exported graph is checked against (:mod:`patchcore.core.export`)."""
+        the reference an exported graph is checked against (:mod:`patchcore.core.export`).
+        Swaps the model's index for the call: not while another thread scores with it."""
         self._check_fitted("reference_scores")
         index, extractor = self._index, self.extractor_
         self._index = NearestNeighborIndex(self._bank, precision="float32")

@@ -208,7 +208,8 @@ def auto_select(
         if best is None or rank > best[0]:
             best = (rank, len(rows) - 1, det)
         del det
-    assert best is not None  # the first candidate always runs
+    if best is None:  # the first candidate always runs (the budget is checked after it)
+        raise RuntimeError("no candidate was fitted")
     rows[best[1]].status = "chosen"
     chosen = best[2]
     selection = Selection(

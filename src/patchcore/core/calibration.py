@@ -13,7 +13,7 @@ Chosen once, on the calibration images' scores and maps, and stored in the fitte
   needed (benchmarks/RESULTS.md, "Region cut"). It needs no labels, so ``calibrate``,
   ``calibrate_normal`` and ``set_threshold(value, images=...)`` all set it, and a later
   ``set_threshold(value)`` without images keeps it (the cut follows the new threshold).
-- **the map reference** of out-of-distribution hints (:func:`map_statistics`): each calibration
+- **the map reference** of out-of-distribution hints (:func:`map_summary`): each calibration
   image's map statistic (:func:`patchcore.lean.ood.map_statistic`); the largest among the
   normal ones goes to the model's input
   profile (:func:`patchcore.lean.ood.with_map_reference`).
@@ -46,7 +46,7 @@ __all__ = [
     "extremes_of",
     "history_entry",
     "map_facts",
-    "map_statistics",
+    "map_summary",
     "map_scale",
 ]
 
@@ -99,14 +99,12 @@ def extremes_of(maps: Any) -> np.ndarray:
     return out
 
 
-def map_statistics(maps: Any) -> np.ndarray:
-    """(N,) float64 :func:`patchcore.lean.ood.map_statistic` of each map (NaN for a missing
-    map): the map reference of out-of-distribution hints."""
-    out = np.full(len(maps), np.nan)
-    for i, m in enumerate(maps):
-        if m is not None:
-            out[i] = ood.map_statistic(m)
-    return out
+def map_summary(anomaly_map: Any) -> tuple[float, float, float]:
+    """``(min, max, statistic)`` of one calibration map: its extremes (:func:`extremes_of`)
+    and its :func:`patchcore.lean.ood.map_statistic` (the map reference of
+    out-of-distribution hints)."""
+    m = np.asarray(anomaly_map)
+    return float(m.min()), float(m.max()), ood.map_statistic(m)
 
 
 def _plain(value: Any) -> Any:

@@ -15,10 +15,9 @@ import torch
 
 from patchcore.core.calibration import (
     MapFacts,
-    extremes_of,
     history_entry,
     map_facts,
-    map_statistics,
+    map_summary,
 )
 from patchcore.core.conformal import conformal_threshold
 from patchcore.core.inputs import as_list
@@ -242,8 +241,8 @@ class VerdictMixin:
         m = np.full(len(items), np.nan)
         for r in self.iter_score(items, maps="native", progress=progress):
             s[r.index] = r.score
-            e[r.index] = extremes_of([r.map])[0]
-            m[r.index] = map_statistics([r.map])[0]
+            lo, hi, m[r.index] = map_summary(r.map)
+            e[r.index] = (lo, hi)
         return s, map_facts(s, e), m
 
     def normalize(self, scores: Any) -> np.ndarray:

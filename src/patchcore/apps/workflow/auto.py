@@ -126,7 +126,8 @@ def fit_auto_model(
     cal, chosen_on, _ = calibrate_detector(
         det, pool, calibration_fraction=calibration_fraction, seed=seed, data_spec=source.spec
     )
-    assert chosen_on.names == calib.names  # the threshold's half is the choice's half
+    if chosen_on.names != calib.names:  # the threshold's half must be the choice's half
+        raise RuntimeError("the calibration split is not the one the candidates were judged on")
     path = det.save(out)
     cal.model_path = str(path)
     return AutoFitSummary(

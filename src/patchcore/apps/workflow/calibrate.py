@@ -29,7 +29,7 @@ from patchcore.apps.workflow.files import model_transaction
 from patchcore.apps.workflow.leakage import leave_out_training
 from patchcore.apps.workflow.model import load_model
 from patchcore.core import metrics
-from patchcore.core.calibration import map_statistics
+from patchcore.core.calibration import map_summary
 from patchcore.core.conformal import TooFewNormalImagesError, normal_images_needed
 from patchcore.core.datasets import ImageDataset
 from patchcore.core.detector import PatchCore
@@ -166,8 +166,8 @@ def _score_for_calibration(
     for r in det.iter_score(calib.images, maps="processed", on_error="skip", progress=False):
         scores[r.index] = r.score
         if r.map is not None:
-            extremes[r.index] = (float(r.map.min()), float(r.map.max()))
-            map_stats[r.index] = map_statistics([r.map])[0]
+            lo, hi, map_stats[r.index] = map_summary(r.map)
+            extremes[r.index] = (lo, hi)
         if r.error is not None:
             skipped.append((r.name, r.error))
         if progress:

@@ -152,3 +152,21 @@ def test_real_casting_model_flags_the_three_inputs_and_no_test_image() -> None:
 
     plain = list(det.iter_inspect(good[4:10] + bad[4:10], progress=False))
     assert [r.ood for r in plain] == [False] * 12, [r.ood_reason for r in plain if r.ood]
+
+
+def test_pixel_statistics_are_taken_only_for_a_model_with_a_profile() -> None:
+    """Scores carry the pixel statistics the hint needs; a model without a profile (an older
+    file) gets no hint, so its scoring skips them (as the runtime does)."""
+    import torch
+
+    from patchcore.core.detector import PatchCore
+
+    g = torch.Generator().manual_seed(0)
+    train = [torch.rand(3, 64, 64, generator=g) for _ in range(3)]
+    det = PatchCore(weights=None, progress=False).fit(train)
+
+    with_profile = next(det.iter_score([train[0]]))
+    assert with_profile.stats == pytest.approx(tuple(ood.pixel_stats(train[0].numpy())))
+    det.state_.input_profile = None
+    plain = next(det.iter_score([train[0]]))
+    assert plain.stats is None and plain.score == with_profile.score

@@ -73,18 +73,23 @@ class ScoreMixin:
         self, items: list[Any], maps: MapSize, on_error: str, progress: bool, window: int
     ) -> Iterator[ImageResult]:
         order = Reorder()
+        with_stats = self.input_profile_ is not None  # type: ignore[attr-defined]  # as the runtime
         for batch in self._batches(items, on_error, progress, "score", window):  # type: ignore[attr-defined]
             for s in batch.skipped:
                 order.add(s.index, ImageResult(s.index, s.name, float("nan"), None, s.reason))
             if batch.pixels is not None:
                 scores, out = self._score_batch(batch, maps)  # type: ignore[attr-defined]
-                stats = ood.pixel_stats(batch.pixels.numpy()).tolist()
+                stats = (
+                    [tuple(v) for v in ood.pixel_stats(batch.pixels.numpy()).tolist()]
+                    if with_stats
+                    else [None] * len(batch.indices)
+                )
                 for j, i in enumerate(batch.indices):
                     m = out[j] if maps is not None else None
                     order.add(
                         i,
                         ImageResult(i, batch.names[j], float(scores[j]), m, None,
-                                    batch.sizes[j], tuple(stats[j])),
+                                    batch.sizes[j], stats[j]),
                     )  # fmt: skip
             yield from order.ready()
 

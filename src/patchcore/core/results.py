@@ -36,8 +36,8 @@ class ImageResult(NamedTuple):
     anomalous, NaN when skipped. map: float32 HxW or None. error: None, or why it was skipped.
     size: the input's own (H, W), None when skipped. stats: its pixel statistics
     (:func:`patchcore.lean.ood.pixel_stats`: mean, std, colourfulness of the processed
-    pixels), None when skipped; with ``size`` and ``map`` they feed the out-of-distribution
-    hint of its record.
+    pixels), None when skipped or when the model has no input profile (they feed only the
+    out-of-distribution hint of its record, with ``size`` and ``map``).
     """
 
     index: int

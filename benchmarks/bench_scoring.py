@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import median_seconds
 
 from patchcore.core.backbones import FeatureExtractor
 from patchcore.core.detector import PatchCore
@@ -33,15 +32,8 @@ from patchcore.core.images import read_image
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "casting"
 
 
-def _median_ms(fn, n_images: int, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times) / n_images
+def _median_ms(fn, n_images: int, repeats: int, warmup: int = 2) -> float:  # noqa: ANN001
+    return 1e3 * median_seconds(fn, repeats, warmup) / n_images
 
 
 def _images(folder: Path, n: int) -> list[Path]:

@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 import torch
-from common import DATA, ROOT, machine
+from common import DATA, ROOT, machine, median_seconds
 
 STAGES = {
     "search": ("aten::mm", "aten::amin"),
@@ -93,28 +93,17 @@ def profile(name: str, n: int) -> None:
     )
 
 
-def _median_s(fn, repeats: int = 15) -> float:  # noqa: ANN001
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def gemm(bank_rows: int = 16384) -> None:
     gen = torch.Generator().manual_seed(0)
     square = torch.randn(2048, 2048, generator=gen).bfloat16()
-    s = _median_s(lambda: square @ square, 5)
+    s = median_seconds(lambda: square @ square, 5)
     _emit({"bench": "gemm", "shape": "2048^3 bf16", "gflops": round(2 * 2048**3 / s / 1e9)})
     for q_rows in (128, 256):
         for k in (153, 160, 176, 192):
             q = torch.randn(q_rows, k, generator=gen).bfloat16()
             bank = torch.randn(bank_rows, k, generator=gen).bfloat16()
             out = torch.empty(q_rows, bank_rows, dtype=torch.bfloat16)
-            s = _median_s(lambda q=q, b=bank, o=out: torch.mm(q, b.T, out=o))
+            s = median_seconds(lambda q=q, b=bank, o=out: torch.mm(q, b.T, out=o), 15)
             _emit(
                 {
                     "bench": "gemm",
@@ -125,7 +114,7 @@ def gemm(bank_rows: int = 16384) -> None:
             )
     q = torch.randn(1600, 152, generator=gen)
     bank = torch.randn(bank_rows, 152, generator=gen)
-    s = _median_s(lambda: q.bfloat16() @ bank.bfloat16().T, 7)
+    s = median_seconds(lambda: q.bfloat16() @ bank.bfloat16().T, 7)
     _emit({"bench": "gemm", "shape": f"1600x152 @ 152x{bank_rows}", "kind": "bf16", "ms": s * 1e3})
     scale = bank.abs().amax(1) / 127
     qw = torch.quantize_per_channel(bank, scale, torch.zeros(bank_rows, dtype=torch.long), 0,
@@ -135,7 +124,7 @@ def gemm(bank_rows: int = 16384) -> None:
             continue
         torch.backends.quantized.engine = engine
         packed = torch.ops.quantized.linear_prepack(qw, None)
-        s = _median_s(lambda p=packed: torch.ops.quantized.linear_dynamic(q, p, True), 7)
+        s = median_seconds(lambda p=packed: torch.ops.quantized.linear_dynamic(q, p, True), 7)
         _emit(
             {
                 "bench": "gemm",

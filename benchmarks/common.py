@@ -61,6 +61,18 @@ def pixel_metrics(test: ImageDataset, maps: list[np.ndarray]) -> dict[str, float
     }
 
 
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:  # noqa: ANN001
+    """Median wall seconds of ``repeats`` calls of ``fn()``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -422,6 +422,48 @@ def _display_range(saved: dict[str, Any]) -> tuple[float, float] | None:
     return (float(stored[0]), float(stored[1]))
 
 
+def _fitted_state(payload: dict[str, Any], cfg: dict[str, Any]) -> FittedState:
+    """The :class:`FittedState` a payload holds (older files: the fields they lack as
+    documented beside each). Raises KeyError, TypeError, AttributeError or ValueError."""
+    saved = dict(payload["state"])
+    return FittedState(
+        memory_bank=payload["memory_bank"].float().contiguous(),
+        layers=tuple(cfg["layers"]),
+        n_train_images=saved["n_train_images"],
+        n_train_patches=saved["n_train_patches"],
+        feature_dtype=str(saved.get("feature_dtype", "float32")),  # older files: float32
+        feature_seconds=saved["feature_seconds"],
+        coreset_seconds=saved["coreset_seconds"],
+        fit_seconds=saved["fit_seconds"],
+        threshold=saved["threshold"],
+        threshold_method=saved["threshold_method"],
+        calibration=saved.get("calibration"),
+        # files written before normalised scores: the hand-set mapping [0, t, 2t]
+        normalization=(
+            check_mapping(saved["normalization"])
+            if "normalization" in saved
+            else None
+            if saved["threshold"] is None
+            else fit_normalization(None, saved["threshold"])
+        ),
+        metadata=dict(saved.get("metadata") or {}),
+        region_threshold=saved.get("region_threshold"),  # absent from older files
+        region_threshold_method=saved.get("region_threshold_method"),
+        map_scale=saved.get("map_scale"),  # older files: None, regions cut at threshold
+        display_range=_display_range(saved),
+        # optional: older files have none of these
+        provenance=payload.get("provenance"),
+        train_names=saved.get("train_names"),
+        train_grids=[tuple(g) for g in saved["train_grids"]]
+        if saved.get("train_grids") is not None
+        else None,
+        updates=list(saved.get("updates") or []),
+        train_digests=saved.get("train_digests"),  # older files: None (names only)
+        input_profile=saved.get("input_profile"),  # older files: None (no hints)
+        threshold_history=list(saved.get("threshold_history") or []),
+    )
+
+
 def load(
     cls: type[PatchCore], path: str | os.PathLike, *, device: str | None = None
 ) -> tuple[PatchCore, FittedState, FeatureExtractor]:
@@ -441,43 +483,7 @@ def load(
     payload = _read(path)
     try:
         cfg = dict(payload["config"])
-        saved = dict(payload["state"])
-        state = FittedState(
-            memory_bank=payload["memory_bank"].float().contiguous(),
-            layers=tuple(cfg["layers"]),
-            n_train_images=saved["n_train_images"],
-            n_train_patches=saved["n_train_patches"],
-            feature_dtype=str(saved.get("feature_dtype", "float32")),  # older files: float32
-            feature_seconds=saved["feature_seconds"],
-            coreset_seconds=saved["coreset_seconds"],
-            fit_seconds=saved["fit_seconds"],
-            threshold=saved["threshold"],
-            threshold_method=saved["threshold_method"],
-            calibration=saved.get("calibration"),
-            # files written before normalised scores: the hand-set mapping [0, t, 2t]
-            normalization=(
-                check_mapping(saved["normalization"])
-                if "normalization" in saved
-                else None
-                if saved["threshold"] is None
-                else fit_normalization(None, saved["threshold"])
-            ),
-            metadata=dict(saved.get("metadata") or {}),
-            region_threshold=saved.get("region_threshold"),  # absent from older files
-            region_threshold_method=saved.get("region_threshold_method"),
-            map_scale=saved.get("map_scale"),  # older files: None, regions cut at threshold
-            display_range=_display_range(saved),
-            # optional: older files have none of these
-            provenance=payload.get("provenance"),
-            train_names=saved.get("train_names"),
-            train_grids=[tuple(g) for g in saved["train_grids"]]
-            if saved.get("train_grids") is not None
-            else None,
-            updates=list(saved.get("updates") or []),
-            train_digests=saved.get("train_digests"),  # older files: None (names only)
-            input_profile=saved.get("input_profile"),  # older files: None (no hints)
-            threshold_history=list(saved.get("threshold_history") or []),
-        )
+        state = _fitted_state(payload, cfg)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete model file (missing {exc})") from None
     for k in ("mean", "std"):

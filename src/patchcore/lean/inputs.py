@@ -316,8 +316,8 @@ class Reorder:
     ``add(index, item)`` files one; ``ready()`` yields the items now next in order.
     """
 
-    def __init__(self, start: int = 0) -> None:
-        self.next = start
+    def __init__(self) -> None:
+        self.next = 0
         self._held: dict[int, Any] = {}
 
     def add(self, index: int, item: Any) -> None:

@@ -13,6 +13,7 @@ normal test images.
 
     nice -n 19 env PYTHONPATH=src python benchmarks/bench_ood.py --out /tmp/ood.json
     python benchmarks/bench_ood.py --again /tmp/ood.json     # re-judge the saved statistics
+    python benchmarks/bench_ood.py --quantiles /tmp/ood.json  # compare map statistics
 
 Saves every input's statistics (size, pixel statistics, map statistic and quantiles, the
 profile) to ``--out``, so ``--again`` re-judges them with the current rule without scoring
@@ -163,6 +164,45 @@ def summarise(result: dict, context: dict) -> None:
         )
 
 
+def compare_quantiles(results: list[dict]) -> None:
+    """For each saved map quantile, as a ratio to the largest among the calibration's normal
+    images (their native-size maps): the largest over every test image, and the smallest over
+    the other-part images that only the map rule can catch (size, aspect, colour and brightness
+    within the profile). One JSON line per quantile."""
+    from patchcore.lean import ood
+
+    for q, quantile in enumerate(QUANTILES):
+        tests, others = [], []
+        for result in results:
+            rows = result["rows"]
+            ref = max(
+                r["map_quantiles"][q]
+                for r in rows
+                if r["kind"] == "test" and r["calibration"] and r["label"] == 0
+            )
+            for r in rows:
+                ratio = (r["map_quantiles"][q] / ref, result["set"], r["kind"], r["image"])
+                if r["kind"] == "test":
+                    tests.append(ratio)
+                elif r["kind"].startswith("part:"):
+                    flag, _ = ood.check(result["profile"], size=r["size"], stats=r["stats"])
+                    if not flag:
+                        others.append(ratio)
+        top, low = max(tests), min(others)
+        print(
+            json.dumps(
+                {
+                    "quantile": quantile,
+                    "test_ratio_max": round(top[0], 3),
+                    "test_max_at": top[1:],
+                    "map_only_other_parts": len(others),
+                    "other_part_ratio_min": round(low[0], 3),
+                    "other_part_min_at": low[1:3],
+                }
+            )
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
@@ -172,7 +212,11 @@ def main() -> None:
     parser.add_argument("--resized", type=int, default=5, help="upscales and thumbnails")
     parser.add_argument("--out", type=Path, default=Path("/tmp/patchcore-ood.json"))
     parser.add_argument("--again", type=Path, default=None, help="re-judge a saved run")
+    parser.add_argument("--quantiles", type=Path, default=None, help="compare map statistics")
     args = parser.parse_args()
+    if args.quantiles is not None:
+        compare_quantiles(json.loads(args.quantiles.read_text()))
+        return
     context = {"date": dt.date.today().isoformat(), "machine": machine()}
     if args.again is not None:
         results = json.loads(args.again.read_text())

@@ -9,8 +9,9 @@ calibrated at max F1 on half of the test images and evaluated on the other half.
 
 Prints, per setting and step, the seconds and every stderr line that is a warning, then one
 JSON line per setting (image AUROC, F1, FPR, FNR, threshold, bank rows, fit and scoring time)
-with the machine's load, CPU and date. The backbone is the default efficientnet-lite0 unless
-given (ResNet-18's ImageNet weights are not reachable on the project's machine).
+with the machine's load, CPU and date. The backbone is the default (efficientnet-lite2;
+efficientnet-lite0 before 2026-12-07) unless given (ResNet-18's ImageNet weights are not
+reachable on the project's machine).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ That commit's ``src/`` is exported with ``git archive`` and the same script
 (``tests/_unchanged_run.py``) runs under it and under this checkout, each in a subprocess with
 the same environment on the same CPU (floats depend on the CPU, so nothing is compared with
 numbers stored in the repo). With ``CI`` set the test fails instead of skipping when git, the
-commit or the data are missing.
+commit or the data are missing. The cases name their backbone (that commit defaulted to
+efficientnet-lite0, today's default is efficientnet-lite2), so both backbones are pinned, and
+the default's other parameters are those of that commit.
 """
 
 from __future__ import annotations
@@ -69,8 +71,18 @@ def test_scores_and_maps_are_bit_identical_to_before_the_restructure(tmp_path: P
     before = _run(before_src, tmp_path / "before.npz", data)
     now = _run(ROOT / "src", tmp_path / "now.npz", data)
     assert sorted(before) == sorted(now)
-    assert len([k for k in now if ".map" in k]) == 4 * 7
+    assert len([k for k in now if ".map" in k]) == 6 * 7
     differ = [k for k in now if not np.array_equal(before[k], now[k])]
     assert not differ, f"changed since {BEFORE}: {differ}"
-    # the comparison can fail: scores are not all equal and maps are not constant
+    # the comparison can fail: scores are not all equal and maps are not constant, and the
+    # backbones differ between cases
+    assert not np.array_equal(now["casting.scores"], now["casting_lite0.scores"])
     assert len(set(now["casting.scores"].tolist())) > 1 and np.ptp(now["tile.map0"]) > 0
+
+
+def test_the_pinned_cases_include_the_default_backbone() -> None:
+    from _unchanged_run import LITE2
+
+    from patchcore import PatchCore
+
+    assert PatchCore().backbone == LITE2["backbone"]

@@ -13,10 +13,11 @@ from patchcore.core.presets import PRESETS, preset_params
 from patchcore.core.validation import validate_params
 
 
-def test_balanced_is_the_default_and_the_others_differ():
+def test_accurate_is_the_default_and_the_others_differ():
     assert list(PRESETS) == ["fast", "balanced", "accurate"]
-    assert PatchCore.from_preset("balanced").get_params() == PatchCore().get_params()
-    for name in ("fast", "accurate"):
+    assert PatchCore.from_preset("accurate").get_params() == PatchCore().get_params()
+    assert PatchCore.from_preset("balanced").backbone == "efficientnet-lite0"  # the old default
+    for name in ("fast", "balanced"):
         assert PatchCore.from_preset(name).get_params() != PatchCore().get_params(), name
 
 

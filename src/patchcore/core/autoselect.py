@@ -51,8 +51,8 @@ def _candidate(name: str, cost: float, summary: str, **params: Any) -> AutoCandi
 
 
 CANDIDATES: tuple[AutoCandidate, ...] = (
-    _candidate("balanced", 1.0, "the defaults", **preset_params("balanced")),
-    _candidate("accurate", 1.2, "a larger backbone", **preset_params("accurate")),
+    _candidate("balanced", 1.0, "a smaller backbone", **preset_params("balanced")),
+    _candidate("accurate", 1.2, "the defaults", **preset_params("accurate")),
     _candidate(
         "accurate x1.5",
         2.5,

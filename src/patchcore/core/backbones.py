@@ -292,7 +292,7 @@ class FeatureExtractor(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "efficientnet-lite0",
+        backbone: str = "efficientnet-lite2",
         layers: tuple[str, ...] | list[str] | None = None,
         weights: str | os.PathLike | None = "imagenet",
         dtype: torch.dtype = torch.float32,

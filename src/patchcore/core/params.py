@@ -177,7 +177,7 @@ class PatchCoreParams(ParamsMixin):
     def __init__(
         self,
         *,
-        backbone: str = "efficientnet-lite0",
+        backbone: str = "efficientnet-lite2",
         layers: Sequence[str] | None = None,
         weights: str | os.PathLike | None = "imagenet",
         image_size: int | tuple[int, int] | None = None,

@@ -33,22 +33,26 @@ PRESETS: dict[str, Preset] = {
     for p in (
         _preset(
             "fast",
-            "the defaults at half resolution (scale 0.5: a quarter of the patches and of the "
-            "search); for defects many pixels wide only: defects a few pixels wide (deeppcb) "
+            "efficientnet-lite0 at half resolution (scale 0.5: a quarter of the patches and of "
+            "the search); for defects many pixels wide only: defects a few pixels wide (deeppcb) "
             "vanish at half resolution (benchmarks/RESULTS.md, Presets)",
+            backbone="efficientnet-lite0",
             scale=0.5,
             top_k=10,
         ),
         _preset(
             "balanced",
-            "the defaults: efficientnet-lite0, stage3 + stage5, native resolution, image score "
-            "= mean of the 10 largest patch distances (benchmarks/RESULTS.md, Presets)",
+            "efficientnet-lite0 (stage3 + stage5, native resolution) with the top-10 mean: the "
+            "default before 2026-12-07, about 0.85x the defaults' time for 0.0085 less mean "
+            "image AUROC (benchmarks/RESULTS.md, Presets)",
+            backbone="efficientnet-lite0",
             top_k=10,
         ),
         _preset(
             "accurate",
-            "efficientnet-lite2 (stage3 + stage5, native resolution) with the top-10 mean: the "
-            "best mean image AUROC measured, at a higher cost (benchmarks/RESULTS.md, Presets)",
+            "the defaults: efficientnet-lite2, stage3 + stage5, native resolution, image score "
+            "= mean of the 10 largest patch distances; the best mean image AUROC of the "
+            "configurations within 1.5x the time (benchmarks/RESULTS.md, Presets)",
             backbone="efficientnet-lite2",
             top_k=10,
         ),

@@ -44,7 +44,7 @@ def run_demo(
     calibration_fraction: float = 0.5,
     image_size: int | None = 160,
     coreset_ratio: float = 0.01,
-    backbone: str = "efficientnet-lite0",
+    backbone: str = "efficientnet-lite2",
     method: str = "max_f1",
     seed: int = 0,
     limit: int | None = None,

@@ -48,23 +48,27 @@ ROWS = OUT / "rows.jsonl"
 SETS = ("casting", "magnetic_tile", "deeppcb", "elpv_mono")
 S235 = ("stage2", "stage3", "stage5")
 
+LITE0 = "efficientnet-lite0"  # named: the default backbone is efficientnet-lite2
 CANDIDATES: dict[str, dict] = {
-    "lite0_s35": {},  # today's defaults
-    "lite0_s235": {"layers": S235},
+    "lite0_s35": {"backbone": LITE0},  # the defaults until 2026-12-07 (`balanced`)
+    "lite0_s235": {"backbone": LITE0, "layers": S235},
     "lite1_s35": {"backbone": "efficientnet-lite1"},
     "lite2_s35": {"backbone": "efficientnet-lite2"},
-    "lite0_s35_k5": {"kernel_size": 5},
-    "lite0_s235_x0.5": {"layers": S235, "scale": 0.5},
+    "lite0_s35_k5": {"backbone": LITE0, "kernel_size": 5},
+    "lite0_s235_x0.5": {"backbone": LITE0, "layers": S235, "scale": 0.5},
     "lite1_s235_x0.5": {"backbone": "efficientnet-lite1", "layers": S235, "scale": 0.5},
-    "lite0_s35_x1.5": {"scale": 1.5},
-    "lite0_s35_x0.5": {"scale": 0.5},
-    "lite0_s35_r256": {"image_size": 256},  # the peers' fixed square input
-    "lite0_s34": {"layers": ("stage3", "stage4")},
-    "lite0_s345": {"layers": ("stage3", "stage4", "stage5")},
+    "lite0_s35_x1.5": {"backbone": LITE0, "scale": 1.5},
+    "lite0_s35_x0.5": {"backbone": LITE0, "scale": 0.5},
+    "lite0_s35_r256": {"backbone": LITE0, "image_size": 256},  # the peers' fixed square input
+    "lite0_s34": {"backbone": LITE0, "layers": ("stage3", "stage4")},
+    "lite0_s345": {"backbone": LITE0, "layers": ("stage3", "stage4", "stage5")},
     "lite2_s35_x1.5": {"backbone": "efficientnet-lite2", "scale": 1.5},
     "lite2_s235": {"backbone": "efficientnet-lite2", "layers": S235},
     "lite2_s35_x0.5": {"backbone": "efficientnet-lite2", "scale": 0.5},
-    "lite0_s35_b8k": {"max_bank_size": 8192},  # the defaults with half the bank cap (speed)
+    "lite0_s35_b8k": {
+        "backbone": LITE0,
+        "max_bank_size": 8192,
+    },  # the defaults with half the bank cap (speed)
 }
 """Candidate embeddings: PatchCore keyword arguments (everything else at its default)."""
 
@@ -586,7 +590,7 @@ def table(ensembles: list[tuple[str, ...]], screen: tuple[str, ...]) -> str:
 
 # --------------------------------------------------------------------------- leads (issue #23)
 
-BASELINE = "lite0_s35"
+BASELINE = "lite2_s35"  # the defaults since 2026-12-07
 LEAD_SCORE = "top10"  # the defaults' image score
 
 
@@ -633,7 +637,8 @@ def leads_table(leads: list[str]) -> str:
         "test image; ELPV mono: a seeded half of the normal cells to fit on. Image AUROC with "
         "the defaults' score (mean of the 10 largest patch distances), mean ± sample std over "
         "the seeds run (count: 1 = seed 0 only); Δ min = the lead's worst per-set difference "
-        "from the defaults (lite0_s35), over the sets it has. Seconds, per set in column order "
+        "from the defaults (lite2_s35; lite0_s35 until 2026-12-07), over the sets it has. "
+        "Seconds, per set in column order "
         "(medians over the lead's runs): fit s = feature extraction of the training images "
         "(all views) + coreset, ms/image = extraction + search per test image (no maps), and "
         "the median 1-min load they ran under: rows ran at loads from 2 to 17, so seconds of "

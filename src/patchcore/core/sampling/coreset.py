@@ -200,7 +200,7 @@ def chunked_greedy_coreset(
     Args:
         features: (N, D) float tensor (float16 read in place, converted a chunk at a time).
         n: rows to select, 1 <= n <= N.
-        chunk_rows: rows per stage-1 chunk (2048 x 152 float32 rows stay in a 2 MiB L2 cache).
+        chunk_rows: rows per stage-1 chunk (2048 float32 rows of 152-168 features fit 2 MiB of L2).
         oversample: stage-1 union size over ``n``.
         repair_fraction: share of ``n`` picked by the repair stage, in [0, 0.5].
         seed: seeds every chunk's and the union's start.

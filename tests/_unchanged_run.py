@@ -16,10 +16,10 @@ from PIL import Image
 
 from patchcore import PatchCore
 
-#: (name, data set, parameters beside the defaults); images: 4 training, 4 test (2 normal, 2 not)
 #: today's default backbone, named: the commit compared with defaulted to efficientnet-lite0
 LITE2 = {"backbone": "efficientnet-lite2"}
 LITE0 = {"backbone": "efficientnet-lite0"}
+#: (name, data set, parameters beside the defaults); images: 4 training, 4 test (2 normal, 2 not)
 CASES = (
     ("casting", "casting", LITE2),
     ("tile", "magnetic_tile", LITE2),  # native sizes differ image to image: one batch per size

@@ -43,8 +43,8 @@ PRESETS: dict[str, Preset] = {
         _preset(
             "balanced",
             "efficientnet-lite0 (stage3 + stage5, native resolution) with the top-10 mean: the "
-            "default before 2026-12-07, about 0.85x the defaults' time for 0.0085 less mean "
-            "image AUROC (benchmarks/RESULTS.md, Presets)",
+            "default before 2026-12-07: about 0.75x the defaults' scoring time for 0.0085 less "
+            "mean image AUROC (benchmarks/RESULTS.md, Presets)",
             backbone="efficientnet-lite0",
             top_k=10,
         ),

@@ -13,21 +13,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from common import median_seconds
 
 
 def startup(repeat: int) -> dict:
@@ -38,7 +30,8 @@ def startup(repeat: int) -> dict:
     def once() -> None:
         subprocess.run(cmd, env=env, check=True, capture_output=True)
 
-    return {"what": "patchcore --help (process start to exit)", "s": _median_seconds(once, repeat)}
+    seconds = median_seconds(once, repeat, warmup=0)
+    return {"what": "patchcore --help (process start to exit)", "s": seconds}
 
 
 def update_guards(repeat: int) -> dict:
@@ -63,7 +56,8 @@ def update_guards(repeat: int) -> dict:
             with model_transaction(path) as t:
                 t.save(det)
 
-        base, with_guards = _median_seconds(plain, repeat), _median_seconds(guarded, repeat)
+        base = median_seconds(plain, repeat, warmup=0)
+        with_guards = median_seconds(guarded, repeat, warmup=0)
     return {
         "what": "update's save: plain vs lock + digests",
         "model_bytes": size,

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import median_seconds
 
 from patchcore.core.sampling import coreset_size, coverage_radius, greedy_coreset, random_projection
 from patchcore.core.search import NearestNeighborIndex
@@ -177,13 +178,7 @@ def bench_search(queries: int, bank: int, dim: int, repeats: int = 5) -> None:
     index = NearestNeighborIndex(b)
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 1e3 * min(times)
+        return 1e3 * median_seconds(fn, repeats, warmup=1, stat=min)
 
     print(
         f"search Q={queries} M={bank} D={dim}: k=1 {best(lambda: index.search(q, 1)):.0f} ms,"

@@ -13,6 +13,9 @@ training inputs, stored in the model at fit and carried by its export:
   mean) exceeds the training images' largest by more than ``COLOUR_MARGIN`` is a colour image
   on a model fitted on grey ones;
 - **brightness**: the mean intensity within ``BRIGHTNESS_MARGIN`` of the training range;
+- **contrast**: the intensity's standard deviation within ``[min / CONTRAST_FACTOR, max x
+  CONTRAST_FACTOR]`` of the training images' (a black-and-white circuit board shown to a model
+  of grey tiles; a defect, even a large one, changes it far less: benchmarks/RESULTS.md);
 - **the anomaly map** (added to the profile at calibration, from the calibration's normal
   images): a defect changes a part of an image, another part or product changes all of it. The
   statistic is the map's ``MAP_QUANTILE`` quantile, the level of its best-looking tenth: a part
@@ -39,6 +42,7 @@ __all__ = [
     "ASPECT_FACTOR",
     "BRIGHTNESS_MARGIN",
     "COLOUR_MARGIN",
+    "CONTRAST_FACTOR",
     "MAP_FACTOR",
     "MAP_QUANTILE",
     "PROFILE_VERSION",
@@ -61,6 +65,8 @@ ASPECT_FACTOR = 1.3
 COLOUR_MARGIN = 0.05
 #: Mean intensity (0-1) outside the training images' range by more than this.
 BRIGHTNESS_MARGIN = 0.3
+#: Intensity std within [min / CONTRAST_FACTOR, max x CONTRAST_FACTOR] of the training images'.
+CONTRAST_FACTOR = 1.5
 #: The map statistic: this quantile of the map (its best-looking tenth's level).
 MAP_QUANTILE = 0.1
 #: Map statistic above this times the normal calibration images' largest.
@@ -182,13 +188,16 @@ def _size_reasons(prof: Mapping[str, Any], size: Sequence[int]) -> list[str]:
 
 
 def _pixel_reasons(prof: Mapping[str, Any], stats: Sequence[float]) -> list[str]:
-    mean, _, colour = (float(v) for v in stats)
+    mean, std, colour = (float(v) for v in stats)
     out = []
     if colour > float(prof["colour"]) + COLOUR_MARGIN:
         out.append(f"a colour image where the training images were {prof.get('channels')}")
     lo, hi = prof["mean"]
     if mean < lo - BRIGHTNESS_MARGIN or mean > hi + BRIGHTNESS_MARGIN:
         out.append(f"brightness {mean:.2f} where the training images had {lo:.2f}-{hi:.2f}")
+    if _outside(std, prof["std"], CONTRAST_FACTOR):
+        lo, hi = prof["std"]
+        out.append(f"contrast {std:.2f} where the training images had {lo:.2f}-{hi:.2f}")
     return out
 
 

@@ -27,7 +27,7 @@ field                  type        meaning
 ``region_threshold``   float|None  the anomaly-map value the regions were cut at
 ``error``              str|None    why there is no verdict (unreadable, non-finite)
 ``ood``                bool|None   the input is unlike the training images (size, aspect,
-                                   colour, brightness, or all of its map high:
+                                   colour, brightness, contrast, or all of its map high:
                                    :mod:`patchcore.lean.ood`); None without a profile
 ``ood_reason``         str|None    why, in one line; None when ``ood`` is not True
 =====================  ==========  =====================================================

@@ -14,6 +14,7 @@ normal test images.
     nice -n 19 env PYTHONPATH=src python benchmarks/bench_ood.py --out /tmp/ood.json
     python benchmarks/bench_ood.py --again /tmp/ood.json     # re-judge the saved statistics
     python benchmarks/bench_ood.py --quantiles /tmp/ood.json  # compare map statistics
+    python benchmarks/bench_ood.py --pixels                   # the pixel checks alone, no model
 
 Saves every input's statistics (size, pixel statistics, map statistic and quantiles, the
 profile) to ``--out``, so ``--again`` re-judges them with the current rule without scoring
@@ -203,6 +204,39 @@ def compare_quantiles(results: list[dict]) -> None:
         )
 
 
+def pixel_checks() -> None:
+    """The pixel checks alone (no model), on every image: per set, the profile of every training
+    image; how far each test image's intensity std lies outside the profile's span (the factor
+    the contrast check needs to stay quiet on all of them), and how many test images of each
+    other set the pixel checks flag (contrast among them). One JSON line per set."""
+    from patchcore.lean import ood
+
+    def stats(images: list) -> np.ndarray:
+        return np.array([ood.pixel_stats(pixels(im).transpose(2, 0, 1) / 255) for im in images])
+
+    data = {}
+    for name in SETS:
+        train, test = load_set(name)
+        data[name] = (stats(train.images), stats(test.images), np.asarray(test.labels))
+    for name, (tr, te, _) in data.items():
+        prof = ood.profile([(1, 1)] * len(tr), tr)  # sizes are not judged here
+        lo, hi = prof["std"]
+        out = {"set": name, "train_std": [round(lo, 3), round(hi, 3)]}
+        out["test_factor_needed"] = round(
+            float(np.max(np.maximum(lo / te[:, 1], te[:, 1] / hi))), 3
+        )
+        out["test_flagged"] = sum(bool(ood.check(prof, stats=s)[0]) for s in te)
+        for other, (_, ot, _) in data.items():
+            if other != name:
+                reasons = [ood.check(prof, stats=s)[1] or "" for s in ot]
+                out[f"part:{other}"] = {
+                    "images": len(ot),
+                    "flagged": sum(bool(r) for r in reasons),
+                    "by_contrast": sum("contrast" in r for r in reasons),
+                }
+        print(json.dumps({**out, "factor": ood.CONTRAST_FACTOR}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
@@ -213,7 +247,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/patchcore-ood.json"))
     parser.add_argument("--again", type=Path, default=None, help="re-judge a saved run")
     parser.add_argument("--quantiles", type=Path, default=None, help="compare map statistics")
+    parser.add_argument("--pixels", action="store_true", help="the pixel checks alone")
     args = parser.parse_args()
+    if args.pixels:
+        pixel_checks()
+        return
     if args.quantiles is not None:
         compare_quantiles(json.loads(args.quantiles.read_text()))
         return

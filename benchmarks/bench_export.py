@@ -20,6 +20,7 @@ absolute difference over torch's map maximum), images whose region boxes differ.
 
     python benchmarks/bench_export.py                      # all sets, full data: the figure
     python benchmarks/bench_export.py --sets casting --train 100
+    python benchmarks/bench_export.py --routes torch --repeats 3  # torch alone, medians
 
 Rows go to benchmarks/out/bench_export.jsonl (with machine, load average and date); a summary
 table is printed at the end.
@@ -128,17 +129,21 @@ def parity(records: dict, map_diff: dict) -> dict:
 def run(name: str, args: argparse.Namespace) -> dict:
     det, paths, _ = fitted(name, args.train or None, Path(args.models))
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-export-{name}-"))
-    onnx_s = timed_export(det, tmp / "onnx")
-    routes = {
-        "torch": lambda p: det.iter_inspect(p),
-        "onnxruntime": ExportedModel(tmp / "onnx", threads=args.threads).iter_inspect,
-    }
-    ov_s = None
-    if not args.no_openvino:
+    routes = {"torch": lambda p: det.iter_inspect(p)}
+    onnx_s = ov_s = None
+    if "onnxruntime" in args.routes:
+        onnx_s = timed_export(det, tmp / "onnx")
+        routes["onnxruntime"] = ExportedModel(tmp / "onnx", threads=args.threads).iter_inspect
+    if "openvino" in args.routes and not args.no_openvino:
         ov_s = timed_export(det, tmp / "openvino", format="openvino")
         routes["openvino"] = ExportedModel(tmp / "openvino", threads=args.threads).iter_inspect
-    speed, records, map_diff = measure(routes, paths, args.chunk)
-    info = ExportedModel(tmp / "onnx").info
+    runs = [measure(routes, paths, args.chunk) for _ in range(args.repeats)]
+    speed, records, map_diff = runs[0]
+    if args.repeats > 1:  # medians over the repeats; parity from the first
+        speed = {
+            k: {m: float(np.median([r[0][k][m] for r in runs])) for m in ("wall_ms", "cpu_ms")}
+            for k in routes
+        }
     row = {
         "set": name,
         "machine": machine(),
@@ -147,8 +152,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "train_images": det.n_train_images_,
         "test_images": len(paths),
         "bank_rows": int(det.memory_bank_.shape[0]),
-        "onnx_graphs": [g["size"] for g in info["graphs"]],
-        "onnx_search": info["search"],
+        "repeats": args.repeats,
         "onnx_export_s": onnx_s,
         "openvino_export_s": ov_s,
         "ms_per_image": speed,
@@ -157,6 +161,10 @@ def run(name: str, args: argparse.Namespace) -> dict:
         },
         "parity_vs_torch": parity(records, map_diff),
     }
+    if onnx_s is not None:
+        info = ExportedModel(tmp / "onnx").info
+        row["onnx_graphs"] = [g["size"] for g in info["graphs"]]
+        row["onnx_search"] = info["search"]
     return append_row(ROWS, row)
 
 
@@ -168,6 +176,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="runtime threads (None: default)")
     ap.add_argument("--chunk", type=int, default=32, help="images per route before the next")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument(
+        "--routes",
+        nargs="+",
+        default=["torch", "onnxruntime", "openvino"],
+        choices=["torch", "onnxruntime", "openvino"],
+        help="routes timed (torch always: the baseline; torch alone: no runtime beside it)",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes (medians reported)")
     args = ap.parse_args()
     rows = [run(name, args) for name in args.sets]
     for row in rows:
@@ -177,8 +193,8 @@ def main() -> None:
     for r in rows:
         ms, x = r["ms_per_image"], r["vs_torch"]
         ov = f"{ms['openvino']['wall_ms']} ({x['openvino']})" if "openvino" in ms else "-"
-        print(f"| {r['set']} | {ms['torch']['wall_ms']} | {ms['onnxruntime']['wall_ms']} "
-              f"({x['onnxruntime']}) | {ov} | {r['load']} |")  # fmt: skip
+        ort = f"{ms['onnxruntime']['wall_ms']} ({x['onnxruntime']})" if "onnxruntime" in ms else "-"
+        print(f"| {r['set']} | {ms['torch']['wall_ms']} | {ort} | {ov} | {r['load']} |")
 
 
 if __name__ == "__main__":

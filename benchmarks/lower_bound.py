@@ -7,6 +7,12 @@ arithmetic alone would take if every operation ran at matmul speed (depthwise co
 pooling, upsampling, blur and Python never do, so real code stays above it).
 
     python benchmarks/lower_bound.py [--backbone efficientnet-lite0] [--size 224] [--bank 3136]
+    python benchmarks/lower_bound.py --models benchmarks/out/models   # each set's fitted model
+
+With ``--models DIR`` the bound is that of each set's fitted model ``DIR/{set}-all.pt`` (the
+models ``bench_export.py`` fits) over every test image at its own size, the search priced at
+the bfloat16 rate where the model's search runs in bfloat16; the rates are the best of three
+medians (the machine's, not the moment's load).
 """
 
 from __future__ import annotations
@@ -100,6 +106,41 @@ def bound_ms(
     }
 
 
+def model_bounds(models: str, sets: list[str]) -> None:
+    """One JSON line per set: the mean bound over its test images for ``models/{set}-all.pt``."""
+    from common import subsets
+    from PIL import Image
+
+    from patchcore import PatchCore
+
+    fp32 = max(float(np.median(matmul_gflops())) for _ in range(3))
+    bf16 = max(float(np.median(matmul_gflops(dtype=torch.bfloat16))) for _ in range(3))
+    print(json.dumps({"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1)}), flush=True)
+    for name in sets:
+        _, test = subsets(name, None, None)
+        sizes = []
+        for path in test.images:
+            with Image.open(path) as im:
+                sizes.append((im.height, im.width))
+        det = PatchCore.load(f"{models}/{name}-all.pt")
+        flop, grid, dim = backbone_flops(det.backbone, list(det.layers_), (224, 224))
+        per_pixel, stride = flop / 224**2, 224 // grid[0]
+        bank = int(det.memory_bank_.shape[0])
+        rate = bf16 if det._index.precision == "bfloat16" else fp32
+        ms = [
+            bound_ms(
+                int(per_pixel * h * w), -(-h // stride) * -(-w // stride), bank, dim, fp32, rate
+            )
+            for h, w in sizes
+        ]
+        row = {"set": name, "backbone": det.backbone, "dim": dim, "bank": bank}
+        row["bound_ms"] = round(float(np.mean([m["bound_ms"] for m in ms])), 1)
+        row["search_share"] = round(
+            float(np.mean([m["search_gflop"] / rate / (m["bound_ms"] / 1e3) for m in ms])), 3
+        )
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     """Print the bound for one configuration as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,7 +154,12 @@ def main() -> None:
         default=None,
         help="memory-bank rows (default: 10%% of 60 images' patches)",
     )
+    ap.add_argument("--models", default=None, help="folder of {set}-all.pt fitted models")
+    ap.add_argument("--sets", nargs="+", default=["casting", "magnetic_tile", "deeppcb"])
     args = ap.parse_args()
+    if args.models is not None:
+        model_bounds(args.models, args.sets)
+        return
     flop, grid, dim = backbone_flops(args.backbone, args.layers, (args.size, args.size))
     q = grid[0] * grid[1]
     bank = args.bank if args.bank is not None else round(60 * q * 0.1)

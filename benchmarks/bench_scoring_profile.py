@@ -18,6 +18,13 @@ plain ``F.conv2d`` instead of the packed oneDNN convolutions.
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py profile --sets deeppcb magnetic_tile
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py gemm
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py shapes --images 200
+    PYTHONPATH=src python benchmarks/bench_scoring_profile.py ov-precision --sets casting
+
+``ov-precision``: the OpenVINO export of a set's default model (float32 search, fixed-size
+graph) on ``--images`` of its test images in batches of 8, compiled with OpenVINO's inference
+precision hint ``f32`` (what the runtime pins) and ``bf16`` (every product in bfloat16, on CPUs
+that have it): graph ms per image (median of 5 passes) and the largest relative difference of
+the bf16 graph's image scores from the f32 graph's (the export's parity limit is 1e-4).
 
 Prints one JSON line per measurement with the machine and the 1-minute load.
 """
@@ -189,9 +196,56 @@ def shapes_one(mode: str, n: int) -> None:
     )
 
 
+def ov_precision(name: str, n: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import openvino as ov
+
+    from patchcore.core.export import export
+    from patchcore.core.images import as_tensor
+
+    det = _model(name)
+    tmp = Path(tempfile.mkdtemp(prefix="ov-precision-"))
+    tmp = tmp / "export"
+    export(det, tmp, format="openvino", search="float32")
+    files = sorted(
+        p
+        for p in (DATA / name / "test").rglob("*")
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+    rng = np.random.default_rng(0)
+    files = [files[i] for i in rng.permutation(len(files))[: n - n % 8]]
+    pixels = [as_tensor(f).numpy()[None] for f in files]
+    if len({p.shape for p in pixels}) != 1:
+        raise SystemExit(f"{name}: images of several sizes; this mode needs one size")
+    batches = [np.concatenate(pixels[i : i + 8]) for i in range(0, len(pixels), 8)]
+    h, w = batches[0].shape[-2:]
+    xml = tmp / f"model-{h}x{w}.xml"
+    model = ov.Core().read_model(xml if xml.exists() else tmp / "model.xml")
+    scores, times = {}, {}
+    for prec in ("f32", "bf16"):
+        config = {"INFERENCE_PRECISION_HINT": prec, "INFERENCE_NUM_THREADS": 2}
+        request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+
+        def run(request=request) -> list:  # noqa: ANN001
+            return [request.infer({0: b})[0].copy() for b in batches]
+
+        times[prec] = 1e3 * median_seconds(run, 5, 1) / len(files)
+        scores[prec] = np.concatenate(run())
+    rel = np.abs(scores["bf16"] - scores["f32"]) / np.abs(scores["f32"])
+    _emit({
+        "bench": "ov-precision",
+        "set": name,
+        "images": len(files),
+        "graph_ms_per_image": {k: round(v, 1) for k, v in times.items()},
+        "bf16_score_rel_max": float(rel.max()),
+    })  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("profile", "gemm", "shapes", "shapes-one"))
+    ap.add_argument("what", choices=("profile", "gemm", "shapes", "shapes-one", "ov-precision"))
     ap.add_argument("--mode", choices=list(SHAPE_MODES), default="as today")
     ap.add_argument("--sets", nargs="+", default=["deeppcb", "magnetic_tile", "casting"])
     ap.add_argument("--images", type=int, default=200)
@@ -204,6 +258,9 @@ def main() -> None:
         gemm()
     elif args.what == "shapes":
         shapes(args.images)
+    elif args.what == "ov-precision":
+        for name in args.sets:
+            ov_precision(name, args.images)
     else:
         shapes_one(args.mode, args.images)
 

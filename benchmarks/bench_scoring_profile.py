@@ -206,8 +206,7 @@ def ov_precision(name: str, n: int) -> None:
     from patchcore.core.images import as_tensor
 
     det = _model(name)
-    tmp = Path(tempfile.mkdtemp(prefix="ov-precision-"))
-    tmp = tmp / "export"
+    tmp = Path(tempfile.mkdtemp(prefix="ov-precision-")) / "export"
     export(det, tmp, format="openvino", search="float32")
     files = sorted(
         p

@@ -28,7 +28,7 @@ from common import (
     subsets,
     write_results_section,
 )
-from lower_bound import backbone_flops, bound_ms, matmul_gflops
+from lower_bound import detector_bounds, matmul_gflops
 
 from patchcore import PatchCore
 
@@ -71,25 +71,11 @@ def run(name: str, n_train: int | None, n_test: int | None, params: dict, seed: 
 
 
 def lower_bound(det: PatchCore, sizes: list[tuple[int, int]]) -> float:
-    """Mean arithmetic lower bound (benchmarks/lower_bound.py) over the scored images, ms.
-
-    Backbone FLOPs are counted once at 224 x 224 and scaled by each image's pixel count
-    (convolution FLOPs are proportional to it); the backbone is priced at the float32 matmul
-    rate, the search at the rate of the precision it ran in (bfloat16 or float32).
-    """
-    flop, grid, dim = backbone_flops(det.backbone, list(det.layers_), (224, 224))
-    per_pixel, stride = flop / 224**2, 224 // grid[0]
+    """Mean arithmetic lower bound (benchmarks/lower_bound.py) over the scored images, ms, at
+    the median matmul rates of this moment."""
     fp32 = float(np.median(matmul_gflops()))
     bf16 = float(np.median(matmul_gflops(dtype=torch.bfloat16)))
-    search_rate = bf16 if det._index.precision == "bfloat16" else fp32
-    bank = int(det.memory_bank_.shape[0])
-    out = [
-        bound_ms(
-            int(per_pixel * h * w), -(-h // stride) * -(-w // stride), bank, dim, fp32, search_rate
-        )["bound_ms"]
-        for h, w in sizes
-    ]
-    return float(np.mean(out))
+    return float(np.mean([b["bound_ms"] for b in detector_bounds(det, sizes, fp32, bf16)]))
 
 
 def table(rows: list[dict], header: str) -> str:

@@ -106,6 +106,23 @@ def bound_ms(
     }
 
 
+def detector_bounds(det, sizes: list[tuple[int, int]], fp32: float, bf16: float) -> list[dict]:  # noqa: ANN001
+    """:func:`bound_ms` of a fitted detector for each (H, W) in ``sizes``.
+
+    Backbone FLOPs are counted once at 224 x 224 and scaled by each image's pixel count
+    (convolution FLOPs are proportional to it); the backbone is priced at the float32 rate
+    ``fp32``, the search at the rate of the precision it runs in (``bf16`` or ``fp32``).
+    """
+    flop, grid, dim = backbone_flops(det.backbone, list(det.layers_), (224, 224))
+    per_pixel, stride = flop / 224**2, 224 // grid[0]
+    rate = bf16 if det._index.precision == "bfloat16" else fp32
+    bank = int(det.memory_bank_.shape[0])
+    return [
+        bound_ms(int(per_pixel * h * w), -(-h // stride) * -(-w // stride), bank, dim, fp32, rate)
+        for h, w in sizes
+    ]
+
+
 def model_bounds(models: str, sets: list[str]) -> None:
     """One JSON line per set: the mean bound over its test images for ``models/{set}-all.pt``."""
     from common import subsets
@@ -123,20 +140,14 @@ def model_bounds(models: str, sets: list[str]) -> None:
             with Image.open(path) as im:
                 sizes.append((im.height, im.width))
         det = PatchCore.load(f"{models}/{name}-all.pt")
-        flop, grid, dim = backbone_flops(det.backbone, list(det.layers_), (224, 224))
-        per_pixel, stride = flop / 224**2, 224 // grid[0]
-        bank = int(det.memory_bank_.shape[0])
-        rate = bf16 if det._index.precision == "bfloat16" else fp32
-        ms = [
-            bound_ms(
-                int(per_pixel * h * w), -(-h // stride) * -(-w // stride), bank, dim, fp32, rate
-            )
-            for h, w in sizes
-        ]
-        row = {"set": name, "backbone": det.backbone, "dim": dim, "bank": bank}
+        ms = detector_bounds(det, sizes, fp32, bf16)
+        row = {"set": name, "backbone": det.backbone, "bank": int(det.memory_bank_.shape[0])}
         row["bound_ms"] = round(float(np.mean([m["bound_ms"] for m in ms])), 1)
         row["search_share"] = round(
-            float(np.mean([m["search_gflop"] / rate / (m["bound_ms"] / 1e3) for m in ms])), 3
+            float(
+                np.mean([m["search_gflop"] / m["search_gflops"] / m["bound_ms"] * 1e3 for m in ms])
+            ),
+            3,
         )
         print(json.dumps(row), flush=True)
 

@@ -35,7 +35,7 @@ from patchcore.lean.runtime import ExportedModel, ExportFileError
 pytestmark = pytest.mark.slow
 
 SCORE_RTOL, MAP_RTOL = 1e-5, 1e-3
-INT8_MAP_RTOL = 2e-2  # the int8 search's maps (scores stay exact: SCORE_RTOL)
+SCAN_MAP_RTOL = 2e-2  # the int8 / bfloat16 scans' maps (scores stay exact: SCORE_RTOL)
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -90,7 +90,7 @@ def _check_parity(det: PatchCore, model: ExportedModel, images: list[Path]) -> N
     the torch path's (its float32 search)."""
     ref = det.inspect(images)
     got = model.inspect(images)
-    map_rtol = INT8_MAP_RTOL if model.info["search"] == "int8" else MAP_RTOL
+    map_rtol = MAP_RTOL if model.info["search"] == "float32" else SCAN_MAP_RTOL
     assert [r.image for r in got] == [str(p) for p in images]
     scores = np.array([r.score for r in got])
     ref_scores = np.array([r.score for r in ref])
@@ -125,7 +125,32 @@ def test_openvino_matches_torch(fixed, images):
     det, out = fixed
     model = ExportedModel(out)  # an OpenVINO export opens on OpenVINO by default
     assert model.backend == "openvino"
+    assert model.info["search"] == "bfloat16"  # OpenVINO's default: the bfloat16 scan
     _check_parity(det, model, images)
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino does not install on this platform")
+def test_openvino_model_runs_the_scan_in_bfloat16_and_the_rest_in_float32(fixed):
+    """The IR holds the scan's product (one bank block here) with bfloat16 inputs; every
+    other product, convolution included, stays float32 (the runtime's f32 hint)."""
+    import openvino as ov
+
+    _, out = fixed
+    model = ov.Core().read_model(out / "model.xml")
+    kinds = {}
+    for node in model.get_ordered_ops():
+        if node.get_type_name() in ("MatMul", "Convolution", "GroupConvolution"):
+            key = (node.get_type_name(), str(node.input_value(0).get_element_type()))
+            kinds[key] = kinds.get(key, 0) + 1
+    assert kinds.pop(("MatMul", "<Type: 'bfloat16'>")) == 1, kinds
+    assert all("float32" in t for _, t in kinds), kinds
+    assert kinds[("MatMul", "<Type: 'float32'>")] >= 1  # the re-check
+
+
+def test_bfloat16_search_is_refused_for_onnx(fixed, tmp_path):
+    det, _ = fixed
+    with pytest.raises(ExportError, match="search 'bfloat16' is for format 'openvino'"):
+        export(det, tmp_path / "x", format="onnx", search="bfloat16")
 
 
 def test_dynamic_export_with_scale_matches_torch(dynamic, images):
@@ -156,7 +181,7 @@ def test_a_dynamic_export_has_a_fixed_graph_for_the_training_size(dynamic, image
     s_fixed, m_fixed = model.sessions[(120, 120)].run(batch.pixels)
     s_dyn, m_dyn = model.sessions[None].run(batch.pixels)
     np.testing.assert_allclose(s_fixed, s_dyn, rtol=SCORE_RTOL)
-    assert np.abs(m_fixed - m_dyn).max() <= INT8_MAP_RTOL * m_dyn.max()
+    assert np.abs(m_fixed - m_dyn).max() <= SCAN_MAP_RTOL * m_dyn.max()
 
 
 def test_dynamic_export_refuses_sizes_it_cannot_match(dynamic):

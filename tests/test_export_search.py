@@ -1,11 +1,13 @@
-"""The exported graph's int8 search with its exact float32 re-check (issue #24).
+"""The exported graph's int8 and bfloat16 searches with their exact float32 re-check (issue #24).
 
 On the toy detector (``_service_models``): patches drawn next to bank rows, plus one far
 outlier per batch, which stretches the per-call int8 scale so much that the scan often picks
 a wrong row for the others. Each image's ``top_k`` largest
 distances must equal the float32 search's (the re-check), every other value must be an upper
 bound of the true distance, and the scan must actually have erred somewhere (else the test
-proves nothing). The whole exported graph on real images: tests/test_export.py.
+proves nothing). The bfloat16 graph (eager: the deployed bfloat16 arithmetic) the same way,
+its other values within the scan's error bound. The whole exported graphs on real images,
+and the OpenVINO model's bfloat16 products: tests/test_export.py.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import pytest
 import torch
 from _service_models import toy_detector
 
-from patchcore.core.export_search import Int8ScoringGraph
+from patchcore.core.export_search import Bf16ScoringGraph, Int8ScoringGraph
 from patchcore.core.graph import ScoringGraph
+from patchcore.core.search import bf16_error
 
 
 def _patches(bank: torch.Tensor, b: int, p: int, seed: int) -> torch.Tensor:
@@ -63,4 +66,47 @@ def test_the_scan_alone_would_miss_the_top_k():
             exact = ScoringGraph.patch_distances(graph, patches)
         k = graph.top_k
         wrong += int((bound.topk(k, 1).values - exact.topk(k, 1).values).abs().max() > 1e-4)
+    assert wrong > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_bf16_graph_top_k_is_exact_and_the_rest_within_the_bound(top_k):
+    det = toy_detector()
+    graph = Bf16ScoringGraph(det, (64, 64), block_rows=37).eval()  # several blocks
+    graph.top_k = top_k
+    bank = det.memory_bank_.float()
+    patches = _patches(bank, 4, 90, seed=top_k)
+    with torch.no_grad():
+        got = graph.patch_distances(patches)
+        exact = ScoringGraph.patch_distances(graph, patches)  # the float32 search
+    torch.testing.assert_close(
+        got.topk(top_k, dim=1).values, exact.topk(top_k, dim=1).values, rtol=1e-6, atol=0
+    )
+    qc = patches.reshape(-1, patches.shape[-1]) - graph.bank_mean
+    err = bf16_error((qc * qc).sum(1), graph.max_norm, qc.shape[1]).view(got.shape)
+    assert ((got.square() - exact.square()).abs() <= err * 1.001).all()
+    assert ((got - exact).abs() > exact * 1e-3).any(), "the scan never erred: too easy"
+
+
+def test_the_bf16_scan_alone_would_miss_the_top_k():
+    """The bfloat16 estimates without the re-check give some image a different top k."""
+    det = toy_detector()
+    graph = Bf16ScoringGraph(det, (64, 64), block_rows=37).eval()
+    bank = det.memory_bank_.float()
+    wrong = 0
+    for seed in range(6):
+        patches = _patches(bank, 4, 90, seed=100 + seed)
+        flat = patches.reshape(-1, patches.shape[-1]) - graph.bank_mean
+        q_ext = torch.cat([flat, torch.ones_like(flat[:, :1])], 1)
+        with torch.no_grad():
+            parts = [
+                torch.ops.patchcore.bf16_min_sq(q_ext, getattr(graph, f"block{i}"))
+                for i in range(graph.n_blocks)
+            ]
+            est = (torch.stack(parts).amin(0) + (flat * flat).sum(1)).clamp(min=0).sqrt()
+            exact = ScoringGraph.patch_distances(graph, patches)
+        k = graph.top_k
+        est_top = est.view(4, 90).topk(k, 1).values
+        top = exact.topk(k, 1).values
+        wrong += int(((est_top - top).abs() / top).max() > 1e-4)  # the export's parity limit
     assert wrong > 0

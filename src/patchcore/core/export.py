@@ -13,8 +13,8 @@ blur with reflected borders at any size, where the runtime refuses sides <= the 
 What :func:`export` writes into the folder:
 
 - ``model.onnx``: the graph for any size (a dynamic export) or for the model's ``image_size``;
-  its search is ``"int8"`` (:mod:`patchcore.core.export_search`: an int8 scan with the exact
-  float32 re-check; scores as float32's) or ``"float32"``;
+  its search is ``"int8"`` or ``"bfloat16"`` (:mod:`patchcore.core.export_search`: a
+  reduced-precision scan with the exact float32 re-check; scores as float32's) or ``"float32"``;
 - for a dynamic export, ``model-HxW.onnx`` graphs for the processed sizes most training images
   had: fixed sizes let onnxruntime fold the padding into the convolutions;
 - for ``format="openvino"``, each graph also as OpenVINO IR (``.xml`` + ``.bin``);
@@ -50,7 +50,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchcore.core.export_search import Int8ScoringGraph, translation_table
+from patchcore.core.export_search import (
+    Bf16ScoringGraph,
+    Int8ScoringGraph,
+    bf16_products,
+    bf16_scan_nodes,
+    translation_table,
+)
 from patchcore.core.graph import ExportError, ScoringGraph
 from patchcore.lean import record
 from patchcore.lean.manifest import (
@@ -85,14 +91,15 @@ __all__ = [
 ]
 
 FORMATS = ("onnx", "openvino")
-SEARCHES = ("auto", "int8", "float32")
+SEARCHES = ("auto", "int8", "bfloat16", "float32")
 OPSET = 18
 #: Parity an export must reach on its probe images (relative to the torch path in float32).
 SCORE_RTOL = 1e-4
 MAP_RTOL = 1e-3
-#: ... with the int8 scan: map values are exact distances to the row the scan found (the
-#: torch path's default bfloat16 search carries map errors of this order too).
-INT8_MAP_RTOL = 2e-2
+#: ... with a reduced-precision scan (int8, bfloat16): map values are exact distances to the
+#: row the scan found (the torch path's default bfloat16 search carries map errors of this
+#: order too).
+SCAN_MAP_RTOL = 2e-2
 
 
 @dataclass(frozen=True)
@@ -105,12 +112,14 @@ class ExportResult:
         seconds: wall time of the export (tracing, conversion and the parity check).
         parity: the probe check: ``score_rel`` (largest relative score difference) and
             ``map_rel`` (largest absolute map difference over the largest map value).
+        search: the graph's search (``"auto"`` resolved by the format).
     """
 
     manifest: Path
     files: tuple[Path, ...]
     seconds: float
     parity: dict[str, float]
+    search: str
 
 
 def _processed_size(det: PatchCore) -> tuple[int, int] | None:
@@ -167,11 +176,12 @@ def export(
             converted from the ONNX graph by OpenVINO; ``model.onnx`` is kept beside it).
         dynamic: graph for any image size; ``None``: dynamic unless the model has a fixed
             ``image_size``. A fixed-size graph refuses other sizes.
-        search: the graph's nearest-row search: ``"float32"`` (exact maps), ``"int8"`` (an
-            int8 scan with the exact float32 re-check of :mod:`patchcore.core.export_search`:
-            scores as float32's, map values within the scan's error) or ``"auto"``: int8 for
-            ``format="onnx"`` (onnxruntime's int8 GEMM), float32 for OpenVINO (its int8 path
-            was slower here; benchmarks/RESULTS.md).
+        search: the graph's nearest-row search: ``"float32"`` (exact maps), ``"int8"`` or
+            ``"bfloat16"`` (a scan in that precision with the exact float32 re-check of
+            :mod:`patchcore.core.export_search`: scores as float32's, map values within the
+            scan's error; bfloat16 for OpenVINO only) or ``"auto"``: int8 for
+            ``format="onnx"`` (onnxruntime's int8 GEMM), bfloat16 for OpenVINO (its int8
+            path was slower; benchmarks/RESULTS.md).
         sizes: processed (H, W) sizes that get a fixed-size graph beside a dynamic one (no
             shape arithmetic, padding folded into the convolutions: faster); ``None``: the
             sizes of at least a fifth of the training images (at most :data:`MAX_FIXED`).
@@ -188,7 +198,7 @@ def export(
             something else than an export (without ``force``), or the export differs from the
             torch path on the probe images by more than :data:`SCORE_RTOL` (scores, relative)
             or :data:`MAP_RTOL` (maps, relative to the map's largest value; int8:
-            :data:`INT8_MAP_RTOL`).
+            :data:`SCAN_MAP_RTOL` with a reduced-precision scan).
     """
     t0 = time.perf_counter()
     plan = _plan(det, Path(out), format, dynamic, search, sizes, block_rows, force)
@@ -208,7 +218,7 @@ def export(
         _swap_in(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the new files on failure, the old on success
-    return ExportResult(out / MANIFEST, tuple(out / n for n in files), seconds, result)
+    return ExportResult(out / MANIFEST, tuple(out / n for n in files), seconds, result, plan.search)
 
 
 #: At most this many fixed-size graphs beside a dynamic one.
@@ -259,7 +269,12 @@ def _plan(
             "scale or keeps each image's size: export it with dynamic=True"
         )
     if search == "auto":
-        search = "int8" if format == "onnx" else "float32"
+        search = "int8" if format == "onnx" else "bfloat16"
+    if search == "bfloat16" and format != "openvino":
+        raise ExportError(
+            "search 'bfloat16' is for format 'openvino' (onnxruntime has no bfloat16 product "
+            "on the CPU): use search 'int8' or 'float32' for ONNX"
+        )
     extra = _common_sizes(det) if sizes is None else [tuple(map(int, s)) for s in sizes]
     for s in extra:
         if len(s) != 2 or not all(MIN_SIDE <= v <= MAX_SIDE for v in s):
@@ -292,15 +307,16 @@ def _write_graph(
     graph = _trace(det, folder / f"{name}.onnx", size, plan.search, plan.block_rows)
     xml = None
     if plan.format == "openvino":
-        xml = _to_openvino(graph, folder / f"{name}.xml")
+        xml = _to_openvino(graph, folder / f"{name}.xml", plan.search == "bfloat16")
     return {"size": None if size is None else list(size), "onnx": graph.name, "openvino": xml}
 
 
 def _trace(
     det: PatchCore, path: Path, size: tuple[int, int] | None, search: str, block_rows: int
 ) -> Path:
-    """The scoring graph (int8 search: :class:`Int8ScoringGraph`) traced to ONNX at ``path``."""
-    kind = Int8ScoringGraph if search == "int8" else ScoringGraph
+    """The scoring graph (a scan with re-check: :class:`Int8ScoringGraph`,
+    :class:`Bf16ScoringGraph`) traced to ONNX at ``path``."""
+    kind = {"int8": Int8ScoringGraph, "bfloat16": Bf16ScoringGraph}.get(search, ScoringGraph)
     graph = kind(det, size, block_rows=block_rows).eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dims: dict[int, Any] = {0: batch}
@@ -308,7 +324,7 @@ def _trace(
         dims[2] = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
         dims[3] = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
     example = _probes(size or (224, 224))[0]  # batch 2: export specialises dimensions of 1
-    table = translation_table() if search == "int8" else None
+    table = translation_table() if kind is not ScoringGraph else None
     quiet = logging.getLogger("onnx_ir")  # notes on empty attribute lists of torch's own ops
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -344,7 +360,7 @@ def _check_parity(det: PatchCore, export: LoadedExport, plan: _Plan) -> dict[str
             for p in _probes(size):
                 checks.append(parity(det.reference_scores(p), session.run(p.numpy())))
     result = {k: max(c[k] for c in checks) for k in ("score_rel", "map_rel")}
-    map_limit = INT8_MAP_RTOL if plan.search == "int8" else MAP_RTOL
+    map_limit = MAP_RTOL if plan.search == "float32" else SCAN_MAP_RTOL
     if not (result["score_rel"] <= SCORE_RTOL and result["map_rel"] <= map_limit):
         raise ExportError(
             f"the exported graph does not reproduce the torch path on the probe images "
@@ -418,15 +434,25 @@ def _swap_in(work: Path, out: Path) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
-def _to_openvino(onnx_path: Path, xml: Path) -> str:
-    """Convert an ONNX graph to OpenVINO's IR at ``xml`` (and its .bin); the xml's name."""
+def _to_openvino(onnx_path: Path, xml: Path, bf16: bool) -> str:
+    """Convert an ONNX graph to OpenVINO's IR at ``xml`` (and its .bin); the xml's name.
+    ``bf16``: the graph has the bfloat16 scan, whose products go to bfloat16 there."""
     try:
         import openvino as ov
     except ImportError:
         raise ExportError(
             "format 'openvino' needs the openvino package: pip install openvino"
         ) from None
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    model = ov.convert_model(str(onnx_path))
+    if bf16:
+        names = bf16_scan_nodes(onnx_path)
+        found = bf16_products(model, names)
+        if not names or found != len(names):
+            raise ExportError(
+                f"the bfloat16 scan's products ({len(names)} in the ONNX graph) were not all "
+                f"found in the OpenVINO model ({found}): export with search='float32'"
+            )
+    ov.save_model(model, str(xml), compress_to_fp16=False)
     return xml.name
 
 

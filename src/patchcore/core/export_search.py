@@ -1,16 +1,20 @@
-"""The exported graph's int8 nearest-row search with an exact float32 re-check (``search="int8"``
-of :func:`patchcore.core.export.export`).
+"""The exported graph's reduced-precision nearest-row searches with an exact float32 re-check:
+``search="int8"`` (onnxruntime) and ``search="bfloat16"`` (OpenVINO) of
+:func:`patchcore.core.export.export`.
 
-:class:`Int8ScoringGraph` is the :class:`~patchcore.core.graph.ScoringGraph` with another
-``patch_distances``; the backbone, the embedding, the image score and the map are the graph's own.
-Per batch of patches:
+:class:`Int8ScoringGraph` and :class:`Bf16ScoringGraph` are the
+:class:`~patchcore.core.graph.ScoringGraph` with another ``patch_distances``; the backbone, the
+embedding, the image score and the map are the graph's own. A custom torch op carries each
+scan through the exporter (:func:`translation_table` maps it to standard ONNX ops); its eager
+form does the deployed arithmetic.
+
+**int8**, per batch of patches:
 
 1. **int8 scan.** The centred patches are quantised to uint8 with one scale per call
    (``DynamicQuantizeLinear``), the bank's ``-2 b`` to int8 with one scale per bank row; each
    block of bank rows gives every patch the row with the smallest approximate
    ``|b|^2 - 2 q.b`` (``MatMulInteger`` -> float -> ``TopK`` 1). onnxruntime fuses the product
-   into one int8 GEMM (``DynamicQuantizeMatMul``, VNNI where the CPU has it). A custom torch op
-   carries the scan through the exporter (:func:`translation_table` maps it to those ONNX ops).
+   into one int8 GEMM (``DynamicQuantizeMatMul``, VNNI where the CPU has it).
 2. **Exact bound.** The float32 distance from each patch to the row the scan found: an upper
    bound of its nearest-row distance, equal to it whenever the scan found the nearest row.
 3. **Re-check** (as :func:`patchcore.core.search.patch_scores` does after its bfloat16 scan):
@@ -22,6 +26,16 @@ Per batch of patches:
 
 Map values are the bounds (exact where re-checked): at most the distance to the row the scan
 found instead of the nearest one (measured in benchmarks/RESULTS.md, "Export and runtime").
+
+**bfloat16** is the torch path's own default search (:func:`patchcore.core.search.patch_scores`)
+as a graph: ``[q, 1] [-2 b, |b|^2]^T`` in bfloat16 and its row minimum per block (ONNX
+``MatMul`` -> ``ReduceMin``), ``|q|^2`` added in float32, the error bound
+(:func:`~patchcore.core.search.bf16_error`), then the same re-check with error intervals. The
+ONNX graph holds those products in float32 (onnxruntime runs it exactly);
+:func:`bf16_products` puts them in bfloat16 in the OpenVINO model with explicit ``Convert``
+nodes, so they run in bfloat16 under the runtime's ``f32`` precision hint, which keeps the
+rest of the graph (backbone, re-check) in float32. Map values are the scan's estimates (exact
+where re-checked), as the torch path's.
 """
 
 from __future__ import annotations
@@ -32,11 +46,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from patchcore.core.graph import ScoringGraph
+from patchcore.core.search import bf16_error
 
 if TYPE_CHECKING:
     from patchcore.core.detector import PatchCore
 
-__all__ = ["Int8ScoringGraph", "translation_table"]
+__all__ = [
+    "BF16_SCAN",
+    "Bf16ScoringGraph",
+    "Int8ScoringGraph",
+    "bf16_products",
+    "translation_table",
+]
+
+#: The name of the bfloat16 scan's op: the exporter records it in the namespace of the ONNX
+#: nodes it becomes, which is how :func:`bf16_products` finds them.
+BF16_SCAN = "patchcore.bf16_min_sq"
 
 
 @torch.library.custom_op("patchcore::int8_nearest_row", mutates_args=())
@@ -60,8 +85,21 @@ def _(q: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, bias: torch.T
     return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.int64)
 
 
+@torch.library.custom_op("patchcore::bf16_min_sq", mutates_args=())
+def bf16_min_sq(q_ext: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """(Q, D + 1) ``[q, 1]``, (D + 1, M) ``[-2 b, |b|^2]^T`` -> (Q,) approximate
+    ``min |b|^2 - 2 q.b``. Eager: the product in bfloat16 and its minimum, as the OpenVINO
+    graph runs them after :func:`bf16_products` (and as the torch path's scan)."""
+    return (q_ext.to(torch.bfloat16) @ block.to(torch.bfloat16)).amin(1).float()
+
+
+@bf16_min_sq.register_fake
+def _(q_ext: torch.Tensor, block: torch.Tensor) -> Any:
+    return q_ext.new_empty(q_ext.shape[0])
+
+
 def translation_table() -> dict[Any, Any]:
-    """The exporter's translation of :func:`int8_nearest_row` to standard ONNX ops."""
+    """The exporter's translation of the scans to standard ONNX ops."""
     from onnxscript import opset18 as op
 
     def int8_nearest_row_onnx(q, weights, scale, bias):  # noqa: ANN001, ANN202
@@ -72,7 +110,61 @@ def translation_table() -> dict[Any, Any]:
         axes = op.Constant(value_ints=[1])
         return op.Squeeze(values, axes), op.Squeeze(rows, axes)
 
-    return {torch.ops.patchcore.int8_nearest_row.default: int8_nearest_row_onnx}
+    def bf16_min_sq_onnx(q_ext, block):  # noqa: ANN001, ANN202
+        axes = op.Constant(value_ints=[1])
+        return op.ReduceMin(op.MatMul(q_ext, block), axes, keepdims=0)  # bf16: bf16_products
+
+    return {
+        torch.ops.patchcore.int8_nearest_row.default: int8_nearest_row_onnx,
+        torch.ops.patchcore.bf16_min_sq.default: bf16_min_sq_onnx,
+    }
+
+
+def bf16_scan_nodes(onnx_path: Any) -> list[str]:
+    """Names of the ``MatMul`` nodes of the bfloat16 scan in an exported ONNX graph."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul"
+        and any(p.key == "namespace" and BF16_SCAN in p.value for p in n.metadata_props)
+    ]
+
+
+def bf16_products(model: Any, names: list[str]) -> int:
+    """Put the ``MatMul`` nodes called ``names`` of an OpenVINO ``model`` in bfloat16 (inputs
+    converted to bfloat16, the product and the minimum after it in bfloat16, converted back
+    after the minimum). Returns how many it changed."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    wanted, done = set(names), 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "MatMul" or node.get_friendly_name() not in wanted:
+            continue
+        attrs = node.get_attributes()
+        product = ops.matmul(
+            ops.convert(node.input_value(0), ov.Type.bf16),
+            ops.convert(node.input_value(1), ov.Type.bf16),
+            attrs["transpose_a"],
+            attrs["transpose_b"],
+        )
+        for target in list(node.output(0).get_target_inputs()):
+            user = target.get_node()
+            if user.get_type_name() == "ReduceMin":  # the minimum in bfloat16 too
+                least = ops.reduce_min(
+                    product, user.input_value(1), user.get_attributes()["keep_dims"]
+                )
+                back = ops.convert(least, ov.Type.f32)
+                for t2 in list(user.output(0).get_target_inputs()):
+                    t2.replace_source_output(back.output(0))
+            else:
+                target.replace_source_output(ops.convert(product, ov.Type.f32).output(0))
+        done += 1
+    model.validate_nodes_and_infer_types()
+    return done
 
 
 class Int8ScoringGraph(ScoringGraph):
@@ -127,6 +219,42 @@ class Int8ScoringGraph(ScoringGraph):
         floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]  # (B, 1) squared
         d2 = bound.index_put((first,), exact1)
         reach = (bound.view(b, p) >= floor * (1 - 1e-6)).reshape(-1)
+        reach = reach.index_put((first,), torch.zeros_like(first, dtype=torch.bool))
+        second = reach.nonzero().squeeze(1)
+        d2 = d2.index_put((second,), self.min_sq(flat[second]).clamp(min=0.0))
+        return d2.sqrt().view(b, p)
+
+
+class Bf16ScoringGraph(ScoringGraph):
+    """:class:`~patchcore.core.graph.ScoringGraph` with the bfloat16 scan and its re-check
+    (see the module docstring); arguments as the graph's."""
+
+    def __init__(self, det: PatchCore, size: tuple[int, int] | None, block_rows: int = 4096):
+        super().__init__(det, size, block_rows=block_rows)
+        centred = det.state_.memory_bank.detach().float().cpu() - self.bank_mean
+        self.max_norm = float(centred.norm(dim=1).max())
+
+    def patch_distances(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) -> (B, P) distances, exact for each image's ``top_k`` largest."""
+        b, p, d = patches.shape
+        flat = patches.reshape(b * p, d)
+        qc = flat - self.bank_mean
+        qsq = (qc * qc).sum(1)
+        q_ext = torch.cat([qc, torch.ones_like(qc[:, :1])], 1)
+        best = None
+        for i in range(self.n_blocks):
+            part = torch.ops.patchcore.bf16_min_sq(q_ext, getattr(self, f"block{i}"))
+            best = part if best is None else torch.minimum(best, part)
+        assert best is not None
+        d2 = (best + qsq).clamp(min=0.0)
+        err = bf16_error(qsq, self.max_norm, d)
+        k = self.top_k
+        first = d2.view(b, p).topk(torch.sym_min(2 * k, p), dim=1).indices
+        first = (first + torch.arange(b).view(b, 1) * p).reshape(-1)
+        exact1 = self.min_sq(flat[first]).clamp(min=0.0)
+        floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]  # (B, 1) squared
+        d2 = d2.index_put((first,), exact1)
+        reach = ((d2 + err).view(b, p) >= floor * (1 - 1e-6)).reshape(-1)
         reach = reach.index_put((first,), torch.zeros_like(first, dtype=torch.bool))
         second = reach.nonzero().squeeze(1)
         d2 = d2.index_put((second,), self.min_sq(flat[second]).clamp(min=0.0))

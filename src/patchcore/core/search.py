@@ -29,6 +29,7 @@ from patchcore.core import params
 __all__ = [
     "PRECISIONS",
     "NearestNeighborIndex",
+    "bf16_error",
     "cpu_has_bf16",
     "nearest_neighbors",
     "patch_scores",
@@ -179,11 +180,7 @@ class NearestNeighborIndex:
             part = torch.mm(q_ext[lo : lo + step], bank_t, out=block[: min(step, q.shape[0] - lo)])
             out[lo : lo + step] = part.amin(1)
         out += qsq
-        big = self._max_norm
-        err = (2 * big * big + 6 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT) + (d + 2) * 2.0**-22 * (
-            big * big + qsq
-        )
-        return out, err
+        return out, bf16_error(qsq, self._max_norm, d)
 
     def _centred(self, queries: torch.Tensor) -> torch.Tensor:
         d = self._bank_ext.shape[1] - 1
@@ -271,6 +268,16 @@ def nearest_neighbors(
         distances (Q, k) ascending and indices (Q, k) int64.
     """
     return NearestNeighborIndex(bank, max_block_bytes=max_block_bytes).search(queries, k)
+
+
+def bf16_error(qsq: torch.Tensor, big: float, d: int) -> torch.Tensor:
+    """(Q,) bound on the error of a bfloat16 scan's squared distances: ``1.01 u (2 B^2 +
+    6 |q| B)`` with u = 2^-8 (rounding of q, b and |b|^2 to bfloat16, and of the bfloat16
+    product), plus the float32 accumulation over ``d + 2`` terms; ``qsq`` (Q,) the centred
+    queries' squared norms, ``big`` (B) the largest centred bank norm."""
+    return (2 * big * big + 6 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT) + (d + 2) * 2.0**-22 * (
+        big * big + qsq
+    )
 
 
 def patch_scores(

@@ -266,7 +266,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "bank_rows": _integer(1),
     "num_neighbors": _integer(1),
     "top_k": _integer(1),
-    "search": _choice("float32", "int8"),
+    "search": _choice("float32", "int8", "bfloat16"),
     "graphs": _graphs,
     "backbone_dtype": _text,
     "package_version": _text,

@@ -13,6 +13,7 @@ from patchcore.apps.cli import base
 __all__ = ["export_model"]
 
 ExportFormat = base.choices("ExportFormat", ("onnx", "openvino"))
+ExportSearch = base.choices("ExportSearch", ("auto", "int8", "bfloat16", "float32"))
 
 
 @base.command("export")
@@ -30,6 +31,13 @@ def export_model(
             "--dynamic/--fixed",
         ),
     ] = None,
+    search: Annotated[
+        ExportSearch,
+        typer.Option(
+            help="Nearest-row search in the graph: int8 (onnx) or bfloat16 (openvino) scan with "
+            "an exact float32 re-check, or float32 (exact maps); auto: by the format."
+        ),
+    ] = ExportSearch.auto,  # type: ignore[attr-defined]
     block_rows: Annotated[
         int, typer.Option(help="Memory-bank rows per distance block in the graph.", min=1)
     ] = 4096,
@@ -47,6 +55,7 @@ def export_model(
                 out,
                 format=format.value,
                 dynamic=dynamic,
+                search=search.value,
                 block_rows=block_rows,
                 source=model,
                 force=force,
@@ -57,7 +66,8 @@ def export_model(
         f"Exported {model} to {out} in {r.seconds:.1f} s ({', '.join(f.name for f in r.files)})"
     )
     typer.echo(
-        f"Parity with the torch path (float32 search) on the probe images: scores "
+        f"Parity with the torch path (float32 search) on the probe images, {r.search} search: "
+        f"scores "
         f"{r.parity['score_rel']:.2g} relative, maps {r.parity['map_rel']:.2g} of their maximum"
     )
     typer.echo(f"Run it with: patchcore-run {out} IMAGES...")

@@ -5,7 +5,8 @@ with its exact re-check on CPUs with native bfloat16) fitted on every training i
 ``--train N``, a seeded subset; fitted models are cached in ``--models``), calibrated (max F1)
 on the test set, then exported twice with the defaults of ``patchcore export``: ONNX
 (``search="auto"``: the int8 search with its exact float32 re-check, plus fixed-size graphs for
-the common training sizes) and OpenVINO (float32 search). Every test image is then inspected
+the common training sizes) and OpenVINO (``search="auto"``: the bfloat16 scan with the same
+re-check, since the fifth stop; float32 before). Every test image is then inspected
 (``iter_inspect``: decode, resize, graph, native-size map, record with regions) by three routes,
 one after the other in chunks of ``--chunk`` images so that every route sees the same load:
 
@@ -165,6 +166,8 @@ def run(name: str, args: argparse.Namespace) -> dict:
         info = ExportedModel(tmp / "onnx").info
         row["onnx_graphs"] = [g["size"] for g in info["graphs"]]
         row["onnx_search"] = info["search"]
+    if ov_s is not None:
+        row["openvino_search"] = ExportedModel(tmp / "openvino").info["search"]
     return append_row(ROWS, row)
 
 

@@ -147,6 +147,30 @@ def test_openvino_model_runs_the_scan_in_bfloat16_and_the_rest_in_float32(fixed)
     assert kinds[("MatMul", "<Type: 'float32'>")] >= 1  # the re-check
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino does not install on this platform")
+def test_openvino_scan_rounds_as_the_torch_path(fixed, images):
+    """OpenVINO's conversion to bfloat16 truncates; the graph rounds to nearest first, so the
+    OpenVINO maps are the eager bfloat16 graph's (the torch path's arithmetic) up to the order
+    of the sums, not twice as far from float32's (as truncated inputs measured on casting)."""
+    from patchcore.core.export_search import Bf16ScoringGraph
+    from patchcore.core.graph import ScoringGraph
+
+    det, out = fixed
+    model = ExportedModel(out)
+    batch = next(iter(model._batches(images, "raise")))  # every set's images at 96 x 96
+    session = model.sessions[(96, 96)]
+    _, ov_maps = session.run(batch.pixels)
+    x = torch.from_numpy(batch.pixels)
+    with torch.no_grad():
+        eager = Bf16ScoringGraph(det, (96, 96)).eval()(x)[1].numpy()
+        exact = ScoringGraph(det, (96, 96)).eval()(x)[1].numpy()
+    top = exact.reshape(len(exact), -1).max(1)
+    to_eager = (np.abs(ov_maps - eager).reshape(len(top), -1).max(1) / top).max()
+    to_exact = (np.abs(eager - exact).reshape(len(top), -1).max(1) / top).max()
+    assert to_exact > 1e-4  # the bfloat16 scan's own error is there to see
+    assert to_eager <= 0.1 * to_exact, (to_eager, to_exact)
+
+
 def test_bfloat16_search_is_refused_for_onnx(fixed, tmp_path):
     det, _ = fixed
     with pytest.raises(ExportError, match="search 'bfloat16' is for format 'openvino'"):

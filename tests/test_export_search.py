@@ -100,7 +100,7 @@ def test_the_bf16_scan_alone_would_miss_the_top_k():
         q_ext = torch.cat([flat, torch.ones_like(flat[:, :1])], 1)
         with torch.no_grad():
             parts = [
-                torch.ops.patchcore.bf16_min_sq(q_ext, getattr(graph, f"block{i}"))
+                torch.ops.patchcore.bf16_min_sq(q_ext, getattr(graph, f"bf16_block{i}"))
                 for i in range(graph.n_blocks)
             ]
             est = (torch.stack(parts).amin(0) + (flat * flat).sum(1)).clamp(min=0).sqrt()

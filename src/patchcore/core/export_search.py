@@ -87,9 +87,10 @@ def _(q: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, bias: torch.T
 
 @torch.library.custom_op("patchcore::bf16_min_sq", mutates_args=())
 def bf16_min_sq(q_ext: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """(Q, D + 1) ``[q, 1]``, (D + 1, M) ``[-2 b, |b|^2]^T`` -> (Q,) approximate
-    ``min |b|^2 - 2 q.b``. Eager: the product in bfloat16 and its minimum, as the OpenVINO
-    graph runs them after :func:`bf16_products` (and as the torch path's scan)."""
+    """(Q, D + 1) ``[q, 1]``, (D + 1, M) ``[-2 b, |b|^2]^T`` (values bfloat16 holds) ->
+    (Q,) approximate ``min |b|^2 - 2 q.b``. Eager: ``q`` rounded to bfloat16, the product in
+    bfloat16 and its minimum, as the OpenVINO graph runs them after :func:`bf16_products` (and
+    as the torch path's scan)."""
     return (q_ext.to(torch.bfloat16) @ block.to(torch.bfloat16)).amin(1).float()
 
 
@@ -111,8 +112,12 @@ def translation_table() -> dict[Any, Any]:
         return op.Squeeze(values, axes), op.Squeeze(rows, axes)
 
     def bf16_min_sq_onnx(q_ext, block):  # noqa: ANN001, ANN202
+        # q to bfloat16's 8 significant bits, rounded to nearest (Veltkamp's split with
+        # 2^16 + 1), so that OpenVINO's conversion to bfloat16, which truncates, is exact
+        t = op.Mul(q_ext, op.Constant(value_float=65537.0))
+        q_rounded = op.Sub(t, op.Sub(t, q_ext))
         axes = op.Constant(value_ints=[1])
-        return op.ReduceMin(op.MatMul(q_ext, block), axes, keepdims=0)  # bf16: bf16_products
+        return op.ReduceMin(op.MatMul(q_rounded, block), axes, keepdims=0)  # bf16_products
 
     return {
         torch.ops.patchcore.int8_nearest_row.default: int8_nearest_row_onnx,
@@ -233,6 +238,9 @@ class Bf16ScoringGraph(ScoringGraph):
         super().__init__(det, size, block_rows=block_rows)
         centred = det.state_.memory_bank.detach().float().cpu() - self.bank_mean
         self.max_norm = float(centred.norm(dim=1).max())
+        for i in range(self.n_blocks):  # the scan's blocks, rounded to bfloat16 here (nearest)
+            block = getattr(self, f"block{i}").to(torch.bfloat16).float()
+            self.register_buffer(f"bf16_block{i}", block.contiguous())
 
     def patch_distances(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, P, D) -> (B, P) distances, exact for each image's ``top_k`` largest."""
@@ -243,7 +251,7 @@ class Bf16ScoringGraph(ScoringGraph):
         q_ext = torch.cat([qc, torch.ones_like(qc[:, :1])], 1)
         best = None
         for i in range(self.n_blocks):
-            part = torch.ops.patchcore.bf16_min_sq(q_ext, getattr(self, f"block{i}"))
+            part = torch.ops.patchcore.bf16_min_sq(q_ext, getattr(self, f"bf16_block{i}"))
             best = part if best is None else torch.minimum(best, part)
         assert best is not None
         d2 = (best + qsq).clamp(min=0.0)

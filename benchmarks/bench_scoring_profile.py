@@ -19,12 +19,19 @@ plain ``F.conv2d`` instead of the packed oneDNN convolutions.
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py gemm
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py shapes --images 200
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py ov-precision --sets casting
+    PYTHONPATH=src python benchmarks/bench_scoring_profile.py map-error --images 48
 
 ``ov-precision``: the OpenVINO export of a set's default model (float32 search, fixed-size
 graph) on ``--images`` of its test images in batches of 8, compiled with OpenVINO's inference
 precision hint ``f32`` (what the runtime pins) and ``bf16`` (every product in bfloat16, on CPUs
 that have it): graph ms per image (median of 5 passes) and the largest relative difference of
 the bf16 graph's image scores from the f32 graph's (the export's parity limit is 1e-4).
+
+``map-error``: each route's maps against the float32 search's (the torch path with
+``search_precision="float32"``) on ``--images`` test images of a set in a seeded order: torch's
+default path (bfloat16 scan), the default ONNX export (int8 scan) and the default OpenVINO
+export (bfloat16 scan), all re-checked, so scores agree; per image the largest absolute map
+difference over the float32 map's maximum, the largest and median over the images.
 
 Prints one JSON line per measurement with the machine and the 1-minute load.
 """
@@ -242,9 +249,41 @@ def ov_precision(name: str, n: int) -> None:
     })  # fmt: skip
 
 
+def map_error(name: str, n: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from patchcore.core.export import export
+    from patchcore.lean.runtime import ExportedModel
+
+    det = _model(name)
+    files = sorted(
+        p
+        for p in (DATA / name / "test").rglob("*")
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:n]]
+    tmp = Path(tempfile.mkdtemp(prefix="map-error-"))
+    export(det, tmp / "openvino", format="openvino")
+    export(det, tmp / "onnx")
+    maps = {"torch": [r.anomaly_map for r in det.inspect(files)]}
+    for route in ("onnx", "openvino"):
+        model = ExportedModel(tmp / route)
+        maps[f"{route} ({model.info['search']})"] = [r.anomaly_map for r in model.inspect(files)]
+    det.set_params(search_precision="float32")
+    exact = [r.anomaly_map for r in det.inspect(files)]
+    errors = {}
+    for route, got in maps.items():
+        rel = [float(np.abs(a - b).max() / b.max()) for a, b in zip(got, exact, strict=True)]
+        errors[route] = {"max": round(max(rel), 4), "median": round(float(np.median(rel)), 4)}
+    _emit({"bench": "map-error", "set": name, "images": len(files), "vs_float32": errors})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("profile", "gemm", "shapes", "shapes-one", "ov-precision"))
+    ap.add_argument(
+        "what", choices=("profile", "gemm", "shapes", "shapes-one", "ov-precision", "map-error")
+    )
     ap.add_argument("--mode", choices=list(SHAPE_MODES), default="as today")
     ap.add_argument("--sets", nargs="+", default=["deeppcb", "magnetic_tile", "casting"])
     ap.add_argument("--images", type=int, default=200)
@@ -260,6 +299,9 @@ def main() -> None:
     elif args.what == "ov-precision":
         for name in args.sets:
             ov_precision(name, args.images)
+    elif args.what == "map-error":
+        for name in args.sets:
+            map_error(name, args.images)
     else:
         shapes_one(args.mode, args.images)
 

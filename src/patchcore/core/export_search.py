@@ -34,8 +34,10 @@ as a graph: ``[q, 1] [-2 b, |b|^2]^T`` in bfloat16 and its row minimum per block
 ONNX graph holds those products in float32 (onnxruntime runs it exactly);
 :func:`bf16_products` puts them in bfloat16 in the OpenVINO model with explicit ``Convert``
 nodes, so they run in bfloat16 under the runtime's ``f32`` precision hint, which keeps the
-rest of the graph (backbone, re-check) in float32. Map values are the scan's estimates (exact
-where re-checked), as the torch path's.
+rest of the graph (backbone, re-check) in float32. OpenVINO's conversion to bfloat16 truncates
+where torch's rounds to nearest, so the graph rounds ``q`` first (and the bank blocks are
+rounded at export): the OpenVINO scan is the torch path's arithmetic. Map values are the scan's
+estimates (exact where re-checked), as the torch path's.
 """
 
 from __future__ import annotations
@@ -56,11 +58,12 @@ __all__ = [
     "Bf16ScoringGraph",
     "Int8ScoringGraph",
     "bf16_products",
+    "bf16_scan_nodes",
     "translation_table",
 ]
 
 #: The name of the bfloat16 scan's op: the exporter records it in the namespace of the ONNX
-#: nodes it becomes, which is how :func:`bf16_products` finds them.
+#: nodes it becomes, which is how :func:`bf16_scan_nodes` finds them.
 BF16_SCAN = "patchcore.bf16_min_sq"
 
 

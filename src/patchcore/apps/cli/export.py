@@ -66,8 +66,8 @@ def export_model(
         f"Exported {model} to {out} in {r.seconds:.1f} s ({', '.join(f.name for f in r.files)})"
     )
     typer.echo(
-        f"Parity with the torch path (float32 search) on the probe images, {r.search} search: "
-        f"scores "
-        f"{r.parity['score_rel']:.2g} relative, maps {r.parity['map_rel']:.2g} of their maximum"
+        f"Parity with the torch path (float32 search) on the probe images: scores "
+        f"{r.parity['score_rel']:.2g} relative, maps {r.parity['map_rel']:.2g} of their maximum "
+        f"(the graph's search: {r.search})"
     )
     typer.echo(f"Run it with: patchcore-run {out} IMAGES...")

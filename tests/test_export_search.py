@@ -30,10 +30,11 @@ def _patches(bank: torch.Tensor, b: int, p: int, seed: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("top_k", [1, 3, 10])
-def test_each_images_top_k_is_exact_and_the_rest_are_upper_bounds(top_k):
+def _top_k_exact(kind: type, top_k: int) -> tuple:
+    """A ``kind`` graph (several bank blocks) on drawn patches: (graph, bank, patches, its
+    distances, the float32 search's), each image's ``top_k`` largest checked equal."""
     det = toy_detector()
-    graph = Int8ScoringGraph(det, (64, 64), block_rows=37).eval()  # several int8 blocks
+    graph = kind(det, (64, 64), block_rows=37).eval()
     graph.top_k = top_k
     bank = det.memory_bank_.float()
     patches = _patches(bank, 4, 90, seed=top_k)
@@ -43,6 +44,12 @@ def test_each_images_top_k_is_exact_and_the_rest_are_upper_bounds(top_k):
     torch.testing.assert_close(
         got.topk(top_k, dim=1).values, exact.topk(top_k, dim=1).values, rtol=1e-6, atol=0
     )
+    return graph, bank, patches, got, exact
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_each_images_top_k_is_exact_and_the_rest_are_upper_bounds(top_k):
+    graph, bank, patches, got, exact = _top_k_exact(Int8ScoringGraph, top_k)
     # upper bounds up to the rounding of the float32 expansion |p|^2 - 2 p.b + |b|^2, which is
     # absolute in the squared distance: a few float32 epsilons of the squared norms
     norms2 = patches.square().sum(-1).max() + bank.square().sum(-1).max()
@@ -71,17 +78,7 @@ def test_the_scan_alone_would_miss_the_top_k():
 
 @pytest.mark.parametrize("top_k", [1, 3, 10])
 def test_bf16_graph_top_k_is_exact_and_the_rest_within_the_bound(top_k):
-    det = toy_detector()
-    graph = Bf16ScoringGraph(det, (64, 64), block_rows=37).eval()  # several blocks
-    graph.top_k = top_k
-    bank = det.memory_bank_.float()
-    patches = _patches(bank, 4, 90, seed=top_k)
-    with torch.no_grad():
-        got = graph.patch_distances(patches)
-        exact = ScoringGraph.patch_distances(graph, patches)  # the float32 search
-    torch.testing.assert_close(
-        got.topk(top_k, dim=1).values, exact.topk(top_k, dim=1).values, rtol=1e-6, atol=0
-    )
+    graph, _, patches, got, exact = _top_k_exact(Bf16ScoringGraph, top_k)
     qc = patches.reshape(-1, patches.shape[-1]) - graph.bank_mean
     err = bf16_error((qc * qc).sum(1), graph.max_norm, qc.shape[1]).view(got.shape)
     assert ((got.square() - exact.square()).abs() <= err * 1.001).all()

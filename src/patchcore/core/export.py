@@ -96,9 +96,9 @@ OPSET = 18
 #: Parity an export must reach on its probe images (relative to the torch path in float32).
 SCORE_RTOL = 1e-4
 MAP_RTOL = 1e-3
-#: ... with a reduced-precision scan (int8, bfloat16): map values are exact distances to the
-#: row the scan found (the torch path's default bfloat16 search carries map errors of this
-#: order too).
+#: ... with a reduced-precision scan: map values are the distance to the row the int8 scan
+#: found, or the bfloat16 scan's estimate (the torch path's default search carries map errors
+#: of this order too).
 SCAN_MAP_RTOL = 2e-2
 
 
@@ -197,7 +197,7 @@ def export(
         ExportError: unsupported format, search or model, a non-finite threshold, ``out`` holds
             something else than an export (without ``force``), or the export differs from the
             torch path on the probe images by more than :data:`SCORE_RTOL` (scores, relative)
-            or :data:`MAP_RTOL` (maps, relative to the map's largest value; int8:
+            or :data:`MAP_RTOL` (maps, relative to the map's largest value;
             :data:`SCAN_MAP_RTOL` with a reduced-precision scan).
     """
     t0 = time.perf_counter()

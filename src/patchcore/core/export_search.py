@@ -142,9 +142,10 @@ def bf16_scan_nodes(onnx_path: Any) -> list[str]:
 
 
 def bf16_products(model: Any, names: list[str]) -> int:
-    """Put the ``MatMul`` nodes called ``names`` of an OpenVINO ``model`` in bfloat16 (inputs
-    converted to bfloat16, the product and the minimum after it in bfloat16, converted back
-    after the minimum). Returns how many it changed."""
+    """Put the ``MatMul`` nodes called ``names`` of an OpenVINO ``model``, each followed by its
+    row minimum (``ReduceMin``), in bfloat16: inputs converted to bfloat16, product and minimum
+    in bfloat16, the minimum converted back to float32. Returns how many it changed (a product
+    feeding anything else is left as it is, so the caller's count check refuses it)."""
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -152,27 +153,53 @@ def bf16_products(model: Any, names: list[str]) -> int:
     for node in model.get_ordered_ops():
         if node.get_type_name() != "MatMul" or node.get_friendly_name() not in wanted:
             continue
-        attrs = node.get_attributes()
+        users = [t.get_node() for t in node.output(0).get_target_inputs()]
+        if len(users) != 1 or users[0].get_type_name() != "ReduceMin":
+            continue
+        least, attrs = users[0], node.get_attributes()
         product = ops.matmul(
             ops.convert(node.input_value(0), ov.Type.bf16),
             ops.convert(node.input_value(1), ov.Type.bf16),
             attrs["transpose_a"],
             attrs["transpose_b"],
         )
-        for target in list(node.output(0).get_target_inputs()):
-            user = target.get_node()
-            if user.get_type_name() == "ReduceMin":  # the minimum in bfloat16 too
-                least = ops.reduce_min(
-                    product, user.input_value(1), user.get_attributes()["keep_dims"]
-                )
-                back = ops.convert(least, ov.Type.f32)
-                for t2 in list(user.output(0).get_target_inputs()):
-                    t2.replace_source_output(back.output(0))
-            else:
-                target.replace_source_output(ops.convert(product, ov.Type.f32).output(0))
+        low = ops.reduce_min(product, least.input_value(1), least.get_attributes()["keep_dims"])
+        back = ops.convert(low, ov.Type.f32)
+        for target in list(least.output(0).get_target_inputs()):
+            target.replace_source_output(back.output(0))
         done += 1
     model.validate_nodes_and_infer_types()
     return done
+
+
+def _recheck(
+    graph: ScoringGraph,
+    flat: torch.Tensor,
+    estimate: torch.Tensor,
+    upper: torch.Tensor,
+    shape: tuple[Any, Any],
+) -> torch.Tensor:
+    """The exact re-check (the module docstring) of a scan's squared distances.
+
+    Args:
+        flat: (B P, D) patches. estimate: (B P,) the scan's squared distances; upper: (B P,)
+            an upper bound of each true squared distance. shape: (B, P).
+
+    Returns:
+        (B, P) distances: the estimates, exact for each image's ``top_k`` largest.
+    """
+    b, p = shape
+    k = graph.top_k
+    first = estimate.view(b, p).topk(torch.sym_min(2 * k, p), dim=1).indices
+    first = (first + torch.arange(b).view(b, 1) * p).reshape(-1)
+    exact1 = graph.min_sq(flat[first]).clamp(min=0.0)
+    floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]  # (B, 1) squared
+    d2 = estimate.index_put((first,), exact1)
+    reach = (upper.view(b, p) >= floor * (1 - 1e-6)).reshape(-1)
+    reach = reach.index_put((first,), torch.zeros_like(first, dtype=torch.bool))
+    second = reach.nonzero().squeeze(1)
+    d2 = d2.index_put((second,), graph.min_sq(flat[second]).clamp(min=0.0))
+    return d2.sqrt().view(b, p)
 
 
 class Int8ScoringGraph(ScoringGraph):
@@ -220,17 +247,7 @@ class Int8ScoringGraph(ScoringGraph):
         flat = patches.reshape(b * p, d)
         qc = flat - self.bank_mean
         bound = ((qc - self.rows[self._scan(qc)]) ** 2).sum(1)  # >= the nearest squared
-        k = self.top_k
-        first = bound.view(b, p).topk(torch.sym_min(2 * k, p), dim=1).indices
-        first = (first + torch.arange(b).view(b, 1) * p).reshape(-1)
-        exact1 = self.min_sq(flat[first]).clamp(min=0.0)
-        floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]  # (B, 1) squared
-        d2 = bound.index_put((first,), exact1)
-        reach = (bound.view(b, p) >= floor * (1 - 1e-6)).reshape(-1)
-        reach = reach.index_put((first,), torch.zeros_like(first, dtype=torch.bool))
-        second = reach.nonzero().squeeze(1)
-        d2 = d2.index_put((second,), self.min_sq(flat[second]).clamp(min=0.0))
-        return d2.sqrt().view(b, p)
+        return _recheck(self, flat, bound, bound, (b, p))
 
 
 class Bf16ScoringGraph(ScoringGraph):
@@ -258,15 +275,4 @@ class Bf16ScoringGraph(ScoringGraph):
             best = part if best is None else torch.minimum(best, part)
         assert best is not None
         d2 = (best + qsq).clamp(min=0.0)
-        err = bf16_error(qsq, self.max_norm, d)
-        k = self.top_k
-        first = d2.view(b, p).topk(torch.sym_min(2 * k, p), dim=1).indices
-        first = (first + torch.arange(b).view(b, 1) * p).reshape(-1)
-        exact1 = self.min_sq(flat[first]).clamp(min=0.0)
-        floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]  # (B, 1) squared
-        d2 = d2.index_put((first,), exact1)
-        reach = ((d2 + err).view(b, p) >= floor * (1 - 1e-6)).reshape(-1)
-        reach = reach.index_put((first,), torch.zeros_like(first, dtype=torch.bool))
-        second = reach.nonzero().squeeze(1)
-        d2 = d2.index_put((second,), self.min_sq(flat[second]).clamp(min=0.0))
-        return d2.sqrt().view(b, p)
+        return _recheck(self, flat, d2, d2 + bf16_error(qsq, self.max_norm, d), (b, p))

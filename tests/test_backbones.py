@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from patchcore.core import fused
 from patchcore.core.backbones import BACKBONES, BackboneWeightsError, FeatureExtractor
 from patchcore.core.embedding import embed, flatten_patches, local_average, reduce_channels
 
@@ -156,6 +157,51 @@ def test_fused_resnet_equals_unfused_modules(name: str, mkldnn) -> None:
         x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(b))
         with torch.inference_mode():
             _assert_features_close(fe(x), fe.reference_forward(x))
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18"])
+def test_packed_weights_kept_across_sizes_give_the_features_of_a_cold_plan(
+    name: str, monkeypatch
+) -> None:
+    """Many input sizes in turn reuse a few packed weights (one per batch, channels, odd
+    padding and area class): each image's features are those of a plan that never saw
+    another size, bit for bit."""
+    import warnings
+
+    if not fused.use_mkldnn(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN convolutions here: nothing is packed")
+    packed = []
+    reorder = torch.ops.mkldnn._reorder_convolution_weight
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_reorder_convolution_weight", lambda *a: packed.append(1) or reorder(*a)
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lite = "lite" in name
+        fe = FeatureExtractor(
+            name,
+            ["stage2", "stage3"] if lite else ["layer2"],
+            **({} if lite else {"weights": None}),
+        )
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(97, 131), (96, 128), (101, 120), (64, 200), (130, 99), (97, 131), (40, 52)]
+    images = [torch.randn(1, 3, h, w, generator=gen) for h, w in sizes]
+    with torch.inference_mode():
+        warm = [fe(x) for x in images]
+        convs = len(_convs(fe))
+        assert 0 < len(packed) <= 3 * convs  # 6 sizes: at most 3 packings per convolution
+        for x, got in zip(images, warm, strict=True):
+            fe._plan = None  # a cold plan: packs its weights for this size alone
+            cold = fe(x)
+            assert all(torch.equal(got[k], cold[k]) for k in cold)
+
+
+def _convs(fe: FeatureExtractor) -> list:
+    plan = fe._get_plan(torch.device("cpu"))
+    steps = [s for _, stage in plan.stages for s in stage]
+    blocks = [c for s in steps for c in [*getattr(s, "body", [s]), getattr(s, "shortcut", None)]]
+    return [c for c in blocks if isinstance(c, fused._Conv)]
 
 
 def test_fused_plan_keeps_the_standard_state_and_follows_loaded_weights() -> None:

@@ -20,7 +20,7 @@ class UnsupportedLayerError(Exception):
 
 
 _CHUNK_PIXELS = 2**18  # input pixels per forward pass of the plan on CPU (~5 images of 224x224)
-_CACHED_SHAPES = 4  # input shapes per convolution whose (packed) weights are kept
+_CACHED_SHAPES = 8  # packings per convolution kept (see _pack_key)
 _ACTIVATIONS = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
 
 
@@ -58,6 +58,12 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, 
     return w, b
 
 
+def _pack_key(shape: torch.Size, odd: tuple[int, int]) -> tuple[int, ...]:
+    """What a packed weight is kept for: batch, channels, odd padding, log2 of the area."""
+    area = max(1, int(shape[-2]) * int(shape[-1]))
+    return (int(shape[0]), int(shape[1]), *odd, area.bit_length())
+
+
 class _Conv:
     """A frozen convolution with its BatchNorm folded in, then activation ``act``.
 
@@ -91,35 +97,42 @@ class _Conv:
         self.act = act
         self.mkldnn = mkldnn
         self._attr, self._scalars = _ACTIVATIONS[act]
-        self._cache: dict[torch.Size, tuple[torch.Tensor, list[int]]] = {}
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _weight(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """(weight, symmetric padding) for input ``x``; packed for oneDNN on that path.
 
-        Cached by input shape (a few shapes): oneDNN picks its weight layout by shape, and a
-        layout packed for another shape can be much slower (e.g. resnet50 at small sizes).
+        oneDNN picks its packed weight layout by input shape, and a layout packed for a very
+        different shape can be much slower (e.g. resnet50 at small sizes), so packed weights
+        are kept per :func:`_pack_key`: batch, channels, the odd-padding pattern (it changes
+        the kernel) and the input's area to a power of two. Inputs of many sizes (each one
+        new, as in magnetic_tile) then reuse a few packings instead of packing every layer
+        per size. The result does not depend on the packing (oneDNN reorders a weight whose
+        layout does not suit the shape), only the speed.
         """
         shape = x.shape
-        hit = self._cache.get(shape)
-        if hit is not None:
-            return hit
         w = self.weight
         if self.same:
             pads = []
             for i, k, s in zip(shape[-2:], w.shape[-2:], self.stride, strict=True):
                 pads.append(max((math.ceil(i / s) - 1) * s + k - i, 0))
-            if pads[0] % 2 or pads[1] % 2:
-                w = F.pad(w, [pads[1] % 2, 0, pads[0] % 2, 0])
+            odd = (pads[0] % 2, pads[1] % 2)
             padding = [p - p // 2 for p in pads]
         else:
-            padding = list(self.padding)
+            odd, padding = (0, 0), list(self.padding)
+        key = _pack_key(shape, odd)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit, padding
+        if odd[0] or odd[1]:
+            w = F.pad(w, [odd[1], 0, odd[0], 0])
         if self.mkldnn:
             w = torch.ops.mkldnn._reorder_convolution_weight(
                 w, padding, self.stride, [1, 1], self.groups, list(shape)
             )
         if len(self._cache) >= _CACHED_SHAPES:
             self._cache.pop(next(iter(self._cache)), None)  # the oldest
-        self._cache[shape] = (w, padding)
+        self._cache[key] = w
         return w, padding
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchcore.core.search import NearestNeighborIndex, nearest_neighbors, patch_scores
+from patchcore.core.search import (
+    NearestNeighborIndex,
+    bf16_error,
+    nearest_neighbors,
+    patch_scores,
+)
 
 
 def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
@@ -157,6 +162,25 @@ def test_bfloat16_error_bound_holds():
     d2_32, err_32 = NearestNeighborIndex(bank).min_sq_bounded(queries)
     assert torch.all(err_32 == 0)
     torch.testing.assert_close(d2_32.double(), exact, rtol=1e-4, atol=1e-3)
+
+
+def test_bfloat16_error_bound_holds_where_every_rounding_adds_up():
+    """Components just under half a bfloat16 step, the nearest row the query itself: the
+    roundings of q and -2 b add up to about 4 u |q| |b|, most of the a-posteriori bound
+    (which the worst case respects and the first form exceeds by far)."""
+    d, u = 128, 2.0**-8
+    v = torch.full((d,), 1 + 0.99 * u)  # rounds down to 1 (relative error 0.99 u)
+    bank = torch.stack([v, -v, 2 * v, -2 * v])  # centred: the mean is 0
+    queries = torch.stack([v, -v, 2 * v])
+    index = NearestNeighborIndex(bank, precision="bfloat16")
+    d2, err = index.min_sq_bounded(queries)
+    exact = brute_force(queries, bank, 1)[0][:, 0].double() ** 2
+    gap = (d2.double() - exact).abs()
+    assert torch.all(gap <= err.double())
+    assert float((gap / err.double()).max()) > 0.4  # a tight bound, not a loose one
+    qsq = (queries * queries).sum(1)
+    worst = bf16_error(qsq, float(bank.norm(dim=1).max()), d)
+    assert torch.all(err < worst)
 
 
 def test_patch_scores_bfloat16_image_max_is_exact():

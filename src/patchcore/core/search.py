@@ -159,8 +159,8 @@ class NearestNeighborIndex:
         Returns:
             ``(d2, err)``, both (Q,) float32: ``|d2 - true squared distance| <= err``. In
             float32 precision ``d2`` is exact to float rounding and ``err`` is 0; in bfloat16
-            ``err = 1.01 u (2 B^2 + 6 |q| B)`` with u = 2^-8 and B the largest centred bank
-            norm (rounding of q, b and |b|^2 to bfloat16, and of the bfloat16 product).
+            ``err = 1.01 u (B^2 + 4 |q| B) + 1.02 u |m|`` with u = 2^-8, B the largest centred
+            bank norm and m the scan's bfloat16 row minimum (:func:`bf16_error`).
         """
         if self._bank_bf16 is None:
             d = self._scan(queries, 0)[0][:, 0]
@@ -179,8 +179,9 @@ class NearestNeighborIndex:
         for lo in range(0, q.shape[0], step):
             part = torch.mm(q_ext[lo : lo + step], bank_t, out=block[: min(step, q.shape[0] - lo)])
             out[lo : lo + step] = part.amin(1)
+        err = bf16_error(qsq, self._max_norm, d, out)  # out: the rounded row minima
         out += qsq
-        return out, bf16_error(qsq, self._max_norm, d)
+        return out, err
 
     def _centred(self, queries: torch.Tensor) -> torch.Tensor:
         d = self._bank_ext.shape[1] - 1
@@ -270,14 +271,27 @@ def nearest_neighbors(
     return NearestNeighborIndex(bank, max_block_bytes=max_block_bytes).search(queries, k)
 
 
-def bf16_error(qsq: torch.Tensor, big: float, d: int) -> torch.Tensor:
-    """(Q,) bound on the error of a bfloat16 scan's squared distances: ``1.01 u (2 B^2 +
-    6 |q| B)`` with u = 2^-8 (rounding of q, b and |b|^2 to bfloat16, and of the bfloat16
-    product), plus the float32 accumulation over ``d + 2`` terms; ``qsq`` (Q,) the centred
-    queries' squared norms, ``big`` (B) the largest centred bank norm."""
-    return (2 * big * big + 6 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT) + (d + 2) * 2.0**-22 * (
-        big * big + qsq
-    )
+def bf16_error(
+    qsq: torch.Tensor, big: float, d: int, minimum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(Q,) bound on the error of a bfloat16 scan's squared distances, ``qsq`` (Q,) the centred
+    queries' squared norms, ``big`` (B) the largest centred bank norm, ``d`` the features.
+
+    Without ``minimum``: ``1.01 u (2 B^2 + 6 |q| B)`` with u = 2^-8 (rounding of q, b and
+    |b|^2 to bfloat16, ``u (B^2 + 4 |q| B)``, and of each product's output,
+    ``u (B^2 + 2 |q| B)``), plus the float32 accumulation over ``d + 2`` terms.
+
+    With ``minimum`` (Q,) the scan's row minima ``m`` (the bfloat16 outputs, rounded to
+    nearest): rounding is monotone, so the minimum of the rounded outputs is the rounded
+    minimum and its own rounding is at most ``u |m| / (1 - u)``, known after the scan; the
+    bound is then ``1.01 u (B^2 + 4 |q| B) + 1.02 u |m|`` plus the accumulation term (about
+    half the first form on real banks, where ``|m|`` is far below ``B^2 + 2 |q| B``).
+    """
+    acc = (d + 2) * 2.0**-22 * (big * big + qsq)
+    if minimum is None:
+        return (2 * big * big + 6 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT) + acc
+    rest = (big * big + 4 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT)
+    return rest + minimum.abs() * (1.02 * _BF16_UNIT) + acc
 
 
 def patch_scores(

@@ -103,14 +103,14 @@ def test_mixed_sizes_score_in_order_batched_as_when_alone(
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(im).save(paths[-1])
     paths.insert(4, tmp_path / "missing.png")
-    calls: list[int] = []
-    real = detector._score_batch
+    calls: list[list[int]] = []
+    real = detector._score_batches
 
-    def counted(batch, maps):  # noqa: ANN001, ANN202
-        calls.append(len(batch.indices))
-        return real(batch, maps)
+    def counted(batches, maps):  # noqa: ANN001, ANN202
+        calls.append([len(b.indices) for b in batches])
+        return real(batches, maps)
 
-    detector._score_batch = counted  # type: ignore[method-assign]
+    detector._score_batches = counted  # type: ignore[method-assign]
     try:
         results = list(
             detector.iter_score(paths, maps="native", on_error="skip", size_buckets=True)
@@ -118,19 +118,24 @@ def test_mixed_sizes_score_in_order_batched_as_when_alone(
         bucketed, calls[:] = calls[:], []
         default = list(detector.iter_score(paths, maps="native", on_error="skip"))
     finally:
-        del detector._score_batch
+        del detector._score_batches
     assert [r.index for r in results] == list(range(9))
     assert results[4].error is not None and np.isnan(results[4].score)
-    assert max(bucketed) > 1 and len(bucketed) < len(images)  # grouped by size
-    assert calls == [1] * len(images)  # the default: consecutive sizes only (none repeat)
+    batches = [n for call in bucketed for n in call]
+    assert max(batches) > 1 and len(batches) < len(images)  # grouped by size
+    # the default: consecutive sizes only (none repeat), each batch_size of them searched
+    # together
+    assert calls == [[1] * 4, [1] * 4]
     assert [r.index for r in default] == list(range(9))
     assert BUCKET_WINDOW * detector.batch_size >= len(paths)
-    for r in results:
+    for r, d in zip(results, default, strict=True):
         if r.error is None:
             alone = detector.score([paths[r.index]], maps="native")
             assert r.map.shape == alone.maps[0].shape
             np.testing.assert_allclose(r.score, alone.scores[0], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(r.map, alone.maps[0], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(d.score, alone.scores[0], rtol=1e-6, atol=0)
+            np.testing.assert_allclose(d.map, alone.maps[0], rtol=1e-4, atol=1e-5)
 
 
 def test_one_size_throughout_gives_the_batches_of_the_default() -> None:

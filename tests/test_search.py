@@ -10,6 +10,7 @@ from patchcore.core.search import (
     bf16_error,
     nearest_neighbors,
     patch_scores,
+    patch_scores_groups,
 )
 
 
@@ -213,6 +214,32 @@ def test_patch_scores_bfloat16_top_k_are_exact(k: int):
     plain = patch_scores(NearestNeighborIndex(bank, precision="bfloat16"), patches)[0]
     full = patch_scores(NearestNeighborIndex(bank), patches)[0]
     assert (plain - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_groups_searched_together_get_the_results_they_get_alone(precision: str):
+    """Images of different sizes in one scan and one re-check: each group's exact top k, its
+    maximum and where it lies are those of the group alone (a group smaller than 2 k too)."""
+    bank = _clustered(3, 1200)
+    groups = [
+        _clustered(4, 2 * 150).view(2, 150, -1),
+        _clustered(5, 97).view(1, 97, -1),
+        _clustered(6, 5).view(1, 5, -1),
+        _clustered(7, 3 * 40).view(3, 40, -1),
+    ]
+    groups[1][0, 11] += 3.0
+    index = NearestNeighborIndex(bank, precision=precision)
+    k = 10
+    together = patch_scores_groups(index, groups, k)
+    for g, (scores, image_max, arg) in zip(groups, together, strict=True):
+        alone, alone_max, alone_arg = patch_scores(index, g, k)
+        kk = min(k, g.shape[1])
+        want = patch_scores(NearestNeighborIndex(bank), g)[0].topk(kk, dim=1).values
+        torch.testing.assert_close(scores.topk(kk, dim=1).values, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(image_max, alone_max, rtol=1e-6, atol=1e-6)
+        assert torch.equal(arg, alone_arg) and scores.shape == alone.shape
+        torch.testing.assert_close(scores, alone, rtol=0.1, atol=0.2)
+    assert int(together[1][2][0]) == 11
 
 
 def test_precision_is_checked():

@@ -252,15 +252,25 @@ class PatchCore(
         feats = self.extractor_((x - mean) / std)
         return embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
 
-    @torch.inference_mode()
     def _distances(self, pixels: torch.Tensor) -> PatchDistances:
         """Embed (B, 3, H, W) pixels and search the bank (distances only: the nearest row is
         looked up for each image's worst patch alone, in :func:`search.patch_scores`)."""
-        emb = self._embed(pixels)
-        b, _, h, w = emb.shape
-        patches = flatten_patches(emb).float().view(b, h * w, -1)
-        distances, image_max, arg = search.patch_scores(self._index, patches, int(self.top_k))
-        return PatchDistances(patches, distances, image_max, arg, (h, w))
+        return self._distances_groups([pixels])[0]
+
+    @torch.inference_mode()
+    def _distances_groups(self, groups: list[torch.Tensor]) -> list[PatchDistances]:
+        """:meth:`_distances` of several batches (images of different sizes) with one search
+        for them all (:func:`search.patch_scores_groups`)."""
+        grids, patches = [], []
+        for pixels in groups:
+            emb = self._embed(pixels)
+            b, _, h, w = emb.shape
+            grids.append((h, w))
+            patches.append(flatten_patches(emb).float().view(b, h * w, -1))
+        found = search.patch_scores_groups(self._index, patches, int(self.top_k))
+        return [
+            PatchDistances(x, *f, grid) for x, f, grid in zip(patches, found, grids, strict=True)
+        ]
 
     def reference_scores(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Scores (B,) float64 and processed-size maps (B, H, W) float32 of (B, 3, H, W) pixels
@@ -281,20 +291,29 @@ class PatchCore(
             self._index, self.extractor_ = index, extractor
         return scores, np.stack(maps)
 
-    @torch.inference_mode()
     def _score_batch(self, batch: Batch, maps: MapSize) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image scores (B,) float64 and, unless ``maps`` is None, B float32 maps."""
-        assert batch.pixels is not None
-        found = self._distances(batch.pixels)
-        image_scores = self._image_scores(found)
-        out: list[np.ndarray] = []
-        if maps is not None:
-            b, (h, w) = len(image_scores), found.grid
-            processed = (int(batch.pixels.shape[-2]), int(batch.pixels.shape[-1]))
-            want = {"processed": [processed] * b, "native": batch.sizes}.get(maps, [maps] * b)
-            grid = found.distances.view(b, 1, h, w)
-            out = scoring.maps_at_sizes(grid, processed, want, self.sigma)
-        return image_scores.double().cpu().numpy(), out
+        return self._score_batches([batch], maps)[0]
+
+    @torch.inference_mode()
+    def _score_batches(
+        self, batches: list[Batch], maps: MapSize
+    ) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """:meth:`_score_batch` of each batch, the bank searched once for them all."""
+        found_all = self._distances_groups([b.pixels for b in batches])  # type: ignore[misc]
+        out_all = []
+        for batch, found in zip(batches, found_all, strict=True):
+            assert batch.pixels is not None
+            image_scores = self._image_scores(found)
+            out: list[np.ndarray] = []
+            if maps is not None:
+                b, (h, w) = len(image_scores), found.grid
+                processed = (int(batch.pixels.shape[-2]), int(batch.pixels.shape[-1]))
+                want = {"processed": [processed] * b, "native": batch.sizes}.get(maps, [maps] * b)
+                grid = found.distances.view(b, 1, h, w)
+                out = scoring.maps_at_sizes(grid, processed, want, self.sigma)
+            out_all.append((image_scores.double().cpu().numpy(), out))
+        return out_all
 
     def _image_scores(self, found: PatchDistances) -> torch.Tensor:
         """(B,) image scores by the one rule (:func:`patchcore.core.scoring.image_scores`)."""

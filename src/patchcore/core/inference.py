@@ -72,26 +72,41 @@ class ScoreMixin:
     def _stream(
         self, items: list[Any], maps: MapSize, on_error: str, progress: bool, window: int
     ) -> Iterator[ImageResult]:
+        """Results in input order. Batches smaller than ``batch_size`` (inputs of mixed sizes)
+        are searched together, up to ``batch_size`` images: one scan of the bank for them all
+        (``_score_batches``); each image's result is the one it gets alone."""
         order = Reorder()
-        with_stats = self.input_profile_ is not None  # type: ignore[attr-defined]  # as the runtime
+        pending: list[Any] = []
         for batch in self._batches(items, on_error, progress, "score", window):  # type: ignore[attr-defined]
             for s in batch.skipped:
                 order.add(s.index, ImageResult(s.index, s.name, float("nan"), None, s.reason))
             if batch.pixels is not None:
-                scores, out = self._score_batch(batch, maps)  # type: ignore[attr-defined]
-                stats = (
-                    [tuple(v) for v in ood.pixel_stats(batch.pixels.numpy()).tolist()]
-                    if with_stats
-                    else [None] * len(batch.indices)
-                )
-                for j, i in enumerate(batch.indices):
-                    m = out[j] if maps is not None else None
-                    order.add(
-                        i,
-                        ImageResult(i, batch.names[j], float(scores[j]), m, None,
-                                    batch.sizes[j], stats[j]),
-                    )  # fmt: skip
+                pending.append(batch)
+                if sum(len(b.indices) for b in pending) >= int(self.batch_size):  # type: ignore[attr-defined]
+                    self._collect(pending, maps, order)
+                    pending = []
             yield from order.ready()
+        if pending:
+            self._collect(pending, maps, order)
+        yield from order.ready()
+
+    def _collect(self, batches: list[Any], maps: MapSize, order: Reorder) -> None:
+        """Score ``batches`` together and add their results to ``order``."""
+        with_stats = self.input_profile_ is not None  # type: ignore[attr-defined]  # as the runtime
+        scored = self._score_batches(batches, maps)  # type: ignore[attr-defined]
+        for batch, (scores, out) in zip(batches, scored, strict=True):
+            stats = (
+                [tuple(v) for v in ood.pixel_stats(batch.pixels.numpy()).tolist()]
+                if with_stats
+                else [None] * len(batch.indices)
+            )
+            for j, i in enumerate(batch.indices):
+                m = out[j] if maps is not None else None
+                order.add(
+                    i,
+                    ImageResult(i, batch.names[j], float(scores[j]), m, None,
+                                batch.sizes[j], stats[j]),
+                )  # fmt: skip
 
     def score(self, images: Any, **options: Any) -> ScoreResult:
         """Scores, optional anomaly maps and the skipped inputs of ``images`` in one pass.

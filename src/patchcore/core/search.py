@@ -33,6 +33,7 @@ __all__ = [
     "cpu_has_bf16",
     "nearest_neighbors",
     "patch_scores",
+    "patch_scores_groups",
     "resolve_precision",
 ]
 
@@ -313,34 +314,60 @@ def patch_scores(
         The patches left lie below the bound (true distance and estimate), so ``image_max``,
         ``arg`` and ``scores.topk(k)`` are those of the float32 search (to float rounding).
     """
-    b, p, dim = patches.shape
-    flat = patches.reshape(b * p, dim)
+    return patch_scores_groups(index, [patches], k)[0]
+
+
+def patch_scores_groups(
+    index: NearestNeighborIndex, groups: list[torch.Tensor], k: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`patch_scores` of several (B_i, P_i, D) groups (images of different sizes) with
+    one scan and two float32 re-check calls for them all (fewer, fuller matrix products than
+    one call per group); the result of each group as :func:`patch_scores` gives it."""
+    shapes = [(int(g.shape[0]), int(g.shape[1])) for g in groups]
+    parts = [g.reshape(-1, g.shape[-1]) for g in groups]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)  # one group: its own layout
     d2, err = index.min_sq_bounded(flat)
+    offsets = [0]
+    for b, p in shapes:
+        offsets.append(offsets[-1] + b * p)
     if index.precision == "float32":
-        scores = d2.sqrt().view(b, p)
-        image_max, arg = scores.max(dim=1)
-        return scores, image_max, arg
-    d2 = d2.clamp_(min=0.0).view(b, p)
-    err = err.view(b, p)
-    k = max(1, min(int(k), p))
-    rows = torch.arange(b, device=d2.device)[:, None]
+        out = []
+        for (b, p), lo in zip(shapes, offsets, strict=False):
+            scores = d2[lo : lo + b * p].sqrt().view(b, p)
+            out.append((scores, *scores.max(dim=1)))
+        return out
+    d2 = d2.clamp_(min=0.0)
     # 1. each image's 2k best estimates, exactly: their k-th largest exact distance is a lower
     #    bound of the image's true k-th largest
-    first = d2.topk(min(2 * k, p), dim=1).indices  # (B, m)
-    first_flat = (rows * p + first).view(-1)
+    firsts = []
+    for (b, p), lo in zip(shapes, offsets, strict=False):
+        kk = max(1, min(int(k), p))
+        first = d2[lo : lo + b * p].view(b, p).topk(min(2 * kk, p), dim=1).indices  # (B, m)
+        rows = torch.arange(b, device=d2.device)[:, None]
+        firsts.append((kk, first, (lo + rows * p + first).view(-1)))
+    first_flat = torch.cat([f[2] for f in firsts])
     exact1 = index.exact_min_distances(flat[first_flat]).to(d2.dtype)
-    floor = exact1.view(b, -1).topk(k, dim=1).values[:, -1:]
     # 2. every other patch whose error interval reaches that bound, exactly; the rest lie below
     #    it (true distance and estimate alike), so they cannot be among the k largest
-    reach = d2 + err >= floor.square() * (1 - 1e-6)  # the slack covers sqrt/square rounding
-    reach[rows, first] = False
-    second = reach.view(-1).nonzero().squeeze(1)
-    scores = d2.sqrt_().view(-1)
+    seconds, at = [], 0
+    for (b, p), lo, (kk, first, _) in zip(shapes, offsets, firsts, strict=False):
+        mine = exact1[at : at + first.numel()].view(b, -1)
+        at += first.numel()
+        floor = mine.topk(kk, dim=1).values[:, -1:]
+        part = slice(lo, lo + b * p)
+        reach = d2[part].view(b, p) + err[part].view(b, p) >= floor.square() * (1 - 1e-6)
+        reach[torch.arange(b, device=d2.device)[:, None], first] = False  # done in step 1
+        seconds.append(lo + reach.view(-1).nonzero().squeeze(1))  # the slack: sqrt/square
+    second = torch.cat(seconds)
+    scores = d2.sqrt_()
     scores[first_flat] = exact1
     if second.numel():
         scores[second] = index.exact_min_distances(flat[second]).to(scores.dtype)
     masked = torch.full_like(scores, -1.0)
     masked[first_flat] = scores[first_flat]
     masked[second] = scores[second]
-    image_max, arg = masked.view(b, p).max(dim=1)
-    return scores.view(b, p), image_max, arg
+    out = []
+    for (b, p), lo in zip(shapes, offsets, strict=False):
+        image_max, arg = masked[lo : lo + b * p].view(b, p).max(dim=1)
+        out.append((scores[lo : lo + b * p].view(b, p), image_max, arg))
+    return out

@@ -184,6 +184,22 @@ def test_bfloat16_error_bound_holds_where_every_rounding_adds_up():
     assert torch.all(err < worst)
 
 
+def test_bfloat16_error_bound_allows_for_truncated_outputs():
+    """OpenVINO may truncate the products to bfloat16 instead of rounding them: the bound with
+    ``truncated=True`` holds for a scan whose outputs are truncated toward zero."""
+    bank, queries = _clustered(1, 900), _clustered(2, 700)
+    index = NearestNeighborIndex(bank, precision="bfloat16")
+    q = queries - bank.mean(0)
+    qsq = (q * q).sum(1)
+    q_ext = torch.cat([q, torch.ones_like(q[:, :1])], 1).to(torch.bfloat16).float()
+    product = q_ext @ index._bank_bf16.float().T  # bfloat16 products are exact in float32
+    truncated = (product.view(torch.int32) & ~0xFFFF).view(torch.float32).amin(1)
+    gap = (truncated.double() + qsq.double() - brute_force(queries, bank, 1)[0][:, 0] ** 2).abs()
+    err = bf16_error(qsq, index._max_norm, bank.shape[1], truncated, truncated=True)
+    assert torch.all(gap <= err.double())
+    assert torch.all(err > bf16_error(qsq, index._max_norm, bank.shape[1], truncated))
+
+
 def test_patch_scores_bfloat16_image_max_is_exact():
     bank = _clustered(3, 1200)
     patches = _clustered(4, 6 * 150).view(6, 150, -1)

@@ -29,8 +29,9 @@ found instead of the nearest one (measured in benchmarks/RESULTS.md, "Export and
 
 **bfloat16** is the torch path's own default search (:func:`patchcore.core.search.patch_scores`)
 as a graph: ``[q, 1] [-2 b, |b|^2]^T`` in bfloat16 and its row minimum per block (ONNX
-``MatMul`` -> ``ReduceMin``), ``|q|^2`` added in float32, the error bound
-(:func:`~patchcore.core.search.bf16_error`), then the same re-check with error intervals. The
+``MatMul`` -> ``ReduceMin``), ``|q|^2`` added in float32, the error bound from the row minima
+(:func:`~patchcore.core.search.bf16_error`, allowing for outputs truncated to bfloat16 rather
+than rounded), then the same re-check with error intervals. The
 ONNX graph holds those products in float32 (onnxruntime runs it exactly);
 :func:`bf16_products` puts them in bfloat16 in the OpenVINO model with explicit ``Convert``
 nodes, so they run in bfloat16 under the runtime's ``f32`` precision hint, which keeps the
@@ -275,4 +276,5 @@ class Bf16ScoringGraph(ScoringGraph):
             best = part if best is None else torch.minimum(best, part)
         assert best is not None
         d2 = (best + qsq).clamp(min=0.0)
-        return _recheck(self, flat, d2, d2 + bf16_error(qsq, self.max_norm, d), (b, p))
+        err = bf16_error(qsq, self.max_norm, d, best, truncated=True)  # best: the row minima
+        return _recheck(self, flat, d2, d2 + err, (b, p))

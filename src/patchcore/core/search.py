@@ -273,7 +273,12 @@ def nearest_neighbors(
 
 
 def bf16_error(
-    qsq: torch.Tensor, big: float, d: int, minimum: torch.Tensor | None = None
+    qsq: torch.Tensor,
+    big: float,
+    d: int,
+    minimum: torch.Tensor | None = None,
+    *,
+    truncated: bool = False,
 ) -> torch.Tensor:
     """(Q,) bound on the error of a bfloat16 scan's squared distances, ``qsq`` (Q,) the centred
     queries' squared norms, ``big`` (B) the largest centred bank norm, ``d`` the features.
@@ -287,12 +292,15 @@ def bf16_error(
     minimum and its own rounding is at most ``u |m| / (1 - u)``, known after the scan; the
     bound is then ``1.01 u (B^2 + 4 |q| B) + 1.02 u |m|`` plus the accumulation term (about
     half the first form on real banks, where ``|m|`` is far below ``B^2 + 2 |q| B``).
+    ``truncated``: the outputs may have been truncated to bfloat16 instead (OpenVINO's
+    conversions truncate; truncation is monotone too, its error below ``2 u |m|``): twice that
+    term.
     """
     acc = (d + 2) * 2.0**-22 * (big * big + qsq)
     if minimum is None:
         return (2 * big * big + 6 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT) + acc
     rest = (big * big + 4 * big * qsq.sqrt()) * (1.01 * _BF16_UNIT)
-    return rest + minimum.abs() * (1.02 * _BF16_UNIT) + acc
+    return rest + minimum.abs() * ((2.04 if truncated else 1.02) * _BF16_UNIT) + acc
 
 
 def patch_scores(

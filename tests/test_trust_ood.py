@@ -39,6 +39,25 @@ def test_pixel_stats_of_grey_and_colour_pixels() -> None:
     assert s[1][2] == pytest.approx(4 / 9)  # |1 - 1/3| + 2 |0 - 1/3|, over 3 channels
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 70, 45), (3, 1, 1), (1, 3, 32, 5)])
+def test_pixel_stats_equal_a_naive_float64_reference(shape: tuple[int, ...]) -> None:
+    """Band by band (rows not a multiple of the band, one pixel, one band) as in one go."""
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    a = x[None].astype(np.float64) if x.ndim == 3 else x.astype(np.float64)
+    grey = a.mean(axis=1)
+    want = np.stack(
+        [
+            grey.mean(axis=(1, 2)),
+            grey.std(axis=(1, 2)),
+            np.abs(a - grey[:, None]).mean(axis=(1, 2, 3)),
+        ],
+        axis=1,
+    )
+    got = ood.pixel_stats(x)
+    assert got.shape == (want[0].shape if x.ndim == 3 else want.shape)
+    np.testing.assert_allclose(got, want[0] if x.ndim == 3 else want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("size", "stats", "map_stat", "words"),
     [

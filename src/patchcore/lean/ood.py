@@ -71,18 +71,43 @@ CONTRAST_FACTOR = 1.5
 MAP_QUANTILE = 0.1
 #: Map statistic above this times the normal calibration images' largest.
 MAP_FACTOR = 1.3
+#: Rows per band of :func:`pixel_stats`.
+_BAND_ROWS = 32
 
 
 def pixel_stats(pixels: np.ndarray) -> np.ndarray:
     """Per image ``(mean intensity, intensity std, colourfulness)`` of (B, 3, H, W) or
-    (3, H, W) pixels in [0, 1]: (B, 3) float64 (or (3,) for one image)."""
+    (3, H, W) pixels in [0, 1]: (B, 3) float64 (or (3,) for one image).
+
+    Intensity is the mean of the three channels, colourfulness the mean absolute difference of
+    the channels from it. Computed a band of :data:`_BAND_ROWS` rows at a time (the band stays
+    in cache; sums in float64, the bands' variances merged), one pass over the pixels.
+    """
     a = np.asarray(pixels, dtype=np.float32)
     single = a.ndim == 3
     a = a[None] if single else a
-    grey = a.mean(axis=1)
-    colour = np.abs(a - grey[:, None]).mean(axis=(1, 2, 3))
-    flat = grey.reshape(grey.shape[0], -1)
-    out = np.stack([flat.mean(1), flat.std(1), colour], axis=1).astype(np.float64)
+    b, _, h, w = a.shape
+    out = np.zeros((b, 3))
+    grey = np.empty((min(_BAND_ROWS, h), w), np.float32)
+    diff = np.empty_like(grey)
+    for i in range(b):
+        count, mean, m2, colour = 0, 0.0, 0.0, 0.0
+        for lo in range(0, h, _BAND_ROWS):
+            band = a[i, :, lo : lo + _BAND_ROWS]
+            g, t = grey[: band.shape[1]], diff[: band.shape[1]]
+            np.add(band[0], band[1], out=g)
+            np.add(g, band[2], out=g)
+            g /= 3
+            for c in range(3):
+                np.subtract(band[c], g, out=t)
+                colour += float(np.abs(t, out=t).sum(dtype=np.float64))
+            # the band's mean and squared deviations, merged (Chan et al.): no cancellation
+            n, m = g.size, float(g.mean(dtype=np.float64))
+            np.subtract(g, np.float32(m), out=t)
+            delta, count = m - mean, count + n
+            mean += delta * n / count
+            m2 += float(np.vdot(t, t)) + delta * delta * n * (count - n) / count
+        out[i] = mean, math.sqrt(m2 / max(1, count)), colour / (3 * max(1, count))
     return out[0] if single else out
 
 

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from patchcore.lean.memory import keep_freed_memory
 from patchcore.lean.pixels import (
     ImageReadError,
     InputLimits,
@@ -186,6 +187,7 @@ def iter_batches(
         ``pixels`` a C-contiguous numpy array. The last one may hold only ``skipped`` inputs.
     """
     check_on_error(on_error)
+    keep_freed_memory()  # every batch reuses the memory of the one before
     bs = int(batch_size)
     chosen = limits
 

@@ -20,6 +20,7 @@ plain ``F.conv2d`` instead of the packed oneDNN convolutions.
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py shapes --images 200
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py ov-precision --sets casting
     PYTHONPATH=src python benchmarks/bench_scoring_profile.py map-error --images 48
+    PYTHONPATH=src python benchmarks/bench_scoring_profile.py recheck --images 40
 
 ``ov-precision``: the OpenVINO export of a set's default model (float32 search, fixed-size
 graph) on ``--images`` of its test images in batches of 8, compiled with OpenVINO's inference
@@ -32,6 +33,13 @@ the bf16 graph's image scores from the f32 graph's (the export's parity limit is
 default path (bfloat16 scan), the default ONNX export (int8 scan) and the default OpenVINO
 export (bfloat16 scan), all re-checked, so scores agree; per image the largest absolute map
 difference over the float32 map's maximum, the largest and median over the images.
+
+``recheck``: the bfloat16 scan's error bound, first form (worst case) against the a posteriori
+form (from the scan's row minima, :func:`patchcore.core.search.bf16_error`), on ``--images``
+test images of a set in a seeded order, one image at a time: the patches per image that
+:func:`~patchcore.core.search.patch_scores` re-checks in float32 under each (the top-10 score's
+``2 k`` plus every patch whose interval reaches their floor), and the largest measured error
+(against the float32 distances) over each bound.
 
 Prints one JSON line per measurement with the machine and the 1-minute load.
 """
@@ -279,10 +287,55 @@ def map_error(name: str, n: int) -> None:
     _emit({"bench": "map-error", "set": name, "images": len(files), "vs_float32": errors})
 
 
+def recheck(name: str, n: int) -> None:
+    from PIL import Image
+
+    from patchcore.core.embedding import flatten_patches
+    from patchcore.core.search import bf16_error
+
+    det = _model(name)
+    index, k = det._index, int(det.top_k)
+    files = sorted(
+        p
+        for p in (DATA / name / "test").rglob("*")
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:n]]
+    count = {"first form": 0, "a posteriori": 0}
+    worst = {"first form": 0.0, "a posteriori": 0.0}
+    with torch.inference_mode():
+        for f in files:
+            rgb = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255
+            emb = det._embed(torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous())
+            flat = flatten_patches(emb).float().reshape(-1, emb.shape[1])
+            d2, err = index.min_sq_bounded(flat)  # the a posteriori form
+            q = flat - index._mean
+            qsq = (q * q).sum(1)
+            first = bf16_error(qsq, index._max_norm, flat.shape[1])
+            exact = index.exact_min_distances(flat).square()
+            top = d2.clamp(min=0).topk(min(2 * k, len(d2))).indices
+            floor = exact[top].topk(min(k, len(top))).values[-1]
+            for form, bound in (("first form", first), ("a posteriori", err)):
+                reach = d2.clamp(min=0) + bound >= floor * (1 - 1e-6)
+                reach[top] = False
+                count[form] += len(top) + int(reach.sum())
+                worst[form] = max(worst[form], float(((d2 - exact).abs() / bound).max()))
+    _emit(
+        {
+            "bench": "recheck",
+            "set": name,
+            "images": len(files),
+            "rechecked_per_image": {f: round(c / len(files), 1) for f, c in count.items()},
+            "largest_error_over_bound": {f: round(w, 3) for f, w in worst.items()},
+        }
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "what", choices=("profile", "gemm", "shapes", "shapes-one", "ov-precision", "map-error")
+        "what",
+        choices=("profile", "gemm", "shapes", "shapes-one", "ov-precision", "map-error", "recheck"),
     )
     ap.add_argument("--mode", choices=list(SHAPE_MODES), default="as today")
     ap.add_argument("--sets", nargs="+", default=["deeppcb", "magnetic_tile", "casting"])
@@ -302,6 +355,9 @@ def main() -> None:
     elif args.what == "map-error":
         for name in args.sets:
             map_error(name, args.images)
+    elif args.what == "recheck":
+        for name in args.sets:
+            recheck(name, args.images)
     else:
         shapes_one(args.mode, args.images)
 

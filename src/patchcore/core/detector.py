@@ -300,9 +300,10 @@ class PatchCore(
         self, batches: list[Batch], maps: MapSize
     ) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """:meth:`_score_batch` of each batch, the bank searched once for them all."""
-        found_all = self._distances_groups([b.pixels for b in batches])  # type: ignore[misc]
+        pixels = [b.pixels for b in batches]
+        assert all(p is not None for p in pixels)
         out_all = []
-        for batch, found in zip(batches, found_all, strict=True):
+        for batch, found in zip(batches, self._distances_groups(pixels), strict=True):  # type: ignore[arg-type]
             assert batch.pixels is not None
             image_scores = self._image_scores(found)
             out: list[np.ndarray] = []

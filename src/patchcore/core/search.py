@@ -331,41 +331,43 @@ def patch_scores_groups(
     """:func:`patch_scores` of several (B_i, P_i, D) groups (images of different sizes) with
     one scan and two float32 re-check calls for them all (fewer, fuller matrix products than
     one call per group); the result of each group as :func:`patch_scores` gives it."""
-    shapes = [(int(g.shape[0]), int(g.shape[1])) for g in groups]
     parts = [g.reshape(-1, g.shape[-1]) for g in groups]
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)  # one group: its own layout
+    spans, lo = [], 0  # (images, patches per image, first flat row) of each group
+    for g in groups:
+        spans.append((int(g.shape[0]), int(g.shape[1]), lo))
+        lo += int(g.shape[0]) * int(g.shape[1])
     d2, err = index.min_sq_bounded(flat)
-    offsets = [0]
-    for b, p in shapes:
-        offsets.append(offsets[-1] + b * p)
     if index.precision == "float32":
         out = []
-        for (b, p), lo in zip(shapes, offsets, strict=False):
+        for b, p, lo in spans:
             scores = d2[lo : lo + b * p].sqrt().view(b, p)
             out.append((scores, *scores.max(dim=1)))
         return out
     d2 = d2.clamp_(min=0.0)
     # 1. each image's 2k best estimates, exactly: their k-th largest exact distance is a lower
     #    bound of the image's true k-th largest
-    firsts = []
-    for (b, p), lo in zip(shapes, offsets, strict=False):
+    firsts = []  # per group: (B, m) positions within its images, and (B m,) flat rows
+    for b, p, lo in spans:
         kk = max(1, min(int(k), p))
-        first = d2[lo : lo + b * p].view(b, p).topk(min(2 * kk, p), dim=1).indices  # (B, m)
+        first = d2[lo : lo + b * p].view(b, p).topk(min(2 * kk, p), dim=1).indices
         rows = torch.arange(b, device=d2.device)[:, None]
-        firsts.append((kk, first, (lo + rows * p + first).view(-1)))
-    first_flat = torch.cat([f[2] for f in firsts])
+        firsts.append((first, (lo + rows * p + first).view(-1)))
+    first_flat = torch.cat([f[1] for f in firsts])
     exact1 = index.exact_min_distances(flat[first_flat]).to(d2.dtype)
     # 2. every other patch whose error interval reaches that bound, exactly; the rest lie below
     #    it (true distance and estimate alike), so they cannot be among the k largest
     seconds, at = [], 0
-    for (b, p), lo, (kk, first, _) in zip(shapes, offsets, firsts, strict=False):
-        mine = exact1[at : at + first.numel()].view(b, -1)
+    for (b, p, lo), (first, _) in zip(spans, firsts, strict=True):
+        floor = exact1[at : at + first.numel()].view(b, -1).topk(max(1, min(int(k), p)), dim=1)
         at += first.numel()
-        floor = mine.topk(kk, dim=1).values[:, -1:]
         part = slice(lo, lo + b * p)
-        reach = d2[part].view(b, p) + err[part].view(b, p) >= floor.square() * (1 - 1e-6)
-        reach[torch.arange(b, device=d2.device)[:, None], first] = False  # done in step 1
-        seconds.append(lo + reach.view(-1).nonzero().squeeze(1))  # the slack: sqrt/square
+        # the slack covers sqrt/square rounding
+        reach = d2[part].view(b, p) + err[part].view(b, p) >= floor.values[:, -1:].square() * (
+            1 - 1e-6
+        )
+        reach.scatter_(1, first, False)  # done in step 1
+        seconds.append(lo + reach.view(-1).nonzero().squeeze(1))
     second = torch.cat(seconds)
     scores = d2.sqrt_()
     scores[first_flat] = exact1
@@ -375,7 +377,7 @@ def patch_scores_groups(
     masked[first_flat] = scores[first_flat]
     masked[second] = scores[second]
     out = []
-    for (b, p), lo in zip(shapes, offsets, strict=False):
+    for b, p, lo in spans:
         image_max, arg = masked[lo : lo + b * p].view(b, p).max(dim=1)
         out.append((scores[lo : lo + b * p].view(b, p), image_max, arg))
     return out

@@ -6,6 +6,7 @@ the modules' own to float32 rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,6 +57,16 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, 
         w = w * scale.view(-1, 1, 1, 1)
         b = (b - bn.running_mean.double()) * scale + bn.bias.detach().double()
     return w, b
+
+
+@functools.lru_cache(maxsize=4096)
+def _same_padding(
+    h: int, w: int, kh: int, kw: int, sh: int, sw: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """TF "SAME" padding of an (h, w) input: ((odd rows, odd columns), symmetric padding),
+    total ``p = max((ceil(i/s) - 1) s + k - i, 0)`` per axis (cached: a plan meets few sizes)."""
+    pads = [max((math.ceil(i / s) - 1) * s + k - i, 0) for i, k, s in ((h, kh, sh), (w, kw, sw))]
+    return (pads[0] % 2, pads[1] % 2), (pads[0] - pads[0] // 2, pads[1] - pads[1] // 2)
 
 
 def _pack_key(shape: torch.Size, odd: tuple[int, int]) -> tuple[int, ...]:
@@ -113,11 +124,9 @@ class _Conv:
         shape = x.shape
         w = self.weight
         if self.same:
-            pads = []
-            for i, k, s in zip(shape[-2:], w.shape[-2:], self.stride, strict=True):
-                pads.append(max((math.ceil(i / s) - 1) * s + k - i, 0))
-            odd = (pads[0] % 2, pads[1] % 2)
-            padding = [p - p // 2 for p in pads]
+            kh, kw = w.shape[-2:]
+            odd, pads = _same_padding(shape[-2], shape[-1], kh, kw, *self.stride)
+            padding = list(pads)
         else:
             odd, padding = (0, 0), list(self.padding)
         key = _pack_key(shape, odd)

@@ -13,8 +13,10 @@ CHECK = """
 import ctypes, numpy as np
 from patchcore.lean import memory
 from patchcore.lean.inputs import iter_batches
+assert memory.keep_freed_memory.cache_info().currsize == 0
 list(iter_batches([np.zeros((8, 8, 3), np.uint8)], batch_size=1, target_size=lambda h, w: (h, w)))
-print(memory._state)
+assert memory.keep_freed_memory.cache_info().currsize == 1  # the pipeline set it
+print([memory.keep_freed_memory()])
 """
 
 

@@ -15,6 +15,7 @@ it does nothing where the C library has no ``mallopt`` (not glibc).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -28,22 +29,17 @@ MMAP_BYTES = 256 << 20
 ENV = "PATCHCORE_KEEP_FREED_MEMORY"
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_state: list[bool] = []  # the outcome, once per process
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Set the policy (once per process); whether it is in place."""
-    if _state:
-        return _state[0]
-    ok = False
-    if os.environ.get(ENV, "1").strip() != "0" and sys.platform.startswith("linux"):
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-        except (OSError, AttributeError):
-            mallopt = None
-        if mallopt is not None:
-            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            ok = mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES) == 1
-            ok = mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES) == 1 and ok
-    _state.append(ok)
-    return ok
+    if os.environ.get(ENV, "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES) == 1
+    return mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES) == 1 and ok

@@ -92,12 +92,18 @@ def test_ctrl_c_during_export_leaves_the_old_export(model, exported, stage):
 def test_a_finished_export_replaces_the_old_one(model, exported):
     det, path, test = model
     old = json.loads((exported / MANIFEST).read_text())
-    result = export(det, exported, source=path)
+    other = PatchCore.load(path)  # the same model with another threshold: another export
+    other.set_threshold(2.0 * det.threshold_)
+    result = export(other, exported, source=path)
     new = json.loads((exported / MANIFEST).read_text())
-    assert new["digest"] != old["digest"]  # export_seconds differs at least
+    assert new["digest"] != old["digest"]
     assert result.files == (exported / "model.onnx",) and result.manifest == exported / MANIFEST
-    assert ExportedModel(exported).score_samples(test) == pytest.approx(det.score_samples(test))
+    runtime = ExportedModel(exported)
+    assert runtime.threshold == pytest.approx(2.0 * det.threshold_)
+    assert runtime.score_samples(test) == pytest.approx(det.score_samples(test))
     assert _work_dirs(exported) == []
+    export(det, exported, source=path)  # back to the fixture's export for the tests after
+    assert ExportedModel(exported).threshold == pytest.approx(det.threshold_)
 
 
 def test_a_folder_that_is_not_an_export_is_kept_unless_forced(model, tmp_path):

@@ -4,7 +4,8 @@ on every test image of casting, magnetic_tile and deeppcb, and how far the score
 The default detector is fitted once per set on every image of ``train/good`` (``--train N``:
 N of them, evenly spaced in sorted order, which gives a smaller bank) with the baseline's code
 (fitting is not what is compared), cached under ``--cache``. Then, per set,
-``score(files, maps="native")`` (with ``size_buckets=True`` where the checkout has it) runs over
+``score(files, maps="native")`` (the default path; ``--size-buckets``: with ``size_buckets=True``
+where the checkout has it) runs over
 the whole test set (file paths, so decoding is timed)
 in fresh processes, alternating baseline / this checkout ``--repeats`` times; each child warms
 up on 4 images first. The baseline's ``src/`` is exported with ``git archive`` (default ``main``).
@@ -13,7 +14,7 @@ bit), from the first repeat. One JSON line per set, with the CPU, the load befor
 the batch counts.
 
     nice -n 19 python benchmarks/bench_scoring_mixed.py [--baseline main] [--repeats 1] \\
-        [--sets casting magnetic_tile deeppcb] [--train N] [--device cpu]
+        [--sets casting magnetic_tile deeppcb] [--train N] [--device cpu] [--size-buckets]
 
 ``--overlap N`` measures instead whether decoding overlaps computing (this checkout only): per
 image on the first N test images, decoding alone, scoring the paths, scoring the same images
@@ -47,20 +48,28 @@ import json, os, resource, sys, time
 import numpy as np
 import torch
 from patchcore.core.detector import PatchCore
-model, listing, out, device = sys.argv[1:5]
+model, listing, out, device, buckets = sys.argv[1:6]
 files = [line for line in open(listing).read().splitlines() if line]
 det = PatchCore.load(model, device=device)
 det.progress = False
 det.score(files[:4], maps="native")  # warm-up
 batches = []
-real = det._score_batch
-def counted(batch, maps):
-    batches.append(len(batch.indices))
-    return real(batch, maps)
-det._score_batch = counted
+if hasattr(det, "_score_batches"):  # batches searched together (sixth stop on)
+    real = det._score_batches
+    def counted(group, maps):
+        batches.extend(len(b.indices) for b in group)
+        return real(group, maps)
+    det._score_batches = counted
+else:
+    real = det._score_batch
+    def counted(batch, maps):
+        batches.append(len(batch.indices))
+        return real(batch, maps)
+    det._score_batch = counted
 t0, c0 = time.perf_counter(), time.process_time()
 import inspect
-kw = {"size_buckets": True} if "size_buckets" in inspect.signature(det.score).parameters else {}
+has = "size_buckets" in inspect.signature(det.score).parameters
+kw = {"size_buckets": True} if buckets == "1" and has else {}
 r = det.score(files, maps="native", **kw)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 np.savez(out, scores=r.scores, **{f"m{i}": m for i, m in enumerate(r.maps)})
@@ -150,6 +159,7 @@ def _max_diff(a: Path, b: Path) -> tuple[float, float]:
 
 def run_set(name: str, before: Path, after: Path, tmp: Path, args: argparse.Namespace) -> dict:
     train, device = args.train, args.device
+    buckets = "1" if args.size_buckets else "0"
     where = "" if device == "cpu" else f"-{device}"
     model = args.cache / f"{name}-train{train or 'all'}{where}.pt"
     _fit(before, args.data / name, model, train, device)
@@ -163,7 +173,7 @@ def run_set(name: str, before: Path, after: Path, tmp: Path, args: argparse.Name
     for rep in range(args.repeats):
         for label, src in (("before", before), ("after", after)):
             out = tmp / f"{name}-{label}-{rep}.npz"
-            child = _python(src, CHILD, str(model), str(listing), str(out), device)
+            child = _python(src, CHILD, str(model), str(listing), str(out), device, buckets)
             runs[label].append(json.loads(child))
     score_diff, map_diff = _max_diff(tmp / f"{name}-before-0.npz", tmp / f"{name}-after-0.npz")
     for p in tmp.glob(f"{name}-*.npz"):
@@ -188,6 +198,7 @@ def run_set(name: str, before: Path, after: Path, tmp: Path, args: argparse.Name
         "max_abs_score_diff": score_diff,
         "max_abs_map_diff": map_diff,
         "repeats": args.repeats,
+        "size_buckets": args.size_buckets,
         "device": device,
         "threads": runs["after"][0]["threads"],
         "cpu": _cpu(),
@@ -235,6 +246,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--data", type=Path, default=DATA, help="folder holding the three sets")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out" / "scoring_mixed")
+    ap.add_argument("--size-buckets", action="store_true", help="score with size_buckets=True")
     ap.add_argument(
         "--overlap", type=int, default=0, help="instead: is decoding hidden? (N test images)"
     )

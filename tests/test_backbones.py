@@ -197,6 +197,56 @@ def test_packed_weights_kept_across_sizes_give_the_features_of_a_cold_plan(
             assert all(torch.equal(got[k], cold[k]) for k in cold)
 
 
+@pytest.mark.parametrize("layers", [["stage3", "stage5"], ["stage1", "stage4", "stage7"]])
+def test_images_sharing_a_canvas_get_the_features_they_get_alone(layers, monkeypatch) -> None:
+    """Batches of mixed sizes (odd and even sides, a few pixels to a full canvas unit apart)
+    share canvases: each image placed so the stride-2 convolutions pad it as alone, and zeroed
+    around before each spatial convolution; its cropped features equal its own (the check
+    fails by about 100 % of the features' range without the placement or the zeroing)."""
+    fe = FeatureExtractor("efficientnet-lite0", layers)
+    _randomise_batchnorm(fe)
+    gen = torch.Generator().manual_seed(2)
+    sizes = [(97, 131), (100, 128), (113, 100), (128, 128), (65, 190), (33, 47), (96, 97)]
+    xs = [torch.randn(1 + i % 2, 3, h, w, generator=gen) for i, (h, w) in enumerate(sizes)]
+    canvases: list[tuple[int, ...]] = []
+    call = fused.FusedPlan.__call__
+
+    def spy(plan, x, boxes=None):  # noqa: ANN001, ANN202
+        if boxes is not None:
+            canvases.append(tuple(x.shape))
+        return call(plan, x, boxes)
+
+    monkeypatch.setattr(fused.FusedPlan, "__call__", spy)
+    with torch.inference_mode():
+        many = fe.forward_many(xs)
+        assert (5, 3, 128, 128) in canvases and len(canvases) < len(xs)  # shared, batched
+        for x, got in zip(xs, many, strict=True):
+            alone = fe(x)
+            assert list(got) == list(alone)
+            for k, a in alone.items():
+                assert got[k].shape == a.shape
+                assert float((got[k] - a).abs().max()) <= 1e-5 * float(a.abs().max()), k
+
+
+def test_a_backbone_without_same_padding_runs_each_size_alone() -> None:
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        fe = FeatureExtractor("resnet18", ["layer1", "layer2"], weights=None)
+    xs = [torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h)) for h, w in
+          [(64, 80), (70, 64)]]  # fmt: skip
+    with torch.inference_mode():
+        many = fe.forward_many(xs)
+        assert not fe._plan.placeable
+        for x, got in zip(xs, many, strict=True):
+            assert all(torch.equal(got[k], v) for k, v in fe(x).items())
+
+
+def test_canvas_placement_ends_each_side_on_the_deepest_stride() -> None:
+    for depth in range(6):
+        for size in range(1, 200):
+            t = fused.placement(size, depth)
+            assert 0 <= t < 2**depth and (t + size) % 2**depth == 0
+
+
 def _convs(fe: FeatureExtractor) -> list:
     plan = fe._get_plan(torch.device("cpu"))
     steps = [s for _, stage in plan.stages for s in stage]

@@ -384,6 +384,22 @@ class FeatureExtractor(nn.Module):
             self._plan = plan
         return plan
 
+    def forward_many(self, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """:meth:`forward` of each of several batches ``xs`` (B_i, 3, H_i, W_i) of different
+        sizes; on the fused plan of a "SAME"-padded backbone they share canvases
+        (:meth:`FusedPlan.forward_many`) with the same features as alone."""
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+        plan = None
+        if len(xs) > 1 and not grad and all(x.ndim == 4 and x.shape[0] > 0 for x in xs):
+            plan = self._get_plan(xs[0].device)
+        if plan is None or not plan.placeable or not all(x.device == plan.device for x in xs):
+            return [self(x) for x in xs]
+        with torch.no_grad():
+            try:
+                return plan.forward_many(xs)
+            except RuntimeError:
+                return [self(x) for x in xs]  # as forward: plain convolutions if oneDNN refused
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if (x.requires_grad and torch.is_grad_enabled()) or x.ndim != 4 or x.shape[0] == 0:
             return self.reference_forward(x)

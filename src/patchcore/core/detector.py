@@ -246,11 +246,17 @@ class PatchCore(
     @torch.inference_mode()
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D, h, w) patch embedding."""
-        x = pixels.to(self.device_, non_blocking=True)
-        mean = torch.tensor(self.extractor_.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.extractor_.std, device=x.device).view(1, 3, 1, 1)
-        feats = self.extractor_((x - mean) / std)
-        return embed(feats, kernel_size=self.kernel_size, embed_dim=self.embed_dim)
+        return self._embed_many([pixels])[0]
+
+    @torch.inference_mode()
+    def _embed_many(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`_embed` of batches of different sizes, their backbone passes shared
+        (:meth:`FeatureExtractor.forward_many`)."""
+        xs = [p.to(self.device_, non_blocking=True) for p in groups]
+        mean = torch.tensor(self.extractor_.mean, device=self.device_).view(1, 3, 1, 1)
+        std = torch.tensor(self.extractor_.std, device=self.device_).view(1, 3, 1, 1)
+        feats = self.extractor_.forward_many([(x - mean) / std for x in xs])
+        return [embed(f, kernel_size=self.kernel_size, embed_dim=self.embed_dim) for f in feats]
 
     def _distances(self, pixels: torch.Tensor) -> PatchDistances:
         """Embed (B, 3, H, W) pixels and search the bank (distances only: the nearest row is
@@ -262,8 +268,7 @@ class PatchCore(
         """:meth:`_distances` of several batches (images of different sizes) with one search
         for them all (:func:`search.patch_scores_groups`)."""
         grids, patches = [], []
-        for pixels in groups:
-            emb = self._embed(pixels)
+        for emb in self._embed_many(groups):
             b, _, h, w = emb.shape
             grids.append((h, w))
             patches.append(flatten_patches(emb).float().view(b, h * w, -1))

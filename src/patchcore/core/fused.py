@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FusedPlan", "UnsupportedLayerError", "use_mkldnn"]
+__all__ = ["CANVAS_UNIT", "FusedPlan", "Mask", "UnsupportedLayerError", "placement", "use_mkldnn"]
 
 
 class UnsupportedLayerError(Exception):
@@ -107,6 +107,7 @@ class _Conv:
         self.padding = None if same else [int(p) for p in conv.padding]
         self.act = act
         self.mkldnn = mkldnn
+        self.spatial = tuple(conv.kernel_size) != (1, 1)  # mixes neighbouring positions
         self._attr, self._scalars = _ACTIVATIONS[act]
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -168,17 +169,64 @@ class _Conv:
         return y
 
 
+Box = tuple[int, int, int, int]  # an image's top, left, height and width on a canvas
+
+#: Canvas sides are multiples of this (see :meth:`FusedPlan.forward_many`); at least the
+#: deepest stride of a plan, which a multiple of 32 covers for every supported backbone.
+CANVAS_UNIT = 32
+
+
+def placement(size: int, depth: int) -> int:
+    """Rows (columns) left before an image side of ``size`` on a canvas so that a plan with
+    ``depth`` stride-2 "SAME" convolutions sees it as alone: the side then ends on a multiple
+    of ``2**depth``, and each such convolution pads the image as it pads the image alone."""
+    return -size % (1 << depth)
+
+
+class Mask:
+    """Zeroes what lies outside each image's box in a (B, C, H / 2**n, W / 2**n) activation
+    of a canvas of ``size`` (H, W) (in place): there the image alone has "SAME" zero padding."""
+
+    def __init__(self, boxes: list[Box], size: tuple[int, int]) -> None:
+        self.boxes, self.height = boxes, int(size[0])
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        hy, wy = int(y.shape[-2]), int(y.shape[-1])
+        n = (self.height // hy).bit_length() - 1
+        for i, (t, l, h, w) in enumerate(self.boxes):  # noqa: E741
+            t, l, h, w = t >> n, l >> n, -(-h >> n), -(-w >> n)  # noqa: E741  (sides: ceil)
+            if (t, l, h, w) == (0, 0, hy, wy):
+                continue
+            y[i, :, :t] = 0
+            y[i, :, t + h :] = 0
+            y[i, :, t : t + h, :l] = 0
+            y[i, :, t : t + h, l + w :] = 0
+        return y
+
+
+def _run(step: object, y: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+    """One step of a plan (a convolution, a block or a pooling) with ``mask`` applied."""
+    if isinstance(step, _Block):
+        return step(y, mask)
+    if mask is not None and getattr(step, "spatial", True):
+        y = mask(y)
+    return step(y)  # type: ignore[operator]
+
+
 class _Block:
     """A residual block: ``body`` convolutions, the last one adding the shortcut."""
 
     def __init__(self, body: list[_Conv], shortcut: _Conv | None, skip: bool) -> None:
         self.body, self.shortcut, self.skip = body, shortcut, skip
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
+        """The block on ``x``; ``mask`` (placed images) zeroes what lies outside the images
+        in each input of a convolution that mixes neighbouring positions."""
         residual = self.shortcut(x) if self.shortcut is not None else x if self.skip else None
         for conv in self.body[:-1]:
-            x = conv(x)
-        return self.body[-1](x, residual)
+            x = conv(mask(x) if mask is not None and conv.spatial else x)
+        last = self.body[-1]
+        return last(mask(x) if mask is not None and last.spatial else x, residual)
 
 
 class _MaxPool:
@@ -253,6 +301,14 @@ def _lite_plan(stages: nn.ModuleDict, conv) -> list[tuple[str, list]]:  # noqa: 
     return plan
 
 
+def _convs(step: object) -> list[_Conv]:
+    if isinstance(step, _Conv):
+        return [step]
+    if isinstance(step, _Block):
+        return [*step.body, *([step.shortcut] if step.shortcut is not None else [])]
+    return []
+
+
 class FusedPlan:
     """The fused forward pass of a truncated backbone."""
 
@@ -270,8 +326,57 @@ class FusedPlan:
         self.device = device
         self.mkldnn = mkldnn
         self.channels_last = device.type == "cpu"
+        convs = [c for _, steps in self.stages for s in steps for c in _convs(s)]
+        #: stride-2 convolutions up to the deepest tap; images can share a canvas
+        #: (:meth:`forward_many`) where every convolution pads like TensorFlow's "SAME"
+        self.depth = sum(c.stride == [2, 2] for c in convs)
+        self.placeable = all(c.same for c in convs) and (1 << self.depth) <= CANVAS_UNIT
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_many(self, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The features of several batches of different sizes, ``xs`` (B_i, 3, H_i, W_i).
+
+        Batches whose sizes round up to the same multiple of :data:`CANVAS_UNIT` run as one
+        batch on a canvas of that size: each image placed at :func:`placement`, zero around
+        it and zeroed again (:class:`Mask`) before each convolution that mixes neighbouring
+        positions, so its features are the ones it gets alone (to float32 rounding: a batch
+        is not summed in the same order as one image), cropped to its own grid. oneDNN then
+        meets a few canvas sizes instead of one new size per image.
+        """
+        if not self.placeable:
+            return [self(x) for x in xs]
+        canvases: dict[tuple[int, int], list[int]] = {}
+        for i, x in enumerate(xs):
+            key = tuple(-(-int(v) // CANVAS_UNIT) * CANVAS_UNIT for v in x.shape[-2:])
+            canvases.setdefault(key, []).append(i)  # type: ignore[arg-type]
+        out: list[dict[str, torch.Tensor]] = [{} for _ in xs]
+        for (hc, wc), members in canvases.items():
+            if len(members) == 1 and tuple(xs[members[0]].shape[-2:]) == (hc, wc):
+                out[members[0]] = self(xs[members[0]])
+                continue
+            first = xs[members[0]]
+            total = sum(int(xs[i].shape[0]) for i in members)
+            canvas = first.new_zeros((total, 3, hc, wc)).to(memory_format=torch.channels_last)
+            boxes: list[Box] = []
+            spans = []
+            for i in members:
+                b, _, h, w = (int(v) for v in xs[i].shape)
+                t, l = placement(h, self.depth), placement(w, self.depth)  # noqa: E741
+                lo = len(boxes)
+                canvas[lo : lo + b, :, t : t + h, l : l + w] = xs[i]
+                boxes += [(t, l, h, w)] * b
+                spans.append((i, lo, b, t, l, h, w))
+            feats = self(canvas, boxes)
+            for i, lo, b, t, l, h, w in spans:  # noqa: E741
+                for name, f in feats.items():
+                    n = (hc // int(f.shape[-2])).bit_length() - 1
+                    rows = slice(t >> n, (t >> n) + -(-h >> n))
+                    cols = slice(l >> n, (l >> n) + -(-w >> n))
+                    out[i][name] = f[lo : lo + b, :, rows, cols].contiguous()
+        return out
+
+    def __call__(self, x: torch.Tensor, boxes: list[Box] | None = None) -> dict[str, torch.Tensor]:
+        """Tapped features of ``x`` (B, 3, H, W); ``boxes``: the images' boxes when ``x`` is a
+        canvas (:meth:`forward_many`), zero outside them."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         # A few images at a time: on CPU, big batches are slower per image (their activations
         # no longer fit the caches, and the allocator maps and unmaps them on every call).
@@ -282,9 +387,10 @@ class FusedPlan:
         out: dict[str, torch.Tensor] = {}
         for lo in range(0, num, step):
             y = x[lo : lo + step].to(self.dtype, memory_format=fmt)
+            mask = None if boxes is None else Mask(boxes[lo : lo + step], x.shape[-2:])
             for name, steps in self.stages:
                 for s in steps:
-                    y = s(y)
+                    y = _run(s, y, mask)
                 if name in self.taps:
                     if step >= num:
                         out[name] = y.to(torch.float32, memory_format=torch.contiguous_format)

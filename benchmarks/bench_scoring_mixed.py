@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parents[1] / "shared" / "data"
+DATA = ROOT.parent / "shared" / "data"
 SETS = ("casting", "magnetic_tile", "deeppcb")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 

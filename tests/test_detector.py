@@ -252,12 +252,12 @@ def test_float16_storage_scores_close_to_float32(toy_images) -> None:
 def test_overflowing_features_fall_back_to_float32_with_a_warning(toy_images, monkeypatch) -> None:
     train, _, _ = toy_images
     det = small()
-    real = PatchCore._embed
+    real = PatchCore._embed_many
 
-    def huge(self, pixels):  # noqa: ANN001, ANN202
-        return real(self, pixels) * 1e5
+    def huge(self, groups):  # noqa: ANN001, ANN202
+        return [e * 1e5 for e in real(self, groups)]
 
-    monkeypatch.setattr(PatchCore, "_embed", huge)
+    monkeypatch.setattr(PatchCore, "_embed_many", huge)
     with pytest.warns(UserWarning, match="exceed float16's range"):
         det.fit(train[:2])
     assert torch.isfinite(det.memory_bank_).all() and det.memory_bank_.abs().max() > 65504
@@ -581,3 +581,30 @@ def test_reference_scores_are_the_float32_search_s_and_leave_the_model_as_it_was
     want = f32.score(list(test), maps="processed")
     np.testing.assert_array_equal(scores, want.scores)
     np.testing.assert_array_equal(maps, np.stack(want.maps))
+
+
+def test_training_images_of_mixed_sizes_give_the_features_they_give_alone(monkeypatch) -> None:
+    """Fitting at native size on images of mixed sizes runs them on shared canvases
+    (``FusedPlan.forward_many``): each image's training features are its own."""
+    from patchcore.core import fused
+
+    rng = np.random.default_rng(5)
+    sizes = [(40, 56), (48, 40), (44, 52), (64, 64), (40, 56), (37, 61)]
+    images = [rng.integers(0, 255, (*s, 3), dtype=np.uint8) for s in sizes]
+    det = PatchCore(weights=None, batch_size=4, progress=False)
+    canvases: list[tuple[int, ...]] = []
+    call = fused.FusedPlan.__call__
+
+    def spy(plan, x, boxes=None):  # noqa: ANN001, ANN202
+        if boxes is not None:
+            canvases.append(tuple(x.shape))
+        return call(plan, x, boxes)
+
+    monkeypatch.setattr(fused.FusedPlan, "__call__", spy)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        together = det.extract_features(images)
+    assert canvases and max(c[0] for c in canvases) > 1  # several images in one pass
+    each = [det.extract_features([im]) for im in images]
+    assert together.grids == [e.grids[0] for e in each]
+    alone = [e.features.float() for e in each]
+    torch.testing.assert_close(together.features.float(), torch.cat(alone), rtol=2e-3, atol=1e-4)

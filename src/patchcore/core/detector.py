@@ -7,10 +7,11 @@ scikit-learn's ``score_samples``).
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -429,12 +430,18 @@ class PatchCore(
         batches = self._batches(items, on_error, progress, desc)
         workers = None if self.device_.type == "cpu" else 1  # CPU: batches side by side
 
-        def embedded(batch: Batch) -> tuple[Batch, list[torch.Tensor] | None]:
-            if batch.pixels is None:
-                return batch, None
-            return batch, [self._embed(augmentation.apply(batch.pixels, v)) for v in views]
+        def embedded(part: list[Batch]) -> list[tuple[Batch, list[torch.Tensor] | None]]:
+            live = [b for b in part if b.pixels is not None]
+            per_view = [
+                self._embed_many([augmentation.apply(b.pixels, v) for b in live]) for v in views
+            ]
+            embs = iter(zip(*per_view, strict=True))
+            return [(b, None if b.pixels is None else list(next(embs))) for b in part]
 
-        for batch, embs in sampling.parallel_blocks(embedded, batches, workers):
+        parts = _parts(batches, int(self.batch_size))  # mixed sizes: one backbone pass
+        for batch, embs in itertools.chain.from_iterable(
+            sampling.parallel_blocks(embedded, parts, workers)
+        ):
             skipped += batch.skipped
             if embs is not None:
                 h, w = int(embs[0].shape[-2]), int(embs[0].shape[-1])  # the identity view's
@@ -575,3 +582,18 @@ class PatchCore(
             ).to(self.device_)
 
     # ================================================================ end of the scale-out hooks
+
+
+def _parts(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Consecutive batches, ``size`` images or more to a part (a full batch alone; batches of
+    mixed sizes together, which share the backbone's canvases)."""
+    part: list[Batch] = []
+    images = 0
+    for batch in batches:
+        part.append(batch)
+        images += len(batch.indices)
+        if images >= size:
+            yield part
+            part, images = [], 0
+    if part:
+        yield part

@@ -78,3 +78,21 @@ def toy_images() -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     good = [textured(rng) for _ in range(4)]
     bad = [textured(rng, defect=True) for _ in range(4)]
     return train, good, bad
+
+
+@pytest.fixture
+def canvases(monkeypatch) -> list[tuple[int, ...]]:
+    """The (B, 3, H, W) shape of every canvas the fused plans run during the test (images of
+    mixed sizes sharing one pass, :meth:`patchcore.core.fused.FusedPlan.forward_many`)."""
+    from patchcore.core import fused
+
+    shapes: list[tuple[int, ...]] = []
+    call = fused.FusedPlan.__call__
+
+    def spy(plan, x, boxes=None):  # noqa: ANN001, ANN202
+        if boxes is not None:
+            shapes.append(tuple(x.shape))
+        return call(plan, x, boxes)
+
+    monkeypatch.setattr(fused.FusedPlan, "__call__", spy)
+    return shapes

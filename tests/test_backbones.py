@@ -198,7 +198,7 @@ def test_packed_weights_kept_across_sizes_give_the_features_of_a_cold_plan(
 
 
 @pytest.mark.parametrize("layers", [["stage3", "stage5"], ["stage1", "stage4", "stage7"]])
-def test_images_sharing_a_canvas_get_the_features_they_get_alone(layers, monkeypatch) -> None:
+def test_images_sharing_a_canvas_get_the_features_they_get_alone(layers, canvases) -> None:
     """Batches of mixed sizes (odd and even sides, a few pixels to a full canvas unit apart)
     share canvases: each image placed so the stride-2 convolutions pad it as alone, and zeroed
     around before each spatial convolution; its cropped features equal its own (the check
@@ -208,15 +208,6 @@ def test_images_sharing_a_canvas_get_the_features_they_get_alone(layers, monkeyp
     gen = torch.Generator().manual_seed(2)
     sizes = [(97, 131), (100, 128), (113, 100), (128, 128), (65, 190), (33, 47), (96, 97)]
     xs = [torch.randn(1 + i % 2, 3, h, w, generator=gen) for i, (h, w) in enumerate(sizes)]
-    canvases: list[tuple[int, ...]] = []
-    call = fused.FusedPlan.__call__
-
-    def spy(plan, x, boxes=None):  # noqa: ANN001, ANN202
-        if boxes is not None:
-            canvases.append(tuple(x.shape))
-        return call(plan, x, boxes)
-
-    monkeypatch.setattr(fused.FusedPlan, "__call__", spy)
     with torch.inference_mode():
         many = fe.forward_many(xs)
         assert (5, 3, 128, 128) in canvases and len(canvases) < len(xs)  # shared, batched

@@ -583,24 +583,13 @@ def test_reference_scores_are_the_float32_search_s_and_leave_the_model_as_it_was
     np.testing.assert_array_equal(maps, np.stack(want.maps))
 
 
-def test_training_images_of_mixed_sizes_give_the_features_they_give_alone(monkeypatch) -> None:
+def test_training_images_of_mixed_sizes_give_the_features_they_give_alone(canvases) -> None:
     """Fitting at native size on images of mixed sizes runs them on shared canvases
     (``FusedPlan.forward_many``): each image's training features are its own."""
-    from patchcore.core import fused
-
     rng = np.random.default_rng(5)
     sizes = [(40, 56), (48, 40), (44, 52), (64, 64), (40, 56), (37, 61)]
     images = [rng.integers(0, 255, (*s, 3), dtype=np.uint8) for s in sizes]
     det = PatchCore(weights=None, batch_size=4, progress=False)
-    canvases: list[tuple[int, ...]] = []
-    call = fused.FusedPlan.__call__
-
-    def spy(plan, x, boxes=None):  # noqa: ANN001, ANN202
-        if boxes is not None:
-            canvases.append(tuple(x.shape))
-        return call(plan, x, boxes)
-
-    monkeypatch.setattr(fused.FusedPlan, "__call__", spy)
     with pytest.warns(UserWarning, match="RANDOM weights"):
         together = det.extract_features(images)
     assert canvases and max(c[0] for c in canvases) > 1  # several images in one pass

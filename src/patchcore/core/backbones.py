@@ -386,13 +386,13 @@ class FeatureExtractor(nn.Module):
 
     def forward_many(self, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward` of each of several batches ``xs`` (B_i, 3, H_i, W_i) of different
-        sizes; on the fused plan of a "SAME"-padded backbone they share canvases
+        sizes; on the fused plan (of a "SAME"-padded backbone) they share canvases
         (:meth:`FusedPlan.forward_many`) with the same features as alone."""
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
         plan = None
         if len(xs) > 1 and not grad and all(x.ndim == 4 and x.shape[0] > 0 for x in xs):
             plan = self._get_plan(xs[0].device)
-        if plan is None or not plan.placeable or not all(x.device == plan.device for x in xs):
+        if plan is None or not all(x.device == plan.device for x in xs):
             return [self(x) for x in xs]
         with torch.no_grad():
             try:

@@ -11,7 +11,7 @@ import itertools
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +31,7 @@ from patchcore.core.inputs import (
     Skipped,
     as_list,
     check_on_error,
+    group_batches,
     input_name,
     iter_batches,
     warn_skipped,
@@ -430,17 +431,17 @@ class PatchCore(
         batches = self._batches(items, on_error, progress, desc)
         workers = None if self.device_.type == "cpu" else 1  # CPU: batches side by side
 
-        def embedded(part: list[Batch]) -> list[tuple[Batch, list[torch.Tensor] | None]]:
-            live = [b for b in part if b.pixels is not None]
+        def embedded(group: list[Batch]) -> list[tuple[Batch, list[torch.Tensor] | None]]:
+            live = [b for b in group if b.pixels is not None]
             per_view = [
                 self._embed_many([augmentation.apply(b.pixels, v) for b in live]) for v in views
             ]
             embs = iter(zip(*per_view, strict=True))
-            return [(b, None if b.pixels is None else list(next(embs))) for b in part]
+            return [(b, None if b.pixels is None else list(next(embs))) for b in group]
 
-        parts = _parts(batches, int(self.batch_size))  # mixed sizes: one backbone pass
+        groups = group_batches(batches, int(self.batch_size))  # mixed sizes: one pass
         for batch, embs in itertools.chain.from_iterable(
-            sampling.parallel_blocks(embedded, parts, workers)
+            sampling.parallel_blocks(embedded, groups, workers)
         ):
             skipped += batch.skipped
             if embs is not None:
@@ -582,18 +583,3 @@ class PatchCore(
             ).to(self.device_)
 
     # ================================================================ end of the scale-out hooks
-
-
-def _parts(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
-    """Consecutive batches, ``size`` images or more to a part (a full batch alone; batches of
-    mixed sizes together, which share the backbone's canvases)."""
-    part: list[Batch] = []
-    images = 0
-    for batch in batches:
-        part.append(batch)
-        images += len(batch.indices)
-        if images >= size:
-            yield part
-            part, images = [], 0
-    if part:
-        yield part

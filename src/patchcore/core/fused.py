@@ -208,7 +208,7 @@ def _run(step: object, y: torch.Tensor, mask: Mask | None) -> torch.Tensor:
     """One step of a plan (a convolution, a block or a pooling) with ``mask`` applied."""
     if isinstance(step, _Block):
         return step(y, mask)
-    if mask is not None and getattr(step, "spatial", True):
+    if mask is not None and step.spatial:  # type: ignore[attr-defined]
         y = mask(y)
     return step(y)  # type: ignore[operator]
 
@@ -230,6 +230,8 @@ class _Block:
 
 
 class _MaxPool:
+    spatial = True  # mixes neighbouring positions
+
     def __init__(self, m: nn.MaxPool2d) -> None:
         self.args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 

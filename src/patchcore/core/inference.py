@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from patchcore.core.images import ImageInput
-from patchcore.core.inputs import Reorder, as_list, check_on_error, warn_skipped
+from patchcore.core.inputs import Reorder, as_list, check_on_error, group_batches, warn_skipped
 from patchcore.core.results import ImageResult, MapSize, ScoreResult, check_maps
 from patchcore.lean import ood
 
@@ -76,19 +76,14 @@ class ScoreMixin:
         are searched together, up to ``batch_size`` images: one scan of the bank for them all
         (``_score_batches``); each image's result is the one it gets alone."""
         order = Reorder()
-        pending: list[Any] = []
-        for batch in self._batches(items, on_error, progress, "score", window):  # type: ignore[attr-defined]
-            for s in batch.skipped:
+        batches = self._batches(items, on_error, progress, "score", window)  # type: ignore[attr-defined]
+        for group in group_batches(batches, int(self.batch_size)):  # type: ignore[attr-defined]
+            for s in (s for batch in group for s in batch.skipped):
                 order.add(s.index, ImageResult(s.index, s.name, float("nan"), None, s.reason))
-            if batch.pixels is not None:
-                pending.append(batch)
-                if sum(len(b.indices) for b in pending) >= int(self.batch_size):  # type: ignore[attr-defined]
-                    self._collect(pending, maps, order)
-                    pending = []
+            live = [batch for batch in group if batch.pixels is not None]
+            if live:
+                self._collect(live, maps, order)
             yield from order.ready()
-        if pending:
-            self._collect(pending, maps, order)
-        yield from order.ready()
 
     def _collect(self, batches: list[Any], maps: MapSize, order: Reorder) -> None:
         """Score ``batches`` together and add their results to ``order``."""

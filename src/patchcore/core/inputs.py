@@ -11,7 +11,7 @@ images through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "as_list",
     "check_on_error",
     "decode_tensor",
+    "group_batches",
     "input_name",
     "iter_batches",
     "resize_tensor",
@@ -110,3 +111,19 @@ def iter_batches(
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def group_batches(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Consecutive batches, ``size`` images or more to a group: a full batch alone, batches of
+    mixed sizes together (one search, and one backbone pass on shared canvases, for them all).
+    Batches of skipped inputs only count no image."""
+    group: list[Batch] = []
+    images = 0
+    for batch in batches:
+        group.append(batch)
+        images += len(batch.indices)
+        if images >= size:
+            yield group
+            group, images = [], 0
+    if group:
+        yield group

@@ -347,19 +347,19 @@ def patch_scores_groups(
     d2 = d2.clamp_(min=0.0)
     # 1. each image's 2k best estimates, exactly: their k-th largest exact distance is a lower
     #    bound of the image's true k-th largest
-    firsts = []  # per group: (B, m) positions within its images, and (B m,) flat rows
+    firsts = []  # per group: (B, m) positions within its images, (B m,) flat rows, its k
     for b, p, lo in spans:
         kk = max(1, min(int(k), p))
         first = d2[lo : lo + b * p].view(b, p).topk(min(2 * kk, p), dim=1).indices
         rows = torch.arange(b, device=d2.device)[:, None]
-        firsts.append((first, (lo + rows * p + first).view(-1)))
+        firsts.append((first, (lo + rows * p + first).view(-1), kk))
     first_flat = torch.cat([f[1] for f in firsts])
     exact1 = index.exact_min_distances(flat[first_flat]).to(d2.dtype)
     # 2. every other patch whose error interval reaches that bound, exactly; the rest lie below
     #    it (true distance and estimate alike), so they cannot be among the k largest
     seconds, at = [], 0
-    for (b, p, lo), (first, _) in zip(spans, firsts, strict=True):
-        floor = exact1[at : at + first.numel()].view(b, -1).topk(max(1, min(int(k), p)), dim=1)
+    for (b, p, lo), (first, _, kk) in zip(spans, firsts, strict=True):
+        floor = exact1[at : at + first.numel()].view(b, -1).topk(kk, dim=1)
         at += first.numel()
         part = slice(lo, lo + b * p)
         # the slack covers sqrt/square rounding

@@ -232,7 +232,7 @@ def test_patch_scores_bfloat16_top_k_are_exact(k: int):
     assert (plain - full).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["bfloat16", "float32", "int8"])
 def test_groups_searched_together_get_the_results_they_get_alone(precision: str):
     """Images of different sizes in one scan and one re-check: each group's exact top k, its
     maximum and where it lies are those of the group alone (a group smaller than 2 k too)."""
@@ -260,4 +260,103 @@ def test_groups_searched_together_get_the_results_they_get_alone(precision: str)
 
 def test_precision_is_checked():
     with pytest.raises(ValueError, match="precision must be one of"):
-        NearestNeighborIndex(torch.randn(4, 3), precision="int8")
+        NearestNeighborIndex(torch.randn(4, 3), precision="int4")
+
+
+def _naive_int8_rows(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """The int8 scan as the module describes it, in float64 with no chunks, padding or digit
+    columns: the lowest row minimising ``round(|b|^2 / 2 s^2 - C) - round(q/s) . round(b/s)``."""
+    mean = bank.double().mean(0)
+    b, q = bank.double() - mean, queries.double() - mean
+    s = float(b.abs().max()) / 127
+    c = (b * b).sum(1) / (2 * s * s)
+    c = torch.round(c - (float(c.max()) + float(c.min())) / 2)
+    value = c - torch.round(q / s).clamp(-127, 127) @ torch.round(b / s).clamp(-127, 127).T
+    return value.argmin(1)  # torch's argmin: the first minimum
+
+
+@pytest.mark.parametrize("rows", [300, 256, 1037])
+def test_int8_scan_finds_the_rows_of_the_naive_scan(rows: int):
+    """Chunks, padding, digit columns and blocks change nothing: the rows found are those of
+    the naive scan, and each value is the float32 squared distance to that row."""
+    bank = _clustered(8, rows, d=40)
+    queries = torch.cat([_clustered(9, 450, d=40), bank[:20] + 0.01])
+    index = NearestNeighborIndex(bank, precision="int8", max_block_bytes=4 * 1280 * 40)
+    assert index.chunk_size() < queries.shape[0]  # several blocks
+    estimate, upper = index.min_sq_upper(queries)
+    assert estimate is upper or torch.equal(estimate, upper)
+    want = _naive_int8_rows(queries, bank)
+    to_found = (queries.double() - bank.double()[want]).square().sum(1)
+    torch.testing.assert_close(upper.double(), to_found, rtol=1e-5, atol=1e-4)
+    exact = brute_force(queries, bank, 1)[0][:, 0].double() ** 2
+    assert torch.all(upper.double() >= exact * (1 - 1e-5) - 1e-4)  # an upper bound
+    found = (upper.double() - exact).abs() <= 1e-5 * exact + 1e-4
+    assert float(found.float().mean()) > 0.6  # and mostly the nearest row itself
+    assert not bool(found.all())  # but an approximate scan: this test sees its misses
+
+
+def test_int8_results_do_not_depend_on_the_batch():
+    bank, queries = _clustered(1, 900), _clustered(2, 300)
+    index = NearestNeighborIndex(bank, precision="int8")
+    together = index.min_distances(queries)
+    alone = torch.cat([index.min_distances(queries[i : i + 1]) for i in range(0, 300, 37)])
+    assert torch.equal(together[::37], alone)
+
+
+def test_int8_queries_beyond_the_bank_range_still_get_upper_bounds():
+    bank = _clustered(1, 500)
+    far = _clustered(2, 50) * 40.0  # elements far outside the bank's range: clamped
+    index = NearestNeighborIndex(bank, precision="int8")
+    upper = index.min_sq_upper(far)[1].double()
+    exact = brute_force(far, bank, 1)[0][:, 0].double() ** 2
+    assert torch.all(torch.isfinite(upper)) and torch.all(upper >= exact * (1 - 1e-5))
+    # min_sq_bounded's two-sided form of it: 0 <= true <= d2 + err
+    d2, err = index.min_sq_bounded(far)
+    assert torch.all((d2.double() - exact).abs() <= err.double() * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_patch_scores_int8_top_k_are_exact(k: int):
+    """int8 scan: each image's k largest distances are float32's; the other patches carry
+    distances to real bank rows, never below the nearest one."""
+    bank = _clustered(3, 1200)
+    patches = _clustered(4, 6 * 150).view(6, 150, -1)
+    patches[2, 17] += 3.0
+    ref_scores, ref_max, ref_arg = patch_scores(NearestNeighborIndex(bank), patches, k)
+    scores, image_max, arg = patch_scores(NearestNeighborIndex(bank, precision="int8"), patches, k)
+    torch.testing.assert_close(scores.topk(k, dim=1).values, ref_scores.topk(k, dim=1).values)
+    torch.testing.assert_close(image_max, ref_max)
+    assert torch.equal(arg, ref_arg) and int(arg[2]) == 17
+    assert torch.all(scores >= ref_scores * (1 - 1e-5))
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch):
+    from patchcore.core import search
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    cases = {
+        frozenset({"avx512_vnni", "avx512_bf16"}): ("int8", "bfloat16"),
+        frozenset({"amx_int8", "amx_bf16"}): ("int8", "bfloat16"),
+        frozenset({"avx_vnni"}): ("int8", "float32"),
+        frozenset({"avx512_bf16"}): ("bfloat16", "bfloat16"),
+        frozenset({"avx2"}): ("float32", "float32"),
+    }
+    for flags, (scoring, two_sided) in cases.items():
+        monkeypatch.setattr(search, "_cpu_flags", lambda flags=flags: flags)
+        assert search.resolve_precision("auto", cpu) == scoring
+        assert search.resolve_precision("auto", cpu, upper_only=False) == two_sided
+        assert search.resolve_precision("auto", gpu) == "float32"
+        assert search.resolve_precision("bfloat16", cpu) == "bfloat16"
+
+
+def test_int8_non_finite_values_are_never_hidden():
+    """A NaN in the bank makes every distance NaN (the scan would otherwise find other rows);
+    a NaN or infinite query element gives that query a non-finite distance, the others not."""
+    bank, queries = _clustered(1, 400), _clustered(2, 30)
+    bad = bank.clone()
+    bad[7, 3] = float("nan")
+    assert torch.isnan(NearestNeighborIndex(bad, precision="int8").min_distances(queries)).all()
+    queries[4, 0], queries[9, 2] = float("nan"), float("inf")
+    dist = NearestNeighborIndex(bank, precision="int8").min_distances(queries)
+    assert not torch.isfinite(dist[[4, 9]]).any()
+    assert torch.isfinite(dist[[i for i in range(30) if i not in (4, 9)]]).all()

@@ -62,7 +62,7 @@ BACKBONE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 #: Keys of :data:`patchcore.core.embedding.FEATURE_DTYPES`.
 FEATURE_DTYPE_NAMES = ("float16", "float32")
 #: Precisions of the bank search (``search_precision`` also takes ``"auto"``).
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "int8")
 #: Bank selection methods (``sampling``).
 SAMPLINGS = ("greedy", "greedy_exact", "random")
 
@@ -145,11 +145,14 @@ class PatchCoreParams(ParamsMixin):
         projection_dim: random projection size used by ``"greedy_exact"``; ``None`` (default)
             selects on the features themselves; a projection is worth it only for very wide
             features such as wide_resnet50_2's 1536-d (benchmarks/RESULTS.md).
-        search_precision: ``"auto"`` (default), ``"float32"`` or ``"bfloat16"``: the precision
-            of the distance products against the memory bank. ``"auto"`` picks bfloat16 on
-            CPUs with native bfloat16 dot products (AVX-512 BF16 or AMX) and float32
-            elsewhere. Image scores are exact either way (patches that could hold an image's
-            top scores are re-checked in float32); map values carry the bfloat16 error (see
+        search_precision: ``"auto"`` (default), ``"float32"``, ``"bfloat16"`` or ``"int8"``:
+            the precision of the scan against the memory bank. ``"auto"`` picks int8 on CPUs
+            with native int8 dot products (AVX-512 VNNI, AVX-VNNI or AMX), else bfloat16 on
+            CPUs with native bfloat16 ones (AVX-512 BF16 or AMX), else float32 (GPUs too).
+            Image scores are exact in every precision (patches that could hold an image's
+            top scores are re-checked in float32); map values are, with int8, the float32
+            distance to the bank row the scan found (the nearest one for most patches, never
+            below it), with bfloat16 the scan's estimate within its error bound (see
             :mod:`patchcore.core.search`; rates and errors in benchmarks/RESULTS.md).
         feature_dtype: ``"float16"`` (default) or ``"float32"``: how training patch features
             are held during fit (float16 lowers fit's peak memory,

@@ -9,18 +9,28 @@ constant along a row, so it is added after the reduction. Queries are processed 
 the distance block stays under a memory budget: on CPU a small one (8 MiB), as blocks that fit the
 caches are faster, on GPUs a large one.
 
+``precision="int8"`` finds each query's nearest row with an int8 scan and then measures the
+distance to the row it found exactly in float32 (:meth:`NearestNeighborIndex.min_sq_upper`): a
+true distance to a bank row, so an upper bound of the nearest distance, equal to it wherever the
+scan found the nearest row. Integer products are exact and the quantisation is fixed when the
+index is built (one scale from the bank, the bias ``|b|^2`` carried by extra integer columns), so
+a query's result never depends on the others in its batch. Int8 dot products run at twice the
+bfloat16 rate on CPUs with VNNI or AMX (``vpdpbusd``, ``tdpbssd``).
+
 ``precision="bfloat16"`` runs the distance products in bfloat16 (a higher rate than float32 on CPUs
 with AVX-512 bf16 or AMX, benchmarks/RESULTS.md) for :meth:`NearestNeighborIndex.min_distances`, and
 comes with a rigorous bound on the error of each squared distance
 (:meth:`~NearestNeighborIndex.min_sq_bounded`). :func:`patch_scores` uses the bound to re-check in
 float32 every patch that could hold an image's maximum, so image scores stay exact while the
-per-patch map values carry the bfloat16 error (measured in benchmarks/RESULTS.md).
+per-patch map values carry the bfloat16 error (measured in benchmarks/RESULTS.md). It re-checks
+the int8 scan's patches the same way, from their upper bounds.
 :meth:`~NearestNeighborIndex.search` is always float32.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -31,6 +41,7 @@ __all__ = [
     "NearestNeighborIndex",
     "bf16_error",
     "cpu_has_bf16",
+    "cpu_has_int8",
     "nearest_neighbors",
     "patch_scores",
     "patch_scores_groups",
@@ -45,26 +56,45 @@ CPU_MAX_BLOCK_BYTES = 8 * 2**20  # on CPU: cache-sized blocks are faster (and ne
 MIN_CPU_BLOCK_ROWS = 64  # ... but with a big bank at least this many queries per block
 
 
+INT8_CHUNK = 256  # columns per first-stage minimum of the int8 scan's nearest-row search
+
+
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bfloat16 dot products (AVX-512 BF16 or AMX), per cpuinfo."""
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"bfloat16"`` on CPUs with native bfloat16 (:func:`cpu_has_bf16`), else
-    ``"float32"`` (GPUs included: their float32 search is fast); other values pass through."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 dot products (AVX-512 BF16 or AMX), per cpuinfo."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8() -> bool:
+    """Whether this CPU has native int8 dot products (AVX-512 VNNI, AVX-VNNI or AMX), per
+    cpuinfo."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def resolve_precision(precision: str, device: torch.device, *, upper_only: bool = True) -> str:
+    """``"auto"`` -> ``"int8"`` on CPUs with native int8 dot products (:func:`cpu_has_int8`),
+    else ``"bfloat16"`` on CPUs with native bfloat16 (:func:`cpu_has_bf16`), else ``"float32"``
+    (GPUs included: their float32 search is fast); other values pass through.
+    ``upper_only=False``: for a caller that needs two-sided bounds
+    (:meth:`NearestNeighborIndex.min_sq_bounded`), which the int8 scan does not give."""
     if precision != "auto":
         return precision
-    return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
+    if device.type != "cpu":
+        return "float32"
+    if upper_only and cpu_has_int8():
+        return "int8"
+    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -113,6 +143,11 @@ class NearestNeighborIndex:
         # [-2 b, |b|^2]: one matrix product with [q, 1] gives |b|^2 - 2 q.b (-2 b is exact)
         self._bank_ext = torch.cat([-2.0 * centred, (centred * centred).sum(1, keepdim=True)], 1)
         self.precision = precision
+        self._int8: _Int8Bank | None = None
+        if precision == "int8":
+            if self.bank.device.type != "cpu":
+                raise ValueError("the int8 search runs on CPU only; use float32 on GPUs")
+            self._int8 = _Int8Bank(centred)
         self._bank_bf16: torch.Tensor | None = None
         if precision == "bfloat16":
             # [-2 b, |b|^2] in bfloat16; the bound below covers the rounding of both parts.
@@ -130,6 +165,8 @@ class NearestNeighborIndex:
     def chunk_size(self) -> int:
         """Queries handled per distance block under ``max_block_bytes``."""
         per_query = len(self) * self._bank_ext.element_size()
+        if self._int8 is not None:
+            per_query = self._int8.table.shape[1] * 4  # int32 products
         rows = max(1, self.max_block_bytes // per_query)
         if self._auto_block and self._bank_ext.device.type == "cpu":
             rows = max(rows, MIN_CPU_BLOCK_ROWS)
@@ -144,8 +181,11 @@ class NearestNeighborIndex:
         Returns:
             (Q,) Euclidean distances in ``self.dtype``. With ``precision="float32"`` equal to
             ``search(queries, 1)[0][:, 0]``; with ``"bfloat16"`` the bfloat16 scan's value
-            (error bounded by :meth:`min_sq_bounded`).
+            (error bounded by :meth:`min_sq_bounded`); with ``"int8"`` the distance to the row
+            the int8 scan found (:meth:`min_sq_upper`).
         """
+        if self._int8 is not None:
+            return self.min_sq_upper(queries)[0].sqrt_()
         if self._bank_bf16 is None:
             return self._scan(queries, 0)[0][:, 0]
         return self.min_sq_bounded(queries)[0].clamp_(min=0.0).sqrt_()
@@ -161,8 +201,13 @@ class NearestNeighborIndex:
             ``(d2, err)``, both (Q,) float32: ``|d2 - true squared distance| <= err``. In
             float32 precision ``d2`` is exact to float rounding and ``err`` is 0; in bfloat16
             ``err = 1.01 u (B^2 + 4 |q| B) + 1.02 u |m|`` with u = 2^-8, B the largest centred
-            bank norm and m the scan's bfloat16 row minimum (:func:`bf16_error`).
+            bank norm and m the scan's bfloat16 row minimum (:func:`bf16_error`). In int8
+            precision ``d2 = err`` = :meth:`min_sq_upper`'s bound (two-sided bounds need
+            ``resolve_precision(..., upper_only=False)``).
         """
+        if self._int8 is not None:  # 0 <= true <= upper: a valid, loose bound
+            upper = self.min_sq_upper(queries)[1]
+            return upper, upper.clone()
         if self._bank_bf16 is None:
             d = self._scan(queries, 0)[0][:, 0]
             return d * d, torch.zeros_like(d)
@@ -183,6 +228,33 @@ class NearestNeighborIndex:
         err = bf16_error(qsq, self._max_norm, d, out)  # out: the rounded row minima
         out += qsq
         return out, err
+
+    def min_sq_upper(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared nearest distances and a rigorous upper bound of each.
+
+        Args:
+            queries: (Q, D).
+
+        Returns:
+            ``(estimate, upper)``, both (Q,) float32, ``true <= upper``: float32 ``(d2, d2)``;
+            bfloat16 ``(d2, d2 + err)`` (:meth:`min_sq_bounded`); int8 the squared float32
+            distance to the row the int8 scan found, for both (the true distance where the
+            scan found the nearest row, larger by the gap elsewhere).
+        """
+        if self._int8 is None:
+            d2, err = self.min_sq_bounded(queries)
+            return d2, (d2 + err if self._bank_bf16 is not None else d2)
+        q = self._centred(queries)
+        coded = self._int8.encode(q)
+        out = torch.empty(q.shape[0], dtype=self.dtype, device=q.device)
+        step = self.chunk_size()
+        for lo in range(0, q.shape[0], step):
+            rows = self._int8.nearest_rows(coded[lo : lo + step])
+            diff = q[lo : lo + step] - self._int8.centred[rows]
+            out[lo : lo + step] = diff.square_().sum(1)
+        if self._int8.poison != 0.0:
+            out.fill_(math.nan)
+        return out, out
 
     def _centred(self, queries: torch.Tensor) -> torch.Tensor:
         d = self._bank_ext.shape[1] - 1
@@ -252,6 +324,72 @@ class NearestNeighborIndex:
         return dist, index
 
 
+class _Int8Bank:
+    """The int8 scan of a centred bank (M, D): its quantisation, fixed when the index is built.
+
+    Rows and queries share one scale ``s``, the bank's largest ``|element| / 127`` (query
+    elements beyond it are clamped: the scan only proposes a row, whose distance is then
+    measured in float32). For a query ``q`` the scan minimises over the rows
+    ``c_b - round(q/s) . round(b/s)`` with ``c_b = |b|^2 / (2 s^2)`` less a constant (half the
+    squared distance in units of ``s^2``, less the query's own term). ``c_b`` is rounded to an
+    integer and carried in the same product: ``hi`` query columns of 127 against its high
+    digits, one of 1 against its low digit. The exact int32 products then give every
+    candidate's value in one matrix product; the nearest row is a minimum over chunks of
+    :data:`INT8_CHUNK` columns, then within the best chunk (an index-returning minimum over
+    the whole row is far slower on CPU than a plain one). The table's rows are padded to a
+    multiple of the chunk with copies of its first rows, which never come first.
+
+    Attributes:
+        centred: (M, D) float32 the centred bank. table: (W, M') int8, the bank's columns.
+    """
+
+    def __init__(self, centred: torch.Tensor):
+        m, d = centred.shape
+        self.centred = centred
+        self.rows = m
+        # a non-finite bank makes every result NaN (as the float32 scan's minima would be),
+        # never a finite distance to one of its other rows
+        self.poison = float(centred.sum()) * 0.0
+        finite = torch.nan_to_num(centred.double(), nan=0.0, posinf=0.0, neginf=0.0)
+        amax = float(finite.abs().max())
+        self.scale = amax / 127.0 if amax > 0 else 1.0
+        bias = (finite**2).sum(1) / (2.0 * self.scale**2)
+        bias = torch.round(bias - (float(bias.max()) + float(bias.min())) / 2)  # min unmoved
+        high = torch.round(bias / 127.0)
+        low = bias - 127.0 * high  # within [-64, 64]
+        self.hi = max(1, math.ceil(float(high.abs().max()) / 127.0))
+        width = -(-(d + self.hi + 1) // 8) * 8  # whole groups for the int8 dot products
+        coded = torch.zeros(m, width, dtype=torch.float64)
+        coded[:, :d] = -torch.round(finite / self.scale).clamp_(-127, 127)
+        for t in range(self.hi):  # high digits, each within [-127, 127]
+            digit = high.clamp(-127, 127)
+            coded[:, d + t] = digit
+            high = high - digit
+        coded[:, d + self.hi] = low
+        padded = -(-m // INT8_CHUNK) * INT8_CHUNK
+        order = torch.arange(padded) % m
+        self.table = coded.to(torch.int8)[order].T  # (W, M') view of row-major rows
+        self.width, self.dim = width, d
+
+    def encode(self, q: torch.Tensor) -> torch.Tensor:
+        """(Q, D) float32 centred queries -> (Q, W) int8 ``[round(q/s), 127 x hi, 1, 0...]``
+        (non-finite elements as 0: their distances come out non-finite all the same)."""
+        out = torch.zeros(q.shape[0], self.width, dtype=torch.int8)
+        scaled = torch.nan_to_num(q / self.scale, nan=0.0, posinf=127.0, neginf=-127.0)
+        out[:, : self.dim] = torch.round(scaled).clamp_(-127, 127)
+        out[:, self.dim : self.dim + self.hi] = 127
+        out[:, self.dim + self.hi] = 1
+        return out
+
+    def nearest_rows(self, coded: torch.Tensor) -> torch.Tensor:
+        """(n, W) encoded queries -> (n,) int64 the row each scan found (lowest on ties)."""
+        n = coded.shape[0]
+        chunks = torch._int_mm(coded, self.table).view(n, -1, INT8_CHUNK)
+        best = chunks.amin(2).argmin(1)
+        within = chunks[torch.arange(n), best].argmin(1)
+        return (best * INT8_CHUNK + within) % self.rows
+
+
 def nearest_neighbors(
     queries: torch.Tensor,
     bank: torch.Tensor,
@@ -316,9 +454,10 @@ def patch_scores(
     Returns:
         ``(scores, image_max, arg)``: (B, P) per-patch distances (the index's precision),
         (B,) the largest nearest distance of each image and (B,) int64 the patch holding it.
-        In bfloat16 precision each image's ``2 k`` best estimates are re-checked in float32;
-        the ``k``-th largest of those exact distances bounds the image's true ``k``-th largest
-        from below, and every other patch whose error interval reaches it is re-checked too.
+        In bfloat16 and int8 precision each image's ``2 k`` best estimates are re-checked in
+        float32; the ``k``-th largest of those exact distances bounds the image's true
+        ``k``-th largest from below, and every other patch whose upper bound
+        (:meth:`NearestNeighborIndex.min_sq_upper`) reaches it is re-checked too.
         The patches left lie below the bound (true distance and estimate), so ``image_max``,
         ``arg`` and ``scores.topk(k)`` are those of the float32 search (to float rounding).
     """
@@ -337,7 +476,7 @@ def patch_scores_groups(
     for g in groups:
         spans.append((int(g.shape[0]), int(g.shape[1]), lo))
         lo += int(g.shape[0]) * int(g.shape[1])
-    d2, err = index.min_sq_bounded(flat)
+    d2, upper = index.min_sq_upper(flat)
     if index.precision == "float32":
         out = []
         for b, p, lo in spans:
@@ -363,9 +502,7 @@ def patch_scores_groups(
         at += first.numel()
         part = slice(lo, lo + b * p)
         # the slack covers sqrt/square rounding
-        reach = d2[part].view(b, p) + err[part].view(b, p) >= floor.values[:, -1:].square() * (
-            1 - 1e-6
-        )
+        reach = upper[part].view(b, p) >= floor.values[:, -1:].square() * (1 - 1e-6)
         reach.scatter_(1, first, False)  # done in step 1
         seconds.append(lo + reach.view(-1).nonzero().squeeze(1))
     second = torch.cat(seconds)

@@ -272,7 +272,7 @@ def repair_bounds(
     """
     num = x.shape[0]
     b = bank.detach().float()
-    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device))
+    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device, upper_only=False))
     upper = torch.empty(num)
     desc = PASS_WORDS.format(k=3) if desc is None else desc
     bar = tqdm(total=num, desc=desc, unit="patch", disable=not progress, mininterval=1)
@@ -397,7 +397,7 @@ def bank_distances(x: torch.Tensor, bank: torch.Tensor, top: int) -> tuple[torch
     """
     num = x.shape[0]
     b = bank.detach().float()
-    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device))
+    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device, upper_only=False))
     d2, err = torch.empty(num), torch.empty(num)
 
     def scan(lo: int) -> None:

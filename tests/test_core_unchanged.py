@@ -35,7 +35,7 @@ from conftest import IN_CI, data_set
 
 BEFORE = "667b4ee"
 #: the commit whose scores and maps today's equal bit for bit (None: only BEFORE's checks)
-SAME_AS: str | None = None  # set to the int8 scan's commit once it has one
+SAME_AS: str | None = "fcb0422"
 #: against BEFORE: image scores to this relative difference, maps to this share of their maximum
 SCORE_RTOL, MAP_RTOL = 1e-6, 0.01
 ROOT = Path(__file__).resolve().parents[1]

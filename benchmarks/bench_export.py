@@ -1,13 +1,14 @@
 """Exported runtimes against torch's default path (issues #14, #24): speed and parity, one command.
 
-Per shared set (all three by default): the default ``PatchCore()`` (native size, bfloat16 search
-with its exact re-check on CPUs with native bfloat16) fitted on every training image (or
-``--train N``, a seeded subset; fitted models are cached in ``--models``), calibrated (max F1)
-on the test set, then exported twice with the defaults of ``patchcore export``: ONNX
-(``search="auto"``: the int8 search with its exact float32 re-check, plus fixed-size graphs for
-the common training sizes) and OpenVINO (``search="auto"``: the bfloat16 scan with the same
-re-check, since the fifth stop; float32 before). Every test image is then inspected
-(``iter_inspect``: decode, resize, graph, native-size map, record with regions) by three routes,
+Per shared set (all three by default): the default ``PatchCore()`` (native size; since the
+eighth stop the int8 scan with its exact re-check on CPUs with int8 dot products, bfloat16
+before) fitted on every training image (or ``--train N``, a seeded subset; fitted models are
+cached in ``--models``), calibrated (max F1) on the test set, then exported twice with the
+defaults of ``patchcore export``: ONNX (``search="auto"``: the int8 search with its exact
+float32 re-check, plus fixed-size graphs for the common training sizes) and OpenVINO
+(``search="auto"``: the bfloat16 scan with the same re-check, since the fifth stop; float32
+before). Every test image is then inspected (``iter_inspect``: decode, resize, graph, native-
+size map, record with regions) by three routes,
 one after the other in chunks of ``--chunk`` images so that every route sees the same load:
 
 - ``torch``: the default path (``PatchCore.iter_inspect``),

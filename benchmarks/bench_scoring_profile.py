@@ -30,8 +30,9 @@ the bf16 graph's image scores from the f32 graph's (the export's parity limit is
 
 ``map-error``: each route's maps against the float32 search's (the torch path with
 ``search_precision="float32"``) on ``--images`` test images of a set in a seeded order: torch's
-default path (bfloat16 scan), the default ONNX export (int8 scan) and the default OpenVINO
-export (bfloat16 scan), all re-checked, so scores agree; per image the largest absolute map
+default path (the int8 scan on CPUs with int8 dot products since the eighth stop, bfloat16
+before) and its other reduced precision, the default ONNX export (int8 scan) and the default
+OpenVINO export (bfloat16 scan), all re-checked, so scores agree; per image the largest absolute map
 difference over the float32 map's maximum, the largest and median over the images.
 
 ``recheck``: the bfloat16 scan's error bound, first form (worst case) against the a posteriori
@@ -57,7 +58,7 @@ import torch
 from common import DATA, ROOT, machine, median_seconds
 
 STAGES = {
-    "search": ("aten::mm", "aten::amin"),
+    "search": ("aten::mm", "aten::amin", "aten::_int_mm", "aten::argmin"),
     "backbone": ("mkldnn::_convolution_pointwise", "mkldnn::_reorder_convolution_weight"),
 }
 
@@ -274,10 +275,14 @@ def map_error(name: str, n: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="map-error-"))
     export(det, tmp / "openvino", format="openvino")
     export(det, tmp / "onnx")
-    maps = {"torch": [r.anomaly_map for r in det.inspect(files)]}
+    maps = {f"torch ({det._index.precision})": [r.anomaly_map for r in det.inspect(files)]}
     for route in ("onnx", "openvino"):
         model = ExportedModel(tmp / route)
         maps[f"{route} ({model.info['search']})"] = [r.anomaly_map for r in model.inspect(files)]
+    for precision in ("bfloat16", "int8"):  # the torch path's other reduced precisions
+        if f"torch ({precision})" not in maps:
+            det.set_params(search_precision=precision)
+            maps[f"torch ({precision})"] = [r.anomaly_map for r in det.inspect(files)]
     det.set_params(search_precision="float32")
     exact = [r.anomaly_map for r in det.inspect(files)]
     errors = {}

@@ -73,9 +73,13 @@ def run(name: str, n_train: int | None, n_test: int | None, params: dict, seed: 
 def lower_bound(det: PatchCore, sizes: list[tuple[int, int]]) -> float:
     """Mean arithmetic lower bound (benchmarks/lower_bound.py) over the scored images, ms, at
     the median matmul rates of this moment."""
-    fp32 = float(np.median(matmul_gflops()))
-    bf16 = float(np.median(matmul_gflops(dtype=torch.bfloat16)))
-    return float(np.mean([b["bound_ms"] for b in detector_bounds(det, sizes, fp32, bf16)]))
+    rates = {
+        name: float(np.median(matmul_gflops(dtype=dtype)))
+        for name, dtype in (
+            ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)
+        )
+    }  # fmt: skip
+    return float(np.mean([b["bound_ms"] for b in detector_bounds(det, sizes, rates)]))
 
 
 def table(rows: list[dict], header: str) -> str:

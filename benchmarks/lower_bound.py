@@ -11,8 +11,9 @@ pooling, upsampling, blur and Python never do, so real code stays above it).
 
 With ``--models DIR`` the bound is that of each set's fitted model ``DIR/{set}-all.pt`` (the
 models ``bench_export.py`` fits) over every test image at its own size, the search priced at
-the bfloat16 rate where the model's search runs in bfloat16; the rates are the best of three
-medians (the machine's, not the moment's load).
+the rate of the precision the model's search runs in (int8 products by ``torch._int_mm``,
+counted as 2 operations per multiply-add like the others; bfloat16; float32); the rates are the
+best of three medians (the machine's, not the moment's load).
 """
 
 from __future__ import annotations
@@ -37,14 +38,25 @@ def matmul_gflops(
     warm-up). Uses torch's current thread count (``torch.get_num_threads()``).
     """
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)
+    if dtype == torch.int8:  # exact int32 products (the int8 search's torch._int_mm)
+        a = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
+        b = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
+
+        def product() -> None:
+            torch._int_mm(a, b)
+    else:
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+
+        def product() -> None:
+            torch.mm(a, b, out=out)
+
+    product()
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
+        product()
         rates.append(2.0 * n**3 / (time.perf_counter() - t0) / 1e9)
     return rates
 
@@ -106,16 +118,17 @@ def bound_ms(
     }
 
 
-def detector_bounds(det, sizes: list[tuple[int, int]], fp32: float, bf16: float) -> list[dict]:  # noqa: ANN001
+def detector_bounds(det, sizes: list[tuple[int, int]], rates: dict[str, float]) -> list[dict]:  # noqa: ANN001
     """:func:`bound_ms` of a fitted detector for each (H, W) in ``sizes``.
 
     Backbone FLOPs are counted once at 224 x 224 and scaled by each image's pixel count
     (convolution FLOPs are proportional to it); the backbone is priced at the float32 rate
-    ``fp32``, the search at the rate of the precision it runs in (``bf16`` or ``fp32``).
+    ``rates["float32"]``, the search at the rate of the precision it runs in (``rates`` by
+    precision name: ``"float32"``, ``"bfloat16"``, ``"int8"``).
     """
     flop, grid, dim = backbone_flops(det.backbone, list(det.layers_), (224, 224))
     per_pixel, stride = flop / 224**2, 224 // grid[0]
-    rate = bf16 if det._index.precision == "bfloat16" else fp32
+    fp32, rate = rates["float32"], rates[det._index.precision]
     bank = int(det.memory_bank_.shape[0])
     return [
         bound_ms(int(per_pixel * h * w), -(-h // stride) * -(-w // stride), bank, dim, fp32, rate)
@@ -130,9 +143,13 @@ def model_bounds(models: str, sets: list[str]) -> None:
 
     from patchcore import PatchCore
 
-    fp32 = max(float(np.median(matmul_gflops())) for _ in range(3))
-    bf16 = max(float(np.median(matmul_gflops(dtype=torch.bfloat16))) for _ in range(3))
-    print(json.dumps({"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1)}), flush=True)
+    rates = {
+        name: max(float(np.median(matmul_gflops(dtype=dtype))) for _ in range(3))
+        for name, dtype in (
+            ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)
+        )
+    }  # fmt: skip
+    print(json.dumps({f"{k}_gflops": round(v, 1) for k, v in rates.items()}), flush=True)
     for name in sets:
         _, test = subsets(name, None, None)
         sizes = []
@@ -140,8 +157,9 @@ def model_bounds(models: str, sets: list[str]) -> None:
             with Image.open(path) as im:
                 sizes.append((im.height, im.width))
         det = PatchCore.load(f"{models}/{name}-all.pt")
-        ms = detector_bounds(det, sizes, fp32, bf16)
+        ms = detector_bounds(det, sizes, rates)
         row = {"set": name, "backbone": det.backbone, "bank": int(det.memory_bank_.shape[0])}
+        row["search_precision"] = det._index.precision
         row["bound_ms"] = round(float(np.mean([m["bound_ms"] for m in ms])), 1)
         row["search_share"] = round(
             float(

@@ -1,8 +1,9 @@
 """The exported graph's int8 and bfloat16 searches with their exact float32 re-check (issue #24).
 
 On the toy detector (``_service_models``): patches drawn next to bank rows, plus one far
-outlier per batch, which stretches the per-call int8 scale so much that the scan often picks
-a wrong row for the others. Each image's ``top_k`` largest
+outlier per batch (beyond the table's fixed scale: clamped). The int8 graph's scan finds the
+rows the torch path's int8 scan finds (the same table, several scan blocks). Each image's
+``top_k`` largest
 distances must equal the float32 search's (the re-check), every other value must be an upper
 bound of the true distance, and the scan must actually have erred somewhere (else the test
 proves nothing). The bfloat16 graph (eager: the deployed bfloat16 arithmetic) the same way,
@@ -18,7 +19,7 @@ from _service_models import toy_detector
 
 from patchcore.core.export_search import Bf16ScoringGraph, Int8ScoringGraph
 from patchcore.core.graph import ScoringGraph
-from patchcore.core.search import bf16_error
+from patchcore.core.search import NearestNeighborIndex, bf16_error
 
 
 def _patches(bank: torch.Tensor, b: int, p: int, seed: int) -> torch.Tensor:
@@ -56,6 +57,31 @@ def test_each_images_top_k_is_exact_and_the_rest_are_upper_bounds(top_k):
     slack = 16 * torch.finfo(torch.float32).eps * norms2
     assert (got.square() >= exact.square() * (1 - 1e-4) - slack).all()
     assert (got > exact * (1 + 1e-3)).any(), "the int8 scan never erred: the test is too easy"
+
+
+def test_the_graphs_scan_finds_the_torch_scans_rows():
+    """Blocks of the table, uint8 codes with the zero point, chunk minima: the rows found are
+    those of the torch path's int8 index, and so are the bounds."""
+    det = toy_detector()
+    small = det.memory_bank_.float()
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, small.shape[0], (700,), generator=g)  # 700 rows: 3 blocks, padded
+    bank = small[rows] + 0.3 * small.std() * torch.randn(700, small.shape[1], generator=g)
+    det.state_.memory_bank = bank
+    graph = Int8ScoringGraph(det, (64, 64), block_rows=37, scan_columns=256).eval()
+    assert len(graph.scan_starts) == 3
+    patches = torch.cat([_patches(bank, 4, 90, seed=s) for s in range(3)]).reshape(
+        -1, bank.shape[1]
+    )
+    index = NearestNeighborIndex(bank, precision="int8")
+    qc = patches - graph.bank_mean
+    with torch.no_grad():
+        rows = graph._scan(qc)
+    assert index._int8 is not None
+    want = index._int8.nearest_rows(index._int8.encode(index._centred(patches)))
+    assert torch.equal(rows, want)
+    bound = ((qc - graph.rows[rows]) ** 2).sum(1)
+    torch.testing.assert_close(bound, index.min_sq_upper(patches)[1], rtol=1e-5, atol=1e-4)
 
 
 def test_the_scan_alone_would_miss_the_top_k():

@@ -8,24 +8,27 @@ embedding, the image score and the map are the graph's own. A custom torch op ca
 scan through the exporter (:func:`translation_table` maps it to standard ONNX ops); its eager
 form does the deployed arithmetic.
 
-**int8**, per batch of patches:
+**int8**, per batch of patches, the torch path's own int8 scan
+(:class:`~patchcore.core.search.Int8Table`: one scale fixed at export, the bias ``|b|^2`` in extra
+integer columns):
 
-1. **int8 scan.** The centred patches are quantised to uint8 with one scale per call
-   (``DynamicQuantizeLinear``), the bank's ``-2 b`` to int8 with one scale per bank row; each
-   block of bank rows gives every patch the row with the smallest approximate
-   ``|b|^2 - 2 q.b`` (``MatMulInteger`` -> float -> ``TopK`` 1). onnxruntime fuses the product
-   into one int8 GEMM (``DynamicQuantizeMatMul``, VNNI where the CPU has it).
+1. **int8 scan.** The centred patches are rounded to the table's scale and offset to uint8
+   (``+ 128``), which ``MatMulInteger`` takes back off as its zero point: the exact int32
+   products are the torch scan's. Per block of bank rows, the minimum of every chunk of
+   :data:`~patchcore.core.search.INT8_CHUNK` columns (``ReduceMin``), the best chunk
+   (``ArgMin``) and the best row within it (``GatherElements``, ``ArgMin``); blocks merge
+   keeping the first on ties, so every patch gets the torch scan's row.
 2. **Exact bound.** The float32 distance from each patch to the row the scan found: an upper
    bound of its nearest-row distance, equal to it whenever the scan found the nearest row.
-3. **Re-check** (as :func:`patchcore.core.search.patch_scores` does after its bfloat16 scan):
+3. **Re-check** (as :func:`patchcore.core.search.patch_scores` does after its scan):
    each image's ``2 top_k`` largest bounds are computed exactly (float32, the whole bank); the
    ``top_k``-th largest of those is a floor under the image's true ``top_k``-th largest distance;
    every other patch whose bound reaches the floor is computed exactly too. The patches left have
    true distance <= bound < floor, so each image's ``top_k`` largest distances, hence its score
    (and eq. 7's worst patch), are those of the float32 search.
 
-Map values are the bounds (exact where re-checked): at most the distance to the row the scan
-found instead of the nearest one (measured in benchmarks/RESULTS.md, "Export and runtime").
+Map values are the bounds (exact where re-checked), as the torch path's on CPUs with int8 dot
+products (measured in benchmarks/RESULTS.md, "Export and runtime").
 
 **bfloat16** is the torch path's own default search (:func:`patchcore.core.search.patch_scores`)
 as a graph: ``[q, 1] [-2 b, |b|^2]^T`` in bfloat16 and its row minimum per block (ONNX
@@ -43,13 +46,12 @@ estimates (exact where re-checked), as the torch path's.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from patchcore.core.graph import ScoringGraph
-from patchcore.core.search import bf16_error
+from patchcore.core.search import INT8_CHUNK, Int8Table, bf16_error
 
 if TYPE_CHECKING:
     from patchcore.core.detector import PatchCore
@@ -68,25 +70,24 @@ __all__ = [
 BF16_SCAN = "patchcore.bf16_min_sq"
 
 
-@torch.library.custom_op("patchcore::int8_nearest_row", mutates_args=())
-def int8_nearest_row(
-    q: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, D) centred patches, int8 (D, M) ``-2 b / scale``, (M,) scales, (M,) ``|b|^2`` ->
-    ((Q,) approximate ``min |b|^2 - 2 q.b``, (Q,) int64 its row). Eager: the same arithmetic
-    as the exported ops (ONNX ``DynamicQuantizeLinear``, then an exact integer product)."""
-    lo, hi = min(float(q.min()), 0.0), max(float(q.max()), 0.0)
-    q_scale = (hi - lo) / 255.0 or 1.0
-    zero = min(max(round(-lo / q_scale), 0), 255)
-    qq = (torch.round(q / q_scale) + zero).clamp(0, 255) - zero  # rounds half to even, as ONNX
-    product = (qq.double() @ weights.double()).float()  # exact: integers below 2^53
-    values, rows = (product * (q_scale * scale) + bias).min(1)
-    return values, rows
+@torch.library.custom_op("patchcore::int8_scan_rows", mutates_args=())
+def int8_scan_rows(coded: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, W) uint8 encoded patches (``round(q / s) + 128``, constant columns), (W, N) int8 a
+    block of the table (N a multiple of ``INT8_CHUNK``) -> ((Q,) int32 the smallest value,
+    (Q,) int64 its first column). Eager: the exported ops' arithmetic (exact integers)."""
+    n = coded.shape[0]
+    values = ((coded.long() - 128) @ table.long()).to(torch.int32)  # exact: |v| < 2^31
+    chunks = values.view(n, -1, INT8_CHUNK)
+    least = chunks.amin(2)
+    best = least.argmin(1)
+    within = chunks[torch.arange(n), best].argmin(1)
+    return least[torch.arange(n), best], best * INT8_CHUNK + within
 
 
-@int8_nearest_row.register_fake
-def _(q: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> Any:
-    return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.int64)
+@int8_scan_rows.register_fake
+def _(coded: torch.Tensor, table: torch.Tensor) -> Any:
+    n = coded.shape[0]
+    return coded.new_empty(n, dtype=torch.int32), coded.new_empty(n, dtype=torch.int64)
 
 
 @torch.library.custom_op("patchcore::bf16_min_sq", mutates_args=())
@@ -103,17 +104,40 @@ def _(q_ext: torch.Tensor, block: torch.Tensor) -> Any:
     return q_ext.new_empty(q_ext.shape[0])
 
 
+#: columns per chunk minimum in the exported int8 scan (a divisor of ``INT8_CHUNK``)
+_ONNX_CHUNK = 32
+
+
+def _u8(value: int) -> Any:
+    import numpy as np
+    import onnx
+
+    return onnx.numpy_helper.from_array(np.array(value, dtype=np.uint8))
+
+
 def translation_table() -> dict[Any, Any]:
     """The exporter's translation of the scans to standard ONNX ops."""
     from onnxscript import opset18 as op
 
-    def int8_nearest_row_onnx(q, weights, scale, bias):  # noqa: ANN001, ANN202
-        qq, q_scale, q_zero = op.DynamicQuantizeLinear(q)
-        product = op.Cast(op.MatMulInteger(qq, weights, q_zero), to=1)  # int32 -> float
-        t = op.Add(op.Mul(product, op.Mul(q_scale, scale)), bias)
-        values, rows = op.TopK(t, op.Constant(value_ints=[1]), axis=1, largest=0)
-        axes = op.Constant(value_ints=[1])
-        return op.Squeeze(values, axes), op.Squeeze(rows, axes)
+    def int8_scan_rows_onnx(coded, table):  # noqa: ANN001, ANN202
+        # the first minimum by chunks of _ONNX_CHUNK columns (any divisor of INT8_CHUNK finds
+        # the same column): chunk minima (ReduceMin), the best chunk (ArgMin), its columns
+        # picked with a flat Gather (onnxruntime's GatherElements is far slower), ArgMin
+        values = op.MatMulInteger(coded, table, op.Constant(value=_u8(128)))  # (Q, N) int32
+        n = op.Shape(coded, start=0, end=1)
+        per = op.Div(op.Shape(table, start=1, end=2), op.Constant(value_ints=[_ONNX_CHUNK]))
+        chunked = op.Reshape(
+            values, op.Concat(n, per, op.Constant(value_ints=[_ONNX_CHUNK]), axis=0)
+        )
+        least = op.ReduceMin(chunked, op.Constant(value_ints=[2]), keepdims=0)  # (Q, C)
+        best = op.ArgMin(least, axis=1, keepdims=0)  # (Q,), the first on ties
+        rows = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
+        flat = op.Reshape(values, op.Constant(value_ints=[-1, _ONNX_CHUNK]))  # (Q C, chunk)
+        chunk = op.Gather(flat, op.Add(op.Mul(rows, op.Squeeze(per)), best), axis=0)
+        within = op.ArgMin(chunk, axis=1, keepdims=0)
+        value = op.ReduceMin(chunk, op.Constant(value_ints=[1]), keepdims=0)
+        column = op.Add(op.Mul(best, op.Constant(value_int=_ONNX_CHUNK)), within)
+        return value, column
 
     def bf16_min_sq_onnx(q_ext, block):  # noqa: ANN001, ANN202
         # q to bfloat16's 8 significant bits, rounded to nearest (Veltkamp's split with
@@ -124,7 +148,7 @@ def translation_table() -> dict[Any, Any]:
         return op.ReduceMin(op.MatMul(q_rounded, block), axes, keepdims=0)  # bf16_products
 
     return {
-        torch.ops.patchcore.int8_nearest_row.default: int8_nearest_row_onnx,
+        torch.ops.patchcore.int8_scan_rows.default: int8_scan_rows_onnx,
         torch.ops.patchcore.bf16_min_sq.default: bf16_min_sq_onnx,
     }
 
@@ -205,42 +229,49 @@ def _recheck(
 
 class Int8ScoringGraph(ScoringGraph):
     """:class:`~patchcore.core.graph.ScoringGraph` with the int8 scan and the exact re-check
-    (see the module docstring); arguments as the graph's."""
+    (see the module docstring); arguments as the graph's, ``scan_columns`` the table's
+    columns per scan block (a multiple of ``INT8_CHUNK``)."""
 
-    def __init__(self, det: PatchCore, size: tuple[int, int] | None, block_rows: int = 4096):
+    def __init__(
+        self,
+        det: PatchCore,
+        size: tuple[int, int] | None,
+        block_rows: int = 4096,
+        scan_columns: int = 1024,
+    ):
         super().__init__(det, size, block_rows=block_rows)
         centred = det.state_.memory_bank.detach().float().cpu() - self.bank_mean
         self.register_buffer("rows", centred.contiguous())  # (M, D): the exact bound's rows
-        m = centred.shape[0]
-        self.n_int8 = max(1, math.ceil(m / int(block_rows)))
-        step = math.ceil(m / self.n_int8)
-        self.starts = [i * step for i in range(self.n_int8)]
-        for i, lo in enumerate(self.starts):
-            w = (-2.0 * centred[lo : lo + step]).T  # (D, rows)
-            scale = w.abs().amax(0).clamp(min=1e-30) / 127.0
-            self.register_buffer(f"int8_w{i}", torch.round(w / scale).to(torch.int8).contiguous())
-            self.register_buffer(f"int8_scale{i}", scale.contiguous())
-            self.register_buffer(f"int8_bias{i}", (centred[lo : lo + step] ** 2).sum(1))
+        table = Int8Table(centred)
+        self.scale, self.n_rows, self.dim = table.scale, table.rows, table.dim
+        # the encoded patches' other columns: 127 x hi, 1, zeros; offset by 128
+        tail = torch.zeros(table.width - table.dim, dtype=torch.uint8) + 128
+        tail[: table.hi] += 127
+        tail[table.hi] += 1
+        self.register_buffer("coded_tail", tail)
+        step = -(-int(scan_columns) // INT8_CHUNK) * INT8_CHUNK
+        self.scan_starts = list(range(0, table.table.shape[1], step))
+        for i, lo in enumerate(self.scan_starts):
+            block = table.table[:, lo : lo + step].contiguous()  # (W, N) int8
+            self.register_buffer(f"int8_table{i}", block)
 
     def _scan(self, qc: torch.Tensor) -> torch.Tensor:
         """(Q, D) centred patches -> (Q,) the row the int8 scan finds nearest."""
-        best_v = best_row = None
-        for i, lo in enumerate(self.starts):
-            v, row = torch.ops.patchcore.int8_nearest_row(
-                qc, getattr(self, f"int8_w{i}"), getattr(self, f"int8_scale{i}"),
-                getattr(self, f"int8_bias{i}"),
-            )  # fmt: skip
-            row = row + lo
+        head = torch.round(qc / self.scale).clamp(-127.0, 127.0) + 128.0
+        tail = self.coded_tail.expand(qc.shape[0], -1)
+        coded = torch.cat([head.to(torch.uint8), tail], 1)
+        best_v = best_col = None
+        for i, lo in enumerate(self.scan_starts):
+            v, col = torch.ops.patchcore.int8_scan_rows(coded, getattr(self, f"int8_table{i}"))
+            col = col + lo
             if best_v is None:
-                best_v, best_row = v, row
+                best_v, best_col = v, col
             else:
-                better = v < best_v
-                best_v, best_row = (
-                    torch.where(better, v, best_v),
-                    torch.where(better, row, best_row),
-                )
-        assert best_row is not None
-        return best_row
+                better = v < best_v  # strict: the earlier block keeps a tie
+                best_v = torch.where(better, v, best_v)
+                best_col = torch.where(better, col, best_col)
+        assert best_col is not None
+        return best_col % self.n_rows  # padding columns repeat the first rows
 
     def patch_distances(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, P, D) -> (B, P) distances, exact for each image's ``top_k`` largest."""

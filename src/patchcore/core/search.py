@@ -37,7 +37,9 @@ import torch
 from patchcore.core import params
 
 __all__ = [
+    "INT8_CHUNK",
     "PRECISIONS",
+    "Int8Table",
     "NearestNeighborIndex",
     "bf16_error",
     "cpu_has_bf16",
@@ -143,11 +145,11 @@ class NearestNeighborIndex:
         # [-2 b, |b|^2]: one matrix product with [q, 1] gives |b|^2 - 2 q.b (-2 b is exact)
         self._bank_ext = torch.cat([-2.0 * centred, (centred * centred).sum(1, keepdim=True)], 1)
         self.precision = precision
-        self._int8: _Int8Bank | None = None
+        self._int8: Int8Table | None = None
         if precision == "int8":
             if self.bank.device.type != "cpu":
                 raise ValueError("the int8 search runs on CPU only; use float32 on GPUs")
-            self._int8 = _Int8Bank(centred)
+            self._int8 = Int8Table(centred)
         self._bank_bf16: torch.Tensor | None = None
         if precision == "bfloat16":
             # [-2 b, |b|^2] in bfloat16; the bound below covers the rounding of both parts.
@@ -324,8 +326,9 @@ class NearestNeighborIndex:
         return dist, index
 
 
-class _Int8Bank:
-    """The int8 scan of a centred bank (M, D): its quantisation, fixed when the index is built.
+class Int8Table:
+    """The int8 scan of a centred bank (M, D): its quantisation, fixed when the index is built
+    (the exported int8 graph, :mod:`patchcore.core.export_search`, uses the same table).
 
     Rows and queries share one scale ``s``, the bank's largest ``|element| / 127`` (query
     elements beyond it are clamped: the scan only proposes a row, whose distance is then

@@ -13,6 +13,8 @@ and the OpenVINO model's bfloat16 products: tests/test_export.py.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _service_models import toy_detector
@@ -62,7 +64,7 @@ def test_each_images_top_k_is_exact_and_the_rest_are_upper_bounds(top_k):
 def test_the_graphs_scan_finds_the_torch_scans_rows():
     """Blocks of the table, uint8 codes with the zero point, chunk minima: the rows found are
     those of the torch path's int8 index, and so are the bounds."""
-    det = toy_detector()
+    det = copy.deepcopy(toy_detector())  # the toy detector is shared: change a copy
     small = det.memory_bank_.float()
     g = torch.Generator().manual_seed(5)
     rows = torch.randint(0, small.shape[0], (700,), generator=g)  # 700 rows: 3 blocks, padded

@@ -266,21 +266,23 @@ def repair_bounds(
 ) -> torch.Tensor:
     """(N,) upper bounds on each row's squared distance to its nearest ``bank`` row.
 
-    One blockwise scan, bfloat16 where the CPU has it natively (emulated bfloat16 would be
-    slower than float32), plus its error bound (:mod:`patchcore.core.search`); exact float32
-    distances otherwise.
+    One blockwise scan in the search's ``"auto"`` precision (:mod:`patchcore.core.search`,
+    :meth:`~patchcore.core.search.NearestNeighborIndex.min_sq_upper`): int8 where the CPU has
+    int8 dot products (the float32 distance to the row the scan found), else bfloat16 where it
+    has those natively (the estimate plus its error bound; emulated bfloat16 would be slower
+    than float32), else exact float32 distances.
     """
     num = x.shape[0]
     b = bank.detach().float()
-    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device, upper_only=False))
+    index = NearestNeighborIndex(b, precision=resolve_precision("auto", b.device))
     upper = torch.empty(num)
     desc = PASS_WORDS.format(k=3) if desc is None else desc
     bar = tqdm(total=num, desc=desc, unit="patch", disable=not progress, mininterval=1)
 
     def bound(lo: int) -> int:
-        d2, err = index.min_sq_bounded(x[lo : lo + SCAN_ROWS])
-        upper[lo : lo + SCAN_ROWS] = d2.add_(err)
-        return d2.numel()
+        part = index.min_sq_upper(x[lo : lo + SCAN_ROWS])[1]
+        upper[lo : lo + SCAN_ROWS] = part
+        return part.numel()
 
     for done in parallel_blocks(bound, range(0, num, SCAN_ROWS)):
         bar.update(done)

@@ -250,8 +250,10 @@ class NearestNeighborIndex:
         coded = self._int8.encode(q)
         out = torch.empty(q.shape[0], dtype=self.dtype, device=q.device)
         step = self.chunk_size()
+        # one int32 block for every step: no fresh pages per block
+        block = torch.empty(min(step, q.shape[0]), self._int8.table.shape[1], dtype=torch.int32)
         for lo in range(0, q.shape[0], step):
-            rows = self._int8.nearest_rows(coded[lo : lo + step])
+            rows = self._int8.nearest_rows(coded[lo : lo + step], block)
             diff = q[lo : lo + step] - self._int8.centred[rows]
             out[lo : lo + step] = diff.square_().sum(1)
         if self._int8.poison != 0.0:
@@ -384,10 +386,12 @@ class Int8Table:
         out[:, self.dim + self.hi] = 1
         return out
 
-    def nearest_rows(self, coded: torch.Tensor) -> torch.Tensor:
-        """(n, W) encoded queries -> (n,) int64 the row each scan found (lowest on ties)."""
+    def nearest_rows(self, coded: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, W) encoded queries -> (n,) int64 the row each scan found (lowest on ties);
+        ``block``: (>= n, M') int32 room for the products."""
         n = coded.shape[0]
-        chunks = torch._int_mm(coded, self.table).view(n, -1, INT8_CHUNK)
+        values = torch._int_mm(coded, self.table, out=None if block is None else block[:n])
+        chunks = values.view(n, -1, INT8_CHUNK)
         best = chunks.amin(2).argmin(1)
         within = chunks[torch.arange(n), best].argmin(1)
         return (best * INT8_CHUNK + within) % self.rows

@@ -80,8 +80,10 @@ def cpu_has_bf16() -> bool:
 
 def cpu_has_int8() -> bool:
     """Whether this CPU has native int8 dot products (AVX-512 VNNI, AVX-VNNI or AMX), per
-    cpuinfo."""
-    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    cpuinfo, and this torch has the int8 product (``torch._int_mm``)."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and hasattr(
+        torch, "_int_mm"
+    )
 
 
 def resolve_precision(precision: str, device: torch.device, *, upper_only: bool = True) -> str:

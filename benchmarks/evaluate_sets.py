@@ -17,7 +17,6 @@ import os
 import time
 
 import numpy as np
-import torch
 from common import (
     ROOT,
     SETS,
@@ -28,7 +27,7 @@ from common import (
     subsets,
     write_results_section,
 )
-from lower_bound import detector_bounds, matmul_gflops
+from lower_bound import detector_bounds, precision_rates
 
 from patchcore import PatchCore
 
@@ -73,12 +72,7 @@ def run(name: str, n_train: int | None, n_test: int | None, params: dict, seed: 
 def lower_bound(det: PatchCore, sizes: list[tuple[int, int]]) -> float:
     """Mean arithmetic lower bound (benchmarks/lower_bound.py) over the scored images, ms, at
     the median matmul rates of this moment."""
-    rates = {
-        name: float(np.median(matmul_gflops(dtype=dtype)))
-        for name, dtype in (
-            ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)
-        )
-    }  # fmt: skip
+    rates = precision_rates()
     return float(np.mean([b["bound_ms"] for b in detector_bounds(det, sizes, rates)]))
 
 

@@ -136,6 +136,16 @@ def detector_bounds(det, sizes: list[tuple[int, int]], rates: dict[str, float]) 
     ]
 
 
+def precision_rates(best_of: int = 1) -> dict[str, float]:
+    """The machine's product rate per search precision name (``"float32"``, ``"bfloat16"``,
+    ``"int8"``): the best of ``best_of`` medians of :func:`matmul_gflops`."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+    return {
+        name: max(float(np.median(matmul_gflops(dtype=dtype))) for _ in range(best_of))
+        for name, dtype in dtypes.items()
+    }
+
+
 def model_bounds(models: str, sets: list[str]) -> None:
     """One JSON line per set: the mean bound over its test images for ``models/{set}-all.pt``."""
     from common import subsets
@@ -143,12 +153,7 @@ def model_bounds(models: str, sets: list[str]) -> None:
 
     from patchcore import PatchCore
 
-    rates = {
-        name: max(float(np.median(matmul_gflops(dtype=dtype))) for _ in range(3))
-        for name, dtype in (
-            ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)
-        )
-    }  # fmt: skip
+    rates = precision_rates(best_of=3)
     print(json.dumps({f"{k}_gflops": round(v, 1) for k, v in rates.items()}), flush=True)
     for name in sets:
         _, test = subsets(name, None, None)

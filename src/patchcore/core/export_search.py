@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from patchcore.core.graph import ScoringGraph
-from patchcore.core.search import INT8_CHUNK, Int8Table, bf16_error
+from patchcore.core.search import INT8_CHUNK, Int8Table, bf16_error, first_minimum
 
 if TYPE_CHECKING:
     from patchcore.core.detector import PatchCore
@@ -75,13 +75,8 @@ def int8_scan_rows(coded: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tens
     """(Q, W) uint8 encoded patches (``round(q / s) + 128``, constant columns), (W, N) int8 a
     block of the table (N a multiple of ``INT8_CHUNK``) -> ((Q,) int32 the smallest value,
     (Q,) int64 its first column). Eager: the exported ops' arithmetic (exact integers)."""
-    n = coded.shape[0]
     values = ((coded.long() - 128) @ table.long()).to(torch.int32)  # exact: |v| < 2^31
-    chunks = values.view(n, -1, INT8_CHUNK)
-    least = chunks.amin(2)
-    best = least.argmin(1)
-    within = chunks[torch.arange(n), best].argmin(1)
-    return least[torch.arange(n), best], best * INT8_CHUNK + within
+    return first_minimum(values)
 
 
 @int8_scan_rows.register_fake
@@ -244,11 +239,8 @@ class Int8ScoringGraph(ScoringGraph):
         self.register_buffer("rows", centred.contiguous())  # (M, D): the exact bound's rows
         table = Int8Table(centred)
         self.scale, self.n_rows, self.dim = table.scale, table.rows, table.dim
-        # the encoded patches' other columns: 127 x hi, 1, zeros; offset by 128
-        tail = torch.zeros(table.width - table.dim, dtype=torch.uint8) + 128
-        tail[: table.hi] += 127
-        tail[table.hi] += 1
-        self.register_buffer("coded_tail", tail)
+        # the encoded patches' constant columns, offset by 128 as the codes are
+        self.register_buffer("coded_tail", (table.constants.short() + 128).to(torch.uint8))
         step = -(-int(scan_columns) // INT8_CHUNK) * INT8_CHUNK
         self.scan_starts = list(range(0, table.table.shape[1], step))
         for i, lo in enumerate(self.scan_starts):

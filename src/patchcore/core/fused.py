@@ -204,13 +204,16 @@ class Mask:
         return y
 
 
+def _masked(step: object, y: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+    """``y`` as the input of ``step``: ``mask`` applied where the step mixes neighbours."""
+    return mask(y) if mask is not None and step.spatial else y  # type: ignore[attr-defined]
+
+
 def _run(step: object, y: torch.Tensor, mask: Mask | None) -> torch.Tensor:
     """One step of a plan (a convolution, a block or a pooling) with ``mask`` applied."""
     if isinstance(step, _Block):
         return step(y, mask)
-    if mask is not None and step.spatial:  # type: ignore[attr-defined]
-        y = mask(y)
-    return step(y)  # type: ignore[operator]
+    return step(_masked(step, y, mask))  # type: ignore[operator]
 
 
 class _Block:
@@ -224,9 +227,8 @@ class _Block:
         in each input of a convolution that mixes neighbouring positions."""
         residual = self.shortcut(x) if self.shortcut is not None else x if self.skip else None
         for conv in self.body[:-1]:
-            x = conv(mask(x) if mask is not None and conv.spatial else x)
-        last = self.body[-1]
-        return last(mask(x) if mask is not None and last.spatial else x, residual)
+            x = conv(_masked(conv, x, mask))
+        return self.body[-1](_masked(self.body[-1], x, mask), residual)
 
 
 class _MaxPool:

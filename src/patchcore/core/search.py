@@ -44,6 +44,7 @@ __all__ = [
     "bf16_error",
     "cpu_has_bf16",
     "cpu_has_int8",
+    "first_minimum",
     "nearest_neighbors",
     "patch_scores",
     "patch_scores_groups",
@@ -240,7 +241,9 @@ class NearestNeighborIndex:
             queries: (Q, D).
 
         Returns:
-            ``(estimate, upper)``, both (Q,) float32, ``true <= upper``: float32 ``(d2, d2)``;
+            ``(estimate, upper)``, both (Q,) float32, ``true <= upper`` (the same tensor
+            where they are equal: change neither in place before reading both): float32
+            ``(d2, d2)``;
             bfloat16 ``(d2, d2 + err)`` (:meth:`min_sq_bounded`); int8 the squared float32
             distance to the row the int8 scan found, for both (the true distance where the
             scan found the nearest row, larger by the gap elsewhere).
@@ -377,15 +380,18 @@ class Int8Table:
         order = torch.arange(padded) % m
         self.table = coded.to(torch.int8)[order].T  # (W, M') view of row-major rows
         self.width, self.dim = width, d
+        #: (W - D,) int8 the queries' constant columns: 127 x hi, 1, zeros
+        self.constants = torch.zeros(width - d, dtype=torch.int8)
+        self.constants[: self.hi] = 127
+        self.constants[self.hi] = 1
 
     def encode(self, q: torch.Tensor) -> torch.Tensor:
-        """(Q, D) float32 centred queries -> (Q, W) int8 ``[round(q/s), 127 x hi, 1, 0...]``
+        """(Q, D) float32 centred queries -> (Q, W) int8 ``[round(q/s), constants]``
         (non-finite elements as 0: their distances come out non-finite all the same)."""
-        out = torch.zeros(q.shape[0], self.width, dtype=torch.int8)
+        out = torch.empty(q.shape[0], self.width, dtype=torch.int8)
         scaled = torch.nan_to_num(q / self.scale, nan=0.0, posinf=127.0, neginf=-127.0)
         out[:, : self.dim] = torch.round(scaled).clamp_(-127, 127)
-        out[:, self.dim : self.dim + self.hi] = 127
-        out[:, self.dim + self.hi] = 1
+        out[:, self.dim :] = self.constants
         return out
 
     def nearest_rows(self, coded: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
@@ -393,10 +399,20 @@ class Int8Table:
         ``block``: (>= n, M') int32 room for the products."""
         n = coded.shape[0]
         values = torch._int_mm(coded, self.table, out=None if block is None else block[:n])
-        chunks = values.view(n, -1, INT8_CHUNK)
-        best = chunks.amin(2).argmin(1)
-        within = chunks[torch.arange(n), best].argmin(1)
-        return (best * INT8_CHUNK + within) % self.rows
+        return first_minimum(values)[1] % self.rows
+
+
+def first_minimum(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, N) values, N a multiple of :data:`INT8_CHUNK` -> ((n,) each row's minimum, (n,)
+    int64 its first column): the minima of chunks of columns, the best chunk, then the best
+    column within it (an index-returning minimum over the whole row is far slower on CPU)."""
+    n = values.shape[0]
+    chunks = values.view(n, -1, INT8_CHUNK)
+    least = chunks.amin(2)
+    best = least.argmin(1)
+    rows = torch.arange(n, device=values.device)
+    within = chunks[rows, best].argmin(1)
+    return least[rows, best], best * INT8_CHUNK + within
 
 
 def nearest_neighbors(
